@@ -1,0 +1,241 @@
+"""The ``autocompress`` command: a thin typer app over the public API."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from autocompress.errors import AutocompressError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Search jointly over per-layer compression (bits, sparsity, low-rank, width, depth) for a target device.",
+)
+hw_app = typer.Typer(no_args_is_help=True, help="Hardware profiles: list and inspect.")
+app.add_typer(hw_app, name="hw")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _log(msg: str) -> None:
+    console.print(f"[dim]· {msg}[/dim]")
+
+
+def _data_config(data: Path | None, calib_tokens: int, eval_tokens: int, proxy_tokens: int, seq_len: int):
+    from autocompress.calib import DataConfig
+
+    return DataConfig(
+        source=str(data) if data else None,
+        seq_len=seq_len,
+        calib_tokens=calib_tokens,
+        proxy_tokens=proxy_tokens,
+        eval_tokens=eval_tokens,
+    )
+
+
+@app.command()
+def search(
+    model: Annotated[str | None, typer.Option(help="HF model folder, 'default' (SmolLM2-135M) or tiny-llama/tiny-gpt2/tiny-bert")] = None,
+    hw: Annotated[str, typer.Option(help="Hardware profile id or alias (see `autocompress hw list`)")] = "jetson",
+    space: Annotated[str, typer.Option(help="Search space name (search_spaces/) or YAML path")] = "default",
+    budget: Annotated[list[str] | None, typer.Option(help="KEY=VALUE, e.g. latency_ms=40 (repeatable)")] = None,
+    trials: Annotated[int | None, typer.Option(help="Evaluated trials the study should hold [default: 60]")] = None,
+    timeout: Annotated[float | None, typer.Option(help="Stop asking for new trials after this many seconds [default: 540]")] = None,
+    study: Annotated[str | None, typer.Option(help="Study name [default: <space>-<profile>]")] = None,
+    storage: Annotated[str | None, typer.Option(help="Optuna storage URL or journal .log path [default: SQLite in the study folder]")] = None,
+    out: Annotated[Path, typer.Option(help="Folder that holds study folders")] = Path("studies"),
+    seed: Annotated[int, typer.Option(help="Seed of the sampler (stored in every plan)")] = 0,
+    sampler: Annotated[str, typer.Option(help="nsga2 | tpe | random")] = "nsga2",
+    data: Annotated[Path | None, typer.Option(help="Text: .txt, folder of .txt, or .jsonl with 'text' [default: bundled Wikipedia leads]")] = None,
+    calib_tokens: Annotated[int, typer.Option(help="Calibration tokens")] = 4096,
+    proxy_tokens: Annotated[int, typer.Option(help="Held-out tokens for the KL proxy")] = 1024,
+    eval_tokens: Annotated[int, typer.Option(help="Held-out tokens for perplexity")] = 4096,
+    seq_len: Annotated[int, typer.Option(help="Sequence length")] = 256,
+    full_eval: Annotated[int, typer.Option(help="Front points that get the full metric (perplexity)")] = 8,
+) -> None:
+    """Search for Pareto-optimal compressed variants and print the front."""
+    from autocompress.search import Budget
+    from autocompress.search import search as run_search
+    from autocompress.search.engine import DEFAULT_TIMEOUT_S, DEFAULT_TRIALS
+
+    budgets = Budget.parse(budget or [])
+    cfg = _data_config(data, calib_tokens, eval_tokens, proxy_tokens, seq_len)
+    trials = DEFAULT_TRIALS if trials is None else trials
+    timeout = DEFAULT_TIMEOUT_S if timeout is None else timeout
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    ) as progress:
+        result = run_search(
+            model=model, hw=hw, budgets=budgets, space=space, trials=trials, timeout=timeout, study=study,
+            storage=storage, out=out, seed=seed, data=cfg, sampler=sampler, full_eval=full_eval, log=_log,
+            progress=progress,
+        )
+    _print_front(result)
+
+
+def _print_front(result) -> None:  # noqa: ANN001 - SearchResult, imported lazily
+    from autocompress.search.report import HEADERS, front_rows
+
+    base = result.base_metrics
+    table = Table(title=f"Pareto front — study {result.study_name} on {result.profile}", show_lines=False)
+    for h in HEADERS:
+        table.add_column(h, overflow="fold", max_width=48 if h == "plan" else None)
+    for row in front_rows(result.pareto):
+        table.add_row(*row)
+    console.print(table)
+    ppl = base.get("ppl")
+    console.print(
+        f"uncompressed: latency {base['latency_ms']:.3g} ms/token, memory {base['memory_mb']:.4g} MB"
+        + (f", ppl {ppl:.4g}" if ppl else "")
+    )
+    c = result.counts
+    console.print(
+        f"{c.get('evaluated', 0)} evaluated, {c.get('screened_out', 0)} screened out by the cost model, "
+        f"{c.get('failed', 0)} failed · {result.elapsed_s:.0f} s · outputs in {result.study_dir}/ "
+        "(summary.md, pareto.json, plans/)"
+    )
+
+
+@app.command()
+def apply(
+    plan: Annotated[Path, typer.Argument(help="plan.yaml from a study")],
+    out: Annotated[Path, typer.Option(help="Folder to write the compressed HF model into")],
+    model: Annotated[str | None, typer.Option(help="Base model [default: the one named in the plan]")] = None,
+) -> None:
+    """Rebuild a compressed model from its plan, write it as an HF folder and print its weight hash."""
+    from autocompress.export import export_hf
+    from autocompress.plan import Plan
+    from autocompress.workbench import Workbench
+
+    p = Plan.load(plan)
+    if out.exists() and any(out.iterdir()) and not (out / "plan.yaml").is_file():
+        raise AutocompressError(f"output folder {out} is not empty and was not written by autocompress")
+    wb = Workbench.for_plan(p, model, log=_log)
+    compressed = wb.apply(p)
+    weight_hash = export_hf(compressed, p, out, wb.lm.tokenizer)
+    console.print(f"wrote {out}/ (plan {p.hash()[:16]})")
+    console.print(f"weight hash: {weight_hash}")
+
+
+@app.command()
+def evaluate(
+    plan: Annotated[Path | None, typer.Argument(help="plan.yaml (omit to score the base model)")] = None,
+    model: Annotated[str | None, typer.Option(help="Base model [default: the plan's, else the default model]")] = None,
+    hw: Annotated[str | None, typer.Option(help="Also print the predicted cost on this profile")] = None,
+    data: Annotated[Path | None, typer.Option(help="Text file/folder/.jsonl [default: bundled Wikipedia leads]")] = None,
+    eval_tokens: Annotated[int, typer.Option(help="Held-out tokens for perplexity")] = 4096,
+) -> None:
+    """Score a plan (or the base model): KL to base, top-1 agreement, perplexity, bits per character."""
+    from autocompress.evaluate import Evaluator
+    from autocompress.plan import Plan
+    from autocompress.workbench import Workbench
+
+    if plan is not None:
+        p = Plan.load(plan)
+        wb = Workbench.for_plan(p, model, log=_log)
+    else:
+        p = None
+        wb = Workbench.open(model, _data_config(data, 4096, eval_tokens, 1024, 256), log=_log)
+    ev = Evaluator(wb.lm.model, wb.data, wb.lm.anatomy.task)
+    m = wb.apply(p) if p is not None else wb.lm.model
+    fid = ev.proxy(m)
+    table = Table(title=f"quality of {plan or 'the base model'}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("KL to base (nats/token)", f"{fid.kl:.4g}")
+    table.add_row("top-1 agreement", f"{fid.top1_agreement:.4f}")
+    full = ev.full(m)
+    if full is not None:
+        table.add_row(f"perplexity ({full.tokens} tokens)", f"{full.ppl:.4g}")
+        table.add_row("bits per character", f"{full.bpc:.4g}")
+    if hw:
+        from autocompress.hardware import CostModel, load_profile
+        from autocompress.plan import ModelRef
+        from autocompress.plan import Plan as _Plan
+
+        a = wb.lm.anatomy
+        cp = p or _Plan(model=ModelRef(a.name, a.model_hash, a.architecture, a.num_blocks))
+        cost = CostModel(load_profile(hw), a).predict(cp)
+        for k, v in cost.to_dict().items():
+            table.add_row(f"{k} on {hw}", f"{v:.4g}" if isinstance(v, float) else str(v))
+    console.print(table)
+
+
+@hw_app.command("list")
+def hw_list() -> None:
+    """List the hardware profiles."""
+    from autocompress.hardware import list_profiles
+
+    table = Table(title="hardware profiles")
+    for col in ("id", "aliases", "device", "runtime", "bandwidth GB/s", "calibrated"):
+        table.add_column(col)
+    for p in list_profiles():
+        table.add_row(
+            p.id, ", ".join(p.aliases), p.display_name, str(p.runtime), f"{p.peak_bw_GBps:g}", "yes" if p.calibrated else "no"
+        )
+    console.print(table)
+
+
+@hw_app.command("show")
+def hw_show(name: Annotated[str, typer.Argument(help="Profile id, alias or YAML path")]) -> None:
+    """Show one hardware profile in full."""
+    import yaml
+
+    from autocompress.hardware import load_profile
+
+    p = load_profile(name)
+    console.print(yaml.safe_dump(p.model_dump(mode="json"), sort_keys=False), markup=False, highlight=False)
+
+
+@app.command()
+def dashboard(
+    study: Annotated[str | None, typer.Option(help="Study name (opens studies/<name>/study.db)")] = None,
+    storage: Annotated[str | None, typer.Option(help="Optuna storage URL or journal .log path")] = None,
+    out: Annotated[Path, typer.Option(help="Folder that holds study folders")] = Path("studies"),
+    host: Annotated[str, typer.Option(help="Interface to bind (local only by default)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port")] = 8080,
+) -> None:
+    """Open a study in optuna-dashboard (binds 127.0.0.1 unless told otherwise)."""
+    import subprocess
+
+    if storage is None:
+        if study is None:
+            raise AutocompressError("give --study NAME or --storage URL")
+        db = out / study / "study.db"
+        if not db.is_file():
+            raise AutocompressError(f"no study database at {db}")
+        storage = f"sqlite:///{db}"
+    exe = Path(sys.executable).with_name("optuna-dashboard")
+    cmd = [str(exe) if exe.exists() else "optuna-dashboard", storage, "--host", host, "--port", str(port)]
+    console.print(f"serving {storage} on http://{host}:{port} (Ctrl-C to stop)")
+    raise SystemExit(subprocess.call(cmd))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI: user mistakes print one line on stderr and exit with code 2."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except AutocompressError as exc:
+        err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(2)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        err_console.print("interrupted: finished trials are kept in the study; run the same command to resume")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

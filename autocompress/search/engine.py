@@ -1,0 +1,383 @@
+"""The search: an Optuna multi-objective study over plans, screened by the cost model,
+scored by the KL proxy, with the full metric run on the front at the end."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from autocompress._io import atomic_write_text
+from autocompress.calib import DataConfig
+from autocompress.errors import AutocompressError, BudgetError, StudyError
+from autocompress.evaluate import EvaluationError, Evaluator
+from autocompress.hardware import CostModel, load_profile
+from autocompress.plan import Plan
+from autocompress.search.budget import Budget
+from autocompress.search.pareto import pareto_front
+from autocompress.search.report import describe_plan, write_outputs
+from autocompress.search.result import Candidate, SearchResult
+from autocompress.space import SearchSpace, SpaceContext
+from autocompress.workbench import Workbench
+
+SAMPLERS = ("nsga2", "tpe", "random")
+DEFAULT_TRIALS = 60
+DEFAULT_TIMEOUT_S = 540.0
+FULL_KEY = "full:"  # study user attr prefix: rung-2 results keyed by plan hash
+
+
+def make_sampler(name: str, seed: int, population: int) -> optuna.samplers.BaseSampler:
+    """Give the Optuna sampler for ``--sampler`` (NSGA-II by default)."""
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=population)
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=population)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise StudyError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
+
+
+def open_storage(storage: str | None, study_dir: Path) -> tuple[Any, str]:
+    """Give an Optuna storage (SQLite in the study folder by default; a ``.log`` path is a journal file)."""
+    if storage is None:
+        study_dir.mkdir(parents=True, exist_ok=True)
+        url = f"sqlite:///{study_dir / 'study.db'}"
+    else:
+        url = storage
+    try:
+        if url.endswith(".log") and "://" not in url:
+            from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+            Path(url).parent.mkdir(parents=True, exist_ok=True)
+            return JournalStorage(JournalFileBackend(url)), url
+        return optuna.storages.RDBStorage(url), url
+    except Exception as exc:  # noqa: BLE001 - SQLAlchemy/driver errors vary widely
+        raise StudyError(f"cannot open storage {url!r}: {str(exc).splitlines()[0][:160]}") from None
+
+
+def _settings(space: SearchSpace, wb: Workbench, profile_id: str, budget: Budget, seed: int, cost_scenario: dict) -> dict:
+    return {
+        "model_hash": wb.lm.anatomy.model_hash,
+        "model": wb.lm.anatomy.name,
+        "data_hash": wb.data.data_hash,
+        "space": space.name,
+        "space_def": repr(sorted((k, repr(v)) for k, v in vars(space).items())),
+        "profile": profile_id,
+        "budgets": budget.to_dict(),
+        "seed": seed,
+        "scenario": cost_scenario,
+    }
+
+
+def _check_resume(study: optuna.Study, settings: dict) -> bool:
+    """Give True for a new study; for an existing one, insist on the same settings."""
+    stored = study.user_attrs.get("settings")
+    if stored is None:
+        return True
+    for key in ("model_hash", "data_hash", "space_def", "profile", "budgets", "seed", "scenario"):
+        if stored.get(key) != settings[key]:
+            what = {"space_def": "search space", "model_hash": "model", "data_hash": "data"}.get(key, key)
+            raise StudyError(
+                f"study {study.study_name!r} already exists with a different {what} "
+                f"({stored.get(key)!r:.60} vs {settings[key]!r:.60}); use another --study name"
+            )
+    return False
+
+
+def _recover_interrupted(study: optuna.Study) -> int:
+    """Fail trials left RUNNING by a killed run and queue their parameters again."""
+    n = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        study._storage.set_trial_user_attr(t._trial_id, "fail_reason", "interrupted (run was killed)")
+        study.enqueue_trial(t.params, user_attrs={k: v for k, v in t.user_attrs.items() if k == "baseline"})
+        n += 1
+    return n
+
+
+def search(
+    model: str | Path | None = None,
+    hw: str = "jetson",
+    budgets: Budget | None = None,
+    space: str | Path = "default",
+    trials: int | None = None,
+    timeout: float | None = None,
+    study: str | None = None,
+    storage: str | None = None,
+    out: str | Path = "studies",
+    seed: int = 0,
+    data: DataConfig | None = None,
+    sampler: str = "nsga2",
+    full_eval: int = 8,
+    prompt_tokens: int = 128,
+    context_tokens: int = 1024,
+    log: Callable[[str], None] | None = None,
+    progress: Any = None,
+) -> SearchResult:
+    """Search for Pareto-optimal compression plans of ``model`` on hardware ``hw``.
+
+    Objectives (all minimised): KL to the base model, predicted decode latency per token,
+    predicted memory. Budgets are hard constraints; a plan whose predicted cost breaks one is
+    recorded as screened out and never evaluated. Running the same study again resumes it
+    until it holds ``trials`` evaluated trials.
+    """
+    t_start = time.time()
+    say = log or (lambda _m: None)
+    budget = budgets or Budget()
+    trials = DEFAULT_TRIALS if trials is None else trials
+    if trials < 1:
+        raise StudyError(f"--trials must be at least 1, got {trials}")
+    if sampler not in SAMPLERS:
+        raise StudyError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
+    profile = load_profile(hw)  # fail fast on a bad profile, before loading anything heavy
+    space_obj = SearchSpace.load(space)
+    study_name = study or f"{space_obj.name}-{profile.id}"
+    study_dir = Path(out) / study_name
+    try:
+        study_dir.mkdir(parents=True, exist_ok=True)
+        probe = study_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise StudyError(f"output folder {study_dir} is not writable ({exc.strerror})") from None
+
+    wb = Workbench.open(model, data, log=say)
+    anatomy = wb.lm.anatomy
+    cost_model = CostModel(profile, anatomy, prompt_tokens=prompt_tokens, context_tokens=context_tokens)
+    prov = wb.provenance(seed=seed, profile=profile.id, space=space_obj.name, study=study_name)
+    ctx = SpaceContext(anatomy=anatomy, drop_order=wb.stats.drop_order(), provenance=prov)
+    _precheck_budgets(space_obj, ctx, cost_model, budget, profile.id)
+
+    st, url = open_storage(storage, study_dir)
+    population = max(8, min(24, trials // 3))
+    try:
+        opt = optuna.create_study(
+            study_name=study_name,
+            storage=st,
+            directions=["minimize"] * 3,
+            sampler=make_sampler(sampler, seed, population),
+            load_if_exists=True,
+        )
+    except Exception as exc:  # noqa: BLE001
+        raise StudyError(f"cannot create study {study_name!r} in {url}: {str(exc).splitlines()[0][:160]}") from None
+    scenario = {"prompt_tokens": prompt_tokens, "context_tokens": context_tokens}
+    settings = _settings(space_obj, wb, profile.id, budget, seed, scenario)
+    is_new = _check_resume(opt, settings)
+    if is_new:
+        opt.set_user_attr("settings", settings)
+        opt.set_metric_names(["kl_to_base", "latency_ms", "memory_mb"])
+        for name, params in space_obj.baseline_params(anatomy).items():
+            opt.enqueue_trial(params, user_attrs={"baseline": name})
+    else:
+        n = _recover_interrupted(opt)
+        done = len(opt.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        say(f"resuming study {study_name}: {done} evaluated trials kept" + (f", {n} interrupted re-queued" if n else ""))
+
+    say("scoring the base model on the proxy sequences")
+    evaluator = Evaluator(wb.lm.model, wb.data, anatomy.task)
+    _run_trials(opt, space_obj, ctx, wb, evaluator, cost_model, budget, trials, timeout, study_dir, progress)
+    result = _finish(opt, wb, evaluator, cost_model, budget, space_obj, ctx, profile.id, study_dir, url, full_eval, say)
+    result.elapsed_s = time.time() - t_start
+    return result
+
+
+def _precheck_budgets(space: SearchSpace, ctx: SpaceContext, cost_model: CostModel, budget: Budget, profile_id: str) -> None:
+    """Refuse before searching when no plan in the space can meet a cost budget."""
+    items = budget.cost_items()
+    if not items:
+        return
+    costs = [cost_model.predict(p) for p in space.extreme_plans(ctx)]
+    for key, limit in items.items():
+        best = min(getattr(c, key) for c in costs)
+        if best > limit:
+            raise BudgetError(
+                f"no plan in space {space.name!r} can meet {key}={limit:g}: the best in this space is "
+                f"{best:.3g} on {profile_id}"
+            )
+
+
+def _run_trials(
+    opt: optuna.Study,
+    space: SearchSpace,
+    ctx: SpaceContext,
+    wb: Workbench,
+    evaluator: Evaluator,
+    cost_model: CostModel,
+    budget: Budget,
+    trials: int,
+    timeout: float | None,
+    study_dir: Path,
+    progress: Any,
+) -> None:
+    """Ask/evaluate/tell until the study holds ``trials`` evaluated trials (or time runs out)."""
+    known: dict[str, tuple[float, float]] = {}
+    for t in opt.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if "plan_hash" in t.user_attrs:
+            known[t.user_attrs["plan_hash"]] = (t.values[0], t.user_attrs.get("top1_agreement", math.nan))
+    done = len(opt.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    started = time.time()
+    asks = 0
+    max_asks = trials * 50 + 200
+    task = progress.add_task("search", total=trials, completed=min(done, trials)) if progress else None
+    while done < trials:
+        if timeout is not None and time.time() - started > timeout:
+            break
+        if asks >= max_asks:
+            break
+        asks += 1
+        trial = opt.ask()
+        try:
+            plan = space.suggest(trial, ctx).with_provenance(trial=trial.number)
+            cost = cost_model.predict(plan)
+            phash = plan.hash()
+            trial.set_user_attr("plan_hash", phash)
+            trial.set_user_attr("cost", cost.to_dict())
+            violations = {k: getattr(cost, k) - v for k, v in budget.cost_items().items()}
+            for k, v in violations.items():
+                trial.set_constraint(k, v)
+            broken = [f"{k} {getattr(cost, k):.3g} > {getattr(budget, k):g}" for k, v in violations.items() if v > 0]
+            if broken:
+                if budget.quality_loss is not None:
+                    trial.set_constraint("quality_loss", 0.0)
+                trial.set_user_attr("screened_out", "; ".join(broken))
+                opt.tell(trial, state=TrialState.PRUNED)
+                continue
+            if phash in known:
+                kl, top1 = known[phash]
+            else:
+                model = wb.apply(plan)
+                fid = evaluator.proxy(model)
+                del model
+                kl, top1 = fid.kl, fid.top1_agreement
+                known[phash] = (kl, top1)
+            trial.set_user_attr("top1_agreement", top1)
+            trial.set_user_attr("rung", 1)
+            if budget.quality_loss is not None:
+                trial.set_constraint("quality_loss", kl - budget.quality_loss)
+            plan.save(study_dir / "plans" / f"{trial.number}.yaml")
+            opt.tell(trial, [kl, cost.latency_ms, cost.memory_mb])
+            done += 1
+            if progress:
+                progress.update(task, completed=min(done, trials), description=f"search (last KL {kl:.3f})")
+        except KeyboardInterrupt:
+            trial.set_user_attr("fail_reason", "interrupted by the user")
+            opt.tell(trial, state=TrialState.FAIL)
+            raise
+        except (EvaluationError, AutocompressError) as exc:
+            trial.set_user_attr("fail_reason", str(exc))
+            opt.tell(trial, state=TrialState.FAIL)
+        except Exception as exc:  # noqa: BLE001 - one broken trial must not end the search
+            trial.set_user_attr("fail_reason", f"{exc.__class__.__name__}: {str(exc)[:300]}")
+            opt.tell(trial, state=TrialState.FAIL)
+
+
+def candidates_of(opt: optuna.Study, study_dir: Path, anatomy: Any) -> list[Candidate]:
+    """Give every evaluated trial of a study as a Candidate (full metrics attached when present)."""
+    out = []
+    full = {k[len(FULL_KEY) :]: v for k, v in opt.user_attrs.items() if k.startswith(FULL_KEY)}
+    for t in opt.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        path = study_dir / "plans" / f"{t.number}.yaml"
+        if not path.is_file():
+            continue
+        plan = Plan.load(path)
+        metrics = {"kl": t.values[0], "top1_agreement": t.user_attrs.get("top1_agreement", math.nan)}
+        metrics.update(full.get(t.user_attrs.get("plan_hash", ""), {}))
+        out.append(
+            Candidate(
+                trial=t.number,
+                plan=plan,
+                metrics=metrics,
+                cost=t.user_attrs["cost"],
+                baseline=t.user_attrs.get("baseline"),
+                plan_path=path,
+                description=describe_plan(plan, anatomy),
+            )
+        )
+    return out
+
+
+def _feasible(c: Candidate, budget: Budget) -> bool:
+    if any(c.cost[k] > v for k, v in budget.cost_items().items()):
+        return False
+    return budget.quality_loss is None or c.metrics["kl"] <= budget.quality_loss
+
+
+def _finish(
+    opt: optuna.Study,
+    wb: Workbench,
+    evaluator: Evaluator,
+    cost_model: CostModel,
+    budget: Budget,
+    space: SearchSpace,
+    ctx: SpaceContext,
+    profile_id: str,
+    study_dir: Path,
+    url: str,
+    full_eval: int,
+    say: Callable[[str], None],
+) -> SearchResult:
+    """Run the full metric on the front and the baselines, then write pareto.json and summary.md."""
+    anatomy = wb.lm.anatomy
+    cands = candidates_of(opt, study_dir, anatomy)
+    feasible = [c for c in cands if _feasible(c, budget)]
+    front = [feasible[i] for i in pareto_front([c.objectives for c in feasible])]
+    front.sort(key=lambda c: (c.cost["latency_ms"], c.metrics["kl"]))
+    baselines: dict[str, Candidate] = {}
+    for c in sorted(cands, key=lambda c: c.trial):
+        if c.baseline and c.baseline not in baselines:
+            baselines[c.baseline] = c
+    if anatomy.task == "causal-lm" and full_eval > 0:
+        chosen = _spread(front, full_eval)
+        todo = {c.plan.hash(): c for c in [*chosen, *baselines.values()]}
+        todo = {h: c for h, c in todo.items() if f"{FULL_KEY}{h}" not in opt.user_attrs}
+        if todo:
+            say(f"full metric (perplexity on {int(wb.data.eval.numel())} held-out tokens) for {len(todo)} plans")
+        for h, c in todo.items():
+            with contextlib.suppress(EvaluationError):
+                ppl = evaluator.full(wb.apply(c.plan))
+                opt.set_user_attr(f"{FULL_KEY}{h}", {"ppl": ppl.ppl, "bpc": ppl.bpc})
+        base = opt.user_attrs.get("base_full")
+        if base is None:
+            bp = evaluator.base_full()
+            base = {"ppl": bp.ppl, "bpc": bp.bpc}
+            opt.set_user_attr("base_full", base)
+        full = {k[len(FULL_KEY) :]: v for k, v in opt.user_attrs.items() if k.startswith(FULL_KEY)}
+        for c in [*front, *baselines.values()]:
+            c.metrics.update(full.get(c.plan.hash(), {}))
+    else:
+        base = {}
+    base_cost = cost_model.predict(Plan(model=space.plan_from_params({}, ctx).model, provenance=ctx.provenance))
+    base_metrics = {**base, "kl": 0.0, "latency_ms": base_cost.latency_ms, "memory_mb": base_cost.memory_mb}
+    states = [t.state for t in opt.get_trials(deepcopy=False)]
+    counts = {
+        "evaluated": states.count(TrialState.COMPLETE),
+        "screened_out": states.count(TrialState.PRUNED),
+        "failed": states.count(TrialState.FAIL),
+    }
+    result = SearchResult(
+        study_name=opt.study_name,
+        study_dir=study_dir,
+        storage=url,
+        profile=profile_id,
+        pareto=front,
+        baselines=baselines,
+        base_metrics=base_metrics,
+        counts=counts,
+    )
+    write_outputs(result, budget, anatomy)
+    atomic_write_text(study_dir / "storage.txt", url + "\n")
+    return result
+
+
+def _spread(front: list[Candidate], k: int) -> list[Candidate]:
+    """Give up to ``k`` front points spread evenly along the latency axis."""
+    if len(front) <= k:
+        return list(front)
+    idx = sorted({round(i * (len(front) - 1) / (k - 1)) for i in range(k)}) if k > 1 else [0]
+    return [front[i] for i in idx]

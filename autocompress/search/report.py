@@ -1,0 +1,128 @@
+"""Study outputs: a one-line description of each plan, pareto.json and summary.md."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+from autocompress._io import atomic_write_text
+from autocompress.model.anatomy import ModelAnatomy
+from autocompress.plan import Plan
+
+if TYPE_CHECKING:
+    from autocompress.search.budget import Budget
+    from autocompress.search.result import Candidate, SearchResult
+
+
+def describe_plan(plan: Plan, anatomy: ModelAnatomy) -> str:
+    """Give a short human summary, e.g. ``w4g128 60% · 2:4 10% · mlp-shrunk 5 blk · drop 2``."""
+    kept = [s for s in anatomy.linears if s.block not in plan.drop_blocks]
+    total = sum(s.params for s in kept) or 1
+    fmt: Counter[str] = Counter()
+    for s in kept:
+        c = plan.choice_for(s.name)
+        parts = []
+        if c.quantized:
+            parts.append(f"w{c.bits}" + (f"g{c.group_size}" if c.group_size and c.bits <= 4 else ""))
+        if c.sparsity_pattern == "2:4":
+            parts.append("2:4")
+        elif c.pruned:
+            parts.append(f"s{round(c.sparsity * 100)}")
+        if c.rank_ratio is not None:
+            parts.append(f"r{c.rank_ratio:g}")
+        fmt["+".join(parts) or "fp16"] += s.params
+    items = [f"{k} {round(100 * v / total)}%" for k, v in fmt.most_common() if round(100 * v / total) > 0]
+    heads = sum(1 for i, b in plan.blocks.items() if b.keep_heads is not None and i not in plan.drop_blocks)
+    mlp = sum(1 for i, b in plan.blocks.items() if b.keep_mlp_channels is not None and i not in plan.drop_blocks)
+    if heads:
+        items.append(f"heads-pruned {heads} blk")
+    if mlp:
+        items.append(f"mlp-pruned {mlp} blk")
+    if plan.drop_blocks:
+        items.append(f"drop {len(plan.drop_blocks)} blk")
+    return " · ".join(items)
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}" if abs(v) < 1e4 else f"{v:.3e}"
+    return str(v)
+
+
+def front_rows(cands: list[Candidate]) -> list[list[str]]:
+    """Give table rows (trial, kind, KL, top-1, ppl, latency, memory, energy, plan) for candidates."""
+    rows = []
+    for c in cands:
+        rows.append(
+            [
+                str(c.trial),
+                c.baseline or "searched",
+                _fmt(c.metrics.get("kl"), 3),
+                _fmt(c.metrics.get("top1_agreement"), 3),
+                _fmt(c.metrics.get("ppl"), 4),
+                _fmt(c.cost.get("latency_ms"), 3),
+                _fmt(c.cost.get("memory_mb"), 4),
+                _fmt(c.cost.get("energy_mj"), 3),
+                c.description,
+            ]
+        )
+    return rows
+
+
+HEADERS = ["trial", "kind", "KL", "top-1", "ppl", "latency ms", "memory MB", "energy mJ", "plan"]
+
+
+def _md_table(rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_outputs(result: SearchResult, budget: Budget, anatomy: ModelAnatomy) -> None:
+    """Write ``pareto.json`` and ``summary.md`` in the study folder (atomically)."""
+    d = result.study_dir
+    payload = {
+        "study": result.study_name,
+        "storage": result.storage,
+        "profile": result.profile,
+        "model": anatomy.name,
+        "model_hash": anatomy.model_hash,
+        "budgets": budget.to_dict(),
+        "objectives": ["kl", "latency_ms", "memory_mb"],
+        "base": result.base_metrics,
+        "counts": result.counts,
+        "pareto": [c.to_dict() for c in result.pareto],
+        "baselines": {k: c.to_dict() for k, c in result.baselines.items()},
+    }
+    atomic_write_text(d / "pareto.json", json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
+    base = result.base_metrics
+    lines = [
+        f"# Study `{result.study_name}`",
+        "",
+        f"- model: `{anatomy.name}` ({anatomy.architecture}, {anatomy.num_blocks} blocks, hash `{anatomy.model_hash[:12]}`)",
+        f"- hardware profile: `{result.profile}` (latency = predicted decode ms/token; memory = weights + KV cache)",
+        f"- budgets: {budget}",
+        f"- trials: {result.counts.get('evaluated', 0)} evaluated, {result.counts.get('screened_out', 0)} screened out "
+        f"by the cost model, {result.counts.get('failed', 0)} failed",
+        f"- uncompressed: ppl {_fmt(base.get('ppl'), 4)}, latency {_fmt(base.get('latency_ms'))} ms, "
+        f"memory {_fmt(base.get('memory_mb'), 4)} MB",
+        "",
+        "KL = mean KL divergence to the base model's next-token distribution on held-out proxy sequences "
+        "(nats/token); ppl = perplexity on the held-out evaluation split (computed for front points and baselines).",
+        "",
+        f"## Pareto front ({len(result.pareto)} points)",
+        "",
+        _md_table(front_rows(result.pareto)),
+        "",
+        "## Uniform baselines",
+        "",
+        _md_table(front_rows(list(result.baselines.values()))),
+        "",
+        "Plans: `plans/<trial>.yaml`; rebuild one with `autocompress apply plans/<trial>.yaml --out DIR`.",
+        "",
+    ]
+    atomic_write_text(d / "summary.md", "\n".join(lines))

@@ -1,0 +1,54 @@
+"""What a search gives back: candidates on the Pareto front, with plans, metrics and costs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from autocompress.plan import Plan
+
+OBJECTIVES = ("quality_loss", "latency_ms", "memory_mb")
+
+
+@dataclass
+class Candidate:
+    """One evaluated plan: its trial number, plan, quality metrics and predicted cost."""
+
+    trial: int
+    plan: Plan
+    metrics: dict[str, float]  # kl, top1_agreement; ppl, bpc once the full metric ran
+    cost: dict[str, Any]  # Cost.to_dict() on the study's hardware profile
+    baseline: str | None = None
+    plan_path: Path | None = None
+    description: str = ""
+
+    @property
+    def objectives(self) -> tuple[float, float, float]:
+        return (self.metrics["kl"], self.cost["latency_ms"], self.cost["memory_mb"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "trial": self.trial,
+            "baseline": self.baseline,
+            "plan_hash": self.plan.hash(),
+            "plan_path": str(self.plan_path) if self.plan_path else None,
+            "description": self.description,
+            "metrics": self.metrics,
+            "cost": self.cost,
+        }
+
+
+@dataclass
+class SearchResult:
+    """The outcome of ``autocompress.search``: the front, the baselines and where it all lives."""
+
+    study_name: str
+    study_dir: Path
+    storage: str
+    profile: str
+    pareto: list[Candidate]
+    baselines: dict[str, Candidate]
+    base_metrics: dict[str, float]
+    counts: dict[str, int] = field(default_factory=dict)
+    elapsed_s: float = 0.0

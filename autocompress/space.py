@@ -1,0 +1,308 @@
+"""Search spaces: which knobs and levels are open, at which granularity, and how an Optuna
+trial's parameters become a ``Plan``. Spaces are YAML files under ``search_spaces/``."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from autocompress.errors import PlanError, SpaceError
+from autocompress.model.anatomy import ModelAnatomy
+from autocompress.plan import BlockChoice, LayerChoice, ModelRef, Plan, Provenance
+
+LINEAR_KNOBS = ("bits", "group_size", "symmetric", "sparsity", "prune_method", "rank_ratio")
+STRUCTURE_KNOBS = ("keep_heads_ratio", "keep_mlp_ratio", "drop_blocks")
+GRANULARITIES = ("model", "block", "linear")
+GROUPS = ("attn", "mlp")
+
+
+def spaces_dir() -> Path:
+    """Give the folder of named spaces (``$AUTOCOMPRESS_SEARCH_SPACES`` overrides)."""
+    env = os.environ.get("AUTOCOMPRESS_SEARCH_SPACES")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "search_spaces"
+
+
+def list_spaces() -> list[str]:
+    return sorted(p.stem for p in spaces_dir().glob("*.yaml"))
+
+
+@dataclass(frozen=True)
+class SpaceContext:
+    """What turning parameters into a plan needs to know about the model and the run."""
+
+    anatomy: ModelAnatomy
+    drop_order: Sequence[int]  # most redundant block first (from activation statistics)
+    provenance: Provenance
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Levels per knob. ``linear`` knobs apply per model / block group / linear; ``structure`` per block."""
+
+    name: str
+    granularity: str
+    linear: Mapping[str, tuple[Any, ...]]
+    overrides: Mapping[str, Mapping[str, tuple[Any, ...]]] = field(default_factory=dict)
+    structure: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+    alignment: int = 8
+    baselines: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    description: str = ""
+
+    # ---- loading -------------------------------------------------------------------
+    @classmethod
+    def load(cls, name_or_path: str | Path) -> SearchSpace:
+        """Load a named space (``default``, ``quant-only``...) or a YAML file; errors are ``SpaceError``."""
+        path = Path(name_or_path)
+        if path.suffix not in (".yaml", ".yml"):
+            path = spaces_dir() / f"{name_or_path}.yaml"
+            if not path.is_file():
+                raise SpaceError(f"unknown search space {str(name_or_path)!r}; available: {', '.join(list_spaces())}")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise SpaceError(f"search-space file not found: {path}") from None
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise SpaceError(f"{path}: cannot read search space ({exc.__class__.__name__})") from None
+        return cls.from_dict(data, str(path))
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "space") -> SearchSpace:
+        def fail(msg: str) -> SpaceError:
+            return SpaceError(f"{source}: {msg}")
+
+        if not isinstance(data, Mapping):
+            raise fail("must be a mapping")
+        allowed = {"name", "description", "granularity", "linear", "overrides", "structure", "alignment", "baselines"}
+        unknown = sorted(set(map(str, data)) - allowed)
+        if unknown:
+            raise fail(f"unknown field(s) {unknown}")
+        name = data.get("name")
+        if not isinstance(name, str) or not name:
+            raise fail("'name' must be a non-empty string")
+        gran = data.get("granularity", "block")
+        if gran not in GRANULARITIES:
+            raise fail(f"granularity must be one of {list(GRANULARITIES)}, got {gran!r}")
+
+        def levels(section: Any, allowed_knobs: Sequence[str], where: str) -> dict[str, tuple[Any, ...]]:
+            if section is None:
+                return {}
+            if not isinstance(section, Mapping):
+                raise fail(f"{where} must be a mapping of knob to a list of levels")
+            out = {}
+            for k, v in section.items():
+                if k not in allowed_knobs:
+                    raise fail(f"{where}.{k} is not a knob; allowed: {list(allowed_knobs)}")
+                if not isinstance(v, list) or not v:
+                    raise fail(f"{where}.{k} must be a non-empty list of levels")
+                if len(set(map(repr, v))) != len(v):
+                    raise fail(f"{where}.{k} lists a level twice")
+                out[k] = tuple(v)
+            return out
+
+        linear = levels(data.get("linear"), LINEAR_KNOBS, "linear")
+        overrides_raw = data.get("overrides") or {}
+        if not isinstance(overrides_raw, Mapping) or set(overrides_raw) - set(GROUPS):
+            raise fail(f"overrides must map groups {list(GROUPS)} to knob levels")
+        overrides = {g: levels(v, LINEAR_KNOBS, f"overrides.{g}") for g, v in overrides_raw.items()}
+        structure = levels(data.get("structure"), STRUCTURE_KNOBS, "structure")
+        alignment = data.get("alignment", 8)
+        if not isinstance(alignment, int) or alignment < 1:
+            raise fail("alignment must be a positive integer")
+        baselines = data.get("baselines") or {}
+        if not isinstance(baselines, Mapping) or not all(isinstance(v, Mapping) for v in baselines.values()):
+            raise fail("baselines must map names to knob settings")
+        space = cls(
+            name=name,
+            granularity=gran,
+            linear=linear,
+            overrides=overrides,
+            structure=structure,
+            alignment=alignment,
+            baselines={str(k): dict(v) for k, v in baselines.items()},
+            description=str(data.get("description", "")),
+        )
+        space._check_levels(fail)
+        return space
+
+    def _check_levels(self, fail: Any) -> None:
+        """Every level must make a valid LayerChoice / structure value; checked once at load."""
+        for group in GROUPS:
+            lv = self.levels_for(group)
+            for combo in itertools.product(*(lv[k] for k in lv)):
+                try:
+                    _layer_choice(dict(zip(lv, combo, strict=True)))
+                except PlanError as exc:
+                    raise fail(f"invalid level in linear knobs ({str(exc).split(': ', 1)[-1]})") from None
+        for k, vals in self.structure.items():
+            for v in vals:
+                ok = isinstance(v, int) and not isinstance(v, bool) and v >= 0 if k == "drop_blocks" else (
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1
+                )
+                if not ok:
+                    raise fail(f"structure.{k} level {v!r} is out of range")
+        for bname, setting in self.baselines.items():
+            for k, v in setting.items():
+                if k not in LINEAR_KNOBS and k not in STRUCTURE_KNOBS:
+                    raise fail(f"baselines.{bname}.{k} is not a knob")
+
+    def levels_for(self, group: str) -> dict[str, tuple[Any, ...]]:
+        return {**self.linear, **self.overrides.get(group, {})}
+
+    # ---- parameters -> plan ----------------------------------------------------------
+    def _units(self, anatomy: ModelAnatomy) -> list[tuple[str, str, list[str]]]:
+        """Give (param prefix, group, linear names) for each unit that shares one linear choice."""
+        if self.granularity == "model":
+            return [(f"{g}.", g, [s.name for s in anatomy.linears if s.group == g]) for g in GROUPS]
+        if self.granularity == "block":
+            return [
+                (f"b{b.index}.{g}.", g, [s.name for s in b.linears if s.group == g]) for b in anatomy.blocks for g in GROUPS
+            ]
+        return [(f"{s.name}.", s.group, [s.name]) for s in anatomy.linears]
+
+    def suggest(self, trial: Any, ctx: SpaceContext) -> Plan:
+        """Ask an Optuna trial for every open knob and give the resulting plan."""
+        params: dict[str, Any] = {}
+        for prefix, group, _ in self._units(ctx.anatomy):
+            for knob, vals in self.levels_for(group).items():
+                bits = params.get(f"{prefix}bits", self.levels_for(group).get("bits", (16,))[0])
+                if knob == "group_size" and bits > 4:
+                    continue  # 8-bit and dense layers have no groups
+                if len(vals) > 1:
+                    params[prefix + knob] = trial.suggest_categorical(prefix + knob, list(vals))
+        for knob, vals in self.structure.items():
+            if len(vals) <= 1:
+                continue
+            if knob == "drop_blocks":
+                params[knob] = trial.suggest_categorical(knob, list(vals))
+            else:
+                per_block = self.granularity != "model"
+                for b in ctx.anatomy.blocks if per_block else ctx.anatomy.blocks[:1]:
+                    key = f"b{b.index}.{knob}" if per_block else knob
+                    params[key] = trial.suggest_categorical(key, list(vals))
+        return self.plan_from_params(params, ctx)
+
+    def plan_from_params(self, params: Mapping[str, Any], ctx: SpaceContext) -> Plan:
+        """Build the plan that a set of trial parameters stands for (single levels fill the rest)."""
+        a = ctx.anatomy
+        layers: dict[str, LayerChoice] = {}
+        for prefix, group, names in self._units(a):
+            lv = self.levels_for(group)
+            setting = {k: params.get(prefix + k, v[0]) for k, v in lv.items()}
+            choice = _layer_choice(setting)
+            if not choice.is_identity:
+                for n in names:
+                    layers[n] = choice
+
+        def structure_value(knob: str, block: int) -> Any:
+            vals = self.structure.get(knob, (1.0,))
+            key = knob if self.granularity == "model" else f"b{block}.{knob}"
+            return params.get(key, params.get(knob, vals[0]))
+
+        blocks: dict[int, BlockChoice] = {}
+        for b in a.blocks:
+            hr = float(structure_value("keep_heads_ratio", b.index))
+            mr = float(structure_value("keep_mlp_ratio", b.index))
+            keep_heads = None
+            if hr < 1.0:
+                groups = max(1, round(hr * b.num_kv_heads))
+                keep_heads = groups * b.heads_per_kv if groups < b.num_kv_heads else None
+            keep_mlp = None
+            if mr < 1.0:
+                ch = max(self.alignment, int(round(mr * b.mlp_dim / self.alignment)) * self.alignment)
+                keep_mlp = ch if ch < b.mlp_dim else None
+            bc = BlockChoice(keep_heads=keep_heads, keep_mlp_channels=keep_mlp)
+            if bc != BlockChoice():
+                blocks[b.index] = bc
+        n_drop = int(params.get("drop_blocks", self.structure.get("drop_blocks", (0,))[0]))
+        n_drop = min(n_drop, a.num_blocks - 1)
+        drops = tuple(sorted(ctx.drop_order[:n_drop]))
+        model = ModelRef(a.name, a.model_hash, a.architecture, a.num_blocks)
+        return Plan(model=model, layers=layers, blocks=blocks, drop_blocks=drops, provenance=ctx.provenance)
+
+    # ---- baselines and extremes -----------------------------------------------------------
+    def baseline_params(self, anatomy: ModelAnatomy) -> dict[str, dict[str, Any]]:
+        """Give Optuna parameters for each baseline the space can express (others are skipped)."""
+        out = {}
+        for bname, setting in self.baselines.items():
+            params = self._uniform_params(anatomy, setting)
+            if params is not None:
+                out[bname] = params
+        return out
+
+    def _uniform_params(self, anatomy: ModelAnatomy, setting: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Give the parameters of one uniform setting (unset knobs at their no-op level), or None
+        when a wanted level is not in the space."""
+        params: dict[str, Any] = {}
+        for prefix, group, _ in self._units(anatomy):
+            lv = self.levels_for(group)
+            for knob, vals in lv.items():
+                want = setting.get(knob, _NOOP.get(knob, vals[0]))
+                if knob == "group_size" and setting.get("bits", 16) > 4:
+                    continue
+                if want not in vals:
+                    return None
+                if len(vals) > 1:
+                    params[prefix + knob] = want
+        for knob, vals in self.structure.items():
+            want = setting.get(knob, _NOOP[knob])
+            if want not in vals:
+                return None
+            if len(vals) <= 1:
+                continue
+            if knob == "drop_blocks" or self.granularity == "model":
+                params[knob] = want
+            else:
+                params.update({f"b{b.index}.{knob}": want for b in anatomy.blocks})
+        return params
+
+    def extreme_plans(self, ctx: SpaceContext) -> list[Plan]:
+        """Give uniform plans at every combination of linear levels with the most aggressive
+        structure: with per-layer additive costs, the cheapest plan in the space is among them."""
+        levels: dict[str, tuple[Any, ...]] = dict(self.linear)
+        for g in GROUPS:
+            for k, v in self.overrides.get(g, {}).items():
+                levels[k] = tuple(dict.fromkeys((*levels.get(k, ()), *v)))
+        struct = {k: (max(v) if k == "drop_blocks" else min(v)) for k, v in self.structure.items()}
+        plans = []
+        for combo in itertools.product(*levels.values()):
+            setting = {**dict(zip(levels, combo, strict=True)), **struct}
+            params = {}
+            for prefix, group, _ in self._units(ctx.anatomy):  # a level missing in one group: use that group's first
+                for k, vals in self.levels_for(group).items():
+                    params[prefix + k] = setting[k] if setting[k] in vals else vals[0]
+            for knob, val in struct.items():
+                params[knob] = val
+                params.update({f"b{b.index}.{knob}": val for b in ctx.anatomy.blocks})
+            try:
+                plans.append(self.plan_from_params(params, ctx))
+            except PlanError:
+                continue
+        return plans
+
+
+_NOOP: dict[str, Any] = {
+    "bits": 16,
+    "sparsity": 0.0,
+    "rank_ratio": None,
+    "keep_heads_ratio": 1.0,
+    "keep_mlp_ratio": 1.0,
+    "drop_blocks": 0,
+}
+
+
+def _layer_choice(setting: Mapping[str, Any]) -> LayerChoice:
+    """Turn knob levels into a LayerChoice (``"2:4"`` as a sparsity level means the 2:4 pattern)."""
+    s = dict(setting)
+    if s.get("sparsity") == "2:4":
+        s["sparsity"], s["sparsity_pattern"] = 0.5, "2:4"
+    if s.get("bits", 16) > 4:
+        s.pop("group_size", None)
+    if isinstance(s.get("sparsity"), int):
+        s["sparsity"] = float(s["sparsity"])
+    return LayerChoice.from_dict(s, "search space level")

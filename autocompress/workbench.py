@@ -1,0 +1,103 @@
+"""The Workbench: a loaded base model with its data and activation statistics, ready to
+apply plans. Search, apply and evaluate all start from one."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from autocompress.calib import ActivationStats, DataConfig, TokenData, activation_stats, load_token_data
+from autocompress.errors import PlanError
+from autocompress.model.loading import LoadedModel, load_model
+from autocompress.plan import Plan, Provenance
+
+
+def library_versions() -> dict[str, str]:
+    """Give the versions of the libraries that shape the weights and the study."""
+    import optuna
+    import transformers
+
+    from autocompress import __version__
+
+    return {"autocompress": __version__, "torch": torch.__version__, "transformers": transformers.__version__, "optuna": optuna.__version__}
+
+
+def _set_threads() -> None:
+    n = int(os.environ.get("AUTOCOMPRESS_THREADS", "0")) or (os.cpu_count() or 1)
+    torch.set_num_threads(n)
+
+
+@dataclass
+class Workbench:
+    """Base model + tokenised data + activation statistics (computed once, cached on disk)."""
+
+    lm: LoadedModel
+    data: TokenData
+    data_config: DataConfig
+    stats: ActivationStats
+
+    @classmethod
+    def open(
+        cls,
+        model: str | Path | None = None,
+        data: DataConfig | None = None,
+        *,
+        trust_remote_code: bool = False,
+        log: Any = None,
+    ) -> Workbench:
+        """Load the model and data and gather activation statistics (from cache when possible)."""
+        _set_threads()
+        say = log or (lambda _msg: None)
+        data = data or DataConfig()
+        say(f"loading model {model or 'default'}")
+        lm = load_model(model, trust_remote_code=trust_remote_code)
+        say(f"tokenising data ({data.source or 'bundled Wikipedia leads'})")
+        tokens = load_token_data(lm.tokenizer, data)
+        say(f"activation statistics on {tokens.num_calib_tokens} calibration tokens")
+        stats = activation_stats(lm.model, lm.anatomy, tokens)
+        return cls(lm=lm, data=tokens, data_config=data, stats=stats)
+
+    @classmethod
+    def for_plan(cls, plan: Plan, model: str | Path | None = None, log: Any = None) -> Workbench:
+        """Open the workbench a plan was made with (its model and data settings)."""
+        cfg = _data_config_from(plan)
+        wb = cls.open(model or plan.model.name, cfg, log=log)
+        if plan.provenance.data_hash and plan.provenance.data_hash != wb.data.data_hash:
+            raise PlanError(
+                f"plan was calibrated on data {plan.provenance.data_hash[:12]}, but the data here hashes to "
+                f"{wb.data.data_hash[:12]} (source {wb.data.source}); use the same data and token budgets"
+            )
+        return wb
+
+    def provenance(self, seed: int = 0, **extra: Any) -> Provenance:
+        return Provenance(
+            data_hash=self.data.data_hash,
+            data={k: v for k, v in asdict(self.data_config).items() if v is not None},
+            seed=seed,
+            versions=library_versions(),
+            **extra,
+        )
+
+    def apply(self, plan: Plan) -> nn.Module:
+        """Give a compressed copy of the base model (the base is left untouched)."""
+        from autocompress.compress.apply import apply_plan_to
+
+        torch.manual_seed(plan.provenance.seed)
+        return apply_plan_to(self.lm.model, self.lm.anatomy, plan, self.stats)
+
+
+def _data_config_from(plan: Plan) -> DataConfig:
+    d = dict(plan.provenance.data)
+    allowed = set(DataConfig.__dataclass_fields__)
+    unknown = set(d) - allowed
+    if unknown:
+        raise PlanError(f"plan.provenance.data: unknown field(s) {sorted(unknown)}")
+    try:
+        return DataConfig(**d)
+    except TypeError as exc:
+        raise PlanError(f"plan.provenance.data: {exc}") from None
