@@ -26,6 +26,7 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_ARCHS = ("tiny-llama", "tiny-gpt2", "tiny-bert")
 LLAMA_FAMILY = ("llama", "qwen2", "mistral", "gemma", "gemma2", "smollm3", "qwen3")
 SUPPORTED = (*LLAMA_FAMILY, "gpt2", "bert")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
 @dataclass
@@ -188,10 +189,14 @@ def _load_folder(path: Path, trust_remote_code: bool) -> tuple[nn.Module, Any]:
         )
     except Exception as exc:  # noqa: BLE001 - corrupted files surface as several exception types
         raise ModelLoadError(f"cannot load weights from {path}: {str(exc).splitlines()[0][:200]}") from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    except Exception:  # noqa: BLE001 - a folder without tokenizer files is still usable with our own data tokens
-        tokenizer = None
+    tokenizer: Any = None
+    if (path / ByteTokenizer.MARKER).is_file():
+        tokenizer = ByteTokenizer()
+    elif any((path / f).is_file() for f in TOKENIZER_FILES):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        except Exception as exc:  # noqa: BLE001 - many tokenizer back-ends, many exception types
+            raise ModelLoadError(f"cannot load the tokenizer in {path}: {str(exc).splitlines()[0][:200]}") from None
     return model.eval(), tokenizer
 
 
@@ -201,8 +206,11 @@ def load_model(spec: str | Path | None = None, *, trust_remote_code: bool = Fals
     ``spec``: None / "default" for the bundled SmolLM2-135M, "tiny-llama" / "tiny-gpt2" /
     "tiny-bert" for random-init test models, or a local HF folder (safetensors only).
     """
+    from transformers.utils import logging as hf_logging
+
     from autocompress.model.inspect import anatomy_of
 
+    hf_logging.disable_progress_bar()
     torch.set_grad_enabled(False)
     key = "default" if spec is None else str(spec)
     if key in TINY_ARCHS:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class ByteTokenizer:
     """Tokens are UTF-8 bytes (ids 3..258); 0 = pad, 1 = BOS, 2 = EOS."""
@@ -18,5 +20,8 @@ class ByteTokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return bytes(i - 3 for i in ids if i >= 3).decode("utf-8", errors="replace")
 
-    def save_pretrained(self, path: str) -> None:  # nothing to save: the tokenizer is fixed
-        return None
+    MARKER = "autocompress-byte-tokenizer.json"
+
+    def save_pretrained(self, path: str) -> None:
+        """Write a marker file so ``load_model`` restores this tokenizer for the folder."""
+        Path(path, self.MARKER).write_text('{"tokenizer": "bytes"}\n')

@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import optuna
+import pytest
+import yaml
+
+from autocompress.errors import SpaceError
+from autocompress.plan import Provenance
+from autocompress.space import SearchSpace, SpaceContext, list_spaces
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _ctx(lm):
+    order = [3, 1, 0, 2] if lm.anatomy.num_blocks == 4 else list(reversed(range(lm.anatomy.num_blocks)))
+    return SpaceContext(lm.anatomy, drop_order=order, provenance=Provenance(seed=0))
+
+
+@pytest.mark.parametrize("name", ["default", "quant-only", "prune-only"])
+def test_shipped_spaces_give_valid_plans(name, any_tiny):
+    sp = SearchSpace.load(name)
+    study = optuna.create_study(directions=["minimize"], sampler=optuna.samplers.RandomSampler(seed=1))
+    for _ in range(15):
+        trial = study.ask()
+        plan = sp.suggest(trial, _ctx(any_tiny))
+        plan.validate(any_tiny.anatomy)
+        assert sp.plan_from_params(trial.params, _ctx(any_tiny)) == plan  # params alone rebuild the plan
+        study.tell(trial, 0.0)
+
+
+def test_listed_spaces():
+    assert {"default", "quant-only", "prune-only"} <= set(list_spaces())
+
+
+def test_baselines_are_uniform(tiny_llama):
+    sp = SearchSpace.load("default")
+    ctx = _ctx(tiny_llama)
+    params = sp.baseline_params(tiny_llama.anatomy)
+    assert {"uncompressed", "int8", "int4-g128", "2:4-50%", "drop-2-blocks"} <= set(params)
+    plans = {k: sp.plan_from_params(v, ctx) for k, v in params.items()}
+    assert not plans["uncompressed"].layers and not plans["uncompressed"].blocks and not plans["uncompressed"].drop_blocks
+    int4 = plans["int4-g128"]
+    assert {(c.bits, c.group_size) for c in int4.layers.values()} == {(4, 128)}
+    assert len(int4.layers) == len(tiny_llama.anatomy.linears)
+    assert plans["drop-2-blocks"].drop_blocks == (1, 3)  # the two most redundant blocks, by measured distance
+    mlp = plans["mlp-75%"]
+    assert all(b.keep_mlp_channels == 96 for b in mlp.blocks.values()) and len(mlp.blocks) == 4
+
+
+def test_mlp_width_is_aligned(tiny_llama):
+    sp = SearchSpace.from_dict({"name": "t", "structure": {"keep_mlp_ratio": [0.5, 0.7]}, "alignment": 16})
+    plan = sp.plan_from_params({"b0.keep_mlp_ratio": 0.7}, _ctx(tiny_llama))
+    assert plan.blocks[0].keep_mlp_channels % 16 == 0
+
+
+def test_extreme_plans_cover_every_linear_level(tiny_llama):
+    sp = SearchSpace.load("default")
+    plans = sp.extreme_plans(_ctx(tiny_llama))
+    bits = {c.bits for p in plans for c in p.layers.values()}
+    assert {8, 4, 3} <= bits
+    assert all(len(p.drop_blocks) == 3 for p in plans)
+
+
+@pytest.mark.parametrize(
+    ("patch", "fragment"),
+    [
+        ({"granularity": "head"}, "granularity"),
+        ({"linear": {"bits": [4, 1]}}, "invalid level"),
+        ({"linear": {"colour": [1]}}, "not a knob"),
+        ({"linear": {"bits": []}}, "non-empty list"),
+        ({"structure": {"keep_mlp_ratio": [1.5]}}, "out of range"),
+        ({"extra": 1}, "unknown field"),
+        ({"name": ""}, "name"),
+    ],
+)
+def test_invalid_space_files(tmp_path, patch, fragment):
+    base = {"name": "x", "linear": {"bits": [16, 4]}}
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump({**base, **patch}))
+    with pytest.raises(SpaceError, match=fragment):
+        SearchSpace.load(f)
+
+
+def test_unknown_space_lists_the_available_ones():
+    with pytest.raises(SpaceError, match="available: .*default"):
+        SearchSpace.load("nosuchspace")
