@@ -1,8 +1,8 @@
 """autocompress: joint, per-layer, hardware-aware compression search for transformer models.
 
-    import autocompress as ac
-    result = ac.search(hw="jetson", budgets=ac.Budget(latency_ms=8))
-    best = result.pareto[0]; best.plan.save("plan.yaml"); model = ac.apply_plan(best.plan)
+import autocompress as ac
+result = ac.search(hw="jetson", budgets=ac.Budget(latency_ms=8))
+best = result.pareto[0]; best.plan.save("plan.yaml"); model = ac.apply_plan(best.plan)
 """
 
 from __future__ import annotations

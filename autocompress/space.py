@@ -141,13 +141,15 @@ class SearchSpace:
                     raise fail(f"invalid level in linear knobs ({str(exc).split(': ', 1)[-1]})") from None
         for k, vals in self.structure.items():
             for v in vals:
-                ok = isinstance(v, int) and not isinstance(v, bool) and v >= 0 if k == "drop_blocks" else (
-                    isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1
+                ok = (
+                    isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                    if k == "drop_blocks"
+                    else (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1)
                 )
                 if not ok:
                     raise fail(f"structure.{k} level {v!r} is out of range")
         for bname, setting in self.baselines.items():
-            for k, v in setting.items():
+            for k in setting:
                 if k not in LINEAR_KNOBS and k not in STRUCTURE_KNOBS:
                     raise fail(f"baselines.{bname}.{k} is not a knob")
 
@@ -161,7 +163,9 @@ class SearchSpace:
             return [(f"{g}.", g, [s.name for s in anatomy.linears if s.group == g]) for g in GROUPS]
         if self.granularity == "block":
             return [
-                (f"b{b.index}.{g}.", g, [s.name for s in b.linears if s.group == g]) for b in anatomy.blocks for g in GROUPS
+                (f"b{b.index}.{g}.", g, [s.name for s in b.linears if s.group == g])
+                for b in anatomy.blocks
+                for g in GROUPS
             ]
         return [(f"{s.name}.", s.group, [s.name]) for s in anatomy.linears]
 
@@ -214,7 +218,7 @@ class SearchSpace:
                 keep_heads = groups * b.heads_per_kv if groups < b.num_kv_heads else None
             keep_mlp = None
             if mr < 1.0:
-                ch = max(self.alignment, int(round(mr * b.mlp_dim / self.alignment)) * self.alignment)
+                ch = max(self.alignment, round(mr * b.mlp_dim / self.alignment) * self.alignment)
                 keep_mlp = ch if ch < b.mlp_dim else None
             bc = BlockChoice(keep_heads=keep_heads, keep_mlp_channels=keep_mlp)
             if bc != BlockChoice():

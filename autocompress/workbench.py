@@ -24,7 +24,12 @@ def library_versions() -> dict[str, str]:
 
     from autocompress import __version__
 
-    return {"autocompress": __version__, "torch": torch.__version__, "transformers": transformers.__version__, "optuna": optuna.__version__}
+    return {
+        "autocompress": str(__version__),
+        "torch": str(torch.__version__),
+        "transformers": str(transformers.__version__),
+        "optuna": str(optuna.__version__),
+    }
 
 
 def _set_threads() -> None:

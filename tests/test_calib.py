@@ -5,7 +5,14 @@ import json
 import pytest
 import torch
 
-from autocompress.calib import DataConfig, activation_stats, collect_stats, load_token_data, read_documents, split_documents
+from autocompress.calib import (
+    DataConfig,
+    activation_stats,
+    collect_stats,
+    load_token_data,
+    read_documents,
+    split_documents,
+)
 from autocompress.errors import DataError
 from autocompress.model.tokenizer import ByteTokenizer
 from tests.conftest import TINY_DATA
@@ -84,7 +91,9 @@ def test_activation_stats_match_a_manual_computation(tiny_llama, tmp_path, monke
     stats = activation_stats(tiny_llama.model, tiny_llama.anatomy, data)
     name = tiny_llama.anatomy.linears[0].name  # q_proj: its input is the normed hidden state
     seen = []
-    h = tiny_llama.model.get_submodule(name).register_forward_hook(lambda m, a, o: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+    h = tiny_llama.model.get_submodule(name).register_forward_hook(
+        lambda m, a, o: seen.append(a[0].reshape(-1, a[0].shape[-1]))
+    )
     with torch.no_grad():
         tiny_llama.model(input_ids=data.calib)
     h.remove()

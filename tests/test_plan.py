@@ -17,7 +17,10 @@ def _mixed_plan(a):
     return plan_for(
         a,
         default=LayerChoice(bits=8),
-        layers={names[0]: LayerChoice(bits=4, group_size=32, symmetric=False), names[3]: LayerChoice(sparsity=0.5, sparsity_pattern="2:4")},
+        layers={
+            names[0]: LayerChoice(bits=4, group_size=32, symmetric=False),
+            names[3]: LayerChoice(sparsity=0.5, sparsity_pattern="2:4"),
+        },
         blocks={1: BlockChoice(keep_heads=2, keep_mlp_channels=64)},
         drop_blocks=(2,),
         provenance=Provenance(data_hash="abc", seed=7, profile="jetson-orin-nano-25w", versions={"torch": "2.13.0"}),

@@ -38,7 +38,9 @@ def test_baselines_are_uniform(tiny_llama):
     params = sp.baseline_params(tiny_llama.anatomy)
     assert {"uncompressed", "int8", "int4-g128", "2:4-50%", "drop-2-blocks"} <= set(params)
     plans = {k: sp.plan_from_params(v, ctx) for k, v in params.items()}
-    assert not plans["uncompressed"].layers and not plans["uncompressed"].blocks and not plans["uncompressed"].drop_blocks
+    assert (
+        not plans["uncompressed"].layers and not plans["uncompressed"].blocks and not plans["uncompressed"].drop_blocks
+    )
     int4 = plans["int4-g128"]
     assert {(c.bits, c.group_size) for c in int4.layers.values()} == {(4, 128)}
     assert len(int4.layers) == len(tiny_llama.anatomy.linears)

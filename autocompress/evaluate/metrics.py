@@ -46,7 +46,9 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, chars: int, batch_size: i
             total += float(nll.double().sum())
             count += nll.numel()
     mean = total / count
-    return Perplexity(ppl=math.exp(min(mean, 700.0)), bpc=total / math.log(2) / max(chars, 1), nll_per_token=mean, tokens=count)
+    return Perplexity(
+        ppl=math.exp(min(mean, 700.0)), bpc=total / math.log(2) / max(chars, 1), nll_per_token=mean, tokens=count
+    )
 
 
 def output_logprobs(model: nn.Module, tokens: torch.Tensor, batch_size: int = 4) -> torch.Tensor:

@@ -90,7 +90,5 @@ class ModelAnatomy:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelAnatomy:
-        blocks = tuple(
-            BlockInfo(**{**b, "linears": tuple(LinearSite(**s) for s in b["linears"])}) for b in d["blocks"]
-        )
+        blocks = tuple(BlockInfo(**{**b, "linears": tuple(LinearSite(**s) for s in b["linears"])}) for b in d["blocks"])
         return cls(**{**d, "blocks": blocks})

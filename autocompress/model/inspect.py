@@ -12,8 +12,13 @@ _LAYOUTS: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
     "llama": (
         ("model.layers", "layers"),
         {
-            "self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v", "self_attn.o_proj": "o",
-            "mlp.gate_proj": "gate", "mlp.up_proj": "up", "mlp.down_proj": "down",
+            "self_attn.q_proj": "q",
+            "self_attn.k_proj": "k",
+            "self_attn.v_proj": "v",
+            "self_attn.o_proj": "o",
+            "mlp.gate_proj": "gate",
+            "mlp.up_proj": "up",
+            "mlp.down_proj": "down",
         },
     ),
     "gpt2": (
@@ -23,8 +28,12 @@ _LAYOUTS: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
     "bert": (
         ("bert.encoder.layer", "encoder.layer"),
         {
-            "attention.self.query": "q", "attention.self.key": "k", "attention.self.value": "v",
-            "attention.output.dense": "o", "intermediate.dense": "fc1", "output.dense": "fc2",
+            "attention.self.query": "q",
+            "attention.self.key": "k",
+            "attention.self.value": "v",
+            "attention.output.dense": "o",
+            "intermediate.dense": "fc1",
+            "output.dense": "fc2",
         },
     ),
 }

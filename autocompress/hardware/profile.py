@@ -1,0 +1,196 @@
+"""Hardware profiles: one YAML per (device, power mode, runtime), validated by a pydantic schema.
+
+Units live in the field names (``peak_bw_GBps``, ``fp16_tflops``, ``per_kernel_overhead_us``...).
+GB and MB are decimal (1e9 / 1e6 bytes), as in datasheets. Every shipped profile is an
+uncalibrated prior built from public specs (``calibrated: false``); its ``sources`` list cites
+the keys of ``research/hardware.md`` and the URLs behind them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from autocompress.errors import ProfileError
+
+ENV_PROFILES_DIR = "AUTOCOMPRESS_HW_PROFILES"
+
+Positive = Annotated[float, Field(gt=0)]
+NonNegative = Annotated[float, Field(ge=0)]
+Efficiency = Annotated[float, Field(gt=0, le=1)]
+FormatKey = Literal["fp16", "int8", "int6", "int5", "int4", "int3", "int2"]
+DeviceClass = Literal["edge_gpu_soc", "discrete_gpu", "server_cpu", "client_cpu", "arm_sbc", "apple_soc", "mobile_soc"]
+FORMAT_KEYS: tuple[str, ...] = get_args(FormatKey)
+DEVICE_CLASSES: tuple[str, ...] = get_args(DeviceClass)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Kernels(_Strict):
+    """Which compressed formats the runtime executes with a fast kernel (none is assumed otherwise)."""
+
+    # Bit-widths with a dequantise-in-kernel GEMV/GEMM. Other widths are stored and read as the
+    # next listed width up (16 = plain fp16 when none is larger), so no speed-up is invented.
+    weight_only_bits: tuple[Annotated[int, Field(ge=2, le=8)], ...] = (2, 3, 4, 5, 6, 8)
+    int8_compute: bool = False  # W8A8 matmuls run on the int8 peak (needs int8_tops)
+    sparse_2_4: bool = False  # 2:4 kernels exist: compressed 2:4 storage + sparse_2_4_speedup on compute
+    sparse_2_4_speedup: float = Field(default=1.0, ge=1.0)
+    unstructured_sparse_storage: bool = False  # runtime stores/reads unstructured-sparse weights (bitmap)
+
+    @property
+    def int4_weight_only(self) -> bool:
+        return 4 in self.weight_only_bits
+
+    def stored_bits(self, bits: int) -> int:
+        """Give the width a ``bits``-bit weight really occupies on this runtime (16 if no kernel fits)."""
+        if bits >= 16:
+            return 16
+        return min((b for b in self.weight_only_bits if b >= bits), default=16)
+
+
+class HardwareProfile(_Strict):
+    """A target device + power mode + runtime: peaks, efficiencies, overheads, kernels, power."""
+
+    schema_version: Literal[1] = 1
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9.-]*$")
+    aliases: tuple[str, ...] = ()
+    display_name: str
+    device_class: DeviceClass
+    runtime: str
+    power_mode: str | None = None
+    calibrated: bool
+    sources: tuple[str, ...] = Field(min_length=1)
+    notes: str | None = None
+
+    # memory
+    memory_GB: Positive
+    usable_memory_GB: Positive
+    runtime_overhead_MB: NonNegative
+    peak_bw_GBps: Positive
+    bw_efficiency: Efficiency
+    bw_efficiency_by_format: dict[FormatKey, Efficiency] = Field(default_factory=dict)
+    kv_cache_bits: Literal[8, 16] = 16
+
+    # compute
+    fp16_tflops: Positive  # peak of the float path used for 16-bit and weight-only matmuls
+    int8_tops: Positive | None = None
+    compute_efficiency: Efficiency
+    kernels: Kernels = Kernels()
+
+    # quantization metadata: one scale per group (+ one zero-point if asymmetric)
+    scale_bits: int = Field(default=16, ge=1, le=32)
+    zero_bits: int = Field(default=16, ge=1, le=32)
+
+    # overheads
+    per_kernel_overhead_us: NonNegative
+    per_token_overhead_ms: NonNegative
+    kernels_per_linear: int = Field(default=1, ge=1)
+    kernels_per_block: int = Field(ge=0)  # non-linear kernels per block after fusion (norms, rotary, attention...)
+    alignment: int = Field(ge=1)
+    misaligned_penalty: Efficiency  # throughput factor for a matmul whose dims are not multiples of alignment
+
+    # power, for energy = active_W x busy time + idle_W x overhead time
+    idle_W: Positive
+    active_W: Positive
+
+    @model_validator(mode="after")
+    def _consistent(self) -> HardwareProfile:
+        if self.usable_memory_GB > self.memory_GB:
+            raise ValueError(f"usable_memory_GB ({self.usable_memory_GB}) exceeds memory_GB ({self.memory_GB})")
+        if self.active_W < self.idle_W:
+            raise ValueError(f"active_W ({self.active_W}) is below idle_W ({self.idle_W})")
+        if self.kernels.int8_compute and self.int8_tops is None:
+            raise ValueError("kernels.int8_compute is true but int8_tops is not set")
+        return self
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.id, *self.aliases)
+
+    def bw_efficiency_for(self, fmt: str) -> float:
+        """Give the bandwidth efficiency for a weight format key (``fp16``, ``int4``...)."""
+        return self.bw_efficiency_by_format.get(fmt, self.bw_efficiency)  # type: ignore[call-overload]
+
+
+def profiles_dir() -> Path:
+    """Give the folder holding the shipped profiles (``$AUTOCOMPRESS_HW_PROFILES`` overrides it)."""
+    env = os.environ.get(ENV_PROFILES_DIR)
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "hw_profiles"
+
+
+def _one_line(exc: ValidationError, source: str) -> str:
+    err = exc.errors()[0]
+    field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    msg = err["msg"]
+    if err["type"] == "missing":
+        msg = "required field is missing"
+    elif err["type"] == "extra_forbidden":
+        msg = "unknown field"
+    more = f" (and {exc.error_count() - 1} more problem(s))" if exc.error_count() > 1 else ""
+    return f"{source}: field '{field}': {msg}{more}"
+
+
+def profile_from_dict(data: object, source: str = "profile") -> HardwareProfile:
+    """Give a validated profile; any problem is one ``ProfileError`` line naming source and field."""
+    if not isinstance(data, dict):
+        raise ProfileError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return HardwareProfile.model_validate(data)
+    except ValidationError as exc:
+        raise ProfileError(_one_line(exc, source)) from None
+
+
+def read_profile(path: str | Path) -> HardwareProfile:
+    """Give the profile stored in one YAML file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ProfileError(f"hardware profile file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ProfileError(f"cannot read hardware profile {path}: {exc.__class__.__name__}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ProfileError(f"{path}: not valid YAML{where}") from None
+    if data is None:
+        raise ProfileError(f"{path}: the file is empty")
+    return profile_from_dict(data, str(path))
+
+
+def list_profiles() -> list[HardwareProfile]:
+    """Give every profile in ``profiles_dir()``, sorted by id; ids and aliases must be unique."""
+    folder = profiles_dir()
+    if not folder.is_dir():
+        raise ProfileError(f"hardware profile folder not found: {folder} (set {ENV_PROFILES_DIR} to override)")
+    profiles = [read_profile(p) for p in sorted(folder.glob("*.yaml"))]
+    seen: dict[str, str] = {}
+    for prof in profiles:
+        for name in prof.names:
+            if name in seen:
+                raise ProfileError(f"{folder}: name '{name}' is used by both '{seen[name]}' and '{prof.id}'")
+            seen[name] = prof.id
+    return sorted(profiles, key=lambda p: p.id)
+
+
+def load_profile(name_or_path: str | Path) -> HardwareProfile:
+    """Give a profile by id, alias (``jetson``, ``rpi``, ``cpu``...) or path to a ``.yaml`` file."""
+    text = str(name_or_path)
+    path = Path(text)
+    if path.suffix in (".yaml", ".yml") or os.sep in text or path.is_file():
+        return read_profile(path)
+    profiles = list_profiles()
+    for prof in profiles:
+        if text in prof.names:
+            return prof
+    ids = ", ".join(p.id for p in profiles)
+    aliases = ", ".join(a for p in profiles for a in p.aliases)
+    raise ProfileError(f"unknown hardware profile '{text}'; available: {ids} (aliases: {aliases})")

@@ -1,0 +1,139 @@
+"""End-to-end through the CLI on tiny models: outputs, determinism, resume and clear errors."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import optuna
+import pytest
+
+from autocompress.cli import main
+
+TINY = [
+    "--model",
+    "tiny-llama",
+    "--seq-len",
+    "64",
+    "--calib-tokens",
+    "512",
+    "--proxy-tokens",
+    "128",
+    "--eval-tokens",
+    "256",
+]
+
+
+def run(argv: list[str], capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+        raise SystemExit(0)
+    out = capsys.readouterr()
+    return exc.value.code or 0, out.out, out.err
+
+
+def test_hw_list(capsys):
+    code, out, _ = run(["hw", "list"], capsys)
+    assert code == 0
+    for pid in ("jetson-orin-nano-25w", "raspberry-pi-5", "x86-avx2-laptop"):
+        assert pid in out
+
+
+def test_unknown_hardware_is_one_line_exit_2(capsys, tmp_path):
+    code, out, err = run(["search", "--hw", "nosuchdevice", "--out", str(tmp_path / "s"), *TINY], capsys)
+    assert code == 2
+    assert err.strip().count("\n") == 0 and "nosuchdevice" in err and "jetson-orin-nano-25w" in err
+    assert "Traceback" not in err + out
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        (["--budget", "speed=1"], "unknown budget"),
+        (["--budget", "latency_ms=-3"], "positive"),
+        (["--space", "nosuchspace"], "unknown search space"),
+        (["--sampler", "annealing"], "unknown sampler"),
+        (["--trials", "0"], "at least 1"),
+    ],
+)
+def test_bad_search_options(capsys, tmp_path, extra, fragment):
+    code, _, err = run(["search", "--out", str(tmp_path), *TINY, *extra], capsys)
+    assert code == 2 and fragment in err and err.strip().count("\n") == 0
+
+
+def test_impossible_budget_is_refused_before_searching(capsys, tmp_path):
+    code, _, err = run(["search", "--out", str(tmp_path), "--budget", "latency_ms=0.0001", *TINY], capsys)
+    assert code == 2 and "no plan in space 'default' can meet latency_ms" in err
+    assert not list(tmp_path.glob("*/plans/*.yaml"))
+
+
+def _weight_hash(out: str) -> str:
+    m = re.search(r"weight hash: ([0-9a-f]{64})", out)
+    assert m, out
+    return m.group(1)
+
+
+def test_search_apply_resume(capsys, tmp_path):
+    studies = tmp_path / "studies"
+    code, out, err = run(
+        ["search", "--out", str(studies), "--study", "t", "--trials", "10", "--hw", "jetson", *TINY], capsys
+    )
+    assert code == 0, err
+    sdir = studies / "t"
+    pareto = json.loads((sdir / "pareto.json").read_text())
+    assert len(pareto["pareto"]) >= 2
+    assert "Pareto front" in out and "uncompressed" in (sdir / "summary.md").read_text()
+    assert {"int8", "int4-g128"} <= set(pareto["baselines"])
+    for c in pareto["pareto"]:
+        assert Path(c["plan_path"]).is_file() and c["cost"]["latency_ms"] > 0 and c["metrics"]["kl"] >= 0
+        assert "ppl" in c["metrics"]  # the full metric ran on the front
+    # front points are mutually non-dominated
+    pts = [(c["metrics"]["kl"], c["cost"]["latency_ms"], c["cost"]["memory_mb"]) for c in pareto["pareto"]]
+    for a in pts:
+        assert not any(all(x <= y for x, y in zip(b, a, strict=False)) and b != a for b in pts)
+
+    plan = max(pareto["pareto"], key=lambda c: c["metrics"]["kl"])["plan_path"]
+    hashes = []
+    for name in ("x1", "x2"):
+        code, out, err = run(["apply", plan, "--out", str(tmp_path / name)], capsys)
+        assert code == 0, err
+        hashes.append(_weight_hash(out))
+        assert (tmp_path / name / "plan.yaml").is_file() and (tmp_path / name / "model.safetensors").is_file()
+    assert hashes[0] == hashes[1]
+    assert (tmp_path / "x1" / "plan.yaml").read_bytes() == Path(plan).read_bytes()
+
+    storage = f"sqlite:///{sdir / 'study.db'}"
+    before = {t.number: t.values for t in optuna.load_study(study_name="t", storage=storage).trials if t.values}
+    code, out, err = run(
+        ["search", "--out", str(studies), "--study", "t", "--trials", "12", "--hw", "jetson", *TINY], capsys
+    )
+    assert code == 0, err
+    after = optuna.load_study(study_name="t", storage=storage)
+    assert {t.number: t.values for t in after.trials if t.number in before} == before
+    assert len([t for t in after.trials if t.values]) == 12
+
+    code, _, err = run(
+        ["search", "--out", str(studies), "--study", "t", "--trials", "12", "--hw", "rpi", *TINY], capsys
+    )
+    assert code == 2 and "different profile" in err
+
+
+def test_apply_errors(capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("schema_version: 1\nmodel: [")
+    code, _, err = run(["apply", str(bad), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "not valid YAML" in err and not (tmp_path / "o").exists()
+    code, _, err = run(["apply", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "not found" in err
+
+
+def test_plan_for_another_model_fails_cleanly(capsys, tmp_path):
+    from autocompress.model import load_model
+    from tests.conftest import plan_for
+
+    plan = plan_for(load_model("tiny-gpt2").anatomy)
+    f = plan.save(tmp_path / "p.yaml")
+    code, _, err = run(["apply", str(f), "--out", str(tmp_path / "o"), "--model", "tiny-llama"], capsys)
+    assert code == 2 and "made for model" in err and not (tmp_path / "o").exists()
