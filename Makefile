@@ -27,7 +27,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 bench: $(STAMP)
-	$(BIN)/python bench/front_vs_baselines.py
+	$(BIN)/python bench/cost_model.py
 
 clean:
 	rm -rf $(VENV) studies/*/ .pytest_cache

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import time
 from dataclasses import replace
 
 import pytest
@@ -363,30 +362,3 @@ def test_lowering_one_layer_bits_never_costs_more(data: st.DataObject, tiny: dic
     assert after.latency_ms <= before.latency_ms + 1e-12
     assert after.weights_mb <= before.weights_mb + 1e-12
     assert before.latency_ms > 0 and before.energy_mj > 0 and before.memory_mb >= before.weights_mb
-
-
-def test_plans_per_second_on_default_model(smollm: ModelAnatomy, capsys: pytest.CaptureFixture) -> None:
-    """Print the screening rate on SmolLM2-135M (210 linears); timing is reported, never asserted."""
-    import random
-
-    rng = random.Random(0)
-    levels = [LayerChoice(bits=b, group_size=g) for b in (16, 8, 4, 3) for g in (None, 32, 128)]
-    plans = [
-        plan_for(
-            smollm,
-            layers={s.name: rng.choice(levels) for s in smollm.linears},
-            blocks={i: BlockChoice(keep_heads=rng.choice([3, 6, 9])) for i in range(0, 30, 3)},
-            drop_blocks=(rng.randrange(30),),
-        )
-        for _ in range(500)
-    ]
-    uniform = [plan_for(smollm, default=c) for c in levels] * 40
-    cm = CostModel(PROFILES["jetson-orin-nano-25w"], smollm)
-    rates = {}
-    for label, batch in (("per-layer", plans), ("uniform", uniform)):
-        start = time.perf_counter()
-        costs = [cm.predict(p) for p in batch]
-        rates[label] = len(batch) / (time.perf_counter() - start)
-        assert all(c.latency_ms > 0 for c in costs)
-    with capsys.disabled():
-        print(f"\ncost model on {smollm.name}: " + ", ".join(f"{k} {v:,.0f} plans/s" for k, v in rates.items()))
