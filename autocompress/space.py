@@ -239,15 +239,23 @@ class SearchSpace:
                 out[bname] = params
         return out
 
-    def _uniform_params(self, anatomy: ModelAnatomy, setting: Mapping[str, Any]) -> dict[str, Any] | None:
-        """Give the parameters of one uniform setting (unset knobs at their no-op level), or None
-        when a wanted level is not in the space."""
+    def _uniform_params(
+        self,
+        anatomy: ModelAnatomy,
+        setting: Mapping[str, Any],
+        per_block: Mapping[int, Mapping[str, Any]] | None = None,
+    ) -> dict[str, Any] | None:
+        """Give the parameters of one setting (unset knobs at their no-op level; ``per_block``
+        replaces it for some blocks), or None when a wanted level is not in the space."""
+        per_block = per_block or {}
         params: dict[str, Any] = {}
-        for prefix, group, _ in self._units(anatomy):
+        for prefix, group, names in self._units(anatomy):
+            block = anatomy.find_linear(names[0]).block if self.granularity != "model" else None
+            s = per_block.get(block, setting) if block is not None else setting
             lv = self.levels_for(group)
             for knob, vals in lv.items():
-                want = setting.get(knob, _NOOP.get(knob, vals[0]))
-                if knob == "group_size" and setting.get("bits", 16) > 4:
+                want = s.get(knob, _NOOP.get(knob, vals[0]))
+                if knob == "group_size" and s.get("bits", 16) > 4:
                     continue
                 if want not in vals:
                     return None
@@ -264,6 +272,26 @@ class SearchSpace:
             else:
                 params.update({f"b{b.index}.{knob}": want for b in anatomy.blocks})
         return params
+
+    def mixed_seed_params(self, anatomy: ModelAnatomy, sensitivity_order: Sequence[int]) -> dict[str, dict[str, Any]]:
+        """Give seeds between adjacent quantization baselines: the most sensitive blocks keep the
+        finer format, the rest take the coarser one (at 25 % and 50 % of blocks kept finer).
+
+        ``sensitivity_order`` lists blocks most sensitive first (e.g. by measured block distance).
+        Only for block or linear granularity; pairs whose formats the space lacks are skipped.
+        """
+        if self.granularity == "model":
+            return {}
+        ladder = [(name, s) for name, s in self.baselines.items() if set(s) <= {"bits", "group_size"} and s]
+        ladder.sort(key=lambda item: -item[1]["bits"])
+        out: dict[str, dict[str, Any]] = {}
+        for (fine_name, fine), (coarse_name, coarse) in itertools.pairwise(ladder):
+            for frac in (0.25, 0.5):
+                keep = list(sensitivity_order)[: max(1, round(frac * anatomy.num_blocks))]
+                params = self._uniform_params(anatomy, coarse, dict.fromkeys(keep, fine))
+                if params is not None:
+                    out[f"{coarse_name}+{round(frac * 100)}% {fine_name}"] = params
+        return out
 
     def extreme_plans(self, ctx: SpaceContext) -> list[Plan]:
         """Give uniform plans at every combination of linear levels with the most aggressive

@@ -86,3 +86,19 @@ def test_invalid_space_files(tmp_path, patch, fragment):
 def test_unknown_space_lists_the_available_ones():
     with pytest.raises(SpaceError, match="available: .*default"):
         SearchSpace.load("nosuchspace")
+
+
+def test_mixed_seeds_keep_the_most_sensitive_blocks_finer(tiny_llama):
+    sp = SearchSpace.load("default")
+    ctx = _ctx(tiny_llama)
+    seeds = sp.mixed_seed_params(tiny_llama.anatomy, sensitivity_order=[2, 0, 1, 3])
+    assert "int4-g128+50% int8" in seeds
+    plan = sp.plan_from_params(seeds["int4-g128+50% int8"], ctx)
+    bits = {s.block: plan.choice_for(s.name).bits for s in tiny_llama.anatomy.linears}
+    assert bits == {0: 8, 1: 4, 2: 8, 3: 4}
+    assert (
+        SearchSpace.from_dict({"name": "m", "granularity": "model", "linear": {"bits": [8, 4]}}).mixed_seed_params(
+            tiny_llama.anatomy, [0, 1, 2, 3]
+        )
+        == {}
+    )

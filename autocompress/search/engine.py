@@ -103,7 +103,7 @@ def _recover_interrupted(study: optuna.Study) -> int:
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         study._storage.set_trial_user_attr(t._trial_id, "fail_reason", "interrupted (run was killed)")
-        study.enqueue_trial(t.params, user_attrs={k: v for k, v in t.user_attrs.items() if k == "baseline"})
+        study.enqueue_trial(t.params, user_attrs={k: v for k, v in t.user_attrs.items() if k in ("baseline", "seed")})
         n += 1
     return n
 
@@ -183,6 +183,10 @@ def search(
             opt.set_metric_names(["kl_to_base", "latency_ms", "memory_mb"])
         for name, params in space_obj.baseline_params(anatomy).items():
             opt.enqueue_trial(params, user_attrs={"baseline": name})
+        # Mixed-precision seeds: the blocks that change the hidden state most keep finer formats.
+        most_active = sorted(range(anatomy.num_blocks), key=lambda i: -wb.stats.block_distance[i])
+        for name, params in space_obj.mixed_seed_params(anatomy, most_active).items():
+            opt.enqueue_trial(params, user_attrs={"seed": name})
     else:
         n = _recover_interrupted(opt)
         done = len(opt.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
@@ -314,6 +318,7 @@ def candidates_of(opt: optuna.Study, study_dir: Path, anatomy: Any) -> list[Cand
                 metrics=metrics,
                 cost=t.user_attrs["cost"],
                 baseline=t.user_attrs.get("baseline"),
+                seed=t.user_attrs.get("seed"),
                 plan_path=path,
                 description=describe_plan(plan, anatomy),
             )

@@ -60,7 +60,7 @@ def front_rows(cands: list[Candidate]) -> list[list[str]]:
         rows.append(
             [
                 str(c.trial),
-                c.baseline or "searched",
+                c.kind,
                 _fmt(c.metrics.get("kl"), 3),
                 _fmt(c.metrics.get("top1_agreement"), 3),
                 _fmt(c.metrics.get("ppl"), 4),

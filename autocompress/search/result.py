@@ -20,8 +20,13 @@ class Candidate:
     metrics: dict[str, float]  # kl, top1_agreement; ppl, bpc once the full metric ran
     cost: dict[str, Any]  # Cost.to_dict() on the study's hardware profile
     baseline: str | None = None
+    seed: str | None = None  # name of the mixed-precision seed this trial was enqueued as
     plan_path: Path | None = None
     description: str = ""
+
+    @property
+    def kind(self) -> str:
+        return self.baseline or (f"seed {self.seed}" if self.seed else "searched")
 
     @property
     def objectives(self) -> tuple[float, float, float]:
@@ -31,6 +36,7 @@ class Candidate:
         return {
             "trial": self.trial,
             "baseline": self.baseline,
+            "seed": self.seed,
             "plan_hash": self.plan.hash(),
             "plan_path": str(self.plan_path) if self.plan_path else None,
             "description": self.description,
