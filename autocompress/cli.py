@@ -133,7 +133,7 @@ def apply(
     model: Annotated[str | None, typer.Option(help="Base model [default: the one named in the plan]")] = None,
 ) -> None:
     """Rebuild a compressed model from its plan, write it as an HF folder and print its weight hash."""
-    from autocompress.export import export_hf
+    from autocompress.export import export_hf, plain_transformers_blockers
     from autocompress.plan import Plan
     from autocompress.workbench import Workbench
 
@@ -145,6 +145,12 @@ def apply(
     weight_hash = export_hf(compressed, p, out, wb.lm.tokenizer)
     console.print(f"wrote {out}/ (plan {p.hash()[:16]})")
     console.print(f"weight hash: {weight_hash}")
+    blockers = plain_transformers_blockers(p)
+    if blockers:
+        console.print(
+            f"[yellow]note:[/yellow] plain transformers cannot load this folder ({'; '.join(blockers)}); "
+            "rebuild it with autocompress.apply_plan(plan)"
+        )
 
 
 @app.command()

@@ -137,3 +137,28 @@ def test_plan_for_another_model_fails_cleanly(capsys, tmp_path):
     f = plan.save(tmp_path / "p.yaml")
     code, _, err = run(["apply", str(f), "--out", str(tmp_path / "o"), "--model", "tiny-llama"], capsys)
     assert code == 2 and "made for model" in err and not (tmp_path / "o").exists()
+
+
+def test_export_says_when_plain_transformers_can_load_it(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from autocompress.compress import apply_plan_to
+    from autocompress.export import export_hf
+    from autocompress.model import load_model
+    from autocompress.plan import BlockChoice, LayerChoice
+    from tests.conftest import plan_for
+
+    lm = load_model("tiny-llama")
+    ids = torch.tensor([[1, 5, 6, 7, 8]])
+    loadable = plan_for(lm.anatomy, default=LayerChoice(bits=4, group_size=32), drop_blocks=(1,))
+    shaped = plan_for(lm.anatomy, blocks={0: BlockChoice(keep_heads=2)})
+    for plan, ok in ((loadable, True), (shaped, False)):
+        out = tmp_path / str(ok)
+        model = apply_plan_to(lm.model, lm.anatomy, plan, None)
+        export_hf(model, plan, out, lm.tokenizer)
+        info = json.loads((out / "autocompress.json").read_text())
+        assert info["loadable_with_plain_transformers"] is ok
+        if ok:  # plain transformers rebuilds exactly our model
+            plain = AutoModelForCausalLM.from_pretrained(out)
+            torch.testing.assert_close(plain(ids).logits, model(ids).logits)

@@ -1,5 +1,5 @@
 """Exports of compressed models."""
 
-from autocompress.export.hf import export_hf
+from autocompress.export.hf import export_hf, plain_transformers_blockers
 
-__all__ = ["export_hf"]
+__all__ = ["export_hf", "plain_transformers_blockers"]
