@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import nn
 
 from autocompress.calib import TokenData
@@ -38,12 +36,3 @@ class Evaluator:
         if self._base_full is None:
             self._base_full = self.full(self._base_model)
         return self._base_full
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "proxy_sequences": int(self.data.proxy.shape[0]),
-            "proxy_tokens": int(self.data.proxy.numel()),
-            "eval_tokens": int(self.data.eval.numel()),
-            "seq_len": int(self.data.proxy.shape[1]),
-            "data_hash": self.data.data_hash,
-        }

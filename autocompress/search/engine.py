@@ -19,7 +19,7 @@ from autocompress.calib import DataConfig
 from autocompress.errors import AutocompressError, BudgetError, StudyError
 from autocompress.evaluate import EvaluationError, Evaluator
 from autocompress.hardware import CostModel, load_profile
-from autocompress.plan import Plan
+from autocompress.plan import ModelRef, Plan
 from autocompress.search.budget import Budget
 from autocompress.search.pareto import pareto_front
 from autocompress.search.report import describe_plan, write_outputs
@@ -162,7 +162,12 @@ def search(
     _precheck_budgets(space_obj, ctx, cost_model, budget, profile.id)
 
     st, url = open_storage(storage, study_dir)
-    population = max(8, min(24, trials // 3))
+    # Generation 0 is exactly the enqueued seeds (uniform baselines + mixed-precision seeds), so
+    # NSGA-II's first offspring recombine and mutate sensible plans instead of random ones.
+    baselines = space_obj.baseline_params(anatomy)
+    most_active = sorted(range(anatomy.num_blocks), key=lambda i: -wb.stats.block_distance[i])
+    mixed = space_obj.mixed_seed_params(anatomy, most_active)
+    population = max(8, len(baselines) + len(mixed))
     try:
         opt = optuna.create_study(
             study_name=study_name,
@@ -181,11 +186,9 @@ def search(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             opt.set_metric_names(["kl_to_base", "latency_ms", "memory_mb"])
-        for name, params in space_obj.baseline_params(anatomy).items():
+        for name, params in baselines.items():
             opt.enqueue_trial(params, user_attrs={"baseline": name})
-        # Mixed-precision seeds: the blocks that change the hidden state most keep finer formats.
-        most_active = sorted(range(anatomy.num_blocks), key=lambda i: -wb.stats.block_distance[i])
-        for name, params in space_obj.mixed_seed_params(anatomy, most_active).items():
+        for name, params in mixed.items():  # the blocks that change the hidden state most stay finer
             opt.enqueue_trial(params, user_attrs={"seed": name})
     else:
         n = _recover_interrupted(opt)
@@ -197,7 +200,7 @@ def search(
     say("scoring the base model on the proxy sequences")
     evaluator = Evaluator(wb.lm.model, wb.data, anatomy.task)
     _run_trials(opt, space_obj, ctx, wb, evaluator, cost_model, budget, trials, timeout, study_dir, progress)
-    result = _finish(opt, wb, evaluator, cost_model, budget, space_obj, ctx, profile.id, study_dir, url, full_eval, say)
+    result = _finish(opt, wb, evaluator, cost_model, budget, profile.id, study_dir, url, full_eval, say)
     result.elapsed_s = time.time() - t_start
     return result
 
@@ -233,6 +236,7 @@ def _run_trials(
     progress: Any,
 ) -> None:
     """Ask/evaluate/tell until the study holds ``trials`` evaluated trials (or time runs out)."""
+    anatomy = ctx.anatomy
     known: dict[str, tuple[float, float]] = {}
     for t in opt.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         if "plan_hash" in t.user_attrs:
@@ -253,6 +257,7 @@ def _run_trials(
         trial = opt.ask()
         try:
             plan = space.suggest(trial, ctx).with_provenance(trial=trial.number)
+            plan.validate(anatomy)
             cost = cost_model.predict(plan)
             phash = plan.hash()
             trial.set_user_attr("plan_hash", phash)
@@ -338,8 +343,6 @@ def _finish(
     evaluator: Evaluator,
     cost_model: CostModel,
     budget: Budget,
-    space: SearchSpace,
-    ctx: SpaceContext,
     profile_id: str,
     study_dir: Path,
     url: str,
@@ -376,7 +379,8 @@ def _finish(
             c.metrics.update(full.get(c.plan.hash(), {}))
     else:
         base = {}
-    base_cost = cost_model.predict(Plan(model=space.plan_from_params({}, ctx).model, provenance=ctx.provenance))
+    base_ref = ModelRef(anatomy.name, anatomy.model_hash, anatomy.architecture, anatomy.num_blocks)
+    base_cost = cost_model.predict(Plan(model=base_ref))
     base_metrics = {**base, "kl": 0.0, "latency_ms": base_cost.latency_ms, "memory_mb": base_cost.memory_mb}
     states = [t.state for t in opt.get_trials(deepcopy=False)]
     counts = {
