@@ -255,6 +255,11 @@ def _run_trials(
             break
         asks += 1
         trial = opt.ask()
+        if isinstance(opt.sampler, optuna.samplers.NSGAIISampler) and (
+            "baseline" in trial.user_attrs or "seed" in trial.user_attrs
+        ):
+            # Optuna leaves fully enqueued trials outside every generation; make the seeds generation 0.
+            opt._storage.set_trial_system_attr(trial._trial_id, "NSGAIISampler:generation", 0)
         try:
             plan = space.suggest(trial, ctx).with_provenance(trial=trial.number)
             plan.validate(anatomy)
