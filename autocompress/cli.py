@@ -52,7 +52,7 @@ def search(
     budget: Annotated[list[str] | None, typer.Option(help="KEY=VALUE, e.g. latency_ms=40 (repeatable)")] = None,
     trials: Annotated[int | None, typer.Option(help="Evaluated trials the study should hold [default: 60]")] = None,
     timeout: Annotated[
-        float | None, typer.Option(help="Stop asking for new trials after this many seconds [default: 540]")
+        float | None, typer.Option(help="Start no new trial after this many seconds from the start [default: 540]")
     ] = None,
     study: Annotated[str | None, typer.Option(help="Study name [default: <space>-<profile>]")] = None,
     storage: Annotated[
@@ -118,6 +118,10 @@ def _print_front(result) -> None:
         f"uncompressed: latency {base['latency_ms']:.3g} ms/token, memory {base['memory_mb']:.4g} MB"
         + (f", ppl {ppl:.4g}" if ppl else "")
     )
+    from autocompress.search.report import agreement_lines
+
+    for line in agreement_lines(result.agreement):
+        console.print(line.replace("**", ""), markup=False, highlight=False)
     c = result.counts
     console.print(
         f"{c.get('evaluated', 0)} evaluated, {c.get('screened_out', 0)} screened out by the cost model, "

@@ -136,7 +136,7 @@ class SearchSpace:
             lv = self.levels_for(group)
             for combo in itertools.product(*(lv[k] for k in lv)):
                 try:
-                    _layer_choice(dict(zip(lv, combo, strict=True)))
+                    layer_choice(dict(zip(lv, combo, strict=True)))
                 except PlanError as exc:
                     raise fail(f"invalid level in linear knobs ({str(exc).split(': ', 1)[-1]})") from None
         for k, vals in self.structure.items():
@@ -198,7 +198,7 @@ class SearchSpace:
         for prefix, group, names in self._units(a):
             lv = self.levels_for(group)
             setting = {k: params.get(prefix + k, v[0]) for k, v in lv.items()}
-            choice = _layer_choice(setting)
+            choice = layer_choice(setting)
             if not choice.is_identity:
                 for n in names:
                     layers[n] = choice
@@ -328,7 +328,7 @@ _NOOP: dict[str, Any] = {
 }
 
 
-def _layer_choice(setting: Mapping[str, Any]) -> LayerChoice:
+def layer_choice(setting: Mapping[str, Any]) -> LayerChoice:
     """Turn knob levels into a LayerChoice (``"2:4"`` as a sparsity level means the 2:4 pattern)."""
     s = dict(setting)
     if s.get("sparsity") == "2:4":

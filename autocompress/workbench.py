@@ -88,11 +88,14 @@ class Workbench:
             **extra,
         )
 
-    def apply(self, plan: Plan) -> nn.Module:
-        """Give a compressed copy of the base model (the base is left untouched)."""
+    def apply(self, plan: Plan, into: nn.Module | None = None) -> nn.Module:
+        """Give a compressed copy of the base model (the base is left untouched), or compress
+        ``into`` in place — a copy of the base model whose touched parts are its own."""
         from autocompress.compress.apply import apply_plan_to
 
         torch.manual_seed(plan.provenance.seed)
+        if into is not None:
+            return apply_plan_to(into, self.lm.anatomy, plan, self.stats, inplace=True)
         return apply_plan_to(self.lm.model, self.lm.anatomy, plan, self.stats)
 
 

@@ -18,12 +18,14 @@ from autocompress._io import atomic_write_text
 from autocompress.calib import DataConfig
 from autocompress.errors import AutocompressError, BudgetError, StudyError
 from autocompress.evaluate import EvaluationError, Evaluator
+from autocompress.evaluate.sensitivity import SensitivityTable, build_sensitivity
 from autocompress.hardware import CostModel, load_profile
 from autocompress.plan import ModelRef, Plan
 from autocompress.search.budget import Budget
 from autocompress.search.pareto import pareto_front
 from autocompress.search.report import describe_plan, write_outputs
 from autocompress.search.result import Candidate, SearchResult
+from autocompress.search.seeding import knapsack_seed_params
 from autocompress.space import SearchSpace, SpaceContext
 from autocompress.workbench import Workbench
 
@@ -162,12 +164,15 @@ def search(
     _precheck_budgets(space_obj, ctx, cost_model, budget, profile.id)
 
     st, url = open_storage(storage, study_dir)
-    # Generation 0 is exactly the enqueued seeds (uniform baselines + mixed-precision seeds), so
-    # NSGA-II's first offspring recombine and mutate sensible plans instead of random ones.
+    table = _sensitivity(wb, space_obj, ctx, progress, say)
+    # Generation 0 is exactly the enqueued seeds (uniform baselines, mixed-precision and knapsack
+    # seeds), so NSGA-II's first offspring recombine and mutate sensible plans, not random ones.
     baselines = space_obj.baseline_params(anatomy)
     most_active = sorted(range(anatomy.num_blocks), key=lambda i: -wb.stats.block_distance[i])
-    mixed = space_obj.mixed_seed_params(anatomy, most_active)
-    population = max(8, len(baselines) + len(mixed))
+    seeds = space_obj.mixed_seed_params(anatomy, most_active)
+    if table is not None:
+        seeds.update(knapsack_seed_params(space_obj, ctx, table, cost_model))
+    population = max(8, len(baselines) + len(seeds))
     try:
         opt = optuna.create_study(
             study_name=study_name,
@@ -188,7 +193,7 @@ def search(
             opt.set_metric_names(["kl_to_base", "latency_ms", "memory_mb"])
         for name, params in baselines.items():
             opt.enqueue_trial(params, user_attrs={"baseline": name})
-        for name, params in mixed.items():  # the blocks that change the hidden state most stay finer
+        for name, params in seeds.items():
             opt.enqueue_trial(params, user_attrs={"seed": name})
     else:
         n = _recover_interrupted(opt)
@@ -199,10 +204,37 @@ def search(
 
     say("scoring the base model on the proxy sequences")
     evaluator = Evaluator(wb.lm.model, wb.data, anatomy.task)
-    _run_trials(opt, space_obj, ctx, wb, evaluator, cost_model, budget, trials, timeout, study_dir, progress)
+    deadline = None if timeout is None else t_start + timeout
+    _run_trials(opt, space_obj, ctx, wb, evaluator, cost_model, budget, trials, deadline, study_dir, progress, table)
     result = _finish(opt, wb, evaluator, cost_model, budget, profile.id, study_dir, url, full_eval, say)
     result.elapsed_s = time.time() - t_start
     return result
+
+
+SENSITIVITY_SHAPE = (2, 128)  # sequences × tokens of the held-out proxy set used for the table
+
+
+def _sensitivity(
+    wb: Workbench, space: SearchSpace, ctx: SpaceContext, progress: Any, say: Callable[[str], None]
+) -> SensitivityTable | None:
+    """Build (or read from the cache) the sensitivity table; None for model-wide spaces."""
+    if space.granularity == "model":
+        return None
+    n, length = SENSITIVITY_SHAPE
+    tokens = wb.data.proxy[:n, :length]
+    task = progress.add_task("sensitivity table", total=None) if progress else None
+
+    def tick(done: int, total: int) -> None:
+        if progress:
+            progress.update(task, completed=done, total=total)
+
+    say(f"sensitivity table: each knob level on each unit alone, KL on {int(tokens.numel())} held-out tokens")
+    from autocompress.model.loading import cache_dir
+
+    table = build_sensitivity(wb.lm.model, lambda m, p: wb.apply(p, into=m), space, ctx, tokens, cache_dir(), tick)
+    if progress:
+        progress.remove_task(task)
+    return table
 
 
 def _precheck_budgets(
@@ -231,9 +263,10 @@ def _run_trials(
     cost_model: CostModel,
     budget: Budget,
     trials: int,
-    timeout: float | None,
+    deadline: float | None,
     study_dir: Path,
     progress: Any,
+    table: SensitivityTable | None,
 ) -> None:
     """Ask/evaluate/tell until the study holds ``trials`` evaluated trials (or time runs out)."""
     anatomy = ctx.anatomy
@@ -242,14 +275,13 @@ def _run_trials(
         if "plan_hash" in t.user_attrs:
             known[t.user_attrs["plan_hash"]] = (t.values[0], t.user_attrs.get("top1_agreement", math.nan))
     done = len(opt.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-    started = time.time()
     asks = 0
     fails_in_a_row = 0
     last_reason = ""
     max_asks = trials * 50 + 200
     task = progress.add_task("search", total=trials, completed=min(done, trials)) if progress else None
     while done < trials:
-        if timeout is not None and time.time() - started > timeout:
+        if deadline is not None and time.time() > deadline:
             break
         if asks >= max_asks:
             break
@@ -266,6 +298,10 @@ def _run_trials(
             cost = cost_model.predict(plan)
             phash = plan.hash()
             trial.set_user_attr("plan_hash", phash)
+            if table is not None:
+                rung0 = table.predict(plan, space, ctx)
+                if math.isfinite(rung0):
+                    trial.set_user_attr("rung0_kl", rung0)
             trial.set_user_attr("cost", cost.to_dict())
             violations = {k: getattr(cost, k) - v for k, v in budget.cost_items().items()}
             for k, v in violations.items():
@@ -387,6 +423,8 @@ def _finish(
     base_ref = ModelRef(anatomy.name, anatomy.model_hash, anatomy.architecture, anatomy.num_blocks)
     base_cost = cost_model.predict(Plan(model=base_ref))
     base_metrics = {**base, "kl": 0.0, "latency_ms": base_cost.latency_ms, "memory_mb": base_cost.memory_mb}
+    agreement = _agreement(opt, [*front, *baselines.values()])
+    opt.set_user_attr("agreement", agreement)
     states = [t.state for t in opt.get_trials(deepcopy=False)]
     counts = {
         "evaluated": states.count(TrialState.COMPLETE),
@@ -402,10 +440,36 @@ def _finish(
         baselines=baselines,
         base_metrics=base_metrics,
         counts=counts,
+        agreement=agreement,
     )
     write_outputs(result, budget, anatomy)
     atomic_write_text(study_dir / "storage.txt", url + "\n")
     return result
+
+
+def _agreement(opt: optuna.Study, with_full: list[Candidate]) -> dict[str, dict[str, float]]:
+    """Give rank agreement between adjacent rungs on the trials that reached both.
+
+    rung0→rung1: the sensitivity table's additive prediction vs the measured KL, on all evaluated
+    trials; rung1→rung2: the measured KL vs perplexity, on the plans that got the full metric.
+    """
+    from scipy.stats import kendalltau, spearmanr
+
+    pairs = {"rung0_vs_rung1": [], "rung1_vs_rung2": []}
+    for t in opt.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if "rung0_kl" in t.user_attrs:
+            pairs["rung0_vs_rung1"].append((t.user_attrs["rung0_kl"], t.values[0]))
+    seen = set()
+    for c in with_full:
+        if "ppl" in c.metrics and c.trial not in seen:
+            seen.add(c.trial)
+            pairs["rung1_vs_rung2"].append((c.metrics["kl"], c.metrics["ppl"]))
+    out = {}
+    for name, xy in pairs.items():
+        if len(xy) >= 3 and len({x for x, _ in xy}) > 1 and len({y for _, y in xy}) > 1:
+            x, y = zip(*xy, strict=True)
+            out[name] = {"n": len(xy), "spearman": float(spearmanr(x, y)[0]), "kendall": float(kendalltau(x, y)[0])}
+    return out
 
 
 def _spread(front: list[Candidate], k: int) -> list[Candidate]:

@@ -82,6 +82,28 @@ def _md_table(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+AGREEMENT_WARN = 0.8
+RUNG_NAMES = {
+    "rung0_vs_rung1": "sensitivity-table prediction vs measured KL",
+    "rung1_vs_rung2": "measured KL vs perplexity",
+}
+
+
+def agreement_lines(agreement: dict[str, dict[str, float]]) -> list[str]:
+    """Give one line per rung pair (Spearman, Kendall, n) and a warning when the proxy misleads."""
+    lines = []
+    for key, label in RUNG_NAMES.items():
+        a = agreement.get(key)
+        if a is None:
+            lines.append(f"- {label}: not enough trials reached both rungs")
+            continue
+        line = f"- {label}: Spearman {a['spearman']:.3f}, Kendall {a['kendall']:.3f} (n = {a['n']})"
+        if a["spearman"] < AGREEMENT_WARN:
+            line += " — **warning: the proxy is misleading this search; raise --proxy-tokens**"
+        lines.append(line)
+    return lines
+
+
 def write_outputs(result: SearchResult, budget: Budget, anatomy: ModelAnatomy) -> None:
     """Write ``pareto.json`` and ``summary.md`` in the study folder (atomically)."""
     d = result.study_dir
@@ -95,6 +117,7 @@ def write_outputs(result: SearchResult, budget: Budget, anatomy: ModelAnatomy) -
         "objectives": ["kl", "latency_ms", "memory_mb"],
         "base": result.base_metrics,
         "counts": result.counts,
+        "agreement": result.agreement,
         "pareto": [c.to_dict() for c in result.pareto],
         "baselines": {k: c.to_dict() for k, c in result.baselines.items()},
     }
@@ -117,6 +140,10 @@ def write_outputs(result: SearchResult, budget: Budget, anatomy: ModelAnatomy) -
         f"## Pareto front ({len(result.pareto)} points)",
         "",
         _md_table(front_rows(result.pareto)),
+        "",
+        "## Proxy agreement",
+        "",
+        *agreement_lines(result.agreement),
         "",
         "## Uniform baselines",
         "",

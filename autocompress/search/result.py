@@ -57,4 +57,5 @@ class SearchResult:
     baselines: dict[str, Candidate]
     base_metrics: dict[str, float]
     counts: dict[str, int] = field(default_factory=dict)
+    agreement: dict[str, dict[str, float]] = field(default_factory=dict)  # rank agreement between rungs
     elapsed_s: float = 0.0

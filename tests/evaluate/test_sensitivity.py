@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from dataclasses import replace
+
+import pytest
+
+from autocompress.calib import DataConfig
+from autocompress.evaluate import Evaluator
+from autocompress.evaluate.sensitivity import SensitivityTable, build_sensitivity, plan_keys, unit_probes
+from autocompress.hardware import CostModel, load_profile
+from autocompress.model import state_dict_hash
+from autocompress.search.seeding import _unit_options, knapsack_seed_params
+from autocompress.space import SearchSpace, SpaceContext
+from autocompress.workbench import Workbench
+
+DATA = DataConfig(seq_len=64, calib_tokens=512, proxy_tokens=128, eval_tokens=256)
+SPACE = {
+    "name": "t",
+    "linear": {"bits": [16, 8, 4], "group_size": [32], "sparsity": [0.0, 0.5]},
+    "structure": {"keep_mlp_ratio": [1.0, 0.5], "drop_blocks": [0, 1]},
+}
+
+
+@pytest.fixture(scope="module")
+def wb(tmp_path_factory):
+    return Workbench.open("tiny-llama", DATA)
+
+
+def _ctx(wb):
+    return SpaceContext(wb.lm.anatomy, wb.stats.drop_order(), wb.provenance())
+
+
+def test_table_entries_equal_single_unit_evaluations(wb, tmp_path):
+    space = SearchSpace.from_dict(SPACE)
+    ctx = _ctx(wb)
+    before = state_dict_hash(wb.lm.model)
+    tokens = wb.data.proxy
+    table = build_sensitivity(wb.lm.model, lambda m, p: wb.apply(p, into=m), space, ctx, tokens, tmp_path)
+    assert state_dict_hash(wb.lm.model) == before  # probing never touches the base model
+    probes = dict(unit_probes(space, ctx))
+    assert set(table.entries) == set(probes)
+    assert len(probes) == 8 * 3 + 4 * 2  # 8 units × (w8, w4, s50) + 4 blocks × (mlp width, drop)
+    ev = Evaluator(wb.lm.model, wb.data, "causal-lm")
+    for key in random.Random(0).sample(sorted(probes), 6):  # the shared-tensor copy gives the same KL as a full copy
+        assert table.entries[key] == pytest.approx(ev.proxy(wb.apply(probes[key])).kl, rel=1e-5, abs=1e-8)
+        assert plan_keys(probes[key], space, ctx) == [key]
+    assert table.predict(replace(probes[next(iter(probes))], layers={}), space, ctx) == 0.0
+
+
+def test_table_is_read_from_the_cache(wb, tmp_path, monkeypatch):
+    space = SearchSpace.from_dict(SPACE)
+    ctx = _ctx(wb)
+    first = build_sensitivity(wb.lm.model, lambda m, p: wb.apply(p, into=m), space, ctx, wb.data.proxy, tmp_path)
+
+    def boom(*_a, **_k):
+        raise AssertionError("recomputed")
+
+    monkeypatch.setattr("autocompress.evaluate.sensitivity.kl_to_base", boom)
+    again = build_sensitivity(wb.lm.model, lambda m, p: wb.apply(p, into=m), space, ctx, wb.data.proxy, tmp_path)
+    assert again.entries == first.entries
+
+
+def test_knapsack_matches_brute_force(wb):
+    space = SearchSpace.from_dict({"name": "k", "linear": {"bits": [16, 8, 4], "group_size": [32]}})
+    ctx = _ctx(wb)
+    rng = random.Random(1)
+    probes = dict(unit_probes(space, ctx))
+    table = SensitivityTable(entries={k: rng.uniform(0, 1) for k in probes}, tokens=0)
+    cm = CostModel(load_profile("jetson"), wb.lm.anatomy)
+    bins = 400
+    seeds = knapsack_seed_params(space, ctx, table, cm, targets=(0.5,), bins=bins)
+    (params,) = seeds.values()
+    units = _unit_options(space, ctx, table, cm)
+    top = sum(max(o[2] for o in opts) for opts in units)
+    q = top / bins
+    best = math.inf
+    for combo in itertools.product(*units):  # 3^8 assignments
+        if sum(int(o[2] / q) for o in combo) >= math.ceil(0.5 * bins):
+            best = min(best, sum(o[1] for o in combo))
+    plan = space.plan_from_params(params, ctx)
+    assert table.predict(plan, space, ctx) == pytest.approx(best)
+    base = cm.predict(space.plan_from_params({}, ctx)).latency_ms
+    assert base - cm.predict(plan).latency_ms >= 0.5 * top - len(units) * q
