@@ -211,7 +211,7 @@ def search(
     return result
 
 
-SENSITIVITY_SHAPE = (2, 128)  # sequences × tokens of the held-out proxy set used for the table
+SENSITIVITY_SHAPE = (1, 128)  # sequences × tokens of the held-out proxy set used for the table
 
 
 def _sensitivity(
