@@ -103,8 +103,8 @@ def _recover_interrupted(study: optuna.Study) -> int:
     """Fail trials left RUNNING by a killed run and queue their parameters again."""
     n = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         study._storage.set_trial_user_attr(t._trial_id, "fail_reason", "interrupted (run was killed)")
+        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         study.enqueue_trial(t.params, user_attrs={k: v for k, v in t.user_attrs.items() if k in ("baseline", "seed")})
         n += 1
     return n
