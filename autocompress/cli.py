@@ -131,6 +131,22 @@ def _print_front(result) -> None:
 
 
 @app.command()
+def retarget(
+    study: Annotated[str, typer.Option(help="Name of a finished study")],
+    hw: Annotated[str, typer.Option(help="Hardware profile to price its plans on")],
+    out: Annotated[Path, typer.Option(help="Folder that holds study folders")] = Path("studies"),
+    storage: Annotated[str | None, typer.Option(help="Optuna storage URL or journal .log path")] = None,
+    budget: Annotated[list[str] | None, typer.Option(help="KEY=VALUE budgets on the new target (repeatable)")] = None,
+) -> None:
+    """Price every evaluated plan of a study on another device and print that front (no re-evaluation)."""
+    from autocompress.search import Budget
+    from autocompress.search.retarget import retarget as run_retarget
+
+    result = run_retarget(study, hw, out=out, storage=storage, budgets=Budget.parse(budget or []))
+    _print_front(result)
+
+
+@app.command()
 def apply(
     plan: Annotated[Path, typer.Argument(help="plan.yaml from a study")],
     out: Annotated[Path, typer.Option(help="Folder to write the compressed HF model into")],
@@ -233,6 +249,29 @@ def hw_show(name: Annotated[str, typer.Argument(help="Profile id, alias or YAML 
 
     p = load_profile(name)
     console.print(yaml.safe_dump(p.model_dump(mode="json"), sort_keys=False), markup=False, highlight=False)
+
+
+@hw_app.command("calibrate")
+def hw_calibrate(
+    out: Annotated[Path, typer.Option(help="Profile to write, e.g. hw_profiles/local.yaml (machine-specific)")],
+    threads: Annotated[int, typer.Option(help="Threads for every measurement (fixed)")] = 1,
+    repeats: Annotated[int, typer.Option(help="Timed repeats per micro-benchmark (median kept)")] = 9,
+) -> None:
+    """Measure this machine with onnxruntime CPU micro-benchmarks and write a calibrated profile."""
+    from autocompress.hardware.calibrate import calibrate_local, write_profile
+
+    if threads < 1 or repeats < 1:
+        raise AutocompressError("--threads and --repeats must be positive")
+    profile, raw = calibrate_local(threads=threads, repeats=repeats, log=_log)
+    p = write_profile(profile, raw, out)
+    c = p.calibration
+    console.print(f"wrote {out} (id {p.id}, aliases {', '.join(p.aliases)}) and {c.measurements} in {c.seconds:.0f} s")
+    console.print(
+        f"bandwidth {p.peak_bw_GBps:.1f} GB/s x eff {dict(p.bw_efficiency_by_format)}; "
+        f"per-linear overhead us {dict(p.linear_overhead_us_by_format)}; "
+        f"kernels/block {p.kernels_per_block}, {p.per_kernel_overhead_us:.2f} us each; "
+        f"fit error {c.fit_mape:.1%} on {c.samples} timings"
+    )
 
 
 @app.command()

@@ -119,6 +119,19 @@ def test_search_apply_resume(capsys, tmp_path):
     )
     assert code == 2 and "different profile" in err
 
+    # re-targeting prices the same plans on another device without evaluating anything
+    n_trials = len(optuna.load_study(study_name="t", storage=storage).trials)
+    code, out, err = run(["retarget", "--out", str(studies), "--study", "t", "--hw", "rpi"], capsys)
+    assert code == 0, err
+    assert len(optuna.load_study(study_name="t", storage=storage).trials) == n_trials
+    rp = json.loads((sdir / "retarget-raspberry-pi-5" / "pareto.json").read_text())
+    assert rp["profile"] == "raspberry-pi-5" and rp["pareto"]
+    jet = {c["trial"]: c for c in json.loads((sdir / "pareto.json").read_text())["pareto"]}
+    for c in rp["pareto"]:
+        if c["trial"] in jet:
+            assert c["metrics"]["kl"] == jet[c["trial"]]["metrics"]["kl"]
+            assert c["cost"]["latency_ms"] != jet[c["trial"]]["cost"]["latency_ms"]  # priced anew, on the Pi
+
 
 def test_apply_errors(capsys, tmp_path):
     bad = tmp_path / "bad.yaml"

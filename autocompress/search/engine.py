@@ -81,6 +81,7 @@ def _settings(
         "budgets": budget.to_dict(),
         "seed": seed,
         "scenario": cost_scenario,
+        "anatomy": wb.lm.anatomy.to_dict(),
     }
 
 
@@ -372,6 +373,18 @@ def candidates_of(opt: optuna.Study, study_dir: Path, anatomy: Any) -> list[Cand
     return out
 
 
+def front_and_baselines(cands: list[Candidate], budget: Budget) -> tuple[list[Candidate], dict[str, Candidate]]:
+    """Give the feasible Pareto front (sorted by latency) and the baselines by name."""
+    feasible = [c for c in cands if _feasible(c, budget)]
+    front = [feasible[i] for i in pareto_front([c.objectives for c in feasible])]
+    front.sort(key=lambda c: (c.cost["latency_ms"], c.metrics["kl"]))
+    baselines: dict[str, Candidate] = {}
+    for c in sorted(cands, key=lambda c: c.trial):
+        if c.baseline and c.baseline not in baselines:
+            baselines[c.baseline] = c
+    return front, baselines
+
+
 def _feasible(c: Candidate, budget: Budget) -> bool:
     if any(c.cost[k] > v for k, v in budget.cost_items().items()):
         return False
@@ -392,14 +405,7 @@ def _finish(
 ) -> SearchResult:
     """Run the full metric on the front and the baselines, then write pareto.json and summary.md."""
     anatomy = wb.lm.anatomy
-    cands = candidates_of(opt, study_dir, anatomy)
-    feasible = [c for c in cands if _feasible(c, budget)]
-    front = [feasible[i] for i in pareto_front([c.objectives for c in feasible])]
-    front.sort(key=lambda c: (c.cost["latency_ms"], c.metrics["kl"]))
-    baselines: dict[str, Candidate] = {}
-    for c in sorted(cands, key=lambda c: c.trial):
-        if c.baseline and c.baseline not in baselines:
-            baselines[c.baseline] = c
+    front, baselines = front_and_baselines(candidates_of(opt, study_dir, anatomy), budget)
     if anatomy.task == "causal-lm" and full_eval > 0:
         chosen = _spread(front, full_eval)
         todo = {c.plan.hash(): c for c in [*chosen, *baselines.values()]}
