@@ -70,6 +70,7 @@ def search(
     eval_tokens: Annotated[int, typer.Option(help="Held-out tokens for perplexity")] = 4096,
     seq_len: Annotated[int, typer.Option(help="Sequence length")] = 256,
     full_eval: Annotated[int, typer.Option(help="Front points that get the full metric (perplexity)")] = 8,
+    jobs: Annotated[int, typer.Option(help="Worker processes on this machine sharing the study")] = 1,
 ) -> None:
     """Search for Pareto-optimal compressed variants and print the front."""
     from autocompress.search import Budget
@@ -97,6 +98,7 @@ def search(
             data=cfg,
             sampler=sampler,
             full_eval=full_eval,
+            jobs=jobs,
             log=_log,
             progress=progress,
         )
@@ -128,6 +130,24 @@ def _print_front(result) -> None:
         f"{c.get('failed', 0)} failed · {result.elapsed_s:.0f} s · outputs in {result.study_dir}/ "
         "(summary.md, pareto.json, plans/)"
     )
+
+
+@app.command()
+def worker(
+    study: Annotated[str, typer.Option(help="Name of the study to join")],
+    storage: Annotated[str, typer.Option(help="The study's Optuna storage URL or journal .log path")],
+    out: Annotated[Path, typer.Option(help="Folder that holds study folders (plans are written there)")] = Path(
+        "studies"
+    ),
+    trials: Annotated[int | None, typer.Option(help="Stop when the study holds this many evaluated trials")] = None,
+    deadline: Annotated[float | None, typer.Option(help="Unix time after which no new trial starts")] = None,
+    index: Annotated[int, typer.Option(help="Worker number (varies the sampler seed)")] = 0,
+) -> None:
+    """Join a running study and evaluate trials (from this or another machine)."""
+    from autocompress.search.worker import run_worker
+
+    n = run_worker(study, storage, out=out, trials=trials, deadline=deadline, index=index, log=_log)
+    console.print(f"worker {index}: {n} trials evaluated")
 
 
 @app.command()
@@ -262,6 +282,8 @@ def hw_calibrate(
 
     if threads < 1 or repeats < 1:
         raise AutocompressError("--threads and --repeats must be positive")
+    if out.suffix not in (".yaml", ".yml"):
+        raise AutocompressError(f"--out must be a .yaml path (e.g. hw_profiles/local.yaml), got {out}")
     profile, raw = calibrate_local(threads=threads, repeats=repeats, log=_log)
     p = write_profile(profile, raw, out)
     c = p.calibration

@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
+import torch
 from optuna.trial import TrialState
 
 from autocompress._io import atomic_write_text
@@ -90,7 +95,7 @@ def _check_resume(study: optuna.Study, settings: dict) -> bool:
     stored = study.user_attrs.get("settings")
     if stored is None:
         return True
-    for key in ("model_hash", "data_hash", "space_def", "profile", "budgets", "seed", "scenario"):
+    for key in ("model_hash", "data_hash", "space_def", "profile", "budgets", "seed", "scenario"):  # not "run"
         if stored.get(key) != settings[key]:
             what = {"space_def": "search space", "model_hash": "model", "data_hash": "data"}.get(key, key)
             raise StudyError(
@@ -127,6 +132,7 @@ def search(
     full_eval: int = 8,
     prompt_tokens: int = 128,
     context_tokens: int = 1024,
+    jobs: int = 1,
     log: Callable[[str], None] | None = None,
     progress: Any = None,
 ) -> SearchResult:
@@ -135,7 +141,9 @@ def search(
     Objectives (all minimised): KL to the base model, predicted decode latency per token,
     predicted memory. Budgets are hard constraints; a plan whose predicted cost breaks one is
     recorded as screened out and never evaluated. Running the same study again resumes it
-    until it holds ``trials`` evaluated trials.
+    until it holds ``trials`` evaluated trials. ``jobs`` > 1 starts that many worker processes
+    in all on the same study (Optuna's own distributed model; other machines can join with
+    ``autocompress worker``).
     """
     t_start = time.time()
     say = log or (lambda _m: None)
@@ -145,6 +153,10 @@ def search(
         raise StudyError(f"--trials must be at least 1, got {trials}")
     if sampler not in SAMPLERS:
         raise StudyError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
+    if jobs < 1:
+        raise StudyError(f"--jobs must be at least 1, got {jobs}")
+    if jobs > 1 and storage is not None and storage.startswith("sqlite:///:memory:"):
+        raise StudyError("--jobs needs a storage that several processes can share (not an in-memory database)")
     profile = load_profile(hw)  # fail fast on a bad profile, before loading anything heavy
     space_obj = SearchSpace.load(space)
     study_name = study or f"{space_obj.name}-{profile.id}"
@@ -186,6 +198,14 @@ def search(
         raise StudyError(f"cannot create study {study_name!r} in {url}: {str(exc).splitlines()[0][:160]}") from None
     scenario = {"prompt_tokens": prompt_tokens, "context_tokens": context_tokens}
     settings = _settings(space_obj, wb, profile.id, budget, seed, scenario)
+    settings["run"] = {  # what a worker needs to rebuild this process's state (not compared on resume)
+        "model": str(model) if model is not None else "default",
+        "data": asdict(wb.data_config),
+        "space": str(space),
+        "sampler": sampler,
+        "population": population,
+        "trials": trials,
+    }
     is_new = _check_resume(opt, settings)
     if is_new:
         opt.set_user_attr("settings", settings)
@@ -206,10 +226,49 @@ def search(
     say("scoring the base model on the proxy sequences")
     evaluator = Evaluator(wb.lm.model, wb.data, anatomy.task)
     deadline = None if timeout is None else t_start + timeout
-    _run_trials(opt, space_obj, ctx, wb, evaluator, cost_model, budget, trials, deadline, study_dir, progress, table)
+    runner = TrialRunner(opt, space_obj, ctx, wb, evaluator, cost_model, budget, study_dir, table)
+    workers = _spawn_workers(jobs - 1, study_name, url, Path(out), trials, deadline, say)
+    try:
+        runner.run(trials, deadline, progress)
+    finally:
+        for w in workers:
+            w.wait()
     result = _finish(opt, wb, evaluator, cost_model, budget, profile.id, study_dir, url, full_eval, say)
     result.elapsed_s = time.time() - t_start
     return result
+
+
+def _spawn_workers(
+    n: int, study: str, url: str, out: Path, trials: int, deadline: float | None, say: Callable[[str], None]
+) -> list[subprocess.Popen]:
+    """Start ``n`` ``autocompress worker`` processes on the study; threads are split between processes."""
+    if n <= 0:
+        return []
+    threads = max(1, (os.cpu_count() or 1) // (n + 1))
+    torch.set_num_threads(threads)
+    env = {**os.environ, "AUTOCOMPRESS_THREADS": str(threads)}
+    say(f"starting {n} worker process(es) on the study, {threads} thread(s) each")
+    procs = []
+    for i in range(1, n + 1):
+        cmd = [
+            sys.executable,
+            "-m",
+            "autocompress.cli",
+            "worker",
+            "--study",
+            study,
+            "--storage",
+            url,
+            "--out",
+            str(out),
+        ]
+        cmd += ["--trials", str(trials), "--index", str(i)]
+        if deadline is not None:
+            cmd += ["--deadline", f"{deadline:.3f}"]
+        log_path = out / study / f"worker-{i}.log"
+        with open(log_path, "w") as fh:  # the child keeps its own handle
+            procs.append(subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT))
+    return procs
 
 
 SENSITIVITY_SHAPE = (1, 128)  # sequences × tokens of the held-out proxy set used for the table
@@ -255,6 +314,28 @@ def _precheck_budgets(
             )
 
 
+@dataclass
+class TrialRunner:
+    """Everything one process needs to evaluate trials of a study (the main search or a worker)."""
+
+    opt: optuna.Study
+    space: SearchSpace
+    ctx: SpaceContext
+    wb: Workbench
+    evaluator: Evaluator
+    cost_model: CostModel
+    budget: Budget
+    study_dir: Path
+    table: SensitivityTable | None
+
+    def run(self, trials: int, deadline: float | None, progress: Any = None) -> int:
+        opt, space, ctx, wb, evaluator = self.opt, self.space, self.ctx, self.wb, self.evaluator
+        cost_model, budget, study_dir, table = self.cost_model, self.budget, self.study_dir, self.table
+        return _run_trials(
+            opt, space, ctx, wb, evaluator, cost_model, budget, trials, deadline, study_dir, progress, table
+        )
+
+
 def _run_trials(
     opt: optuna.Study,
     space: SearchSpace,
@@ -268,20 +349,26 @@ def _run_trials(
     study_dir: Path,
     progress: Any,
     table: SensitivityTable | None,
-) -> None:
+) -> int:
     """Ask/evaluate/tell until the study holds ``trials`` evaluated trials (or time runs out)."""
     anatomy = ctx.anatomy
     known: dict[str, tuple[float, float]] = {}
     for t in opt.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         if "plan_hash" in t.user_attrs:
             known[t.user_attrs["plan_hash"]] = (t.values[0], t.user_attrs.get("top1_agreement", math.nan))
-    done = len(opt.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+    def n_done() -> int:
+        return len(opt.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+    mine = 0
     asks = 0
     fails_in_a_row = 0
     last_reason = ""
     max_asks = trials * 50 + 200
-    task = progress.add_task("search", total=trials, completed=min(done, trials)) if progress else None
-    while done < trials:
+    task = progress.add_task("search", total=trials, completed=min(n_done(), trials)) if progress else None
+    while (done := n_done()) < trials:
+        if progress:
+            progress.update(task, completed=done)
         if deadline is not None and time.time() > deadline:
             break
         if asks >= max_asks:
@@ -299,6 +386,7 @@ def _run_trials(
             cost = cost_model.predict(plan)
             phash = plan.hash()
             trial.set_user_attr("plan_hash", phash)
+            trial.set_user_attr("pid", os.getpid())
             if table is not None:
                 rung0 = table.predict(plan, space, ctx)
                 if math.isfinite(rung0):
@@ -328,10 +416,10 @@ def _run_trials(
                 trial.set_constraint("quality_loss", kl - budget.quality_loss)
             plan.save(study_dir / "plans" / f"{trial.number}.yaml")
             opt.tell(trial, [kl, cost.latency_ms, cost.memory_mb])
-            done += 1
+            mine += 1
             fails_in_a_row = 0
             if progress:
-                progress.update(task, completed=min(done, trials), description=f"search (last KL {kl:.3f})")
+                progress.update(task, completed=min(n_done(), trials), description=f"search (last KL {kl:.3f})")
         except KeyboardInterrupt:
             trial.set_user_attr("fail_reason", "interrupted by the user")
             opt.tell(trial, state=TrialState.FAIL)
@@ -345,6 +433,7 @@ def _run_trials(
             fails_in_a_row += 1
             if fails_in_a_row >= MAX_FAILS_IN_A_ROW:
                 raise StudyError(f"{fails_in_a_row} trials in a row failed; the last with: {last_reason}") from None
+    return mine
 
 
 def candidates_of(opt: optuna.Study, study_dir: Path, anatomy: Any) -> list[Candidate]:

@@ -67,3 +67,19 @@ def test_journal_file_storage(tmp_path):
 
     study = _load(JournalStorage(JournalFileBackend(journal)))
     assert len([t for t in study.trials if t.state == TrialState.COMPLETE]) == 6
+
+
+def test_two_workers_share_one_study(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'k' / 'study.db'}"
+    cmd = [*_cmd(tmp_path, 60), "--jobs", "2"]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    trials = _load(storage).trials
+    numbers = [t.number for t in trials]
+    assert len(numbers) == len(set(numbers))
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert 60 <= len(complete) <= 61  # the second worker may finish one trial past the target
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    assert len({t.user_attrs["pid"] for t in complete}) == 2  # both processes evaluated trials
+    assert (tmp_path / "k" / "pareto.json").is_file()
+    for t in complete:
+        assert (tmp_path / "k" / "plans" / f"{t.number}.yaml").is_file()

@@ -1,0 +1,64 @@
+"""A worker: joins an existing study (from this or another machine) and evaluates trials.
+
+Everything it needs is in the study itself (model, data settings, space, profile, budgets, seed);
+it checks that its model and data hash as the study's did, so a worker on a machine with other
+weights or text refuses to join instead of polluting the front.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from autocompress.calib import DataConfig
+from autocompress.errors import StudyError
+from autocompress.evaluate import Evaluator
+from autocompress.hardware import CostModel, load_profile
+from autocompress.search.budget import Budget
+from autocompress.search.engine import TrialRunner, _sensitivity, make_sampler, open_storage
+from autocompress.space import SearchSpace, SpaceContext
+from autocompress.workbench import Workbench
+
+
+def run_worker(
+    study: str,
+    storage: str,
+    out: str | Path = "studies",
+    trials: int | None = None,
+    deadline: float | None = None,
+    index: int = 0,
+    log: Any = None,
+    progress: Any = None,
+) -> int:
+    """Evaluate trials of ``study`` until it holds ``trials`` (default: the study's target); give how many this worker did."""
+    say = log or (lambda _m: None)
+    st, url = open_storage(storage, Path(out) / study)
+    try:
+        settings = optuna.load_study(study_name=study, storage=st).user_attrs.get("settings")
+    except KeyError:
+        raise StudyError(f"study {study!r} not found in {url}") from None
+    if not settings or "run" not in settings:
+        raise StudyError(f"study {study!r} was not created by `autocompress search`; nothing to join")
+    run = settings["run"]
+    space = SearchSpace.load(run["space"])
+    wb = Workbench.open(run["model"], DataConfig(**run["data"]), log=say)
+    if wb.lm.anatomy.model_hash != settings["model_hash"] or wb.data.data_hash != settings["data_hash"]:
+        raise StudyError(f"this machine's model or data differ from study {study!r}'s; refusing to join")
+    opt = optuna.load_study(
+        study_name=study,
+        storage=st,
+        sampler=make_sampler(run["sampler"], settings["seed"] + 7919 * index, run["population"]),
+    )
+    profile = load_profile(settings["profile"])
+    anatomy = wb.lm.anatomy
+    cost_model = CostModel(profile, anatomy, **settings["scenario"])
+    prov = wb.provenance(seed=settings["seed"], profile=profile.id, space=space.name, study=study)
+    ctx = SpaceContext(anatomy=anatomy, drop_order=wb.stats.drop_order(), provenance=prov)
+    table = _sensitivity(wb, space, ctx, None, say)
+    evaluator = Evaluator(wb.lm.model, wb.data, anatomy.task)
+    budget = Budget(**settings["budgets"])
+    runner = TrialRunner(opt, space, ctx, wb, evaluator, cost_model, budget, Path(out) / study, table)
+    target = trials if trials is not None else int(run.get("trials", 0)) or 10**9
+    return runner.run(target, deadline, progress)
