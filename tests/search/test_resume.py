@@ -83,3 +83,14 @@ def test_two_workers_share_one_study(tmp_path):
     assert (tmp_path / "k" / "pareto.json").is_file()
     for t in complete:
         assert (tmp_path / "k" / "plans" / f"{t.number}.yaml").is_file()
+
+
+def test_two_workers_on_postgresql(tmp_path, postgres_url):
+    cmd = [*_cmd(tmp_path, 40, postgres_url), "--jobs", "2"]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    trials = _load(postgres_url).trials
+    numbers = [t.number for t in trials]
+    assert len(numbers) == len(set(numbers))
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert 40 <= len(complete) <= 41
+    assert len({t.user_attrs["pid"] for t in complete}) == 2
