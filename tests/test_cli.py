@@ -175,3 +175,23 @@ def test_export_says_when_plain_transformers_can_load_it(tmp_path):
         if ok:  # plain transformers rebuilds exactly our model
             plain = AutoModelForCausalLM.from_pretrained(out)
             torch.testing.assert_close(plain(ids).logits, model(ids).logits)
+
+
+def test_evaluate_base_and_plan(capsys, tmp_path):
+    from autocompress.model import load_model
+    from autocompress.plan import LayerChoice
+    from autocompress.workbench import Workbench
+    from tests.conftest import TINY_DATA, plan_for
+
+    code, out, err = run(["evaluate", "--model", "tiny-llama", "--hw", "jetson", "--eval-tokens", "256"], capsys)
+    assert code == 0, err
+    assert "KL to base" in out and "perplexity" in out and "latency_ms on jetson" in out
+    wb = Workbench.open("tiny-llama", TINY_DATA)
+    plan = plan_for(
+        load_model("tiny-llama").anatomy, default=LayerChoice(bits=3, group_size=32), provenance=wb.provenance()
+    )
+    f = plan.save(tmp_path / "p.yaml")
+    code, out, err = run(["evaluate", str(f)], capsys)
+    assert code == 0, err
+    kl = float(re.search(r"KL to base \(nats/token\)\s*│\s*([0-9.e+-]+)", out).group(1))
+    assert kl > 0
