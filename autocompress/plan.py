@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 SCHEMA_VERSION = 1
 SPARSITY_PATTERNS = ("unstructured", "2:4")
 PRUNE_METHODS = ("wanda", "magnitude")
+QUANT_METHODS = ("rtn", "gptq")
+LOWRANK_METHODS = ("svd", "asvd", "svd-llm")
+ACT_BITS = (8, 16)
 
 
 def _require(cond: bool, where: str, msg: str) -> None:
@@ -51,6 +54,11 @@ class LayerChoice:
     ``rank_ratio`` is the kept rank as a
     fraction of the break-even rank r* = m·n/(m+n), so every value in (0, 1] stores fewer
     numbers than the dense layer; the rank is rounded to a multiple of 8.
+    ``quant_method`` rtn (round to nearest) or gptq (error-compensated from the calibration Hessian);
+    ``lowrank_method`` svd, asvd (activation-scaled) or svd-llm (Hessian-whitened);
+    ``act_bits`` 8 fake-quantizes the layer's input per token (W8A8), 16 leaves it alone.
+    Fields added later default to the earlier behaviour and are left out of the YAML (and the
+    hash) when at their default, so older plans keep their hash.
     """
 
     bits: int = 16
@@ -60,6 +68,9 @@ class LayerChoice:
     sparsity_pattern: str = "unstructured"
     prune_method: str = "wanda"
     rank_ratio: float | None = None
+    quant_method: str = "rtn"
+    lowrank_method: str = "svd"
+    act_bits: int = 16
 
     def __post_init__(self) -> None:
         where = "layer choice"
@@ -94,6 +105,17 @@ class LayerChoice:
             where,
             f"rank_ratio must be in (0, 1] or null, got {self.rank_ratio!r}",
         )
+        for name, allowed in (
+            ("quant_method", QUANT_METHODS),
+            ("lowrank_method", LOWRANK_METHODS),
+            ("act_bits", ACT_BITS),
+        ):
+            value = getattr(self, name)
+            _require(
+                type(value) is type(allowed[0]) and value in allowed,
+                where,
+                f"{name} must be one of {list(allowed)}, got {value!r}",
+            )
 
     @property
     def quantized(self) -> bool:
@@ -106,14 +128,22 @@ class LayerChoice:
     @property
     def is_identity(self) -> bool:
         """True when the choice changes nothing (fields such as group_size then do not matter)."""
-        return not self.quantized and not self.pruned and self.rank_ratio is None
+        return not self.quantized and not self.pruned and self.rank_ratio is None and self.act_bits == 16
 
     def rank_for(self, out_features: int, in_features: int) -> int | None:
-        """Give the kept rank for an out×in layer (a multiple of 8, at least 8), or None."""
+        """Give the kept rank for an out×in layer (a multiple of 8, at least 8, never above r*), or None."""
         if self.rank_ratio is None:
             return None
         r_star = out_features * in_features / (out_features + in_features)
-        return max(8, round(self.rank_ratio * r_star / 8.0) * 8)
+        rank = max(8, round(self.rank_ratio * r_star / 8.0) * 8)
+        if rank > r_star:  # rounding up past break-even: take the multiple of 8 below it
+            rank = int(r_star // 8) * 8
+        if rank < 8:
+            raise PlanError(
+                f"rank_ratio: a {out_features}×{in_features} layer has break-even rank {r_star:.1f} < 8; "
+                "no multiple-of-8 rank pays off, leave it dense"
+            )
+        return rank
 
     def to_dict(self) -> dict[str, Any]:
         """Give only the fields that differ from the defaults (keeps plan files short)."""

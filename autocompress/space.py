@@ -16,7 +16,9 @@ from autocompress.errors import PlanError, SpaceError
 from autocompress.model.anatomy import ModelAnatomy
 from autocompress.plan import BlockChoice, LayerChoice, ModelRef, Plan, Provenance
 
-LINEAR_KNOBS = ("bits", "group_size", "symmetric", "sparsity", "prune_method", "rank_ratio")
+LINEAR_KNOBS = (
+    "bits", "group_size", "symmetric", "quant_method", "act_bits", "sparsity", "prune_method", "rank_ratio", "lowrank_method",
+)  # fmt: skip
 STRUCTURE_KNOBS = ("keep_heads_ratio", "keep_mlp_ratio", "drop_blocks")
 GRANULARITIES = ("model", "block", "linear")
 GROUPS = ("attn", "mlp")
@@ -320,6 +322,7 @@ class SearchSpace:
 
 _NOOP: dict[str, Any] = {
     "bits": 16,
+    "act_bits": 16,
     "sparsity": 0.0,
     "rank_ratio": None,
     "keep_heads_ratio": 1.0,

@@ -91,12 +91,15 @@ class Workbench:
     def apply(self, plan: Plan, into: nn.Module | None = None) -> nn.Module:
         """Give a compressed copy of the base model (the base is left untouched), or compress
         ``into`` in place — a copy of the base model whose touched parts are its own."""
-        from autocompress.compress.apply import apply_plan_to
+        from autocompress.compress.apply import apply_plan_to, needs_hessians
+        from autocompress.compress.hessian import calibration_hessians
 
         torch.manual_seed(plan.provenance.seed)
+        # GPTQ / SVD-LLM need X^T X of the calibration data: collected once, then cached on disk.
+        hessians = calibration_hessians(self.lm.model, self.lm.anatomy, self.data) if needs_hessians(plan) else None
         if into is not None:
-            return apply_plan_to(into, self.lm.anatomy, plan, self.stats, inplace=True)
-        return apply_plan_to(self.lm.model, self.lm.anatomy, plan, self.stats)
+            return apply_plan_to(into, self.lm.anatomy, plan, self.stats, hessians=hessians, inplace=True)
+        return apply_plan_to(self.lm.model, self.lm.anatomy, plan, self.stats, hessians=hessians)
 
 
 def _data_config_from(plan: Plan) -> DataConfig:

@@ -1,7 +1,8 @@
 """Compression techniques, each a pure function on one weight / linear / block, and ``apply_plan_to``.
 
 Order inside ``apply_plan_to``: structure (heads, MLP channels, then dropped blocks) → low-rank →
-prune → quantize.
+prune → quantize
+(RTN or GPTQ) → activation fake-quant hooks. GPTQ and SVD-LLM read calibration Hessians (``hessian.py``).
 """
 
 from autocompress.compress.apply import (
@@ -10,15 +11,22 @@ from autocompress.compress.apply import (
     cache_info,
     clear_cache,
     compress_weight,
+    decompose,
+    needs_hessians,
     set_cache_limit,
+    set_disk_cache,
 )
+from autocompress.compress.gptq import gptq_quantize
+from autocompress.compress.hessian import Hessians, calibration_hessians, collect_hessians, find_hessians
 from autocompress.compress.lowrank import (
     SVD,
+    asvd_of,
     factorized_linear,
     factorized_module,
     factors_from_svd,
     svd_factorize,
     svd_of,
+    whitened_svd_of,
 )
 from autocompress.compress.prune import (
     head_scores,
@@ -35,28 +43,38 @@ from autocompress.compress.structure import dense_weight, drop_blocks, shrink_he
 __all__ = [
     "SVD",
     "CacheInfo",
+    "Hessians",
     "apply_plan_to",
+    "asvd_of",
     "cache_info",
+    "calibration_hessians",
     "clear_cache",
+    "collect_hessians",
     "compress_weight",
+    "decompose",
     "dense_weight",
     "drop_blocks",
     "factorized_linear",
     "factorized_module",
     "factors_from_svd",
+    "find_hessians",
+    "gptq_quantize",
     "head_scores",
     "input_channel_scores",
     "kv_group_scores",
     "mlp_channel_scores",
+    "needs_hessians",
     "prune_mask",
     "prune_scores",
     "rtn_quantize",
     "rtn_scales",
     "set_cache_limit",
+    "set_disk_cache",
     "shrink_heads",
     "shrink_mlp",
     "slice_linear",
     "svd_factorize",
     "svd_of",
     "top_indices",
+    "whitened_svd_of",
 ]

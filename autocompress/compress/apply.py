@@ -8,29 +8,47 @@ Order (each step sees the result of the previous one):
    original names; dropped blocks are never touched);
 3. low-rank: a layer with ``rank_ratio`` becomes ``nn.Sequential(Linear(in, r), Linear(r, out))``,
    r = ``choice.rank_for(out, in)`` of its shape after step 1 (capped at min(out, in));
+   The factors come from plain SVD, ASVD (input norms) or SVD-LLM (Hessian whitening);
 4. prune: a keep-mask on the weight, or on both factors of a low-rank layer. Wanda on the first
    factor uses the layer's input norms; on the second factor it uses the norms of the first
    factor's outputs estimated from the diagonal statistics, Σ_j A_kj² · input_sq_norm_j (exact if
-   input channels were uncorrelated; the full covariance is not collected);
-5. quantize: RTN on the (pruned) weight, or on both factors.
+   input channels were uncorrelated);
+5. quantize: RTN or GPTQ on the (pruned) weight, keeping the mask (pruned weights stay exactly 0),
+   or on both factors: the first factor with the layer's Hessian H, the second with the Hessian of
+   its inputs A·x, which is A·H·Aᵀ (A already pruned and quantized);
+6. activation fake-quant (``act_bits`` 8): a forward pre-hook rounds the layer's input per token
+   to a symmetric int8 grid (the module's weights and names are unchanged).
+
+GPTQ and SVD-LLM need the calibration Hessians (``hessian.py``): passed as ``hessians=``, or found
+by (model hash, ``plan.provenance.data_hash``) among those collected before in this process or
+on disk.
 
 Input norms of layers whose inputs shrank in step 1 (o-proj, down/fc2) are indexed by the kept
 channels. Compressed per-linear results (and full SVDs, so any rank reuses them) are kept in a
 module-level LRU cache bounded by bytes: re-applying a choice already seen costs a copy.
+With ``set_disk_cache(folder)`` (or the environment variable ``AUTOCOMPRESS_VARIANT_CACHE``)
+compressed results are also kept on disk as safetensors, so another process (a search worker,
+a resumed study) starts warm.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import os
+import tempfile
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from autocompress.compress.lowrank import SVD, factorized_module, factors_from_svd, svd_of
+from autocompress.compress import gptq
+from autocompress.compress.hessian import Hessians, find_hessians
+from autocompress.compress.lowrank import SVD, asvd_of, factorized_module, factors_from_svd, svd_of, whitened_svd_of
 from autocompress.compress.prune import prune_mask
 from autocompress.compress.quantize import rtn_quantize
 from autocompress.compress.structure import dense_weight, drop_blocks, shrink_heads, shrink_mlp
@@ -42,6 +60,8 @@ if TYPE_CHECKING:
     from autocompress.model.anatomy import LinearSite, ModelAnatomy
 
 DEFAULT_CACHE_BYTES = 1_500_000_000
+DISK_FORMAT = "v1"  # part of every on-disk key: bump when a technique's arithmetic changes
+ACT_QMAX = 127
 
 
 @dataclass(frozen=True)
@@ -90,6 +110,14 @@ class _ByteLRU:
 
 
 _CACHE = _ByteLRU(DEFAULT_CACHE_BYTES)
+_DISK: list[Path | None] = [
+    Path(os.environ["AUTOCOMPRESS_VARIANT_CACHE"]) if os.environ.get("AUTOCOMPRESS_VARIANT_CACHE") else None
+]
+
+
+def set_disk_cache(folder: str | Path | None) -> None:
+    """Also keep compressed per-linear results as safetensors in ``folder`` (None: memory only)."""
+    _DISK[0] = Path(folder) if folder is not None else None
 
 
 def clear_cache() -> None:
@@ -117,39 +145,88 @@ def _digest(t: torch.Tensor | None) -> str | None:
 
 def _effective(choice: LayerChoice) -> tuple:
     """Give only the fields that change the weights (so equivalent choices share cache entries)."""
-    q = (choice.bits, choice.group_size, choice.symmetric) if choice.quantized else None
+    q = (choice.bits, choice.group_size, choice.symmetric, choice.quant_method) if choice.quantized else None
+    if choice.quantized and choice.quant_method == "gptq":
+        q = (*q, tuple(sorted(gptq.settings().items())))
     p = (choice.sparsity, choice.sparsity_pattern, choice.prune_method) if choice.pruned else None
-    return q, p, choice.rank_ratio
+    r = (choice.rank_ratio, choice.lowrank_method) if choice.rank_ratio is not None else None
+    return q, p, r
+
+
+def _changes_weight(choice: LayerChoice) -> bool:
+    return choice.quantized or choice.pruned or choice.rank_ratio is not None
 
 
 def _needs_stats(choice: LayerChoice) -> bool:
-    return choice.pruned and choice.prune_method == "wanda"
+    wanda = choice.pruned and choice.prune_method == "wanda"
+    return wanda or (choice.rank_ratio is not None and choice.lowrank_method == "asvd")
+
+
+def _needs_hessian(choice: LayerChoice) -> bool:
+    gptq = choice.quantized and choice.quant_method == "gptq"
+    return gptq or (choice.rank_ratio is not None and choice.lowrank_method == "svd-llm")
+
+
+def decompose(
+    weight: torch.Tensor, method: str, input_sq_norm: torch.Tensor | None = None, hessian: torch.Tensor | None = None
+) -> SVD:
+    """Give the full decomposition ``lowrank_method`` factors come from (see ``lowrank.py``)."""
+    if method == "svd":
+        return svd_of(weight)
+    if method == "asvd":
+        if input_sq_norm is None:
+            raise PlanError("lowrank_method asvd needs activation statistics (input norms)")
+        return asvd_of(weight, input_sq_norm)
+    if method == "svd-llm":
+        if hessian is None:
+            raise PlanError("lowrank_method svd-llm needs the calibration Hessians")
+        return whitened_svd_of(weight, hessian)
+    raise PlanError(f"unknown lowrank_method {method!r}")
 
 
 def compress_weight(
-    weight: torch.Tensor, choice: LayerChoice, input_sq_norm: torch.Tensor | None = None, svd: SVD | None = None
+    weight: torch.Tensor,
+    choice: LayerChoice,
+    input_sq_norm: torch.Tensor | None = None,
+    svd: SVD | None = None,
+    hessian: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Give the compressed fp32 weight (1-tuple) or low-rank factors (A, B) of one [out, in] weight.
 
-    Applies low-rank, then prune, then quantize. ``svd`` may be passed to reuse a cached SVD.
+    Applies low-rank, then prune, then quantize. ``svd`` may be passed to reuse a cached
+    decomposition; ``hessian`` (Σ x xᵀ of the layer's input) is needed by GPTQ and SVD-LLM.
     """
     out_f, in_f = weight.shape
     rank = choice.rank_for(out_f, in_f)
     if rank is None:
-        return (_prune_quantize(weight.detach().float(), choice, input_sq_norm),)
-    A, B = factors_from_svd(svd if svd is not None else svd_of(weight), min(rank, out_f, in_f))
-    A = _prune_quantize(A, choice, input_sq_norm)
+        return (_prune_quantize(weight.detach().float(), choice, input_sq_norm, hessian),)
+    if svd is None:
+        svd = decompose(weight, choice.lowrank_method, input_sq_norm, hessian)
+    A, B = factors_from_svd(svd, min(rank, out_f, in_f))
+    A = _prune_quantize(A, choice, input_sq_norm, hessian)
     # the second factor's inputs are A·x: their squared norms, assuming uncorrelated input channels
     mid_norm = (A.double().square() @ input_sq_norm.double()).float() if input_sq_norm is not None else None
-    return A, _prune_quantize(B, choice, mid_norm)
+    gptq = choice.quantized and choice.quant_method == "gptq"
+    mid_h = (A.double() @ hessian.double() @ A.double().t()).float() if gptq and hessian is not None else None
+    return A, _prune_quantize(B, choice, mid_norm, mid_h)
 
 
-def _prune_quantize(w: torch.Tensor, choice: LayerChoice, input_sq_norm: torch.Tensor | None) -> torch.Tensor:
+def _prune_quantize(
+    w: torch.Tensor, choice: LayerChoice, input_sq_norm: torch.Tensor | None, hessian: torch.Tensor | None = None
+) -> torch.Tensor:
+    mask = None
     if choice.pruned:
         mask = prune_mask(w, choice.sparsity, choice.sparsity_pattern, choice.prune_method, input_sq_norm)
         w = w.masked_fill(~mask, 0.0)
     if choice.quantized:
-        w = rtn_quantize(w, choice.bits, choice.group_size, choice.symmetric)
+        if choice.quant_method == "gptq":
+            if hessian is None:
+                raise PlanError("quant_method gptq needs the calibration Hessians")
+            w = gptq.gptq_quantize(
+                w, hessian, choice.bits, choice.group_size, choice.symmetric, mask=mask, **gptq.settings()
+            )
+        else:
+            w = rtn_quantize(w, choice.bits, choice.group_size, choice.symmetric)
     return w
 
 
@@ -171,24 +248,76 @@ def _compressed(
     weight: torch.Tensor,
     choice: LayerChoice,
     norm: torch.Tensor | None,
+    hessian: tuple[str, Callable[[], torch.Tensor]] | None,
 ) -> tuple[torch.Tensor, ...]:
+    """Give compress_weight's result from the memory or disk cache, computing it on a miss.
+
+    ``hessian`` is (data hash, loader): the matrix is only materialised on a miss.
+    """
     norm = norm if _needs_stats(choice) else None
-    key = ("linear", model_hash, site.name, tuple(weight.shape), struct_key, _effective(choice), _digest(norm))
+    hessian = hessian if _needs_hessian(choice) else None
+    h_id = hessian[0] if hessian is not None else None
+    key = ("linear", model_hash, site.name, tuple(weight.shape), struct_key, _effective(choice), _digest(norm), h_id)
     result = _CACHE.get(key)
     if result is None:
+        result = _disk_get(key)
+    if result is None:
+        h = hessian[1]() if hessian is not None else None
         svd = None
         if choice.rank_ratio is not None:
-            svd_key = ("svd", model_hash, site.name, tuple(weight.shape), struct_key)
+            method = choice.lowrank_method
+            dep = _digest(norm) if method == "asvd" else h_id if method == "svd-llm" else None
+            svd_key = ("svd", model_hash, site.name, tuple(weight.shape), struct_key, method, dep)
             svd = _CACHE.get(svd_key)
             if svd is None:
-                svd = svd_of(weight)
+                try:
+                    svd = decompose(weight, method, norm, h)
+                except PlanError as exc:
+                    raise PlanError(f"{site.name}: {exc}") from None
                 _CACHE.put(svd_key, svd, svd.nbytes)
         try:
-            result = compress_weight(weight, choice, norm, svd)
+            result = compress_weight(weight, choice, norm, svd, h)
         except PlanError as exc:
             raise PlanError(f"{site.name}: {exc}") from None
-        _CACHE.put(key, result, sum(t.numel() * t.element_size() for t in result))
+        _disk_put(key, result)
+    _CACHE.put(key, result, sum(t.numel() * t.element_size() for t in result))
     return result
+
+
+def _disk_file(key: tuple) -> Path | None:
+    folder = _DISK[0]
+    if folder is None:
+        return None
+    return folder / f"{hashlib.sha256(repr((DISK_FORMAT, key)).encode()).hexdigest()[:40]}.safetensors"
+
+
+def _disk_get(key: tuple) -> tuple[torch.Tensor, ...] | None:
+    path = _disk_file(key)
+    if path is None or not path.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+        return tuple(tensors[str(i)] for i in range(len(tensors)))
+    except Exception:  # a damaged file is a miss; it is rewritten
+        return None
+
+
+def _disk_put(key: tuple, result: tuple[torch.Tensor, ...]) -> None:
+    path = _disk_file(key)
+    if path is None:
+        return
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({str(i): t.contiguous() for i, t in enumerate(result)}, tmp)
+        os.replace(tmp, path)
+    except OSError:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def _check_stats_present(anatomy: ModelAnatomy, plan: Plan, stats: ActivationStats | None) -> None:
@@ -197,21 +326,60 @@ def _check_stats_present(anatomy: ModelAnatomy, plan: Plan, stats: ActivationSta
     for site in anatomy.linears:
         if site.block not in plan.drop_blocks and _needs_stats(plan.choice_for(site.name)):
             raise PlanError(
-                f"{site.name} uses Wanda pruning, which needs activation statistics: pass calibration stats "
-                "or set prune_method: magnitude"
+                f"{site.name} uses Wanda pruning or ASVD, which need activation statistics: pass calibration "
+                "stats, or set prune_method: magnitude / lowrank_method: svd"
             )
 
 
+def needs_hessians(plan: Plan) -> bool:
+    """True when some choice of the plan uses GPTQ or SVD-LLM (so the calibration Hessians are needed)."""
+    return any(_needs_hessian(c) for c in (plan.default, *plan.layers.values()))
+
+
+def _resolve_hessians(anatomy: ModelAnatomy, plan: Plan, hessians: Hessians | None) -> Hessians | None:
+    needing = [
+        s.name for s in anatomy.linears if s.block not in plan.drop_blocks and _needs_hessian(plan.choice_for(s.name))
+    ]
+    if not needing:
+        return None
+    found = hessians if hessians is not None else find_hessians(anatomy, plan.provenance.data_hash)
+    if found is None:
+        raise PlanError(
+            f"{needing[0]} uses GPTQ or SVD-LLM, which need calibration Hessians: collect them once with "
+            "autocompress.compress.hessian.calibration_hessians(model, anatomy, data) and set "
+            "plan.provenance.data_hash to that data's hash (or pass hessians=)"
+        )
+    if found.model_hash != anatomy.model_hash:
+        raise PlanError("the calibration Hessians were collected on another model")
+    return found
+
+
+def _fake_quant_input(_module: nn.Module, args: tuple) -> tuple:
+    """Round a linear's input per token onto a symmetric int8 grid (W8A8 simulation)."""
+    x = args[0]
+    scale = x.detach().abs().amax(dim=-1, keepdim=True).div(ACT_QMAX)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return (torch.round(x / scale).clamp(-ACT_QMAX, ACT_QMAX) * scale, *args[1:])
+
+
 def apply_plan_to(
-    model: nn.Module, anatomy: ModelAnatomy, plan: Plan, stats: ActivationStats | None = None, *, inplace: bool = False
+    model: nn.Module,
+    anatomy: ModelAnatomy,
+    plan: Plan,
+    stats: ActivationStats | None = None,
+    *,
+    inplace: bool = False,
+    hessians: Hessians | None = None,
 ) -> nn.Module:
     """Give the model compressed as the plan says (a deep copy unless ``inplace``); see the module doc for the order.
 
     ``model`` must be the uncompressed model ``anatomy`` describes (its hash keys the cache);
-    ``stats`` are activation statistics of that model, needed for Wanda and used for structure.
+    ``stats`` are activation statistics of that model, needed for Wanda / ASVD and used for
+    structure; ``hessians`` (else found by the plan's data hash) are needed for GPTQ / SVD-LLM.
     """
     plan.validate(anatomy)
     _check_stats_present(anatomy, plan, stats)
+    hess = _resolve_hessians(anatomy, plan, hessians)
     work = model if inplace else copy.deepcopy(model)
     dropped = set(plan.drop_blocks)
     in_keep: dict[str, torch.Tensor] = {}  # linear name -> kept input channels (inputs shrank)
@@ -228,21 +396,45 @@ def apply_plan_to(
                 _record(blk.linears, "mlp", kept, in_keep, struct_keys)
         for site in anatomy.linears:
             choice = plan.choice_for(site.name)
-            if site.block in dropped or not (choice.quantized or choice.pruned or choice.rank_ratio is not None):
+            if site.block in dropped:
                 continue
-            module = work.get_submodule(site.name)
-            weight = dense_weight(module)
-            norm = _stats_norm(stats, site, in_keep.get(site.name))
-            result = _compressed(anatomy.model_hash, site, struct_keys.get(site.name), weight, choice, norm)
-            if len(result) == 1:
-                weight.copy_(result[0])
-            else:
-                bias = getattr(module, "bias", None)
-                A, B = (t.to(weight.dtype, copy=True) for t in result)
-                work.set_submodule(site.name, factorized_module(A, B, bias))
+            if _changes_weight(choice):
+                _compress_site(work, anatomy.model_hash, site, choice, stats, hess, in_keep.get(site.name), struct_keys)
+            if choice.act_bits < 16:
+                work.get_submodule(site.name).register_forward_pre_hook(_fake_quant_input)
         if dropped:
             drop_blocks(work, sorted(dropped))
     return work
+
+
+def _compress_site(
+    work: nn.Module,
+    model_hash: str,
+    site: LinearSite,
+    choice: LayerChoice,
+    stats: ActivationStats | None,
+    hess: Hessians | None,
+    keep: torch.Tensor | None,
+    struct_keys: dict[str, str],
+) -> None:
+    module = work.get_submodule(site.name)
+    weight = dense_weight(module)
+    norm = _stats_norm(stats, site, keep)
+    hessian = None
+    if hess is not None:
+
+        def load(name: str = site.name) -> torch.Tensor:
+            h = hess.get(name)
+            return h if keep is None else h.index_select(0, keep).index_select(1, keep)
+
+        hessian = (hess.data_hash, load)
+    result = _compressed(model_hash, site, struct_keys.get(site.name), weight, choice, norm, hessian)
+    if len(result) == 1:
+        weight.copy_(result[0])
+    else:
+        bias = getattr(module, "bias", None)
+        A, B = (t.to(weight.dtype, copy=True) for t in result)
+        work.set_submodule(site.name, factorized_module(A, B, bias))
 
 
 def _record(

@@ -43,15 +43,26 @@ def rtn_quantize(
         raise ValueError(f"bits must be in 1..15 for quantization, got {bits}")
     groups, in_features = _grouped(weight.float(), group_size)
     scale, zero = _scale_zero(groups, bits, symmetric)
-    # in-place chain on one fresh tensor: this runs on every weight of the model, once per new choice
-    codes = torch.div(groups, scale).round_()
-    if symmetric:
-        qmax = 2 ** (bits - 1) - 1
-        deq = codes.clamp_(-qmax, qmax).mul_(scale)
-    else:
-        deq = codes.add_(zero).clamp_(0, 2**bits - 1).sub_(zero).mul_(scale)
-    deq = deq.reshape(weight.shape[0], -1)
+    deq = fake_quantize(groups, scale, zero, bits).reshape(weight.shape[0], -1)
     return deq if deq.shape[1] == in_features else deq[:, :in_features].contiguous()
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """Give x rounded onto the grid (scale, zero point; ``zero`` None = symmetric), dequantized.
+
+    The one rounding rule shared by RTN and GPTQ, so GPTQ without error feedback is RTN bit for bit.
+    """
+    # in-place chain on one fresh tensor: this runs on every weight of the model, once per new choice
+    codes = torch.div(x, scale).round_()
+    if zero is None:
+        qmax = 2 ** (bits - 1) - 1
+        return codes.clamp_(-qmax, qmax).mul_(scale)
+    return codes.add_(zero).clamp_(0, 2**bits - 1).sub_(zero).mul_(scale)
+
+
+def grid_of(groups: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Give (scale, zero point or None) over the last dim of ``groups`` [..., group], keepdim."""
+    return _scale_zero(groups, bits, symmetric)
 
 
 def _grouped(w: torch.Tensor, group_size: int | None) -> tuple[torch.Tensor, int]:

@@ -25,13 +25,18 @@ def describe_plan(plan: Plan, anatomy: ModelAnatomy) -> str:
         c = plan.choice_for(s.name)
         parts = []
         if c.quantized:
-            parts.append(f"w{c.bits}" + (f"g{c.group_size}" if c.group_size and c.bits <= 4 else ""))
+            fmt_name = f"w{c.bits}" + (f"g{c.group_size}" if c.group_size and c.bits <= 4 else "")
+            parts.append(fmt_name + ("-gptq" if getattr(c, "quant_method", "rtn") == "gptq" else ""))
+        if getattr(c, "act_bits", 16) < 16:
+            parts.append(f"a{c.act_bits}")
         if c.sparsity_pattern == "2:4":
             parts.append("2:4")
         elif c.pruned:
             parts.append(f"s{round(c.sparsity * 100)}")
         if c.rank_ratio is not None:
-            parts.append(f"r{c.rank_ratio:g}")
+            parts.append(
+                f"r{c.rank_ratio:g}" + (f"-{c.lowrank_method}" if getattr(c, "lowrank_method", "svd") != "svd" else "")
+            )
         fmt["+".join(parts) or "fp16"] += s.params
     items = [f"{k} {round(100 * v / total)}%" for k, v in fmt.most_common() if round(100 * v / total) > 0]
     heads = sum(1 for i, b in plan.blocks.items() if b.keep_heads is not None and i not in plan.drop_blocks)

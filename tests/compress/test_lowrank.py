@@ -1,21 +1,50 @@
 import pytest
 import torch
 
-from autocompress.compress import factorized_linear, svd_factorize, svd_of
+from autocompress.compress import asvd_of, factorized_linear, svd_factorize, svd_of, whitened_svd_of
+from autocompress.compress.lowrank import factors_from_svd
+from autocompress.errors import PlanError
 
 
 def _w(out=48, inp=80, seed=0):
     return torch.randn(out, inp, generator=torch.Generator().manual_seed(seed))
 
 
-def test_full_rank_reproduces_the_layer():
-    w, bias = _w(), torch.randn(48)
-    layer = factorized_linear(w, bias, 48)
+def test_a_layer_of_low_rank_is_reproduced():
+    w, bias = _w()[:, :24] @ _w(24, 80, seed=1), torch.randn(48)  # rank 24 ≤ r* = 30
+    layer = factorized_linear(w, bias, 24)
     x = torch.randn(5, 80)
     ref = x @ w.t() + bias
     assert ((layer(x) - ref).norm() / ref.norm()) < 1e-5
-    assert [m.weight.shape for m in layer] == [(48, 80), (48, 48)]
+    assert [m.weight.shape for m in layer] == [(24, 80), (48, 24)]
     assert layer[0].bias is None and torch.equal(layer[1].bias, bias)
+
+
+def test_rank_above_break_even_is_refused():
+    with pytest.raises(PlanError, match=r"break-even rank r\* = 30\.0"):
+        factorized_linear(_w(), None, 31)
+
+
+def _correlated_inputs(inp=80, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(300, inp, generator=g) @ (torch.eye(inp) + 0.5 * torch.randn(inp, inp, generator=g))
+    return X * (torch.rand(inp, generator=g) * 5 + 0.05)
+
+
+@pytest.mark.parametrize("rank", [8, 16, 24])
+def test_activation_aware_beats_plain_svd_on_outputs(rank):
+    w, X = _w(), _correlated_inputs()
+
+    def out_err(svd):
+        A, B = factors_from_svd(svd, rank)
+        return ((B @ A - w) @ X.t()).norm().item()
+
+    plain = out_err(svd_of(w))
+    whitened = out_err(whitened_svd_of(w, X.t() @ X, damp=0.0))
+    assert whitened < out_err(asvd_of(w, X.square().sum(0))) < plain
+    # SVD-LLM is optimal: its error is the spectrum tail of W·L
+    s = torch.linalg.svdvals(w.double() @ torch.linalg.cholesky((X.t() @ X).double()))
+    assert abs(whitened - s[rank:].square().sum().sqrt().item()) / whitened < 1e-3
 
 
 @pytest.mark.parametrize("rank", [1, 8, 20])
