@@ -1,6 +1,19 @@
-"""Hardware profiles and the analytic cost model (latency, memory, energy of a plan)."""
+"""Hardware profiles, the analytic cost model (latency, memory, energy of a plan), local calibration
+and real measurement."""
 
-from autocompress.hardware.cost import Cost, CostModel
-from autocompress.hardware.profile import HardwareProfile, list_profiles, load_profile, profiles_dir
+from autocompress.hardware.cost import Cost, CostModel, predict
+from autocompress.hardware.measure import Measurement, measure
+from autocompress.hardware.profile import HardwareProfile, list_profiles, load_profile, profiles_dir, resolve_name
 
-__all__ = ["Cost", "CostModel", "HardwareProfile", "list_profiles", "load_profile", "profiles_dir"]
+__all__ = [
+    "Cost",
+    "CostModel",
+    "HardwareProfile",
+    "Measurement",
+    "list_profiles",
+    "load_profile",
+    "measure",
+    "predict",
+    "profiles_dir",
+    "resolve_name",
+]

@@ -1,15 +1,21 @@
 """The analytic cost model: per-layer roofline for decode and prefill, memory and energy of a plan.
 
-Every matmul costs ``max(flops / (peak * eta_c), bytes / (bw * eta_bw)) + kernel overhead``
-(research/hardware.md §2.5). Bytes are the weights in the format the runtime really stores
-(``Kernels.stored_bits``; scales/zeros; sparse formats only where the profile has the kernels).
-Only the plan and the anatomy are read, never weights. Costs are cached per (effective shape,
-LayerChoice) and per (block shape, block choice, its layers' choices), so pricing a plan is a
-few dozen dict lookups.
+Every matmul costs ``max(flops / (peak * eta_c), bytes / (bw * eta_bw)) + its fixed overhead``
+(research/hardware.md §2.5), with the compute path and efficiencies of the format the runtime
+really stores (``Kernels.stored_bits``; scales/zeros; sparse formats only where the profile has
+the kernels). Low-rank is two matmuls, each paying its own overhead; width pruning gives smaller
+matmuls (misaligned widths pay the alignment penalty); dropped blocks cost nothing. Only the plan
+and the anatomy are read, never weights. Costs are cached per (effective shape, LayerChoice) and
+per (block shape, block choice), so pricing a plan is a few hundred dict lookups.
 
-Energy per decoded token (or per encoder forward) is ``active_W * busy + idle_W * overhead``:
-busy is the roofline time, overhead the per-kernel/per-token launch and host time, during which
-the device sits near idle. On edge devices platform power x time dominates (hardware.md §3.2).
+Next to each time the model reports its **roofline floor**: the same bytes and flops at the
+datasheet peaks (no efficiency factors, no overheads), so a report can say how close a plan is to
+the physical limit.
+
+Energy per decoded token (or per encoder forward) is ``active_W * busy + idle_W * overhead`` (busy
+= roofline time; during launch/host overhead the device sits near idle; on edge devices platform
+power x time dominates, hardware.md §3.2), or, where the profile has the bottom-up split,
+``idle_W * t + pJ/byte * bytes + pJ/flop * flops``.
 """
 
 from __future__ import annotations
@@ -29,26 +35,35 @@ _SHRINK_IN = frozenset({"o"})
 _MLP_OUT = frozenset({"gate", "up", "fc1"})  # outputs shrink with kept MLP channels
 _MLP_IN = frozenset({"down", "fc2"})
 _DENSE = LayerChoice()
+_ACT_BYTES = 4  # activations/workspace are sized in fp32 (the widest any shipped runtime uses)
 
-# (decode busy ms, decode overhead ms, prefill busy ms, prefill overhead ms, weight bytes[, kv bytes])
+# (decode busy ms, decode overhead ms, prefill busy ms, prefill overhead ms, weight bytes, kv bytes,
+#  decode floor ms, prefill floor ms, decode flops, prefill flops)
 _Parts = tuple[float, ...]
+_ZERO: _Parts = (0.0,) * 10
 
 
 @dataclass(frozen=True)
 class Cost:
-    """Predicted cost of one plan on one profile (decode is per token, batch as configured)."""
+    """Predicted cost of one plan on one profile (decode is per token, batch as configured).
+
+    For encoders there is no decode: ``latency_ms`` and ``decode_ms_per_token`` are one forward
+    over ``prompt_tokens``.
+    """
 
     latency_ms: float  # decode latency per token at context_tokens; one forward for encoders
     prefill_ms: float  # forward over prompt_tokens (time to first token, without sampling)
-    memory_mb: float  # weights + KV cache + runtime overhead
+    memory_mb: float  # weights + KV cache + activations/workspace + runtime overhead
     weights_mb: float  # stored format incl. scales/zeros/sparsity metadata, embeddings once
     kv_cache_mb: float
     energy_mj: float  # per decoded token (per forward for encoders)
     fits_memory: bool
-
-    @property
-    def tokens_per_s(self) -> float:
-        return 1e3 / self.latency_ms
+    decode_ms_per_token: float = 0.0  # = latency_ms, in the user's words
+    tokens_per_s: float = 0.0  # decode tokens per second (batch x 1000 / latency_ms)
+    energy_mj_per_token: float = 0.0  # = energy_mj
+    activation_mb: float = 0.0  # activations + workspace at batch x prompt_tokens
+    decode_floor_ms: float = 0.0  # roofline floor: datasheet peaks, no efficiencies, no overheads
+    prefill_floor_ms: float = 0.0
 
     def to_dict(self) -> dict[str, float | bool]:
         return asdict(self)
@@ -56,6 +71,10 @@ class Cost:
 
 def _add(a: _Parts, b: _Parts) -> _Parts:
     return tuple(x + y for x, y in zip(a, b, strict=True))
+
+
+def _pad(parts: tuple[float, ...]) -> _Parts:
+    return parts + (0.0,) * (10 - len(parts))
 
 
 class CostModel:
@@ -82,6 +101,7 @@ class CostModel:
         self._linear_cache: dict[LayerChoice, dict[tuple[int, int], _Parts]] = {}
         self._shape_cache: dict[tuple[int, int | None, int | None], tuple[tuple[tuple[int, int], ...], _Parts]] = {}
         self._uniform_cache: dict[tuple[tuple[int, int | None, int | None], LayerChoice], _Parts] = {}
+        self._by_id: dict[int, tuple[LayerChoice, dict[tuple[int, int], _Parts]]] = {}
         sigs: dict[tuple, int] = {}
         self._blocks: list[tuple[int, int, tuple[str, ...]]] = []
         self._block_info: dict[int, BlockInfo] = {}
@@ -92,6 +112,11 @@ class CostModel:
             self._block_info.setdefault(sig, b)
             self._blocks.append((b.index, sig, tuple(s.name for s in b.linears)))
         self._fixed = self._fixed_parts()
+        widest = max([anatomy.hidden_size, *(b.mlp_dim for b in anatomy.blocks)])
+        logits = batch * anatomy.vocab_size if self._causal else 0  # last position only
+        self._activation_mb = (
+            (batch * prompt_tokens * (4 * anatomy.hidden_size + 2 * widest) + logits) * _ACT_BYTES / MB
+        )
 
     # ---- public ----------------------------------------------------------------------
     def predict(self, plan: Plan) -> Cost:
@@ -99,8 +124,14 @@ class CostModel:
         if plan.model.hash != self.anatomy.model_hash:
             raise PlanError(f"plan is for model {plan.model.name!r}, the cost model prices {self.anatomy.name!r}")
         layers, default, blocks, drops = plan.layers, plan.default, plan.blocks, plan.drop_blocks
-        uniform, shapes_cache, linear_cache = self._uniform_cache, self._shape_cache, self._linear_cache
-        dec_busy, dec_over, pre_busy, pre_over, wbytes, kvbytes = self._fixed
+        uniform, shapes_cache, linear_cache, by_id = (
+            self._uniform_cache,
+            self._shape_cache,
+            self._linear_cache,
+            self._by_id,
+        )
+        rows: list[_Parts] = [self._fixed]
+        append = rows.append
         for index, sig, names in self._blocks:
             if drops and index in drops:
                 continue
@@ -112,66 +143,73 @@ class CostModel:
                     if len(uniform) > _CACHE_LIMIT:
                         uniform.clear()
                     parts = uniform[(skey, default)] = self._block_parts(skey, default)
-                dec_busy += parts[0]
-                dec_over += parts[1]
-                pre_busy += parts[2]
-                pre_over += parts[3]
-                wbytes += parts[4]
-                kvbytes += parts[5]
+                append(parts)
                 continue
-            block = shapes_cache.get(skey) or self._block_shapes(skey)
-            shapes, attn = block
-            dec_busy += attn[0]
-            dec_over += attn[1]
-            pre_busy += attn[2]
-            pre_over += attn[3]
-            kvbytes += attn[5]
+            shapes, attn = shapes_cache.get(skey) or self._block_shapes(skey)
+            append(attn)
             for name, shape in zip(names, shapes, strict=True):
                 choice = layers.get(name, default)
-                by_shape = linear_cache.get(choice)
-                parts = by_shape.get(shape) if by_shape is not None else None
-                if parts is None:
-                    parts = self._linear(shape, choice)
-                dec_busy += parts[0]
-                dec_over += parts[1]
-                pre_busy += parts[2]
-                pre_over += parts[3]
-                wbytes += parts[4]
+                # keyed by identity (the entry pins the object, so an id is never reused while cached):
+                # a space gives one LayerChoice object to all linears of a group, and hashing a frozen
+                # dataclass on every lookup would dominate the price of a plan
+                hit = by_id.get(id(choice))
+                if hit is None or hit[0] is not choice:
+                    if len(by_id) > _CACHE_LIMIT:
+                        by_id.clear()
+                    hit = by_id[id(choice)] = (choice, linear_cache.setdefault(choice, {}))
+                parts = hit[1].get(shape)
+                append(parts if parts is not None else self._linear(shape, choice))
+        dec_busy, dec_over, pre_busy, pre_over, wbytes, kvbytes, dec_floor, pre_floor, dec_flops, pre_flops = map(
+            sum, zip(*rows, strict=True)
+        )
         p = self.profile
-        memory_mb = (wbytes + kvbytes) / MB + p.runtime_overhead_MB
+        memory_mb = (wbytes + kvbytes) / MB + self._activation_mb + p.runtime_overhead_MB
         prefill_ms = pre_busy + pre_over
         if self._causal:
-            latency_ms, busy, over = dec_busy + dec_over, dec_busy, dec_over
+            latency_ms, busy, over, flops, floor = dec_busy + dec_over, dec_busy, dec_over, dec_flops, dec_floor
         else:
-            latency_ms, busy, over = prefill_ms, pre_busy, pre_over
+            latency_ms, busy, over, flops, floor = prefill_ms, pre_busy, pre_over, pre_flops, pre_floor
+        if p.energy_pJ_per_byte is not None and p.energy_pJ_per_flop is not None:
+            energy = (
+                p.idle_W * latency_ms
+                + ((wbytes + kvbytes) * p.energy_pJ_per_byte + flops * p.energy_pJ_per_flop) * 1e-9
+            )
+        else:
+            energy = p.active_W * busy + p.idle_W * over
         return Cost(
             latency_ms=latency_ms,
             prefill_ms=prefill_ms,
             memory_mb=memory_mb,
             weights_mb=wbytes / MB,
             kv_cache_mb=kvbytes / MB,
-            energy_mj=p.active_W * busy + p.idle_W * over,
+            energy_mj=energy,
             fits_memory=memory_mb <= p.usable_memory_GB * 1e3,
+            decode_ms_per_token=latency_ms,
+            tokens_per_s=self.batch * 1e3 / latency_ms,
+            energy_mj_per_token=energy,
+            activation_mb=self._activation_mb,
+            decode_floor_ms=floor,
+            prefill_floor_ms=pre_floor,
         )
 
     # ---- pieces ----------------------------------------------------------------------
     def _fixed_parts(self) -> _Parts:
-        """Give what every plan pays: embeddings/norms storage, the fp16 lm_head, per-token overhead."""
+        """Give what every plan pays: embeddings/norms storage, the dense lm_head, per-token overhead."""
         a, p = self.anatomy, self.profile
         tok_ms = p.per_token_overhead_ms
-        parts: _Parts = (0.0, tok_ms, 0.0, tok_ms, a.other_params * 2.0, 0.0)
+        parts: _Parts = _pad((0.0, tok_ms, 0.0, tok_ms, a.other_params * p.dense_bits / 8))
         if self._causal:
-            # lm_head: a dense fp16 vocab x hidden matmul every decode token; prefill needs only the
+            # lm_head: a dense vocab x hidden matmul every decode token; prefill needs only the
             # last position's logits. Its weights are already in other_params (tied: counted once).
-            d_busy, d_over, _, _, _ = self._matmul(a.vocab_size, a.hidden_size, _DENSE)
-            parts = _add(parts, (d_busy, d_over, d_busy, d_over, 0.0, 0.0))
+            d = self._matmul(a.vocab_size, a.hidden_size, _DENSE)
+            parts = _add(parts, (d[0], d[1], d[0], d[1], 0.0, 0.0, d[6], d[6], d[8], d[8]))
         return parts
 
     def _block_parts(self, skey: tuple[int, int | None, int | None], choice: LayerChoice) -> _Parts:
         """Give a whole block's parts when every linear in it has the same choice."""
         shapes, total = self._shape_cache.get(skey) or self._block_shapes(skey)
         for shape in shapes:
-            total = _add(total, (*self._linear(shape, choice), 0.0))
+            total = _add(total, self._linear(shape, choice))
         return total
 
     def _block_shapes(self, skey: tuple[int, int | None, int | None]) -> tuple[tuple[tuple[int, int], ...], _Parts]:
@@ -198,18 +236,23 @@ class CostModel:
         kv_heads = b.num_kv_heads * head_frac
         kv_b = p.kv_cache_bits / 8
         bs, ctx, n = self.batch, self.context_tokens, self.prompt_tokens
-        peak = p.fp16_tflops * 1e12 * p.compute_efficiency
-        bw = p.peak_bw_GBps * 1e9 * p.bw_efficiency
+        peak_raw = p.fp16_tflops * 1e12
+        bw_raw = p.peak_bw_GBps * 1e9
+        peak, bw = peak_raw * p.compute_efficiency, bw_raw * p.bw_efficiency
         over_ms = p.kernels_per_block * p.per_kernel_overhead_us * 1e-3
         pre_flops = 4.0 * n * n * heads * b.head_dim * bs * (0.5 if self._causal else 1.0)
         pre_bytes = 2.0 * n * kv_heads * b.head_dim * kv_b * bs
         pre_ms = max(pre_flops / peak, pre_bytes / bw) * 1e3
+        pre_floor = max(pre_flops / peak_raw, pre_bytes / bw_raw) * 1e3
         if self._causal:
             kv_bytes = 2.0 * ctx * kv_heads * b.head_dim * kv_b * bs
-            dec_ms = max(4.0 * ctx * heads * b.head_dim * bs / peak, kv_bytes / bw) * 1e3
+            dec_flops = 4.0 * ctx * heads * b.head_dim * bs
+            dec_ms = max(dec_flops / peak, kv_bytes / bw) * 1e3
+            dec_floor = max(dec_flops / peak_raw, kv_bytes / bw_raw) * 1e3
         else:
-            kv_bytes = dec_ms = 0.0
-        block = (tuple(shapes), (dec_ms, over_ms, pre_ms, over_ms, 0.0, kv_bytes))
+            kv_bytes = dec_ms = dec_floor = dec_flops = 0.0
+        parts = (dec_ms, over_ms, pre_ms, over_ms, 0.0, kv_bytes, dec_floor, pre_floor, dec_flops, pre_flops)
+        block = (tuple(shapes), parts)
         self._shape_cache[skey] = block
         return block
 
@@ -221,22 +264,31 @@ class CostModel:
             return hit
         if len(self._linear_cache) > _CACHE_LIMIT:
             self._linear_cache.clear()
+            self._by_id.clear()
             by_shape = self._linear_cache[choice] = {}
         out_f, in_f = shape
         rank = choice.rank_for(out_f, in_f)
         if rank is None:
             parts = self._matmul(out_f, in_f, choice)
         else:
+            rank = min(rank, out_f, in_f)
+            if rank * (out_f + in_f) > out_f * in_f:
+                r_star = out_f * in_f / (out_f + in_f)
+                raise PlanError(
+                    f"rank {rank} for a {out_f}x{in_f} linear is above the break-even rank {r_star:.1f}: "
+                    "the two factors would store more than the dense layer (lower rank_ratio or leave it dense)"
+                )
             parts = _add(self._matmul(rank, in_f, choice), self._matmul(out_f, rank, choice))
         by_shape[shape] = parts
         return parts
 
     def _matmul(self, out_f: int, in_f: int, choice: LayerChoice) -> _Parts:
-        """Give one weight matmul's roofline time (decode and prefill) and its stored bytes."""
+        """Give one weight matmul's roofline time and floor (decode and prefill) and its stored bytes."""
         p, k = self.profile, self.profile.kernels
         params = out_f * in_f
         bits = k.stored_bits(choice.bits)
-        value_bytes = params * bits / 8
+        fmt = p.dense_format if bits == 16 else f"int{bits}"
+        value_bytes = params * (p.dense_bits if bits == 16 else bits) / 8
         meta_bytes = 0.0
         if bits < 16:
             groups = 1 if choice.group_size is None else math.ceil(in_f / choice.group_size)
@@ -251,21 +303,45 @@ class CostModel:
             value_bytes = min(value_bytes, value_bytes * (1.0 - choice.sparsity) + params / 8)
         weight_bytes = value_bytes + meta_bytes
         if bits <= 8 and k.int8_compute and p.int8_tops is not None:
-            peak, act_bytes = p.int8_tops * 1e12, 1
+            peak_raw, act_bytes = p.int8_tops * 1e12 * speedup, 1
         else:
-            peak, act_bytes = p.fp16_tflops * 1e12, 2
-        peak *= p.compute_efficiency * speedup
+            peak_raw, act_bytes = p.fp16_tflops * 1e12 * speedup, p.dense_bits // 8
+        peak = peak_raw * p.compute_efficiency_for(fmt)
         # the format's efficiency applies to streaming its weights (dequantisation); activations use the default
-        weight_bw = p.peak_bw_GBps * 1e9 * p.bw_efficiency_for("fp16" if bits == 16 else f"int{bits}")
-        act_bw = p.peak_bw_GBps * 1e9 * p.bw_efficiency
+        bw_raw = p.peak_bw_GBps * 1e9
+        weight_bw = bw_raw * p.bw_efficiency_for(fmt)
+        act_bw = bw_raw * p.bw_efficiency
         aligned = out_f % p.alignment == 0 and in_f % p.alignment == 0
         slow = 1.0 if aligned else 1.0 / p.misaligned_penalty
-        over_ms = p.kernels_per_linear * p.per_kernel_overhead_us * 1e-3
+        over_ms = p.linear_overhead_us_for(fmt) * 1e-3
 
         def busy_ms(tokens: int) -> float:
             flops = 2.0 * tokens * params
             memory_s = weight_bytes / weight_bw + tokens * (in_f + out_f) * act_bytes / act_bw
             return max(flops / peak, memory_s) * slow * 1e3
 
-        m = self.batch
-        return (busy_ms(m), over_ms, busy_ms(m * self.prompt_tokens), over_ms, weight_bytes)
+        def floor_ms(tokens: int) -> float:
+            return (
+                max(2.0 * tokens * params / peak_raw, (weight_bytes + tokens * (in_f + out_f) * act_bytes) / bw_raw)
+                * 1e3
+            )
+
+        m, n = self.batch, self.batch * self.prompt_tokens
+        return (
+            busy_ms(m),
+            over_ms,
+            busy_ms(n),
+            over_ms,
+            weight_bytes,
+            0.0,
+            floor_ms(m),
+            floor_ms(n),
+            2.0 * m * params,
+            2.0 * n * params,
+        )
+
+
+def predict(plan: Plan, anatomy: ModelAnatomy, profile: HardwareProfile, **scenario: int) -> Cost:
+    """Give the cost of one plan (``scenario``: prompt_tokens, context_tokens, batch); for many plans
+    build one ``CostModel`` and reuse it, it caches per layer."""
+    return CostModel(profile, anatomy, **scenario).predict(plan)

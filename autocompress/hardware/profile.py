@@ -22,10 +22,13 @@ ENV_PROFILES_DIR = "AUTOCOMPRESS_HW_PROFILES"
 Positive = Annotated[float, Field(gt=0)]
 NonNegative = Annotated[float, Field(ge=0)]
 Efficiency = Annotated[float, Field(gt=0, le=1)]
-FormatKey = Literal["fp16", "int8", "int6", "int5", "int4", "int3", "int2"]
+FormatKey = Literal["fp32", "fp16", "int8", "int6", "int5", "int4", "int3", "int2"]
 DeviceClass = Literal["edge_gpu_soc", "discrete_gpu", "server_cpu", "client_cpu", "arm_sbc", "apple_soc", "mobile_soc"]
 FORMAT_KEYS: tuple[str, ...] = get_args(FormatKey)
 DEVICE_CLASSES: tuple[str, ...] = get_args(DeviceClass)
+# Aliases that resolve to a shipped profile only when no profile in the folder claims them: a
+# calibrated ``local.yaml`` written by ``autocompress hw calibrate`` takes ``cpu`` over.
+FALLBACK_ALIASES: dict[str, str] = {"cpu": "x86-avx2-laptop"}
 
 
 class _Strict(BaseModel):
@@ -42,6 +45,13 @@ class Kernels(_Strict):
     sparse_2_4: bool = False  # 2:4 kernels exist: compressed 2:4 storage + sparse_2_4_speedup on compute
     sparse_2_4_speedup: float = Field(default=1.0, ge=1.0)
     unstructured_sparse_storage: bool = False  # runtime stores/reads unstructured-sparse weights (bitmap)
+    sparse_runtime: str | None = None  # the runtime/library that does so (required with the flag above)
+
+    @model_validator(mode="after")
+    def _sparse_named(self) -> Kernels:
+        if self.unstructured_sparse_storage and not self.sparse_runtime:
+            raise ValueError("unstructured_sparse_storage needs sparse_runtime: name the runtime that stores it sparse")
+        return self
 
     @property
     def int4_weight_only(self) -> bool:
@@ -52,6 +62,35 @@ class Kernels(_Strict):
         if bits >= 16:
             return 16
         return min((b for b in self.weight_only_bits if b >= bits), default=16)
+
+
+class Anchor(_Strict):
+    """A published end-to-end measurement the profile is checked against (hardware.md §1.3)."""
+
+    model: str  # a key of ``autocompress.hardware.anchors.ANCHOR_MODELS``
+    weights: str  # the published format label (q4_0, MLC q4f16_1, bf16...)
+    bits: int = Field(ge=2, le=16)
+    group_size: int | None = None
+    symmetric: bool = True
+    sparsity_pattern: Literal["none", "2:4"] = "none"
+    decode_tok_s: Positive
+    context_tokens: int = Field(default=256, ge=1)
+    runtime: str
+    role: Literal["fit", "holdout"]  # fit: used to set the efficiency/overhead fields; holdout: only checked
+    source: str
+
+
+class CalibrationInfo(_Strict):
+    """How a calibrated profile was measured (``autocompress hw calibrate``)."""
+
+    date: str
+    host: str
+    threads: int = Field(ge=1)
+    seconds: NonNegative
+    samples: int = Field(ge=1)
+    measurements: str  # file with the raw measurements, beside the profile
+    fit_mape: NonNegative  # mean abs. % error of the fitted roofline on the micro-benchmarks
+    tool: str
 
 
 class HardwareProfile(_Strict):
@@ -75,12 +114,14 @@ class HardwareProfile(_Strict):
     peak_bw_GBps: Positive
     bw_efficiency: Efficiency
     bw_efficiency_by_format: dict[FormatKey, Efficiency] = Field(default_factory=dict)
-    kv_cache_bits: Literal[8, 16] = 16
+    kv_cache_bits: Literal[8, 16, 32] = 16
+    dense_bits: Literal[16, 32] = 16  # width of an uncompressed weight on this runtime (32: fp32 CPU runtimes)
 
     # compute
     fp16_tflops: Positive  # peak of the float path used for 16-bit and weight-only matmuls
     int8_tops: Positive | None = None
     compute_efficiency: Efficiency
+    compute_efficiency_by_format: dict[FormatKey, Efficiency] = Field(default_factory=dict)
     kernels: Kernels = Kernels()
 
     # quantization metadata: one scale per group (+ one zero-point if asymmetric)
@@ -91,6 +132,9 @@ class HardwareProfile(_Strict):
     per_kernel_overhead_us: NonNegative
     per_token_overhead_ms: NonNegative
     kernels_per_linear: int = Field(default=1, ge=1)
+    # measured fixed cost of one linear in a format (all its kernels: e.g. dynamic int8 = quantize +
+    # MatMulInteger + rescale); overrides kernels_per_linear x per_kernel_overhead_us
+    linear_overhead_us_by_format: dict[FormatKey, NonNegative] = Field(default_factory=dict)
     kernels_per_block: int = Field(ge=0)  # non-linear kernels per block after fusion (norms, rotary, attention...)
     alignment: int = Field(ge=1)
     misaligned_penalty: Efficiency  # throughput factor for a matmul whose dims are not multiples of alignment
@@ -98,6 +142,12 @@ class HardwareProfile(_Strict):
     # power, for energy = active_W x busy time + idle_W x overhead time
     idle_W: Positive
     active_W: Positive
+    # optional bottom-up split (hardware.md §3.1): energy = idle_W x t + bytes x pJ/B + flops x pJ/flop
+    energy_pJ_per_byte: NonNegative | None = None
+    energy_pJ_per_flop: NonNegative | None = None
+
+    anchors: tuple[Anchor, ...] = ()
+    calibration: CalibrationInfo | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> HardwareProfile:
@@ -107,15 +157,32 @@ class HardwareProfile(_Strict):
             raise ValueError(f"active_W ({self.active_W}) is below idle_W ({self.idle_W})")
         if self.kernels.int8_compute and self.int8_tops is None:
             raise ValueError("kernels.int8_compute is true but int8_tops is not set")
+        if self.calibrated and self.calibration is None:
+            raise ValueError("calibrated is true but there is no calibration block (run `autocompress hw calibrate`)")
+        if (self.energy_pJ_per_byte is None) != (self.energy_pJ_per_flop is None):
+            raise ValueError("energy_pJ_per_byte and energy_pJ_per_flop go together: set both or neither")
         return self
 
     @property
     def names(self) -> tuple[str, ...]:
         return (self.id, *self.aliases)
 
+    @property
+    def dense_format(self) -> str:
+        return "fp32" if self.dense_bits == 32 else "fp16"
+
     def bw_efficiency_for(self, fmt: str) -> float:
         """Give the bandwidth efficiency for a weight format key (``fp16``, ``int4``...)."""
         return self.bw_efficiency_by_format.get(fmt, self.bw_efficiency)  # type: ignore[call-overload]
+
+    def compute_efficiency_for(self, fmt: str) -> float:
+        """Give the compute efficiency of the matmul path for a weight format key."""
+        return self.compute_efficiency_by_format.get(fmt, self.compute_efficiency)  # type: ignore[call-overload]
+
+    def linear_overhead_us_for(self, fmt: str) -> float:
+        """Give the fixed cost (µs) of one linear stored in a format, all its kernels included."""
+        measured = self.linear_overhead_us_by_format.get(fmt)  # type: ignore[call-overload]
+        return measured if measured is not None else self.kernels_per_linear * self.per_kernel_overhead_us
 
 
 def profiles_dir() -> Path:
@@ -191,6 +258,18 @@ def load_profile(name_or_path: str | Path) -> HardwareProfile:
     for prof in profiles:
         if text in prof.names:
             return prof
+    fallback = FALLBACK_ALIASES.get(text)
+    for prof in profiles:
+        if prof.id == fallback:
+            return prof
     ids = ", ".join(p.id for p in profiles)
-    aliases = ", ".join(a for p in profiles for a in p.aliases)
+    aliases = ", ".join([*(a for p in profiles for a in p.aliases), *FALLBACK_ALIASES])
     raise ProfileError(f"unknown hardware profile '{text}'; available: {ids} (aliases: {aliases})")
+
+
+def resolve_name(name: str) -> str:
+    """Give the id a name resolves to, with how (``cpu`` -> the local calibrated profile or the x86 prior)."""
+    prof = load_profile(name)
+    if name in FALLBACK_ALIASES and prof.id == FALLBACK_ALIASES[name]:
+        return f"{prof.id} (no calibrated local profile; run `autocompress hw calibrate --out hw_profiles/local.yaml`)"
+    return prof.id if name == prof.id else f"{prof.id} (alias {name!r})"

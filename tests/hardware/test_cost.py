@@ -11,11 +11,12 @@ from hypothesis import strategies as st
 
 from autocompress.errors import PlanError
 from autocompress.hardware import Cost, CostModel, HardwareProfile, list_profiles, load_profile
+from autocompress.hardware.anchors import check_anchors, llama_like_anatomy
 from autocompress.model import load_model
-from autocompress.model.anatomy import BlockInfo, LinearSite, ModelAnatomy
+from autocompress.model.anatomy import ModelAnatomy
 from autocompress.plan import BlockChoice, LayerChoice, ModelRef, Plan
 
-PROFILES = {p.id: p for p in list_profiles()}
+PROFILES = {p.id: p for p in list_profiles() if not p.calibrated}  # shipped ones; not this machine's local.yaml
 TINY = ("tiny-llama", "tiny-gpt2", "tiny-bert")
 
 
@@ -29,33 +30,7 @@ def llama_anatomy(
     tied: bool = True,
 ) -> ModelAnatomy:
     """Give a synthetic Llama-shaped anatomy (pure data: no weights exist anywhere)."""
-    d = hidden // heads
-    roles = [("q", heads * d, hidden), ("k", kv * d, hidden), ("v", kv * d, hidden), ("o", hidden, heads * d)]
-    roles += [("gate", mlp, hidden), ("up", mlp, hidden), ("down", hidden, mlp)]
-    blocks = tuple(
-        BlockInfo(
-            index=i,
-            prefix=f"layers.{i}",
-            linears=tuple(LinearSite(f"layers.{i}.{r}", i, r, inf, out) for r, out, inf in roles),
-            num_heads=heads,
-            num_kv_heads=kv,
-            head_dim=d,
-            mlp_dim=mlp,
-        )
-        for i in range(n_blocks)
-    )
-    return ModelAnatomy(
-        name=f"synthetic-{n_blocks}x{hidden}",
-        model_hash="0" * 64,
-        architecture="llama",
-        task="causal-lm",
-        hidden_size=hidden,
-        vocab_size=vocab,
-        max_positions=4096,
-        blocks=blocks,
-        other_params=vocab * hidden * (1 if tied else 2) + (2 * n_blocks + 1) * hidden,
-        tied_embeddings=tied,
-    )
+    return llama_like_anatomy(f"synthetic-{n_blocks}x{hidden}", n_blocks, hidden, heads, kv, mlp, vocab, tied)
 
 
 def plan_for(a: ModelAnatomy, **kw: object) -> Plan:
@@ -254,8 +229,9 @@ def test_memory_budget_and_parts(one_b: ModelAnatomy) -> None:
     assert not CostModel(pi, big).predict(plan_for(big)).fits_memory  # 13 GB fp16 on an 8 GB Pi
     assert CostModel(pi, big).predict(plan_for(big, default=LayerChoice(bits=4, group_size=32))).fits_memory
     c = CostModel(pi, one_b).predict(plan_for(one_b))
-    assert c.memory_mb == pytest.approx(c.weights_mb + c.kv_cache_mb + pi.runtime_overhead_MB)
-    assert set(c.to_dict()) == {
+    assert c.memory_mb == pytest.approx(c.weights_mb + c.kv_cache_mb + c.activation_mb + pi.runtime_overhead_MB)
+    assert 0 < c.activation_mb < 0.05 * c.memory_mb
+    assert set(c.to_dict()) >= {  # the names the search stores per trial
         "latency_ms",
         "prefill_ms",
         "memory_mb",
@@ -263,7 +239,22 @@ def test_memory_budget_and_parts(one_b: ModelAnatomy) -> None:
         "kv_cache_mb",
         "energy_mj",
         "fits_memory",
+        "decode_ms_per_token",
+        "tokens_per_s",
+        "energy_mj_per_token",
+        "decode_floor_ms",
+        "prefill_floor_ms",
     }
+
+
+def test_long_context_breaks_memory_feasibility() -> None:
+    """Llama-3.2-3B int4 fits the Orin Nano's ~5.2 GB usable at 1 k context; its KV cache at 32 k does not."""
+    a = llama_anatomy(n_blocks=28, hidden=3072, heads=24, kv=8, mlp=8192, vocab=128256, tied=True)
+    plan = plan_for(a, default=LayerChoice(bits=4, group_size=32))
+    jetson = load_profile("jetson-orin-nano-25w-mlc")
+    short, long = (CostModel(jetson, a, context_tokens=n).predict(plan) for n in (1024, 32768))
+    assert short.fits_memory and not long.fits_memory
+    assert long.kv_cache_mb == pytest.approx(32768 * 28 * 2 * 8 * 128 * 2 / 1e6)
 
 
 def test_energy_is_power_times_time(one_b: ModelAnatomy) -> None:
@@ -281,11 +272,16 @@ def test_plan_for_another_model_is_refused(tiny: dict[str, ModelAnatomy]) -> Non
 # ---- anchors -------------------------------------------------------------------------
 
 
-def test_jetson_anchor_smollm2_fp16(smollm: ModelAnatomy) -> None:
-    """S30: SmolLM2-135M at ~165 tok/s (~6 ms/token) on Orin Nano Super 25 W with llama.cpp."""
-    cost = CostModel(load_profile("jetson"), smollm).predict(plan_for(smollm))
-    assert 6.0 * 0.7 <= cost.latency_ms <= 6.0 * 1.3
-    assert cost.fits_memory
+def test_every_published_anchor_is_predicted_within_25_percent() -> None:
+    """hardware.md §1.3 anchors, predicted from model configs alone (fit and held-out ones alike).
+
+    ±25 %, not ±20 %: the two llama.cpp anchors on the Orin Nano disagree with each other by ~1.45x
+    in implied bandwidth, and the fit splits the difference (see bench/cost_anchors.py)."""
+    results = check_anchors(list(PROFILES.values()))
+    assert len(results) >= 12
+    assert {r.anchor.role for r in results} == {"fit", "holdout"}
+    for r in results:
+        assert 0.75 <= r.ratio <= 1.25, (r.profile, r.anchor.model, r.anchor.weights, r.ratio)
 
 
 def test_jetson_25w_beats_15w_by_the_measured_margin(smollm: ModelAnatomy) -> None:
@@ -294,30 +290,6 @@ def test_jetson_25w_beats_15w_by_the_measured_margin(smollm: ModelAnatomy) -> No
     fast = CostModel(PROFILES["jetson-orin-nano-25w"], smollm).predict(plan)
     slow = CostModel(PROFILES["jetson-orin-nano-15w"], smollm).predict(plan)
     assert 1.2 < slow.latency_ms / fast.latency_ms < 1.7
-
-
-@pytest.mark.parametrize(
-    ("label", "choice", "measured_ms"),
-    [
-        ("bf16", LayerChoice(), 1e3 / 95.64),
-        ("int4wo-64", LayerChoice(bits=4, group_size=64), 1e3 / 180.80),
-        ("int4 + 2:4", LayerChoice(bits=4, group_size=64, sparsity=0.5, sparsity_pattern="2:4"), 1e3 / 226.02),
-    ],
-)
-def test_a100_anchor_llama3_8b(label: str, choice: LayerChoice, measured_ms: float) -> None:
-    """S25: torchao Llama-3-8B batch-1 decode on A100-80GB (hardware.md §1.3)."""
-    a = llama_anatomy(n_blocks=32, hidden=4096, heads=32, kv=8, mlp=14336, vocab=128256, tied=False)
-    cost = CostModel(load_profile("a100"), a, context_tokens=256).predict(plan_for(a, default=choice))
-    assert cost.latency_ms == pytest.approx(measured_ms, rel=0.2), label
-
-
-def test_pi_anchor_tinyllama_q8() -> None:
-    """S28: TinyLlama-1.1B q8_0 decodes at ~9 tok/s on a Raspberry Pi 5."""
-    a = llama_anatomy(n_blocks=22, hidden=2048, heads=32, kv=4, mlp=5632, vocab=32000, tied=False)
-    cost = CostModel(load_profile("rpi"), a, context_tokens=256).predict(
-        plan_for(a, default=LayerChoice(bits=8, group_size=32))
-    )
-    assert cost.tokens_per_s == pytest.approx(9.0, rel=0.2)
 
 
 # ---- plan-only, deterministic, fast ---------------------------------------------------

@@ -10,16 +10,27 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from autocompress.errors import ProfileError
-from autocompress.hardware import HardwareProfile, list_profiles, load_profile, profiles_dir
+from autocompress.hardware import HardwareProfile, list_profiles, load_profile, profiles_dir, resolve_name
 from autocompress.hardware.profile import ENV_PROFILES_DIR, Kernels
 
 SHIPPED = [
+    "apple-m2-gpu",
+    "apple-m3-max-gpu",
+    "jetson-agx-orin-30w",
+    "jetson-agx-orin-maxn",
+    "jetson-nano",
     "jetson-orin-nano-15w",
     "jetson-orin-nano-25w",
+    "jetson-orin-nano-25w-mlc",
+    "jetson-orin-nano-7w",
+    "jetson-xavier-nx",
     "nvidia-a100-80gb",
+    "nvidia-h100-sxm",
+    "nvidia-l4",
     "nvidia-t4",
     "raspberry-pi-5",
     "x86-avx2-laptop",
+    "xeon-8480-amx",
 ]
 
 
@@ -34,8 +45,9 @@ def _write(tmp_path: Path, data: dict, name: str = "bad.yaml") -> Path:
 
 
 def test_every_shipped_profile_loads_and_is_an_honest_prior() -> None:
-    profiles = list_profiles()
+    profiles = [p for p in list_profiles() if p.id != "local"]  # a machine's own calibrated profile may sit beside them
     assert [p.id for p in profiles] == SHIPPED  # sorted by id, nothing missing
+    assert len(SHIPPED) >= 14
     for p in profiles:
         assert (profiles_dir() / f"{p.id}.yaml").is_file()
         assert p.calibrated is False
@@ -51,7 +63,9 @@ def test_every_shipped_profile_loads_and_is_an_honest_prior() -> None:
         ("jetson", "jetson-orin-nano-25w"),
         ("jetson-orin-nano", "jetson-orin-nano-25w"),
         ("rpi", "raspberry-pi-5"),
-        ("cpu", "x86-avx2-laptop"),
+        ("laptop", "x86-avx2-laptop"),
+        ("agx-orin", "jetson-agx-orin-maxn"),
+        ("h100", "nvidia-h100-sxm"),
         ("a100", "nvidia-a100-80gb"),
         ("nvidia-t4", "nvidia-t4"),
     ],
@@ -177,3 +191,62 @@ def test_stored_bits_never_claims_a_missing_kernel(supported: tuple[int, ...], b
     assert all(not (bits <= b < stored) for b in supported)  # the smallest width that fits
     if bits > 2:
         assert k.stored_bits(bits - 1) <= stored
+
+
+def _only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *ids: str) -> None:
+    raws = {pid: _raw(pid) for pid in ids}
+    monkeypatch.setenv(ENV_PROFILES_DIR, str(tmp_path))
+    for pid, data in raws.items():
+        _write(tmp_path, data, f"{pid}.yaml")
+
+
+def _local(**change: object) -> dict:
+    data = {**_raw("x86-avx2-laptop"), "id": "local", "aliases": ["cpu"], "calibrated": True}
+    data["calibration"] = {
+        "date": "2026-01-01",
+        "host": "test",
+        "threads": 1,
+        "seconds": 1.0,
+        "samples": 10,
+        "measurements": "local.measurements.json",
+        "fit_mape": 0.05,
+        "tool": "test",
+    }
+    return {**data, **change}
+
+
+def test_cpu_alias_falls_back_to_the_x86_prior(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _only(tmp_path, monkeypatch, "x86-avx2-laptop", "raspberry-pi-5")
+    assert load_profile("cpu").id == "x86-avx2-laptop"
+    assert "no calibrated local profile" in resolve_name("cpu")
+
+
+def test_cpu_alias_prefers_the_calibrated_local_profile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    local = _local()
+    _only(tmp_path, monkeypatch, "x86-avx2-laptop")
+    _write(tmp_path, local, "local.yaml")
+    p = load_profile("cpu")
+    assert p.id == "local" and p.calibrated and p.calibration is not None
+    assert resolve_name("cpu") == "local (alias 'cpu')"
+    assert load_profile("x86-avx2-laptop").id == "x86-avx2-laptop"  # the prior stays reachable by id
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"calibration": None}, "no calibration block"),
+        ({"energy_pJ_per_byte": 50.0}, "go together"),
+        ({"kernels": {"unstructured_sparse_storage": True}}, "sparse_runtime"),
+        ({"dense_bits": 8}, "dense_bits"),
+    ],
+)
+def test_inconsistent_calibrated_profile_is_rejected(tmp_path: Path, change: dict, needle: str) -> None:
+    with pytest.raises(ProfileError, match=needle):
+        load_profile(str(_write(tmp_path, _local(**change))))
+
+
+def test_bad_anchor_is_named(tmp_path: Path) -> None:
+    data = _raw("raspberry-pi-5")
+    data["anchors"][0]["role"] = "trained"
+    with pytest.raises(ProfileError, match=r"field 'anchors\.0\.role'"):
+        load_profile(str(_write(tmp_path, data)))

@@ -71,26 +71,26 @@ def test_journal_file_storage(tmp_path):
 
 def test_two_workers_share_one_study(tmp_path):
     storage = f"sqlite:///{tmp_path / 'k' / 'study.db'}"
-    cmd = [*_cmd(tmp_path, 60), "--jobs", "2"]
+    cmd = [*_cmd(tmp_path, 100), "--jobs", "2"]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     trials = _load(storage).trials
     numbers = [t.number for t in trials]
     assert len(numbers) == len(set(numbers))
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    assert 60 <= len(complete) <= 61  # the second worker may finish one trial past the target
+    assert 100 <= len(complete) <= 101  # the second worker may finish one trial past the target
     assert not [t for t in trials if t.state == TrialState.RUNNING]
-    assert len({t.user_attrs["pid"] for t in complete}) == 2  # both processes evaluated trials
+    assert len({t.user_attrs["pid"] for t in complete}) == 2  # both processes evaluated trials (start-up ≈ 5 s)
     assert (tmp_path / "k" / "pareto.json").is_file()
     for t in complete:
         assert (tmp_path / "k" / "plans" / f"{t.number}.yaml").is_file()
 
 
 def test_two_workers_on_postgresql(tmp_path, postgres_url):
-    cmd = [*_cmd(tmp_path, 40, postgres_url), "--jobs", "2"]
+    cmd = [*_cmd(tmp_path, 100, postgres_url), "--jobs", "2"]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     trials = _load(postgres_url).trials
     numbers = [t.number for t in trials]
     assert len(numbers) == len(set(numbers))
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    assert 40 <= len(complete) <= 41
+    assert 100 <= len(complete) <= 101
     assert len({t.user_attrs["pid"] for t in complete}) == 2
