@@ -8,6 +8,9 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -44,3 +47,25 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def read_yaml(path: str | Path, error: type[Exception], what: str) -> Any:
+    """Give the parsed content of a YAML file (``safe_load``); any problem raises ``error`` in one line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(f"{what} not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"cannot read {what} {path}: {exc.__class__.__name__}") from None
+    return parse_yaml(text, error, str(path))
+
+
+def parse_yaml(text: str, error: type[Exception], source: str) -> Any:
+    """Give the parsed content of YAML text; malformed YAML raises ``error`` naming the line."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise error(f"{source}: not valid YAML{where}") from None

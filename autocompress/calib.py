@@ -197,6 +197,17 @@ def _first_tensor(x: Any) -> torch.Tensor:
     return x[0] if isinstance(x, (tuple, list)) else x
 
 
+def run_with_hooks(model: nn.Module, tokens: torch.Tensor, handles: list, batch_size: int = 4) -> None:
+    """Run ``tokens`` through the model in batches, then remove the registered hook ``handles``."""
+    try:
+        with torch.inference_mode():
+            for start in range(0, tokens.shape[0], batch_size):
+                model(input_ids=tokens[start : start + batch_size])
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def collect_stats(model: nn.Module, anatomy: Any, tokens: torch.Tensor, batch_size: int = 4) -> ActivationStats:
     """Run the calibration tokens through the model once and gather ``ActivationStats``."""
     sq: dict[str, torch.Tensor] = {}
@@ -226,13 +237,7 @@ def collect_stats(model: nn.Module, anatomy: Any, tokens: torch.Tensor, batch_si
         handles.append(model.get_submodule(site.name).register_forward_hook(linear_hook(site.name)))
     for blk in anatomy.blocks:
         handles.append(model.get_submodule(blk.prefix).register_forward_hook(block_hook(blk.index), with_kwargs=True))
-    try:
-        with torch.inference_mode():
-            for start in range(0, tokens.shape[0], batch_size):
-                model(input_ids=tokens[start : start + batch_size])
-    finally:
-        for h in handles:
-            h.remove()
+    run_with_hooks(model, tokens, handles, batch_size)
     return ActivationStats(
         input_sq_norms=sq,
         block_distance=[s / max(n, 1) for s, n in zip(dist_sum, dist_n, strict=True)],

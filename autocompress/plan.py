@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from autocompress._io import atomic_write_text
+from autocompress._io import atomic_write_text, parse_yaml, read_yaml
 from autocompress.errors import PlanError
 
 if TYPE_CHECKING:
@@ -341,12 +341,7 @@ class Plan:
 
     @classmethod
     def from_yaml(cls, text: str, source: str = "plan") -> Plan:
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" (line {mark.line + 1})" if mark is not None else ""
-            raise PlanError(f"{source}: not valid YAML{where}") from None
+        data = parse_yaml(text, PlanError, source)
         if data is None:
             raise PlanError(f"{source}: the file is empty")
         return cls.from_dict(data)
@@ -354,18 +349,13 @@ class Plan:
     @classmethod
     def load(cls, path: str | Path) -> Plan:
         """Read a plan file; any problem is a ``PlanError`` naming the file and the field."""
-        path = Path(path)
+        data = read_yaml(path, PlanError, "plan file")
+        if data is None:
+            raise PlanError(f"{path}: the file is empty")
         try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise PlanError(f"plan file not found: {path}") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise PlanError(f"cannot read plan file {path}: {exc.__class__.__name__}") from None
-        try:
-            return cls.from_yaml(text, source=str(path))
+            return cls.from_dict(data)
         except PlanError as exc:
-            msg = str(exc)
-            raise PlanError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
+            raise PlanError(f"{path}: {exc}") from None
 
     # ---- identity ------------------------------------------------------------------
     def hash(self) -> str:

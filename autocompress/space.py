@@ -10,8 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from autocompress._io import read_yaml
 from autocompress.errors import PlanError, SpaceError
 from autocompress.model.anatomy import ModelAnatomy
 from autocompress.plan import BlockChoice, LayerChoice, ModelRef, Plan, Provenance
@@ -65,13 +64,7 @@ class SearchSpace:
             path = spaces_dir() / f"{name_or_path}.yaml"
             if not path.is_file():
                 raise SpaceError(f"unknown search space {str(name_or_path)!r}; available: {', '.join(list_spaces())}")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise SpaceError(f"search-space file not found: {path}") from None
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-            raise SpaceError(f"{path}: cannot read search space ({exc.__class__.__name__})") from None
-        return cls.from_dict(data, str(path))
+        return cls.from_dict(read_yaml(path, SpaceError, "search-space file"), str(path))
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "space") -> SearchSpace:

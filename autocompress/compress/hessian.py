@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from autocompress.calib import run_with_hooks
+
 if TYPE_CHECKING:
     from autocompress.calib import TokenData
     from autocompress.model.anatomy import LinearSite, ModelAnatomy
@@ -89,13 +91,7 @@ def collect_hessians(
         if key not in seen:  # one hook per distinct input: the others read the same tensor
             seen.add(key)
             handles.append(model.get_submodule(site.name).register_forward_hook(hook(key)))
-    try:
-        with torch.inference_mode():
-            for start in range(0, tokens.shape[0], batch_size):
-                model(input_ids=tokens[start : start + batch_size])
-    finally:
-        for h in handles:
-            h.remove()
+    run_with_hooks(model, tokens, handles, batch_size)
     return sums
 
 

@@ -114,22 +114,16 @@ def unit_probes(space: SearchSpace, ctx: SpaceContext) -> Iterator[tuple[str, Pl
                 single = LayerChoice.from_dict(json.loads(part.split(":", 1)[1]), "probe")
                 yield f"{prefix}|{part}", replace(base, layers=dict.fromkeys(names, single))
     for b in a.blocks:
-        for hr in space.structure.get("keep_heads_ratio", ()):
-            p = space.plan_from_params({f"b{b.index}.keep_heads_ratio": hr, "keep_heads_ratio": 1.0}, ctx)
-            bc = p.blocks.get(b.index)
-            if bc is not None and bc.keep_heads is not None:
-                yield (
-                    f"b{b.index}.|heads={bc.keep_heads}",
-                    replace(base, blocks={b.index: BlockChoice(keep_heads=bc.keep_heads)}),
+        for knob, field, label in (
+            ("keep_heads_ratio", "keep_heads", "heads"),
+            ("keep_mlp_ratio", "keep_mlp_channels", "mlp"),
+        ):
+            for ratio in space.structure.get(knob, ()):
+                kept = getattr(
+                    space.plan_from_params({f"b{b.index}.{knob}": ratio, knob: 1.0}, ctx).block_choice(b.index), field
                 )
-        for mr in space.structure.get("keep_mlp_ratio", ()):
-            p = space.plan_from_params({f"b{b.index}.keep_mlp_ratio": mr, "keep_mlp_ratio": 1.0}, ctx)
-            bc = p.blocks.get(b.index)
-            if bc is not None and bc.keep_mlp_channels is not None:
-                yield (
-                    f"b{b.index}.|mlp={bc.keep_mlp_channels}",
-                    replace(base, blocks={b.index: BlockChoice(keep_mlp_channels=bc.keep_mlp_channels)}),
-                )
+                if kept is not None:
+                    yield f"b{b.index}.|{label}={kept}", replace(base, blocks={b.index: BlockChoice(**{field: kept})})
         if max(space.structure.get("drop_blocks", (0,))) > 0:
             yield f"b{b.index}.|drop", replace(base, drop_blocks=(b.index,))
 

@@ -12,9 +12,9 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal, get_args
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from autocompress._io import read_yaml
 from autocompress.errors import ProfileError
 
 ENV_PROFILES_DIR = "AUTOCOMPRESS_HW_PROFILES"
@@ -216,18 +216,7 @@ def profile_from_dict(data: object, source: str = "profile") -> HardwareProfile:
 def read_profile(path: str | Path) -> HardwareProfile:
     """Give the profile stored in one YAML file."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ProfileError(f"hardware profile file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ProfileError(f"cannot read hardware profile {path}: {exc.__class__.__name__}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise ProfileError(f"{path}: not valid YAML{where}") from None
+    data = read_yaml(path, ProfileError, "hardware profile file")
     if data is None:
         raise ProfileError(f"{path}: the file is empty")
     return profile_from_dict(data, str(path))
