@@ -252,7 +252,7 @@ def load_profile(name_or_path: str | Path) -> HardwareProfile:
         if prof.id == fallback:
             return prof
     ids = ", ".join(p.id for p in profiles)
-    aliases = ", ".join([*(a for p in profiles for a in p.aliases), *FALLBACK_ALIASES])
+    aliases = ", ".join(dict.fromkeys([*(a for p in profiles for a in p.aliases), *FALLBACK_ALIASES]))
     raise ProfileError(f"unknown hardware profile '{text}'; available: {ids} (aliases: {aliases})")
 
 
