@@ -268,7 +268,9 @@ def hw_show(name: Annotated[str, typer.Argument(help="Profile id, alias or YAML 
     from autocompress.hardware import load_profile
 
     p = load_profile(name)
-    console.print(yaml.safe_dump(p.model_dump(mode="json"), sort_keys=False), markup=False, highlight=False)
+    console.print(
+        yaml.safe_dump(p.model_dump(mode="json"), sort_keys=False, allow_unicode=True), markup=False, highlight=False
+    )
 
 
 @hw_app.command("calibrate")
