@@ -229,10 +229,9 @@ def evaluate(
     if hw:
         from autocompress.hardware import CostModel, load_profile
         from autocompress.plan import ModelRef
-        from autocompress.plan import Plan as _Plan
 
         a = wb.lm.anatomy
-        cp = p or _Plan(model=ModelRef(a.name, a.model_hash, a.architecture, a.num_blocks))
+        cp = p or Plan(model=ModelRef.of(a))
         cost = CostModel(load_profile(hw), a).predict(cp)
         for k, v in cost.to_dict().items():
             table.add_row(f"{k} on {hw}", f"{v:.4g}" if isinstance(v, float) else str(v))

@@ -207,6 +207,11 @@ class ModelRef:
     architecture: str
     num_blocks: int
 
+    @classmethod
+    def of(cls, anatomy: ModelAnatomy) -> ModelRef:
+        """Give the reference to the model an anatomy describes."""
+        return cls(anatomy.name, anatomy.model_hash, anatomy.architecture, anatomy.num_blocks)
+
 
 @dataclass(frozen=True)
 class Provenance:

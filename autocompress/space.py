@@ -148,6 +148,10 @@ class SearchSpace:
                 if k not in LINEAR_KNOBS and k not in STRUCTURE_KNOBS:
                     raise fail(f"baselines.{bname}.{k} is not a knob")
 
+    def definition(self) -> str:
+        """Give a canonical text of every level, override and baseline (what a study and caches key on)."""
+        return repr(sorted((k, repr(v)) for k, v in vars(self).items()))
+
     def levels_for(self, group: str) -> dict[str, tuple[Any, ...]]:
         return {**self.linear, **self.overrides.get(group, {})}
 
@@ -221,7 +225,7 @@ class SearchSpace:
         n_drop = int(params.get("drop_blocks", self.structure.get("drop_blocks", (0,))[0]))
         n_drop = min(n_drop, a.num_blocks - 1)
         drops = tuple(sorted(ctx.drop_order[:n_drop]))
-        model = ModelRef(a.name, a.model_hash, a.architecture, a.num_blocks)
+        model = ModelRef.of(a)
         return Plan(model=model, layers=layers, blocks=blocks, drop_blocks=drops, provenance=ctx.provenance)
 
     # ---- baselines and extremes -----------------------------------------------------------

@@ -100,7 +100,7 @@ def scores(pred: list[float], meas: list[float]) -> dict[str, float]:
 
 def throughput() -> dict[str, float]:
     a = load_model().anatomy
-    ref = ModelRef(a.name, a.model_hash, a.architecture, a.num_blocks)
+    ref = ModelRef.of(a)
     rng = random.Random(0)
     levels = [LayerChoice(bits=b, group_size=g) for b in (16, 8, 4, 3) for g in (None, 32, 128)]
     heads = [b.heads_per_kv * k for b in a.blocks[:1] for k in range(1, b.num_kv_heads + 1)]

@@ -81,7 +81,7 @@ def main() -> None:
     t0 = time.perf_counter()
     wb = Workbench.open()
     a = wb.lm.anatomy
-    ref = ModelRef(a.name, a.model_hash, a.architecture, a.num_blocks)
+    ref = ModelRef.of(a)
     prov = wb.provenance()
     ev = Evaluator(wb.lm.model, wb.data, "causal-lm")
     base_ppl = ev.base_full().ppl

@@ -23,7 +23,7 @@ def tiny_llama():
 
 def plan_for(anatomy, **kwargs) -> Plan:
     """A plan for ``anatomy`` with the given Plan fields."""
-    ref = ModelRef(anatomy.name, anatomy.model_hash, anatomy.architecture, anatomy.num_blocks)
+    ref = ModelRef.of(anatomy)
     return Plan(model=ref, **kwargs)
 
 

@@ -138,7 +138,7 @@ def _shared_copy(model: nn.Module, block_prefixes: set[str]) -> nn.Module:
 
 
 def table_path(cache: Path, model_hash: str, data_hash: str, space: SearchSpace, tokens: int) -> Path:
-    space_key = hashlib.sha256(repr(sorted((k, repr(v)) for k, v in vars(space).items())).encode()).hexdigest()
+    space_key = hashlib.sha256(space.definition().encode()).hexdigest()
     return cache / "sensitivity" / f"{model_hash[:16]}-{data_hash[:16]}-{space_key[:12]}-{tokens}-v{TABLE_VERSION}.json"
 
 

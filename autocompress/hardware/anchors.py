@@ -100,7 +100,7 @@ def predict_anchor(profile: HardwareProfile, anchor: Anchor) -> AnchorResult:
         sparsity=0.5 if anchor.sparsity_pattern == "2:4" else 0.0,
         sparsity_pattern="2:4" if anchor.sparsity_pattern == "2:4" else "unstructured",
     )
-    plan = Plan(model=ModelRef(a.name, a.model_hash, a.architecture, a.num_blocks), default=choice)
+    plan = Plan(model=ModelRef.of(a), default=choice)
     cost = CostModel(profile, a, context_tokens=anchor.context_tokens).predict(plan)
     return AnchorResult(profile.id, anchor, cost.tokens_per_s)
 

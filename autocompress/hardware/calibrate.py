@@ -230,7 +230,7 @@ def _block_costs(threads: int, tmp: Path, log: Callable[[str], None]) -> dict[st
     a = lm.anatomy
     out: dict[str, Any] = {"timings_ms": {}}
     for keep in (1, len(a.blocks)):
-        plan = Plan(model=ModelRef(a.name, a.model_hash, a.architecture, a.num_blocks))
+        plan = Plan(model=ModelRef.of(a))
         if keep < a.num_blocks:
             plan = Plan(model=plan.model, drop_blocks=tuple(range(keep, a.num_blocks)))
         from autocompress.compress.apply import apply_plan_to

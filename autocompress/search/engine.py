@@ -81,7 +81,7 @@ def _settings(
         "model": wb.lm.anatomy.name,
         "data_hash": wb.data.data_hash,
         "space": space.name,
-        "space_def": repr(sorted((k, repr(v)) for k, v in vars(space).items())),
+        "space_def": space.definition(),
         "profile": profile_id,
         "budgets": budget.to_dict(),
         "seed": seed,
@@ -329,111 +329,95 @@ class TrialRunner:
     table: SensitivityTable | None
 
     def run(self, trials: int, deadline: float | None, progress: Any = None) -> int:
+        """Ask/evaluate/tell until the study holds ``trials`` evaluated trials (or time runs out);
+        give how many this process evaluated. Other processes may work on the same study."""
         opt, space, ctx, wb, evaluator = self.opt, self.space, self.ctx, self.wb, self.evaluator
         cost_model, budget, study_dir, table = self.cost_model, self.budget, self.study_dir, self.table
-        return _run_trials(
-            opt, space, ctx, wb, evaluator, cost_model, budget, trials, deadline, study_dir, progress, table
-        )
+        anatomy = ctx.anatomy
+        known: dict[str, tuple[float, float]] = {}
+        for t in opt.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if "plan_hash" in t.user_attrs:
+                known[t.user_attrs["plan_hash"]] = (t.values[0], t.user_attrs.get("top1_agreement", math.nan))
 
+        def n_done() -> int:
+            return len(opt.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
-def _run_trials(
-    opt: optuna.Study,
-    space: SearchSpace,
-    ctx: SpaceContext,
-    wb: Workbench,
-    evaluator: Evaluator,
-    cost_model: CostModel,
-    budget: Budget,
-    trials: int,
-    deadline: float | None,
-    study_dir: Path,
-    progress: Any,
-    table: SensitivityTable | None,
-) -> int:
-    """Ask/evaluate/tell until the study holds ``trials`` evaluated trials (or time runs out)."""
-    anatomy = ctx.anatomy
-    known: dict[str, tuple[float, float]] = {}
-    for t in opt.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if "plan_hash" in t.user_attrs:
-            known[t.user_attrs["plan_hash"]] = (t.values[0], t.user_attrs.get("top1_agreement", math.nan))
-
-    def n_done() -> int:
-        return len(opt.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-
-    mine = 0
-    asks = 0
-    fails_in_a_row = 0
-    last_reason = ""
-    max_asks = trials * 50 + 200
-    task = progress.add_task("search", total=trials, completed=min(n_done(), trials)) if progress else None
-    while (done := n_done()) < trials:
-        if progress:
-            progress.update(task, completed=done)
-        if deadline is not None and time.time() > deadline:
-            break
-        if asks >= max_asks:
-            break
-        asks += 1
-        trial = opt.ask()
-        if isinstance(opt.sampler, optuna.samplers.NSGAIISampler) and (
-            "baseline" in trial.user_attrs or "seed" in trial.user_attrs
-        ):
-            # Optuna leaves fully enqueued trials outside every generation; make the seeds generation 0.
-            opt._storage.set_trial_system_attr(trial._trial_id, "NSGAIISampler:generation", 0)
-        try:
-            plan = space.suggest(trial, ctx).with_provenance(trial=trial.number)
-            plan.validate(anatomy)
-            cost = cost_model.predict(plan)
-            phash = plan.hash()
-            trial.set_user_attr("plan_hash", phash)
-            trial.set_user_attr("pid", os.getpid())
-            if table is not None:
-                rung0 = table.predict(plan, space, ctx)
-                if math.isfinite(rung0):
-                    trial.set_user_attr("rung0_kl", rung0)
-            trial.set_user_attr("cost", cost.to_dict())
-            violations = {k: getattr(cost, k) - v for k, v in budget.cost_items().items()}
-            for k, v in violations.items():
-                trial.set_constraint(k, v)
-            broken = [f"{k} {getattr(cost, k):.3g} > {getattr(budget, k):g}" for k, v in violations.items() if v > 0]
-            if broken:
-                if budget.quality_loss is not None:
-                    trial.set_constraint("quality_loss", 0.0)
-                trial.set_user_attr("screened_out", "; ".join(broken))
-                opt.tell(trial, state=TrialState.PRUNED)
-                continue
-            if phash in known:
-                kl, top1 = known[phash]
-            else:
-                model = wb.apply(plan)
-                fid = evaluator.proxy(model)
-                del model
-                kl, top1 = fid.kl, fid.top1_agreement
-                known[phash] = (kl, top1)
-            trial.set_user_attr("top1_agreement", top1)
-            trial.set_user_attr("rung", 1)
-            if budget.quality_loss is not None:
-                trial.set_constraint("quality_loss", kl - budget.quality_loss)
-            plan.save(study_dir / "plans" / f"{trial.number}.yaml")
-            opt.tell(trial, [kl, cost.latency_ms, cost.memory_mb])
-            mine += 1
-            fails_in_a_row = 0
+        mine = 0
+        asks = 0
+        fails_in_a_row = 0
+        last_reason = ""
+        max_asks = trials * 50 + 200
+        task = progress.add_task("search", total=trials, completed=min(n_done(), trials)) if progress else None
+        while (done := n_done()) < trials:
             if progress:
-                progress.update(task, completed=min(n_done(), trials), description=f"search (last KL {kl:.3f})")
-        except KeyboardInterrupt:
-            trial.set_user_attr("fail_reason", "interrupted by the user")
-            opt.tell(trial, state=TrialState.FAIL)
-            raise
-        except Exception as exc:
-            last_reason = (
-                str(exc) if isinstance(exc, AutocompressError) else f"{exc.__class__.__name__}: {str(exc)[:300]}"
-            )
-            trial.set_user_attr("fail_reason", last_reason)
-            opt.tell(trial, state=TrialState.FAIL)
-            fails_in_a_row += 1
-            if fails_in_a_row >= MAX_FAILS_IN_A_ROW:
-                raise StudyError(f"{fails_in_a_row} trials in a row failed; the last with: {last_reason}") from None
-    return mine
+                progress.update(task, completed=done)
+            if deadline is not None and time.time() > deadline:
+                break
+            if asks >= max_asks:
+                break
+            asks += 1
+            trial = opt.ask()
+            if isinstance(opt.sampler, optuna.samplers.NSGAIISampler) and (
+                "baseline" in trial.user_attrs or "seed" in trial.user_attrs
+            ):
+                # Optuna leaves fully enqueued trials outside every generation; make the seeds generation 0.
+                opt._storage.set_trial_system_attr(trial._trial_id, "NSGAIISampler:generation", 0)
+            try:
+                plan = space.suggest(trial, ctx).with_provenance(trial=trial.number)
+                plan.validate(anatomy)
+                cost = cost_model.predict(plan)
+                phash = plan.hash()
+                trial.set_user_attr("plan_hash", phash)
+                trial.set_user_attr("pid", os.getpid())
+                if table is not None:
+                    rung0 = table.predict(plan, space, ctx)
+                    if math.isfinite(rung0):
+                        trial.set_user_attr("rung0_kl", rung0)
+                trial.set_user_attr("cost", cost.to_dict())
+                violations = {k: getattr(cost, k) - v for k, v in budget.cost_items().items()}
+                for k, v in violations.items():
+                    trial.set_constraint(k, v)
+                broken = [
+                    f"{k} {getattr(cost, k):.3g} > {getattr(budget, k):g}" for k, v in violations.items() if v > 0
+                ]
+                if broken:
+                    if budget.quality_loss is not None:
+                        trial.set_constraint("quality_loss", 0.0)
+                    trial.set_user_attr("screened_out", "; ".join(broken))
+                    opt.tell(trial, state=TrialState.PRUNED)
+                    continue
+                if phash in known:
+                    kl, top1 = known[phash]
+                else:
+                    model = wb.apply(plan)
+                    fid = evaluator.proxy(model)
+                    del model
+                    kl, top1 = fid.kl, fid.top1_agreement
+                    known[phash] = (kl, top1)
+                trial.set_user_attr("top1_agreement", top1)
+                trial.set_user_attr("rung", 1)
+                if budget.quality_loss is not None:
+                    trial.set_constraint("quality_loss", kl - budget.quality_loss)
+                plan.save(study_dir / "plans" / f"{trial.number}.yaml")
+                opt.tell(trial, [kl, cost.latency_ms, cost.memory_mb])
+                mine += 1
+                fails_in_a_row = 0
+                if progress:
+                    progress.update(task, completed=min(n_done(), trials), description=f"search (last KL {kl:.3f})")
+            except KeyboardInterrupt:
+                trial.set_user_attr("fail_reason", "interrupted by the user")
+                opt.tell(trial, state=TrialState.FAIL)
+                raise
+            except Exception as exc:
+                last_reason = (
+                    str(exc) if isinstance(exc, AutocompressError) else f"{exc.__class__.__name__}: {str(exc)[:300]}"
+                )
+                trial.set_user_attr("fail_reason", last_reason)
+                opt.tell(trial, state=TrialState.FAIL)
+                fails_in_a_row += 1
+                if fails_in_a_row >= MAX_FAILS_IN_A_ROW:
+                    raise StudyError(f"{fails_in_a_row} trials in a row failed; the last with: {last_reason}") from None
+        return mine
 
 
 def candidates_of(opt: optuna.Study, study_dir: Path, anatomy: Any) -> list[Candidate]:
@@ -515,7 +499,7 @@ def _finish(
             c.metrics.update(full.get(c.plan.hash(), {}))
     else:
         base = {}
-    base_ref = ModelRef(anatomy.name, anatomy.model_hash, anatomy.architecture, anatomy.num_blocks)
+    base_ref = ModelRef.of(anatomy)
     base_cost = cost_model.predict(Plan(model=base_ref))
     base_metrics = {**base, "kl": 0.0, "latency_ms": base_cost.latency_ms, "memory_mb": base_cost.memory_mb}
     agreement = _agreement(opt, [*front, *baselines.values()])

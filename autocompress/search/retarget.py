@@ -47,9 +47,7 @@ def retarget(
     for c in cands:
         c.cost = cost_model.predict(c.plan).to_dict()
     front, baselines = front_and_baselines(cands, budget)
-    base_cost = cost_model.predict(
-        Plan(model=ModelRef(anatomy.name, anatomy.model_hash, anatomy.architecture, anatomy.num_blocks))
-    )
+    base_cost = cost_model.predict(Plan(model=ModelRef.of(anatomy)))
     base = {k: v for k, v in (opt.user_attrs.get("base_full") or {}).items()}
     states = [t.state for t in opt.get_trials(deepcopy=False)]
     result = SearchResult(

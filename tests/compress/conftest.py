@@ -44,7 +44,7 @@ def hook_stats(loaded: LoadedModel, seed: int = 0, tokens: int = 64) -> FakeStat
 
 def plan_for(loaded: LoadedModel, **kwargs) -> Plan:
     a = loaded.anatomy
-    return Plan(model=ModelRef(a.name, a.model_hash, a.architecture, a.num_blocks), **kwargs)
+    return Plan(model=ModelRef.of(a), **kwargs)
 
 
 @pytest.fixture(scope="module", params=["tiny-llama", "tiny-gpt2", "tiny-bert"])

@@ -34,7 +34,7 @@ def llama_anatomy(
 
 
 def plan_for(a: ModelAnatomy, **kw: object) -> Plan:
-    return Plan(model=ModelRef(a.name, a.model_hash, a.architecture, a.num_blocks), **kw)  # type: ignore[arg-type]
+    return Plan(model=ModelRef.of(a), **kw)  # type: ignore[arg-type]
 
 
 def with_kernels(profile: HardwareProfile, **kernels: object) -> HardwareProfile:

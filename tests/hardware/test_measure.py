@@ -22,7 +22,7 @@ def llama():
 
 
 def _plan(a, **kw) -> Plan:
-    return Plan(model=ModelRef(a.name, a.model_hash, a.architecture, a.num_blocks), **kw)
+    return Plan(model=ModelRef.of(a), **kw)
 
 
 def _ops(path) -> list[str]:

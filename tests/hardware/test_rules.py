@@ -19,7 +19,7 @@ ONE_B = llama_like_anatomy("one-b", n_blocks=4)
 
 
 def plan_for(a: ModelAnatomy, **kw: object) -> Plan:
-    return Plan(model=ModelRef(a.name, a.model_hash, a.architecture, a.num_blocks), **kw)  # type: ignore[arg-type]
+    return Plan(model=ModelRef.of(a), **kw)  # type: ignore[arg-type]
 
 
 def sparse_runtime(profile_id: str):
