@@ -28,6 +28,23 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
+def check_writable(folder: str | Path, error: type[Exception]) -> None:
+    """Raise ``error`` if ``folder`` cannot be created and written; leave behind no folder this check made."""
+    folder = Path(folder)
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise error(f"output folder {folder} is not writable ({exc.strerror or exc.__class__.__name__})") from None
+    finally:
+        for p in created:
+            with contextlib.suppress(OSError):
+                p.rmdir()
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling folder that replaces ``path`` only if the block succeeds."""

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from autocompress._io import check_writable
 from autocompress.errors import AutocompressError
 
 app = typer.Typer(
@@ -60,7 +61,9 @@ def search(
     ] = None,
     out: Annotated[Path, typer.Option(help="Folder that holds study folders")] = Path("studies"),
     seed: Annotated[int, typer.Option(help="Seed of the sampler (stored in every plan)")] = 0,
-    sampler: Annotated[str, typer.Option(help="nsga2 | tpe | random")] = "nsga2",
+    sampler: Annotated[
+        str, typer.Option(help="nsga2 | tpe (multivariate) | gp (Optuna GPSampler; slow on big spaces) | random")
+    ] = "nsga2",
     data: Annotated[
         Path | None,
         typer.Option(help="Text: .txt, folder of .txt, or .jsonl with 'text' [default: bundled Wikipedia leads]"),
@@ -106,11 +109,11 @@ def search(
 
 
 def _print_front(result) -> None:
-    from autocompress.search.report import HEADERS, front_rows
+    from autocompress.search.report import front_rows, headers_for
 
     base = result.base_metrics
     table = Table(title=f"Pareto front — study {result.study_name} on {result.profile}", show_lines=False)
-    for h in HEADERS:
+    for h in headers_for(base):
         table.add_column(h, overflow="fold", min_width=24) if h == "plan" else table.add_column(h, no_wrap=True)
     for row in front_rows(result.pareto):
         table.add_row(*row)
@@ -119,15 +122,16 @@ def _print_front(result) -> None:
     console.print(
         f"uncompressed: latency {base['latency_ms']:.3g} ms/token, memory {base['memory_mb']:.4g} MB"
         + (f", ppl {ppl:.4g}" if ppl else "")
+        + (f", accuracy {base['accuracy']:.4g}" if "accuracy" in base else "")
     )
     from autocompress.search.report import agreement_lines
 
     for line in agreement_lines(result.agreement):
         console.print(line.replace("**", ""), markup=False, highlight=False)
-    c = result.counts
+    from autocompress.search.report import counts_line
+
     console.print(
-        f"{c.get('evaluated', 0)} evaluated, {c.get('screened_out', 0)} screened out by the cost model, "
-        f"{c.get('failed', 0)} failed · {result.elapsed_s:.0f} s · outputs in {result.study_dir}/ "
+        f"{counts_line(result.counts)} · {result.elapsed_s:.0f} s · outputs in {result.study_dir}/ "
         "(summary.md, pareto.json, plans/)"
     )
 
@@ -167,6 +171,55 @@ def retarget(
 
 
 @app.command()
+def recover(
+    study: Annotated[str, typer.Option(help="Name of a finished study")],
+    trial: Annotated[list[int] | None, typer.Option(help="Trial number to recover (repeatable)")] = None,
+    pareto: Annotated[bool, typer.Option("--pareto", help="Recover every point of the Pareto front")] = False,
+    recover_tokens: Annotated[
+        int | None, typer.Option(help="Token budget per model [default: 65536 when no --recover-minutes]")
+    ] = None,
+    recover_minutes: Annotated[float | None, typer.Option(help="Training-time budget per model, in minutes")] = None,
+    temperature: Annotated[float, typer.Option(help="Distillation temperature")] = 1.0,
+    hidden_weight: Annotated[float, typer.Option(help="Weight of hidden-state matching on kept blocks")] = 0.0,
+    lr: Annotated[float, typer.Option(help="Learning rate (constant after warm-up)")] = 5e-5,
+    seed: Annotated[int, typer.Option(help="Seed of the batch order (recorded in the plan)")] = 0,
+    out: Annotated[Path, typer.Option(help="Folder that holds study folders")] = Path("studies"),
+    storage: Annotated[str | None, typer.Option(help="Optuna storage URL or journal .log path")] = None,
+) -> None:
+    """Distil the base model into compressed trials; add each result to the study and rewrite its front."""
+    from autocompress.recover import RecoverySettings, recover_trials
+
+    if pareto == bool(trial):
+        raise AutocompressError("give either --trial N (repeatable) or --pareto")
+    settings = RecoverySettings(
+        tokens=recover_tokens,
+        minutes=recover_minutes,
+        temperature=temperature,
+        hidden_weight=hidden_weight,
+        lr=lr,
+        seed=seed,
+    )
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    ) as progress:
+        task = progress.add_task("recovery", total=None)
+
+        def on_step(info, _model) -> None:
+            progress.update(task, completed=info.step, total=info.total, description=f"recovery (KL {info.loss:.4f})")
+
+        done = recover_trials(study, "pareto" if pareto else list(trial or []), out, settings, _log, storage, on_step)
+    table = Table(title=f"recovered trials — study {study}")
+    metric = next((k for r in done for k in ("ppl", "accuracy") if k in (r.full_after or {})), None)
+    for col in ("trial", "from", "steps", "KL before", "KL after", f"{metric} before", f"{metric} after"):
+        table.add_column(col, justify="right")
+    for r in done:
+        full = [f"{d[metric]:.4g}" if d and metric in d else "-" for d in (r.full_before, r.full_after)]
+        table.add_row(str(r.trial), str(r.recovered_from), str(r.steps), f"{r.kl_before:.4g}", f"{r.kl_after:.4g}", *full)
+    console.print(table)
+    console.print(f"front rewritten: {out / study}/summary.md, pareto.json; plans in {out / study}/plans/")
+
+
+@app.command()
 def apply(
     plan: Annotated[Path, typer.Argument(help="plan.yaml from a study")],
     out: Annotated[Path, typer.Option(help="Folder to write the compressed HF model into")],
@@ -178,8 +231,9 @@ def apply(
     from autocompress.workbench import Workbench
 
     p = Plan.load(plan)
-    if out.exists() and any(out.iterdir()) and not (out / "plan.yaml").is_file():
+    if out.is_dir() and any(out.iterdir()) and not (out / "plan.yaml").is_file():
         raise AutocompressError(f"output folder {out} is not empty and was not written by autocompress")
+    check_writable(out, AutocompressError)  # before the model is loaded
     wb = Workbench.for_plan(p, model, log=_log)
     compressed = wb.apply(p)
     weight_hash = export_hf(compressed, p, out, wb.lm.tokenizer)
@@ -223,9 +277,14 @@ def evaluate(
     table.add_row("KL to base (nats/token)", f"{fid.kl:.4g}")
     table.add_row("top-1 agreement", f"{fid.top1_agreement:.4f}")
     full = ev.full(m)
-    if full is not None:
+    if full is not None and hasattr(full, "ppl"):
         table.add_row(f"perplexity ({full.tokens} tokens)", f"{full.ppl:.4g}")
         table.add_row("bits per character", f"{full.bpc:.4g}")
+    elif full is not None:  # a classifier: its labelled evaluation articles
+        table.add_row(f"accuracy ({full.n} articles)", f"{full.accuracy:.4f}")
+        table.add_row("macro-F1", f"{full.macro_f1:.4f}")
+        table.add_row("expected calibration error", f"{full.ece:.4f}")
+        table.add_row("top-1 agreement with the base model", f"{full.top1_agreement:.4f}")
     if hw:
         from autocompress.hardware import CostModel, load_profile
         from autocompress.plan import ModelRef
@@ -285,6 +344,7 @@ def hw_calibrate(
         raise AutocompressError("--threads and --repeats must be positive")
     if out.suffix not in (".yaml", ".yml"):
         raise AutocompressError(f"--out must be a .yaml path (e.g. hw_profiles/local.yaml), got {out}")
+    check_writable(out.parent, AutocompressError)  # before minutes of measuring
     profile, raw = calibrate_local(threads=threads, repeats=repeats, log=_log)
     p = write_profile(profile, raw, out)
     c = p.calibration
@@ -295,6 +355,49 @@ def hw_calibrate(
         f"kernels/block {p.kernels_per_block}, {p.per_kernel_overhead_us:.2f} us each; "
         f"fit error {c.fit_mape:.1%} on {c.samples} timings"
     )
+
+
+@app.command()
+def export(
+    study: Annotated[str, typer.Option(help="Name of a finished study")],
+    out: Annotated[Path, typer.Option(help="Folder to write the exports into (one trial-<N>/ per point)")],
+    trial: Annotated[list[int] | None, typer.Option(help="Trial number to export (repeatable)")] = None,
+    pareto: Annotated[bool, typer.Option("--pareto", help="Export every point of the Pareto front")] = False,
+    onnx: Annotated[bool, typer.Option(help="Also write model.onnx, check it and measure it here")] = True,
+    hw: Annotated[str, typer.Option(help="Profile whose prediction the measurement is compared with")] = "local",
+    studies: Annotated[Path, typer.Option(help="Folder that holds study folders")] = Path("studies"),
+    storage: Annotated[str | None, typer.Option(help="Optuna storage URL or journal .log path")] = None,
+) -> None:
+    """Export trials of a study as HF folders + quantized ONNX, checked against PyTorch and measured here."""
+    from autocompress.export.study import export_trials, open_study
+    from autocompress.export.verify import latency_table
+
+    if pareto == bool(trial):
+        raise AutocompressError("give either --trial N (repeatable) or --pareto")
+    view = open_study(study, studies, storage)
+    numbers = [c.trial for c in view.front] if pareto else list(trial or [])
+    records = export_trials(view, numbers, out, onnx=onnx, hw=hw, log=_log)
+    console.print(latency_table(records), markup=False, highlight=False)
+    for r in records:
+        hf = r["hf"]
+        how = "plain transformers" if hf["loadable_with_plain_transformers"] else "autocompress.export.load_compressed"
+        console.print(f"{out}/trial-{r['trial']}/: loads with {how}", markup=False, highlight=False)
+    console.print(f"wrote {out}/exports.json and {out}/README.md")
+
+
+@app.command()
+def report(
+    study: Annotated[str, typer.Option(help="Name of a finished study")],
+    out: Annotated[Path, typer.Option(help="Folder to write report.md, report.html and figures into")],
+    studies: Annotated[Path, typer.Option(help="Folder that holds study folders")] = Path("studies"),
+    storage: Annotated[str | None, typer.Option(help="Optuna storage URL or journal .log path")] = None,
+) -> None:
+    """Write a study report: front table, Pareto plots, per-layer heatmaps, agreement, reproduce commands."""
+    from autocompress.export.study import open_study
+    from autocompress.report import write_report
+
+    paths = write_report(open_study(study, studies, storage), out)
+    console.print(f"wrote {', '.join(str(p) for p in paths)}")
 
 
 @app.command()

@@ -228,6 +228,54 @@ class Provenance:
 
 
 @dataclass(frozen=True)
+class RecoverySpec:
+    """Distillation after compression (``autocompress.recover``): every setting that shapes the weights.
+
+    ``steps`` is the exact number of optimizer steps taken (a minutes budget is turned into steps
+    when it runs, so re-applying the plan repeats it exactly); ``data_hash`` is the hash of the
+    training sequences (drawn from the calibration documents only).
+    """
+
+    steps: int
+    tokens: int  # training sequences × seq_len drawn from the calibration documents
+    seq_len: int
+    batch_size: int
+    lr: float
+    warmup_steps: int
+    temperature: float
+    hidden_weight: float
+    seed: int
+    data_hash: str
+
+    def __post_init__(self) -> None:
+        where = "plan.recovery"
+        for name in ("steps", "tokens", "seq_len", "batch_size", "warmup_steps", "seed"):
+            v = getattr(self, name)
+            low = 0 if name in ("steps", "warmup_steps", "seed") else 1
+            _require(_is_int(v) and v >= low, f"{where}.{name}", f"must be an integer >= {low}, got {v!r}")
+        for name in ("lr", "temperature"):
+            v = getattr(self, name)
+            _require(_is_num(v) and v > 0, f"{where}.{name}", f"must be a positive number, got {v!r}")
+        _require(
+            _is_num(self.hidden_weight) and self.hidden_weight >= 0,
+            f"{where}.hidden_weight",
+            f"must be a number >= 0, got {self.hidden_weight!r}",
+        )
+        _require(isinstance(self.data_hash, str), f"{where}.data_hash", "must be a string")
+
+    @classmethod
+    def from_dict(cls, data: Any) -> RecoverySpec:
+        _require(isinstance(data, Mapping), "plan.recovery", f"expected a mapping, got {type(data).__name__}")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(map(str, data)) - set(known))
+        _require(not unknown, "plan.recovery", f"unknown field(s) {unknown}; allowed: {sorted(known)}")
+        missing = [k for k in known if k not in data]
+        _require(not missing, "plan.recovery", f"missing field(s) {missing}")
+        floats = ("lr", "temperature", "hidden_weight")
+        return cls(**{k: float(v) if k in floats and _is_int(v) else v for k, v in data.items()})
+
+
+@dataclass(frozen=True)
 class Plan:
     """A complete, reproducible compression recipe for one base model."""
 
@@ -237,6 +285,7 @@ class Plan:
     blocks: Mapping[int, BlockChoice] = field(default_factory=dict)
     drop_blocks: tuple[int, ...] = ()
     provenance: Provenance = Provenance()
+    recovery: RecoverySpec | None = None  # distillation after compression; None (left out of YAML and hash) = none
 
     def choice_for(self, linear_name: str) -> LayerChoice:
         """Give the effective choice for one linear (its own entry, else the plan default)."""
@@ -250,7 +299,7 @@ class Plan:
         prov = asdict(self.provenance)
         prov["versions"] = dict(sorted(self.provenance.versions.items()))
         prov["data"] = dict(sorted(self.provenance.data.items()))
-        return {
+        out = {
             "schema_version": SCHEMA_VERSION,
             "model": asdict(self.model),
             "default": self.default.to_dict(),
@@ -259,6 +308,9 @@ class Plan:
             "drop_blocks": sorted(self.drop_blocks),
             "provenance": prov,
         }
+        if self.recovery is not None:
+            out["recovery"] = asdict(self.recovery)
+        return out
 
     def to_yaml(self) -> str:
         header = f"# autocompress plan {self.hash()[:16]}\n"
@@ -272,7 +324,7 @@ class Plan:
     @classmethod
     def from_dict(cls, data: Any) -> Plan:
         _require(isinstance(data, Mapping), "plan", "the file must hold a mapping at the top level")
-        allowed = {"schema_version", "model", "default", "layers", "blocks", "drop_blocks", "provenance"}
+        allowed = {"schema_version", "model", "default", "layers", "blocks", "drop_blocks", "provenance", "recovery"}
         unknown = sorted(set(map(str, data)) - allowed)
         _require(not unknown, "plan", f"unknown top-level field(s) {unknown}")
         _require(
@@ -342,6 +394,7 @@ class Plan:
             blocks=blocks,
             drop_blocks=tuple(sorted(drops)),
             provenance=prov,
+            recovery=RecoverySpec.from_dict(data["recovery"]) if data.get("recovery") is not None else None,
         )
 
     @classmethod
@@ -379,6 +432,8 @@ class Plan:
             "data_hash": self.provenance.data_hash,
             "seed": self.provenance.seed,
         }
+        if self.recovery is not None:  # absent for plans without recovery, so their hash is unchanged
+            key["recovery"] = d["recovery"]
         return hashlib.sha256(json.dumps(key, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
     def with_provenance(self, **changes: Any) -> Plan:

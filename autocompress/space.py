@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,19 @@ LINEAR_KNOBS = (
 STRUCTURE_KNOBS = ("keep_heads_ratio", "keep_mlp_ratio", "drop_blocks")
 GRANULARITIES = ("model", "block", "linear")
 GROUPS = ("attn", "mlp")
+TIES = ("auto", "none", "fused")
+# Runtimes that run q/k/v as one fused GEMM (and gate/up as another), so those linears must share
+# one format: TensorRT-LLM (fused QKV plugin, gated-MLP fusion), MLC-LLM (qkv_proj, gate_up_proj),
+# vLLM (QKVParallelLinear, MergedColumnParallelLinear). llama.cpp, onnxruntime and torchao keep
+# separate tensors (llama.cpp's Q4_K_M even gives attn_v a different type than attn_q).
+FUSING_RUNTIMES = ("tensorrt-llm", "mlc-llm", "vllm")
+FUSED_ROLES = {"q": "qkv", "k": "qkv", "v": "qkv", "gate": "gate_up", "up": "gate_up"}
+FIELDS = ("name", "description", "granularity", "tie", "linear", "overrides", "structure", "alignment", "baselines")
+
+
+def runtime_fuses_projections(runtime: str) -> bool:
+    """Whether a runtime fuses q/k/v (and gate/up) into one kernel, so they must share a format."""
+    return runtime.lower().split()[0] in FUSING_RUNTIMES
 
 
 def spaces_dir() -> Path:
@@ -44,7 +57,11 @@ class SpaceContext:
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """Levels per knob. ``linear`` knobs apply per model / block group / linear; ``structure`` per block."""
+    """Levels per knob. ``linear`` knobs apply per model / block group / linear; ``structure`` per block.
+
+    ``tie`` (linear granularity only): ``fused`` makes q/k/v share one choice and gate/up another;
+    ``auto`` does so when the target runtime fuses them (``for_runtime``); ``none`` never does.
+    """
 
     name: str
     granularity: str
@@ -54,6 +71,7 @@ class SearchSpace:
     alignment: int = 8
     baselines: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     description: str = ""
+    tie: str = "auto"
 
     # ---- loading -------------------------------------------------------------------
     @classmethod
@@ -73,16 +91,20 @@ class SearchSpace:
 
         if not isinstance(data, Mapping):
             raise fail("must be a mapping")
-        allowed = {"name", "description", "granularity", "linear", "overrides", "structure", "alignment", "baselines"}
-        unknown = sorted(set(map(str, data)) - allowed)
+        unknown = sorted(set(map(str, data)) - set(FIELDS))
         if unknown:
-            raise fail(f"unknown field(s) {unknown}")
+            raise fail(f"unknown field(s) {unknown}; allowed: {list(FIELDS)}")
         name = data.get("name")
         if not isinstance(name, str) or not name:
             raise fail("'name' must be a non-empty string")
         gran = data.get("granularity", "block")
         if gran not in GRANULARITIES:
             raise fail(f"granularity must be one of {list(GRANULARITIES)}, got {gran!r}")
+        tie = data.get("tie", "auto")
+        if tie not in TIES:
+            raise fail(f"tie must be one of {list(TIES)}, got {tie!r}")
+        if not isinstance(data.get("description", ""), str):
+            raise fail("description must be a string")
 
         def levels(section: Any, allowed_knobs: Sequence[str], where: str) -> dict[str, tuple[Any, ...]]:
             if section is None:
@@ -102,16 +124,21 @@ class SearchSpace:
 
         linear = levels(data.get("linear"), LINEAR_KNOBS, "linear")
         overrides_raw = data.get("overrides") or {}
-        if not isinstance(overrides_raw, Mapping) or set(overrides_raw) - set(GROUPS):
+        if not isinstance(overrides_raw, Mapping):
             raise fail(f"overrides must map groups {list(GROUPS)} to knob levels")
+        if bad := sorted(set(map(str, overrides_raw)) - set(GROUPS)):
+            raise fail(f"overrides.{bad[0]} is not a group; allowed: {list(GROUPS)}")
         overrides = {g: levels(v, LINEAR_KNOBS, f"overrides.{g}") for g, v in overrides_raw.items()}
         structure = levels(data.get("structure"), STRUCTURE_KNOBS, "structure")
         alignment = data.get("alignment", 8)
-        if not isinstance(alignment, int) or alignment < 1:
-            raise fail("alignment must be a positive integer")
+        if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment < 1:
+            raise fail(f"alignment must be a positive integer, got {alignment!r}")
         baselines = data.get("baselines") or {}
-        if not isinstance(baselines, Mapping) or not all(isinstance(v, Mapping) for v in baselines.values()):
+        if not isinstance(baselines, Mapping):
             raise fail("baselines must map names to knob settings")
+        for bname, setting in baselines.items():
+            if not isinstance(setting, Mapping):
+                raise fail(f"baselines.{bname} must be a mapping of knob to one level, got {setting!r}")
         space = cls(
             name=name,
             granularity=gran,
@@ -121,12 +148,18 @@ class SearchSpace:
             alignment=alignment,
             baselines={str(k): dict(v) for k, v in baselines.items()},
             description=str(data.get("description", "")),
+            tie=tie,
         )
         space._check_levels(fail)
         return space
 
     def _check_levels(self, fail: Any) -> None:
         """Every level must make a valid LayerChoice / structure value; checked once at load."""
+        sections = [("linear", self.linear), *((f"overrides.{g}", lv) for g, lv in self.overrides.items())]
+        for where, section in sections:
+            for knob, vals in section.items():
+                for v in vals:
+                    _check_level(fail, f"{where}.{knob}", knob, v)
         for group in GROUPS:
             lv = self.levels_for(group)
             for combo in itertools.product(*(lv[k] for k in lv)):
@@ -136,21 +169,27 @@ class SearchSpace:
                     raise fail(f"invalid level in linear knobs ({str(exc).split(': ', 1)[-1]})") from None
         for k, vals in self.structure.items():
             for v in vals:
-                ok = (
-                    isinstance(v, int) and not isinstance(v, bool) and v >= 0
-                    if k == "drop_blocks"
-                    else (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1)
-                )
-                if not ok:
+                if not _structure_ok(k, v):
                     raise fail(f"structure.{k} level {v!r} is out of range")
         for bname, setting in self.baselines.items():
-            for k in setting:
+            for k, v in setting.items():
                 if k not in LINEAR_KNOBS and k not in STRUCTURE_KNOBS:
                     raise fail(f"baselines.{bname}.{k} is not a knob")
+                if k in LINEAR_KNOBS:
+                    _check_level(fail, f"baselines.{bname}.{k}", k, v)
+                elif not _structure_ok(k, v):
+                    raise fail(f"baselines.{bname}.{k} level {v!r} is out of range")
+
+    def for_runtime(self, runtime: str) -> SearchSpace:
+        """Give this space with ``tie: auto`` settled for a target runtime (``fused`` or ``none``)."""
+        if self.tie != "auto":
+            return self
+        return replace(self, tie="fused" if runtime_fuses_projections(runtime) else "none")
 
     def definition(self) -> str:
         """Give a canonical text of every level, override and baseline (what a study and caches key on)."""
-        return repr(sorted((k, repr(v)) for k, v in vars(self).items()))
+        fields = {k: v for k, v in vars(self).items() if k != "tie" or self.granularity == "linear"}  # else no effect
+        return repr(sorted((k, repr(v)) for k, v in fields.items()))
 
     def levels_for(self, group: str) -> dict[str, tuple[Any, ...]]:
         return {**self.linear, **self.overrides.get(group, {})}
@@ -166,7 +205,14 @@ class SearchSpace:
                 for b in anatomy.blocks
                 for g in GROUPS
             ]
-        return [(f"{s.name}.", s.group, [s.name]) for s in anatomy.linears]
+        if self.tie != "fused":
+            return [(f"{s.name}.", s.group, [s.name]) for s in anatomy.linears]
+        units: dict[str, tuple[str, str, list[str]]] = {}  # q/k/v and gate/up of a block share one unit
+        for s in anatomy.linears:
+            fused = FUSED_ROLES.get(s.role)
+            key = f"b{s.block}.{fused}." if fused else f"{s.name}."
+            units.setdefault(key, (key, s.group, []))[2].append(s.name)
+        return list(units.values())
 
     def suggest(self, trial: Any, ctx: SpaceContext) -> Plan:
         """Ask an Optuna trial for every open knob and give the resulting plan."""
@@ -326,6 +372,23 @@ _NOOP: dict[str, Any] = {
     "keep_mlp_ratio": 1.0,
     "drop_blocks": 0,
 }
+
+
+def _structure_ok(knob: str, v: Any) -> bool:
+    if knob == "drop_blocks":
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1
+
+
+def _check_level(fail: Any, where: str, knob: str, level: Any) -> None:
+    """Refuse a level that no layer could take, naming where it is."""
+    setting = {knob: level, "bits": 4} if knob == "group_size" else {knob: level}
+    try:
+        if knob in ("bits", "act_bits") and (not isinstance(level, int) or isinstance(level, bool)):
+            raise PlanError(f"{knob} must be an integer")
+        layer_choice(setting)
+    except (PlanError, TypeError, ValueError) as exc:
+        raise fail(f"invalid level {level!r} in {where} ({str(exc).split(': ', 1)[-1]})") from None
 
 
 def layer_choice(setting: Mapping[str, Any]) -> LayerChoice:

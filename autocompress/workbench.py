@@ -62,7 +62,7 @@ class Workbench:
         say(f"loading model {model or 'default'}")
         lm = load_model(model, trust_remote_code=trust_remote_code)
         say(f"tokenising data ({data.source or 'bundled Wikipedia leads'})")
-        tokens = load_token_data(lm.tokenizer, data)
+        tokens = (lm.task_data or load_token_data)(lm.tokenizer, data)  # task models bring their own data
         say(f"activation statistics on {tokens.num_calib_tokens} calibration tokens")
         stats = activation_stats(lm.model, lm.anatomy, tokens)
         return cls(lm=lm, data=tokens, data_config=data, stats=stats)
@@ -98,8 +98,14 @@ class Workbench:
         # GPTQ / SVD-LLM need X^T X of the calibration data: collected once, then cached on disk.
         hessians = calibration_hessians(self.lm.model, self.lm.anatomy, self.data) if needs_hessians(plan) else None
         if into is not None:
-            return apply_plan_to(into, self.lm.anatomy, plan, self.stats, hessians=hessians, inplace=True)
-        return apply_plan_to(self.lm.model, self.lm.anatomy, plan, self.stats, hessians=hessians)
+            model = apply_plan_to(into, self.lm.anatomy, plan, self.stats, hessians=hessians, inplace=True)
+        else:
+            model = apply_plan_to(self.lm.model, self.lm.anatomy, plan, self.stats, hessians=hessians)
+        if plan.recovery is not None:  # distillation after compression: re-run exactly as recorded
+            from autocompress.recover import replay
+
+            replay(self, plan, model)
+        return model
 
 
 def _data_config_from(plan: Plan) -> DataConfig:

@@ -11,6 +11,12 @@ from autocompress.plan import ModelRef, Plan
 TINY_DATA = DataConfig(seq_len=64, calib_tokens=512, proxy_tokens=128, eval_tokens=256)
 
 
+@pytest.fixture(autouse=True)
+def _private_eval_cache(tmp_path_factory, monkeypatch):
+    """Each test gets an empty evaluation cache, so no test sees another's results (subprocesses inherit it)."""
+    monkeypatch.setenv("AUTOCOMPRESS_EVAL_CACHE", str(tmp_path_factory.mktemp("evals")))
+
+
 @pytest.fixture(params=["tiny-llama", "tiny-gpt2", "tiny-bert"])
 def any_tiny(request):
     return load_model(request.param)

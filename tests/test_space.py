@@ -16,7 +16,9 @@ def _ctx(lm):
     return SpaceContext(lm.anatomy, drop_order=order, provenance=Provenance(seed=0))
 
 
-@pytest.mark.parametrize("name", ["default", "quant-only", "prune-only"])
+@pytest.mark.parametrize(
+    "name", ["default", "quant-only", "prune-only", "lowrank-only", "structure-only", "joint-full"]
+)
 def test_shipped_spaces_give_valid_plans(name, any_tiny):
     sp = SearchSpace.load(name)
     study = optuna.create_study(directions=["minimize"], sampler=optuna.samplers.RandomSampler(seed=1))
@@ -29,7 +31,7 @@ def test_shipped_spaces_give_valid_plans(name, any_tiny):
 
 
 def test_listed_spaces():
-    assert {"default", "quant-only", "prune-only"} <= set(list_spaces())
+    assert {"default", "quant-only", "prune-only", "lowrank-only", "structure-only", "joint-full"} <= set(list_spaces())
 
 
 def test_baselines_are_uniform(tiny_llama):
@@ -73,6 +75,15 @@ def test_extreme_plans_cover_every_linear_level(tiny_llama):
         ({"structure": {"keep_mlp_ratio": [1.5]}}, "out of range"),
         ({"extra": 1}, "unknown field"),
         ({"name": ""}, "name"),
+        ({"tie": "qkv"}, "tie must be one of"),
+        ({"overrides": {"ffn": {"bits": [8]}}}, "overrides.ffn is not a group"),
+        ({"linear": {"group_size": [0]}}, r"invalid level 0 in linear\.group_size"),
+        ({"linear": {"bits": [16, "4"]}}, r"invalid level '4' in linear\.bits"),
+        ({"overrides": {"mlp": {"sparsity": [1.5]}}}, r"overrides\.mlp\.sparsity"),
+        ({"baselines": {"b": {"bits": 1}}}, r"baselines\.b\.bits"),
+        ({"baselines": {"b": {"drop_blocks": -1}}}, r"baselines\.b\.drop_blocks"),
+        ({"baselines": {"b": 4}}, r"baselines\.b must be a mapping"),
+        ({"alignment": True}, "alignment"),
     ],
 )
 def test_invalid_space_files(tmp_path, patch, fragment):
@@ -102,3 +113,46 @@ def test_mixed_seeds_keep_the_most_sensitive_blocks_finer(tiny_llama):
         )
         == {}
     )
+
+
+def _layer_sets(plan, anatomy, roles):
+    """Per block, the set of distinct choices the linears of ``roles`` got."""
+    return [{repr(plan.layers.get(s.name)) for s in b.linears if s.role in roles} for b in anatomy.blocks]
+
+
+def _random_plans(sp, lm, n=12):
+    study = optuna.create_study(directions=["minimize"], sampler=optuna.samplers.RandomSampler(seed=3))
+    plans = []
+    for _ in range(n):
+        trial = study.ask()
+        plans.append(sp.suggest(trial, _ctx(lm)))
+        study.tell(trial, 0.0)
+    return plans
+
+
+def test_fusing_runtime_ties_qkv_and_gate_up(tiny_llama):
+    from autocompress.hardware import load_profile
+    from autocompress.space import runtime_fuses_projections
+
+    sp = SearchSpace.load("joint-full")
+    assert sp.tie == "auto"
+    assert runtime_fuses_projections(load_profile("jetson-mlc").runtime)
+    assert not runtime_fuses_projections(load_profile("jetson").runtime)  # llama.cpp keeps q/k/v apart
+    tied, free = sp.for_runtime("tensorrt-llm"), sp.for_runtime("llama.cpp")
+    assert (tied.tie, free.tie) == ("fused", "none")
+    assert tied.definition() != free.definition()  # a study or cached table never mixes the two
+    a = tiny_llama.anatomy
+    for plan in _random_plans(tied, tiny_llama):
+        plan.validate(a)
+        assert all(len(s) == 1 for s in _layer_sets(plan, a, ("q", "k", "v")))
+        assert all(len(s) == 1 for s in _layer_sets(plan, a, ("gate", "up")))
+    untied = [s for plan in _random_plans(free, tiny_llama) for s in _layer_sets(plan, a, ("q", "k", "v"))]
+    assert any(len(s) > 1 for s in untied)  # without ties the three get their own choices
+    # one parameter set per fused group: the tied space asks for fewer parameters
+    n_tied = len(tied._units(a))
+    assert n_tied == len(free._units(a)) - 3 * a.num_blocks  # q,k,v -> 1 and gate,up -> 1 per block
+
+
+def test_tie_does_not_change_block_spaces():
+    sp = SearchSpace.load("default")
+    assert sp.for_runtime("tensorrt-llm").definition() == sp.for_runtime("llama.cpp").definition() == sp.definition()

@@ -1,4 +1,5 @@
-"""Quality metrics: perplexity / bits per character (full metric) and KL to the base model (proxy)."""
+"""Quality metrics: perplexity / bits per character and, for classifiers, accuracy / macro-F1 /
+expected calibration error (full metrics); KL to the base model's outputs (proxy)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,10 @@ class Perplexity:
     nll_per_token: float
     tokens: int
 
+    def metrics(self) -> dict[str, float]:
+        """Give what the search stores for a plan (study user attrs, pareto.json)."""
+        return {"ppl": self.ppl, "bpc": self.bpc}
+
 
 def perplexity(model: nn.Module, tokens: torch.Tensor, chars: int, batch_size: int = 4) -> Perplexity:
     """Give perplexity and bits per character of next-token prediction over ``tokens`` [n, L]."""
@@ -60,15 +65,38 @@ def output_logprobs(model: nn.Module, tokens: torch.Tensor, batch_size: int = 4)
     return torch.cat(parts)
 
 
+TOPK = 32  # tokens kept by the top-k KL
+
+
 @dataclass(frozen=True)
 class Fidelity:
     kl: float  # mean KL(base || compressed) in nats per position
     top1_agreement: float  # fraction of positions where the argmax matches the base model
+    topk_kl: float = math.nan  # KL on the base model's top-k tokens plus one bucket for the rest (<= kl)
 
 
-def kl_to_base(model: nn.Module, tokens: torch.Tensor, base_logprobs: torch.Tensor, batch_size: int = 4) -> Fidelity:
-    """Give the mean KL divergence from the base model's output distribution, and top-1 agreement."""
+def topk_kl(logp: torch.Tensor, logq: torch.Tensor, k: int = TOPK) -> torch.Tensor:
+    """Give KL(base || compressed) per position on k+1 outcomes: the base model's top-k tokens and "any other".
+
+    Coarsening both distributions the same way can only lower a KL divergence, so this never
+    exceeds the full KL and equals it when k covers the vocabulary; it needs only the base
+    model's top-k log-probabilities, not its full output.
+    """
+    k = min(k, logp.shape[-1])
+    top_lp, idx = logp.topk(k, dim=-1)
+    top_lq = logq.gather(-1, idx)
+    rest_p = torch.log1p(-top_lp.exp().sum(-1).clamp(max=1 - 1e-7))
+    rest_q = torch.log1p(-top_lq.exp().sum(-1).clamp(max=1 - 1e-7))
+    kl = (top_lp.exp() * (top_lp - top_lq)).sum(-1) + rest_p.exp() * (rest_p - rest_q)
+    return kl.clamp(min=0.0)
+
+
+def kl_to_base(
+    model: nn.Module, tokens: torch.Tensor, base_logprobs: torch.Tensor, batch_size: int = 4, k: int = TOPK
+) -> Fidelity:
+    """Give the mean KL divergence from the base model's output distribution, its top-k form, and top-1 agreement."""
     kl_sum = 0.0
+    topk_sum = 0.0
     agree = 0
     n = 0
     with torch.inference_mode():
@@ -78,6 +106,76 @@ def kl_to_base(model: nn.Module, tokens: torch.Tensor, base_logprobs: torch.Tens
             logp = base_logprobs[start : start + batch_size]
             kl = (logp.exp() * (logp - logq)).sum(-1)
             kl_sum += float(kl.double().sum())
+            topk_sum += float(topk_kl(logp, logq, k).double().sum())
             agree += int((logp.argmax(-1) == logq.argmax(-1)).sum())
             n += kl.numel()
-    return Fidelity(kl=max(kl_sum / n, 0.0), top1_agreement=agree / n)
+    return Fidelity(kl=max(kl_sum / n, 0.0), top1_agreement=agree / n, topk_kl=topk_sum / n)
+
+
+# ---- classification (encoder task) ----------------------------------------------------------------
+
+ECE_BINS = 15  # equal-width confidence bins (Guo et al., 2017)
+
+
+@dataclass(frozen=True)
+class Classification:
+    accuracy: float
+    macro_f1: float  # unweighted mean of per-class F1 over the classes present in labels or predictions
+    ece: float  # expected calibration error of the top-1 confidence, ECE_BINS equal-width bins
+    top1_agreement: float  # fraction of rows whose predicted class matches the base model's (NaN: no base)
+    n: int
+
+    def metrics(self) -> dict[str, float]:
+        """Give what the search stores for a plan (study user attrs, pareto.json)."""
+        return {
+            "accuracy": self.accuracy,
+            "macro_f1": self.macro_f1,
+            "ece": self.ece,
+            "eval_top1_agreement": self.top1_agreement,
+        }
+
+
+def class_logits(model: nn.Module, tokens: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    """Give a classifier's logits [n, classes] for token rows [n, L] (padded rows: see ``evaluate.tasks``)."""
+    parts = []
+    with torch.inference_mode():
+        for start in range(0, tokens.shape[0], batch_size):
+            parts.append(_logits(model, tokens[start : start + batch_size]))
+    out = torch.cat(parts)
+    _check_finite(out, "logits")
+    return out
+
+
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = ECE_BINS) -> float:
+    """Give ECE = sum over bins of (bin share) * |accuracy - mean confidence| of the top-1 prediction.
+
+    Bins are equal-width on [0, 1], each (lo, hi] (a confidence of exactly 0 goes to the first).
+    """
+    conf, pred = probs.double().max(-1)
+    correct = (pred == labels).double()
+    inner = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)[1:-1]
+    bins = torch.bucketize(conf, inner)  # boundaries[i-1] < x <= boundaries[i]
+    n = conf.numel()
+    ece = 0.0
+    for b in bins.unique():
+        sel = bins == b
+        ece += float(sel.sum()) / n * abs(float(correct[sel].mean() - conf[sel].mean()))
+    return ece
+
+
+def classification_metrics(
+    logits: torch.Tensor, labels: torch.Tensor, base_pred: torch.Tensor | None = None, n_bins: int = ECE_BINS
+) -> Classification:
+    """Give accuracy, macro-F1 (scikit-learn), ECE and top-1 agreement with ``base_pred`` from logits."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    pred = logits.argmax(-1)
+    y, p = labels.numpy(), pred.numpy()
+    agreement = float((pred == base_pred).double().mean()) if base_pred is not None else math.nan
+    return Classification(
+        accuracy=float(accuracy_score(y, p)),
+        macro_f1=float(f1_score(y, p, average="macro", zero_division=0)),
+        ece=expected_calibration_error(torch.softmax(logits.double(), -1), labels, n_bins),
+        top1_agreement=agreement,
+        n=int(labels.numel()),
+    )

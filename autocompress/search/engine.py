@@ -19,22 +19,28 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from autocompress._io import atomic_write_text
+from autocompress._io import atomic_write_text, check_writable
 from autocompress.calib import DataConfig
 from autocompress.errors import AutocompressError, BudgetError, StudyError
 from autocompress.evaluate import EvaluationError, Evaluator
-from autocompress.evaluate.sensitivity import SensitivityTable, build_sensitivity
+from autocompress.evaluate.cache import EvalCache
+from autocompress.evaluate.ladder import Ladder, merge
+from autocompress.evaluate.predictor import QualityPredictor, plan_features
+from autocompress.evaluate.sensitivity import SensitivityTable, build_sensitivity, plan_keys
 from autocompress.hardware import CostModel, load_profile
+from autocompress.model.loading import anatomy_from_config
 from autocompress.plan import ModelRef, Plan
-from autocompress.search.budget import Budget
+from autocompress.search import heartbeat, hypervolume
+from autocompress.search.budget import Budget, check_fits_memory
+from autocompress.search.heartbeat import GRACE_S, HEARTBEAT_S
 from autocompress.search.pareto import pareto_front
 from autocompress.search.report import describe_plan, write_outputs
 from autocompress.search.result import Candidate, SearchResult
+from autocompress.search.samplers import SAMPLERS, make_sampler
 from autocompress.search.seeding import knapsack_seed_params
 from autocompress.space import SearchSpace, SpaceContext
 from autocompress.workbench import Workbench
 
-SAMPLERS = ("nsga2", "tpe", "random")
 MAX_FAILS_IN_A_ROW = 20
 DEFAULT_TRIALS = 60
 DEFAULT_TIMEOUT_S = 540.0
@@ -42,17 +48,6 @@ FULL_KEY = "full:"  # study user attr prefix: rung-2 results keyed by plan hash
 
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-
-def make_sampler(name: str, seed: int, population: int) -> optuna.samplers.BaseSampler:
-    """Give the Optuna sampler for ``--sampler`` (NSGA-II by default)."""
-    if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=population)
-    if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=population)
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    raise StudyError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
 
 
 def open_storage(storage: str | None, study_dir: Path) -> tuple[Any, str]:
@@ -68,7 +63,7 @@ def open_storage(storage: str | None, study_dir: Path) -> tuple[Any, str]:
 
             Path(url).parent.mkdir(parents=True, exist_ok=True)
             return JournalStorage(JournalFileBackend(url)), url
-        return optuna.storages.RDBStorage(url), url
+        return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S), url
     except Exception as exc:
         raise StudyError(f"cannot open storage {url!r}: {str(exc).splitlines()[0][:160]}") from None
 
@@ -98,22 +93,21 @@ def _check_resume(study: optuna.Study, settings: dict) -> bool:
     for key in ("model_hash", "data_hash", "space_def", "profile", "budgets", "seed", "scenario"):  # not "run"
         if stored.get(key) != settings[key]:
             what = {"space_def": "search space", "model_hash": "model", "data_hash": "data"}.get(key, key)
+            was, now = (
+                (stored.get("space"), settings["space"]) if key == "space_def" else (stored.get(key), settings[key])
+            )
+            if was == now:  # same space name, edited definition
+                was, now = f"{was} as it was", f"{now} as it is now"
             raise StudyError(
                 f"study {study.study_name!r} already exists with a different {what} "
-                f"({stored.get(key)!r:.60} vs {settings[key]!r:.60}); use another --study name"
+                f"({was!r:.60} vs {now!r:.60}); use another --study name"
             )
     return False
 
 
 def _recover_interrupted(study: optuna.Study) -> int:
-    """Fail trials left RUNNING by a killed run and queue their parameters again."""
-    n = 0
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study._storage.set_trial_user_attr(t._trial_id, "fail_reason", "interrupted (run was killed)")
-        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        study.enqueue_trial(t.params, user_attrs={k: v for k, v in t.user_attrs.items() if k in ("baseline", "seed")})
-        n += 1
-    return n
+    """Fail the trials left RUNNING by a dead process (not those of live workers) and queue them again."""
+    return heartbeat.recover(study)
 
 
 def search(
@@ -158,17 +152,15 @@ def search(
     if jobs > 1 and storage is not None and storage.startswith("sqlite:///:memory:"):
         raise StudyError("--jobs needs a storage that several processes can share (not an in-memory database)")
     profile = load_profile(hw)  # fail fast on a bad profile, before loading anything heavy
-    space_obj = SearchSpace.load(space)
+    space_obj = SearchSpace.load(space).for_runtime(profile.runtime)  # ties q/k/v where the runtime fuses them
     study_name = study or f"{space_obj.name}-{profile.id}"
     study_dir = Path(out) / study_name
-    try:
-        study_dir.mkdir(parents=True, exist_ok=True)
-        probe = study_dir / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise StudyError(f"output folder {study_dir} is not writable ({exc.strerror})") from None
-
+    check_writable(study_dir, StudyError)
+    # Refuse a model the target cannot hold even at the smallest plan, before loading its weights.
+    shape = anatomy_from_config(model)
+    check_fits_memory(
+        space_obj, shape, CostModel(profile, shape, prompt_tokens=prompt_tokens, context_tokens=context_tokens)
+    )
     wb = Workbench.open(model, data, log=say)
     anatomy = wb.lm.anatomy
     cost_model = CostModel(profile, anatomy, prompt_tokens=prompt_tokens, context_tokens=context_tokens)
@@ -266,6 +258,7 @@ def _spawn_workers(
         if deadline is not None:
             cmd += ["--deadline", f"{deadline:.3f}"]
         log_path = out / study / f"worker-{i}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "w") as fh:  # the child keeps its own handle
             procs.append(subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT))
     return procs
@@ -328,16 +321,106 @@ class TrialRunner:
     study_dir: Path
     table: SensitivityTable | None
 
+    gate: bool = True  # let the fidelity ladder stop proposals that cannot reach the front
+
+    def __post_init__(self) -> None:
+        self.cache = EvalCache(self.wb.data.data_hash)
+        self.ladder = Ladder(quality_limit=self.budget.quality_loss)
+        self.predictor = QualityPredictor()
+        self.samples: list[tuple[list[float], float, float]] = []  # (features, rung-0 sum, measured KL)
+        self._fitted_at = 0
+        self._table_spearman = math.nan
+        self.known: dict[str, dict[str, float]] = {}  # plan hash -> proxy result, for this study
+        for t in self.opt.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            ua = t.user_attrs
+            if "plan_hash" not in ua:
+                continue
+            kl, lat, mem = t.values
+            self.known[ua["plan_hash"]] = {
+                "kl": kl,
+                "top1_agreement": ua.get("top1_agreement", math.nan),
+                "topk_kl": ua.get("topk_kl", math.nan),
+                "partial_kl": ua.get("rung1_partial_kl", math.nan),
+            }
+            self.ladder.observe(t.number, kl, lat, mem, rung0=ua.get("rung0_kl"), partial=ua.get("rung1_partial_kl"))
+            path = self.study_dir / "plans" / f"{t.number}.yaml"
+            if self.table is not None and path.is_file():
+                est = self._estimate(Plan.load(path))
+                if est is not None:
+                    self.samples.append((est[1], est[0], kl))
+
+    def _estimate(self, plan: Plan) -> tuple[float, list[float]] | None:
+        """Give the rung-0 sum and the predictor features of a plan (None without a complete table)."""
+        if self.table is None:
+            return None
+        entries = [(k, self.table.entries.get(k)) for k in plan_keys(plan, self.space, self.ctx)]
+        if any(v is None for _, v in entries):
+            return None
+        return sum(v for _, v in entries), plan_features(plan, self.ctx.anatomy, entries)
+
+    def _refit(self) -> None:
+        """Refit the learned predictor every 8 new samples; it screens only while it ranks better than the table."""
+        from scipy.stats import spearmanr
+
+        if len(self.samples) - self._fitted_at < 8:
+            return
+        self._fitted_at = len(self.samples)
+        feats, rung0, kl = zip(*self.samples, strict=True)
+        self.predictor.fit(feats, kl)
+        if not self.predictor.ready:
+            return
+        self._table_spearman = float(spearmanr(rung0, kl)[0])
+        self.opt.set_user_attr(
+            "predictor",
+            {
+                "n": self.predictor.n_samples,
+                "cv_spearman": self.predictor.cv_spearman,
+                "table_spearman": self._table_spearman,
+                "screens": self._predictor_screens,
+            },
+        )
+
+    @property
+    def _predictor_screens(self) -> bool:
+        return self.predictor.ready and self.predictor.cv_spearman > self._table_spearman
+
+    def _stop(self, trial: optuna.Trial, rung: int, why: str) -> None:
+        trial.set_user_attr("rung", rung)
+        trial.set_user_attr("ladder", f"stopped at rung {rung}: {why}")
+        self.opt.tell(trial, state=TrialState.PRUNED)
+
+    def _climb(self, trial: optuna.Trial, plan: Plan, cost: Any, est: tuple[float, list[float]] | None) -> dict | None:
+        """Measure the KL proxy in two stages, stopping when the plan cannot reach the front; give the result."""
+        lat, mem = cost.latency_ms, cost.memory_mb
+        if self.gate and est is not None:
+            if self._predictor_screens:
+                bound, source = self.predictor.lower_bound(est[1]), "learned predictor"
+            else:
+                bound, source = self.ladder.lower_bound("rung0", est[0]), "sensitivity table"
+            why = self.ladder.blocker(bound, lat, mem)
+            if why:
+                self._stop(trial, 0, f"{source}: {why}")
+                return None
+        model = self.wb.apply(plan)
+        rows = self.evaluator.proxy_rows
+        if rows < 2:
+            fid = self.evaluator.proxy(model)
+            return {**asdict(fid), "partial_kl": math.nan}
+        first = self.evaluator.proxy(model, slice(0, 1))
+        trial.set_user_attr("rung1_partial_kl", first.kl)
+        why = self.ladder.blocker(self.ladder.lower_bound("partial", first.kl), lat, mem) if self.gate else None
+        if why:
+            self._stop(trial, 1, f"first of {rows} proxy sequences: {why}")
+            return None
+        rest = self.evaluator.proxy(model, slice(1, None))
+        return {**asdict(merge([(first, 1), (rest, rows - 1)])), "partial_kl": first.kl}
+
     def run(self, trials: int, deadline: float | None, progress: Any = None) -> int:
         """Ask/evaluate/tell until the study holds ``trials`` evaluated trials (or time runs out);
         give how many this process evaluated. Other processes may work on the same study."""
-        opt, space, ctx, wb, evaluator = self.opt, self.space, self.ctx, self.wb, self.evaluator
-        cost_model, budget, study_dir, table = self.cost_model, self.budget, self.study_dir, self.table
+        opt, space, ctx = self.opt, self.space, self.ctx
+        cost_model, budget, study_dir = self.cost_model, self.budget, self.study_dir
         anatomy = ctx.anatomy
-        known: dict[str, tuple[float, float]] = {}
-        for t in opt.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            if "plan_hash" in t.user_attrs:
-                known[t.user_attrs["plan_hash"]] = (t.values[0], t.user_attrs.get("top1_agreement", math.nan))
 
         def n_done() -> int:
             return len(opt.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
@@ -347,6 +430,7 @@ class TrialRunner:
         fails_in_a_row = 0
         last_reason = ""
         max_asks = trials * 50 + 200
+        beat = heartbeat.Heartbeat(opt)
         task = progress.add_task("search", total=trials, completed=min(n_done(), trials)) if progress else None
         while (done := n_done()) < trials:
             if progress:
@@ -357,6 +441,7 @@ class TrialRunner:
                 break
             asks += 1
             trial = opt.ask()
+            beat.track(trial)  # mark it ours; keep its heartbeat fresh; recover stale trials now and then
             if isinstance(opt.sampler, optuna.samplers.NSGAIISampler) and (
                 "baseline" in trial.user_attrs or "seed" in trial.user_attrs
             ):
@@ -369,10 +454,9 @@ class TrialRunner:
                 phash = plan.hash()
                 trial.set_user_attr("plan_hash", phash)
                 trial.set_user_attr("pid", os.getpid())
-                if table is not None:
-                    rung0 = table.predict(plan, space, ctx)
-                    if math.isfinite(rung0):
-                        trial.set_user_attr("rung0_kl", rung0)
+                est = self._estimate(plan)
+                if est is not None:
+                    trial.set_user_attr("rung0_kl", est[0])
                 trial.set_user_attr("cost", cost.to_dict())
                 violations = {k: getattr(cost, k) - v for k, v in budget.cost_items().items()}
                 for k, v in violations.items():
@@ -386,20 +470,35 @@ class TrialRunner:
                     trial.set_user_attr("screened_out", "; ".join(broken))
                     opt.tell(trial, state=TrialState.PRUNED)
                     continue
-                if phash in known:
-                    kl, top1 = known[phash]
-                else:
-                    model = wb.apply(plan)
-                    fid = evaluator.proxy(model)
-                    del model
-                    kl, top1 = fid.kl, fid.top1_agreement
-                    known[phash] = (kl, top1)
-                trial.set_user_attr("top1_agreement", top1)
+                res = self.known.get(phash) or self.cache.get("proxy", phash)
+                if res is None:
+                    res = self._climb(trial, plan, cost, est)
+                    if res is None:
+                        continue
+                    self.cache.put("proxy", phash, res)
+                self.known[phash] = res
+                kl = res["kl"]
+                trial.set_user_attr("top1_agreement", res["top1_agreement"])
+                trial.set_user_attr("topk_kl", res["topk_kl"])
+                if math.isfinite(res.get("partial_kl", math.nan)):
+                    trial.set_user_attr("rung1_partial_kl", res["partial_kl"])
                 trial.set_user_attr("rung", 1)
                 if budget.quality_loss is not None:
                     trial.set_constraint("quality_loss", kl - budget.quality_loss)
                 plan.save(study_dir / "plans" / f"{trial.number}.yaml")
+                hypervolume.record(opt, trial, [kl, cost.latency_ms, cost.memory_mb], cost_model)
                 opt.tell(trial, [kl, cost.latency_ms, cost.memory_mb])
+                self.ladder.observe(
+                    trial.number,
+                    kl,
+                    cost.latency_ms,
+                    cost.memory_mb,
+                    rung0=est[0] if est else None,
+                    partial=res.get("partial_kl"),
+                )
+                if est is not None:
+                    self.samples.append((est[1], est[0], kl))
+                    self._refit()
                 mine += 1
                 fails_in_a_row = 0
                 if progress:
@@ -417,6 +516,7 @@ class TrialRunner:
                 fails_in_a_row += 1
                 if fails_in_a_row >= MAX_FAILS_IN_A_ROW:
                     raise StudyError(f"{fails_in_a_row} trials in a row failed; the last with: {last_reason}") from None
+        beat.stop()
         return mine
 
 
@@ -479,20 +579,25 @@ def _finish(
     """Run the full metric on the front and the baselines, then write pareto.json and summary.md."""
     anatomy = wb.lm.anatomy
     front, baselines = front_and_baselines(candidates_of(opt, study_dir, anatomy), budget)
-    if anatomy.task == "causal-lm" and full_eval > 0:
+    if evaluator.full_metric is not None and full_eval > 0:
         chosen = _spread(front, full_eval)
         todo = {c.plan.hash(): c for c in [*chosen, *baselines.values()]}
         todo = {h: c for h, c in todo.items() if f"{FULL_KEY}{h}" not in opt.user_attrs}
         if todo:
-            say(f"full metric (perplexity on {int(wb.data.eval.numel())} held-out tokens) for {len(todo)} plans")
+            unit = "articles" if anatomy.task == "encoder" else "tokens"
+            n_eval = f"{wb.data.eval.shape[0] if unit == 'articles' else int(wb.data.eval.numel())} held-out {unit}"
+            say(f"full metric ({evaluator.full_metric} on {n_eval}) for {len(todo)} plans")
+        cache = EvalCache(wb.data.data_hash)
+
+        def full_metric(plan: Plan) -> dict[str, float]:
+            return evaluator.full(wb.apply(plan)).metrics()  # ppl, bpc; or accuracy, macro_f1, ece
+
         for h, c in todo.items():
             with contextlib.suppress(EvaluationError):
-                ppl = evaluator.full(wb.apply(c.plan))
-                opt.set_user_attr(f"{FULL_KEY}{h}", {"ppl": ppl.ppl, "bpc": ppl.bpc})
+                opt.set_user_attr(f"{FULL_KEY}{h}", cache.get_or_compute("full", h, lambda c=c: full_metric(c.plan)))
         base = opt.user_attrs.get("base_full")
         if base is None:
-            bp = evaluator.base_full()
-            base = {"ppl": bp.ppl, "bpc": bp.bpc}
+            base = evaluator.base_full().metrics()
             opt.set_user_attr("base_full", base)
         full = {k[len(FULL_KEY) :]: v for k, v in opt.user_attrs.items() if k.startswith(FULL_KEY)}
         for c in [*front, *baselines.values()]:
@@ -503,13 +608,10 @@ def _finish(
     base_cost = cost_model.predict(Plan(model=base_ref))
     base_metrics = {**base, "kl": 0.0, "latency_ms": base_cost.latency_ms, "memory_mb": base_cost.memory_mb}
     agreement = _agreement(opt, [*front, *baselines.values()])
+    if "predictor" in opt.user_attrs:
+        agreement["predictor"] = opt.user_attrs["predictor"]
     opt.set_user_attr("agreement", agreement)
-    states = [t.state for t in opt.get_trials(deepcopy=False)]
-    counts = {
-        "evaluated": states.count(TrialState.COMPLETE),
-        "screened_out": states.count(TrialState.PRUNED),
-        "failed": states.count(TrialState.FAIL),
-    }
+    counts = trial_counts(opt)
     result = SearchResult(
         study_name=opt.study_name,
         study_dir=study_dir,
@@ -522,8 +624,22 @@ def _finish(
         agreement=agreement,
     )
     write_outputs(result, budget, anatomy)
+    hypervolume.plot(opt, study_dir / "hypervolume.png")
     atomic_write_text(study_dir / "storage.txt", url + "\n")
     return result
+
+
+def trial_counts(opt: optuna.Study) -> dict[str, int]:
+    """Give how many trials were evaluated, screened out by the cost model, stopped by the ladder, failed."""
+    trials = opt.get_trials(deepcopy=False)
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    return {
+        "evaluated": sum(t.state == TrialState.COMPLETE for t in trials),
+        "screened_out": sum("ladder" not in t.user_attrs for t in pruned),
+        "stopped_rung0": sum(t.user_attrs.get("rung") == 0 for t in pruned if "ladder" in t.user_attrs),
+        "stopped_rung1": sum(t.user_attrs.get("rung") == 1 for t in pruned if "ladder" in t.user_attrs),
+        "failed": sum(t.state == TrialState.FAIL for t in trials),
+    }
 
 
 def _agreement(opt: optuna.Study, with_full: list[Candidate]) -> dict[str, dict[str, float]]:
@@ -540,9 +656,10 @@ def _agreement(opt: optuna.Study, with_full: list[Candidate]) -> dict[str, dict[
             pairs["rung0_vs_rung1"].append((t.user_attrs["rung0_kl"], t.values[0]))
     seen = set()
     for c in with_full:
-        if "ppl" in c.metrics and c.trial not in seen:
+        full = c.metrics.get("ppl", 1.0 - c.metrics.get("accuracy", math.nan))  # classifiers: error rate
+        if math.isfinite(full) and c.trial not in seen:
             seen.add(c.trial)
-            pairs["rung1_vs_rung2"].append((c.metrics["kl"], c.metrics["ppl"]))
+            pairs["rung1_vs_rung2"].append((c.metrics["kl"], full))
     out = {}
     for name, xy in pairs.items():
         if len(xy) >= 3 and len({x for x, _ in xy}) > 1 and len({y for _, y in xy}) > 1:

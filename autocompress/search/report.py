@@ -59,7 +59,7 @@ def _fmt(v: Any, digits: int = 3) -> str:
 
 
 def front_rows(cands: list[Candidate]) -> list[list[str]]:
-    """Give table rows (trial, kind, KL, top-1, ppl, latency, memory, energy, plan) for candidates."""
+    """Give table rows (trial, kind, KL, top-1, ppl or accuracy, latency, memory, energy, plan) for candidates."""
     rows = []
     for c in cands:
         rows.append(
@@ -68,7 +68,7 @@ def front_rows(cands: list[Candidate]) -> list[list[str]]:
                 c.kind,
                 _fmt(c.metrics.get("kl"), 3),
                 _fmt(c.metrics.get("top1_agreement"), 3),
-                _fmt(c.metrics.get("ppl"), 4),
+                _fmt(c.metrics.get("ppl", c.metrics.get("accuracy")), 4),  # accuracy: classifiers
                 _fmt(c.cost.get("latency_ms"), 3),
                 _fmt(c.cost.get("memory_mb"), 4),
                 _fmt(c.cost.get("energy_mj"), 3),
@@ -81,8 +81,13 @@ def front_rows(cands: list[Candidate]) -> list[list[str]]:
 HEADERS = ["trial", "kind", "KL", "top-1", "ppl", "latency ms", "memory MB", "energy mJ", "plan"]
 
 
-def _md_table(rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+def headers_for(base_metrics: dict[str, Any]) -> list[str]:
+    """Give the table headers: the full-metric column is "accuracy" for classifiers, "ppl" for LMs."""
+    return ["accuracy" if h == "ppl" and "accuracy" in base_metrics else h for h in HEADERS]
+
+
+def _md_table(rows: list[list[str]], headers: list[str] = HEADERS) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
 
@@ -106,7 +111,44 @@ def agreement_lines(agreement: dict[str, dict[str, float]]) -> list[str]:
         if a["spearman"] < AGREEMENT_WARN:
             line += " — **warning: the proxy is misleading this search; raise --proxy-tokens**"
         lines.append(line)
+    pred = agreement.get("predictor")
+    if pred:
+        use = "it screens proposals" if pred.get("screens") else "the table screens proposals"
+        lines.append(
+            f"- learned predictor (gradient boosting on plan features, 5-fold CV, n = {pred['n']}): "
+            f"Spearman {pred['cv_spearman']:.3f} vs the table's {pred['table_spearman']:.3f}; {use}"
+        )
     return lines
+
+
+def counts_line(c: dict[str, int]) -> str:
+    """Give the one-line account of where the trials went."""
+    stopped = c.get("stopped_rung0", 0) + c.get("stopped_rung1", 0)
+    return (
+        f"{c.get('evaluated', 0)} evaluated, {c.get('screened_out', 0)} screened out by the cost model, "
+        f"{stopped} stopped by the fidelity ladder (rung 0: {c.get('stopped_rung0', 0)}, "
+        f"rung 1: {c.get('stopped_rung1', 0)}), {c.get('failed', 0)} failed"
+    )
+
+
+_METRIC_NOTE = {
+    "causal-lm": "KL = mean KL divergence to the base model's next-token distribution on held-out proxy sequences "
+    "(nats/token); ppl = perplexity on the held-out evaluation split (computed for front points and baselines).",
+    "encoder": "KL = mean KL divergence to the base model's class distribution on held-out proxy articles "
+    "(nats/article); top-1 = agreement with the base model's class there; accuracy = on the labelled held-out "
+    "evaluation articles (computed for front points and baselines; macro-F1, ECE and top-1 agreement on them are in "
+    "pareto.json).",
+}
+
+
+def _full_text(base: dict[str, Any]) -> str:
+    """Give the uncompressed model's full metric for the summary line."""
+    if "accuracy" in base:
+        return (
+            f"accuracy {_fmt(base['accuracy'], 4)}, macro-F1 {_fmt(base.get('macro_f1'), 4)}, "
+            f"ECE {_fmt(base.get('ece'), 3)}"
+        )
+    return f"ppl {_fmt(base.get('ppl'), 4)}"
 
 
 def write_outputs(result: SearchResult, budget: Budget, anatomy: ModelAnatomy) -> None:
@@ -134,17 +176,15 @@ def write_outputs(result: SearchResult, budget: Budget, anatomy: ModelAnatomy) -
         f"- model: `{anatomy.name}` ({anatomy.architecture}, {anatomy.num_blocks} blocks, hash `{anatomy.model_hash[:12]}`)",
         f"- hardware profile: `{result.profile}` (latency = predicted decode ms/token; memory = weights + KV cache)",
         f"- budgets: {budget}",
-        f"- trials: {result.counts.get('evaluated', 0)} evaluated, {result.counts.get('screened_out', 0)} screened out "
-        f"by the cost model, {result.counts.get('failed', 0)} failed",
-        f"- uncompressed: ppl {_fmt(base.get('ppl'), 4)}, latency {_fmt(base.get('latency_ms'))} ms, "
+        f"- trials: {counts_line(result.counts)}",
+        f"- uncompressed: {_full_text(base)}, latency {_fmt(base.get('latency_ms'))} ms, "
         f"memory {_fmt(base.get('memory_mb'), 4)} MB",
         "",
-        "KL = mean KL divergence to the base model's next-token distribution on held-out proxy sequences "
-        "(nats/token); ppl = perplexity on the held-out evaluation split (computed for front points and baselines).",
+        _METRIC_NOTE["encoder" if "accuracy" in base else "causal-lm"],
         "",
         f"## Pareto front ({len(result.pareto)} points)",
         "",
-        _md_table(front_rows(result.pareto)),
+        _md_table(front_rows(result.pareto), headers_for(base)),
         "",
         "## Proxy agreement",
         "",
@@ -152,7 +192,7 @@ def write_outputs(result: SearchResult, budget: Budget, anatomy: ModelAnatomy) -
         "",
         "## Uniform baselines",
         "",
-        _md_table(front_rows(list(result.baselines.values()))),
+        _md_table(front_rows(list(result.baselines.values())), headers_for(base)),
         "",
         "Plans: `plans/<trial>.yaml`; rebuild one with `autocompress apply plans/<trial>.yaml --out DIR`.",
         "",

@@ -1,0 +1,148 @@
+"""Open a finished study from its folder (no model loaded) and export its trials.
+
+``open_study`` reads the Optuna storage, the stored anatomy and the plans, like ``retarget``.
+``export_trials`` rebuilds each chosen plan once on one Workbench and writes, per trial, one folder
+that is at the same time an HF model folder and an ONNX deployment (``model.onnx``), with
+``export.json`` recording the formats, what could not be represented, the ONNX-vs-PyTorch check
+and the measured-vs-predicted latency.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from autocompress._io import atomic_dir, atomic_write_text
+from autocompress.errors import StudyError
+from autocompress.model.anatomy import ModelAnatomy
+from autocompress.plan import Plan
+from autocompress.search.result import Candidate
+
+
+@dataclass
+class StudyView:
+    """A finished study as stored: settings, anatomy, evaluated candidates, front and every trial."""
+
+    name: str
+    dir: Path
+    storage: str
+    settings: dict[str, Any]
+    user_attrs: dict[str, Any]
+    anatomy: ModelAnatomy
+    candidates: list[Candidate]
+    front: list[Candidate]
+    baselines: dict[str, Candidate]
+    trials: list[Any] = field(default_factory=list)  # optuna FrozenTrials, all states
+
+    def candidate(self, trial: int) -> Candidate:
+        for c in self.candidates:
+            if c.trial == trial:
+                return c
+        known = ", ".join(str(c.trial) for c in self.candidates[:20])
+        raise StudyError(f"study {self.name!r} has no evaluated trial {trial} (evaluated: {known})")
+
+    @property
+    def profile(self) -> str:
+        return str(self.settings.get("profile", "?"))
+
+
+def open_study(study: str, out: str | Path = "studies", storage: str | None = None) -> StudyView:
+    """Give the stored state of study ``study`` in ``out/<study>/`` (or ``storage``)."""
+    import optuna
+
+    from autocompress.search.budget import Budget
+    from autocompress.search.engine import candidates_of, front_and_baselines, open_storage
+
+    study_dir = Path(out) / study
+    if storage is None and not (study_dir / "study.db").is_file():
+        raise StudyError(f"no study database at {study_dir / 'study.db'}; give --storage for another backend")
+    st, url = open_storage(storage, study_dir)
+    try:
+        opt = optuna.load_study(study_name=study, storage=st)
+    except KeyError:
+        raise StudyError(f"study {study!r} not found in {url}") from None
+    settings = opt.user_attrs.get("settings") or {}
+    if "anatomy" not in settings:
+        raise StudyError(f"study {study!r} was not written by this version of autocompress (no stored anatomy)")
+    anatomy = ModelAnatomy.from_dict(settings["anatomy"])
+    cands = candidates_of(opt, study_dir, anatomy)
+    if not cands:
+        raise StudyError(f"study {study!r} has no evaluated trial with a plan in {study_dir / 'plans'}")
+    front, baselines = front_and_baselines(cands, Budget(**settings.get("budgets", {})))
+    return StudyView(
+        name=study,
+        dir=study_dir,
+        storage=url,
+        settings=settings,
+        user_attrs=dict(opt.user_attrs),
+        anatomy=anatomy,
+        candidates=cands,
+        front=front,
+        baselines=baselines,
+        trials=opt.get_trials(deepcopy=False),
+    )
+
+
+def workbench_for(view: StudyView, plan: Plan, log: Callable[[str], None] | None = None):
+    """Give the Workbench the study's plans were made with (its model and data)."""
+    from autocompress.workbench import Workbench
+
+    model = (view.settings.get("run") or {}).get("model")
+    return Workbench.for_plan(plan, None if model in (None, "default") else model, log=log)
+
+
+def export_trials(
+    view: StudyView,
+    trials: list[int],
+    out: str | Path,
+    *,
+    onnx: bool = True,
+    hw: str = "local",
+    threads: int | None = None,
+    log: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Export each trial to ``out/trial-<N>/`` (HF folder + ``model.onnx`` + ``export.json``); give the records.
+
+    With ONNX, the uncompressed model is exported and measured too (``out/baseline.json``), so
+    every record says whether the point is measured faster than the base model. ``out/exports.json``
+    and ``out/README.md`` index the whole set.
+    """
+    from autocompress.export import verify
+
+    say = log or (lambda _m: None)
+    out = Path(out)
+    cands = [view.candidate(t) for t in trials]
+    wb = workbench_for(view, cands[0].plan, log=say)
+    pred = verify.Predictor.for_hw(hw, view.anatomy)
+    threads = threads or pred.threads
+    base = None
+    if onnx:
+        say("exporting and measuring the uncompressed model (the baseline every point is compared with)")
+        base = verify.baseline_record(wb, view.anatomy, pred, out, threads)
+        atomic_write_text(out / "baseline.json", json.dumps(base, indent=2) + "\n")
+    records = []
+    for c in cands:
+        t0 = time.time()
+        say(f"trial {c.trial}: rebuilding the plan ({c.description})")
+        model = wb.apply(c.plan)
+        with atomic_dir(out / f"trial-{c.trial}") as tmp:
+            rec = verify.export_point(model, wb, view, c, tmp, pred, onnx=onnx, threads=threads, base=base)
+            rec["seconds"] = round(time.time() - t0, 1)
+            atomic_write_text(tmp / "export.json", json.dumps(rec, indent=2, default=str) + "\n")
+            atomic_write_text(tmp / "README.md", verify.point_readme(rec))
+        records.append(rec)
+        m = rec.get("latency", {})
+        if m:
+            say(
+                f"trial {c.trial}: ONNX check {'passed' if rec['onnx']['check']['passed'] else 'FAILED'}, "
+                f"decode {m['measured_decode_ms']:.3g} ms measured vs {m['predicted_decode_ms']:.3g} predicted"
+            )
+        del model
+    index = {"study": view.name, "profile_for_prediction": pred.describe(), "baseline": base, "exports": records}
+    atomic_write_text(out / "exports.json", json.dumps(index, indent=2, default=str) + "\n")
+    atomic_write_text(out / "README.md", verify.index_markdown(index))
+    return records

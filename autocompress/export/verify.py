@@ -1,0 +1,407 @@
+"""Measured vs predicted: check each ONNX export against PyTorch and time it on this machine.
+
+Every exported point gets (1) an output check: the ONNX model and our PyTorch model on the same
+fixed inputs, relative L2 error of the logits against a tolerance set by the coarsest format in
+the file (``TOLERANCE``), plus top-1 agreement; (2) a latency measurement with onnxruntime CPU on a
+fixed thread count (warm-up, median of repeats): one-token forward without KV cache ("decode", what
+the cost model's decode term prices at context 1) and a ``PROMPT``-token prefill; (3) the
+prediction of the ``local`` (calibrated) profile for the same scenario, or of the generic x86 prior
+when this machine has no calibrated profile (the record says which); (4) a flag when the point is
+measured slower than the uncompressed model exported the same way: compressed but not faster.
+
+``verify_front`` does this for K front points at the end of a search (``search --verify K``).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from autocompress._io import atomic_write_text
+from autocompress.errors import ProfileError
+from autocompress.export.techniques import TECHNIQUES, techniques_used
+from autocompress.hardware import CostModel, load_profile
+from autocompress.hardware.measure import measure, ort_session
+from autocompress.model.anatomy import ModelAnatomy
+from autocompress.plan import ModelRef, Plan
+
+if TYPE_CHECKING:
+    from autocompress.export.study import StudyView
+    from autocompress.search.result import Candidate, SearchResult
+
+PROMPT = 64  # prefill tokens measured and predicted
+CHECK_SHAPE = (2, 16)  # fixed inputs of the output check
+GENERIC_PROFILE = "x86-avx2-laptop"
+# Relative L2 error of the logits allowed, by the coarsest format stored in the file. fp32 is exact up
+# to kernel order; int8-dynamic and MatMulNBits (accuracy level 4) also round activations per row
+# to int8 at run time, which our PyTorch model (weight rounding only) does not.
+TOLERANCE = {"fp32": 1e-4, "int8-dynamic": 0.05, "int4": 0.08}
+
+
+def _family(fmt: str) -> str:
+    return "int4" if fmt.startswith("int4") else fmt
+
+
+def tolerance_for(formats: dict[str, str]) -> tuple[str, float]:
+    """Give (format family, tolerance) of the coarsest format among ``formats``."""
+    fams = {_family(f) for f in formats.values()} or {"fp32"}
+    worst = max(fams, key=lambda f: TOLERANCE[f])
+    return worst, TOLERANCE[worst]
+
+
+def _torch_logits(model: torch.nn.Module, ids: np.ndarray, causal: bool) -> np.ndarray:
+    t_ids = torch.from_numpy(ids)
+    with torch.no_grad():
+        if causal:
+            out = model(input_ids=t_ids, attention_mask=torch.ones_like(t_ids), use_cache=False, logits_to_keep=1)
+        else:
+            out = model(input_ids=t_ids, attention_mask=torch.ones_like(t_ids))
+    return out.logits.float().numpy()
+
+
+def check_onnx(
+    path: str | Path, model: torch.nn.Module, anatomy: ModelAnatomy, formats: dict[str, str], seed: int = 0
+) -> dict[str, Any]:
+    """Compare the ONNX file's logits with ``model``'s on fixed random token ids; give the check record."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, anatomy.vocab_size, size=CHECK_SHAPE, dtype=np.int64)
+    ref = _torch_logits(model, ids, anatomy.task != "encoder")
+    sess = ort_session(path, threads=1)
+    names = {i.name for i in sess.get_inputs()}
+    feed = {k: v for k, v in {"input_ids": ids, "attention_mask": np.ones_like(ids)}.items() if k in names}
+    (got,) = sess.run(None, feed)
+    fam, tol = tolerance_for(formats)
+    rel = float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-12))
+    top1 = float(np.mean(got.argmax(-1) == ref.argmax(-1)))
+    return {
+        "inputs": f"{CHECK_SHAPE[0]}x{CHECK_SHAPE[1]} token ids, numpy seed {seed}",
+        "relative_l2_error": rel,
+        "max_abs_error": float(np.abs(got - ref).max()),
+        "top1_agreement": top1,
+        "tolerance": tol,
+        "tolerance_format": fam,
+        "passed": bool(rel <= tol and got.shape == ref.shape),
+    }
+
+
+@dataclass
+class Predictor:
+    """The profile that predicts latency on this machine (``local`` if calibrated, else the x86 prior)."""
+
+    profile: Any
+    cost_model: CostModel
+    note: str
+
+    @classmethod
+    def for_hw(cls, hw: str, anatomy: ModelAnatomy) -> Predictor:
+        note = ""
+        try:
+            prof = load_profile(hw)
+        except ProfileError:
+            if hw not in ("local", "cpu"):
+                raise
+            prof = None
+        if hw in ("local", "cpu") and (prof is None or not prof.calibrated):
+            prof = load_profile(GENERIC_PROFILE)
+            note = (
+                f"no calibrated profile for this machine (hw_profiles/local.yaml): predicted with the generic "
+                f"{GENERIC_PROFILE} prior; run `autocompress hw calibrate --out hw_profiles/local.yaml`"
+            )
+        return cls(prof, CostModel(prof, anatomy, prompt_tokens=PROMPT, context_tokens=1), note)
+
+    @property
+    def threads(self) -> int:
+        cal = getattr(self.profile, "calibration", None)
+        return int(getattr(cal, "threads", 1) or 1)
+
+    def predict(self, plan: Plan) -> tuple[float, float]:
+        c = self.cost_model.predict(plan)
+        return c.latency_ms, c.prefill_ms
+
+    def describe(self) -> str:
+        return self.profile.id + (f" ({self.note})" if self.note else "")
+
+
+def measure_latency(path: str | Path, threads: int, rounds: int = 1) -> dict[str, float]:
+    """Give the median one-token and ``PROMPT``-token latency (ms) of an ONNX file (best of ``rounds``)."""
+    sess = ort_session(path, threads)
+    dec, pre = [], []
+    for _ in range(rounds):
+        dec.append(measure(sess, seq_len=1, threads=threads, warmup=5, repeats=15, min_time_s=0.3).median_ms)
+        pre.append(measure(sess, seq_len=PROMPT, threads=threads, warmup=2, repeats=7).median_ms)
+    return {"decode_ms": min(dec), "prefill_ms": min(pre), "threads": threads}
+
+
+def baseline_record(wb: Any, anatomy: ModelAnatomy, pred: Predictor, folder: Path, threads: int) -> dict[str, Any]:
+    """Export the uncompressed model (fp32 ONNX) into a temporary folder and measure it (best of 2)."""
+    from autocompress.export.onnx import export_onnx
+
+    base_plan = Plan(model=ModelRef.of(anatomy))
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".baseline.") as tmp:
+        exp = export_onnx(wb.lm.model, anatomy, base_plan, Path(tmp) / "base.onnx", quantize=False)
+        m = measure_latency(exp.path, threads, rounds=2)
+        size = exp.size_mb
+    p_dec, p_pre = pred.predict(base_plan)
+    return {
+        "what": "uncompressed model, fp32 ONNX",
+        "onnx_size_mb": size,
+        "measured_decode_ms": m["decode_ms"],
+        "measured_prefill_ms": m["prefill_ms"],
+        "predicted_decode_ms": p_dec,
+        "predicted_prefill_ms": p_pre,
+        "threads": threads,
+        "profile": pred.describe(),
+    }
+
+
+def reproduce_commands(view: StudyView, c: Candidate) -> list[str]:
+    """Give the commands that re-create the study and then this point exactly."""
+    s, run = view.settings, view.settings.get("run") or {}
+    data = run.get("data") or {}
+    cmd = ["autocompress search"]
+    if run.get("model") not in (None, "default"):
+        cmd.append(f"--model {run['model']}")
+    cmd += [f"--hw {s.get('profile')}", f"--space {run.get('space', s.get('space', 'default'))}"]
+    cmd += [f"--budget {k}={v:g}" for k, v in (s.get("budgets") or {}).items()]
+    cmd += [f"--trials {run.get('trials', len(view.candidates))}", f"--seed {s.get('seed', 0)}"]
+    cmd += [f"--sampler {run.get('sampler', 'nsga2')}", f"--study {view.name}", f"--out {view.dir.parent}"]
+    if data.get("source"):
+        cmd.append(f"--data {data['source']}")
+    for key in ("calib_tokens", "proxy_tokens", "eval_tokens", "seq_len"):
+        if key in data:
+            cmd.append(f"--{key.replace('_', '-')} {data[key]}")
+    plan_path = c.plan_path or view.dir / "plans" / f"{c.trial}.yaml"
+    return [
+        " ".join(cmd),
+        f"autocompress apply {plan_path} --out compressed-{c.trial}",
+        f"autocompress export --study {view.name} --out {view.dir.parent / view.name / 'exports'} "
+        f"--trial {c.trial} --studies {view.dir.parent}",
+    ]
+
+
+def export_point(
+    model: torch.nn.Module,
+    wb: Any,
+    view: StudyView,
+    c: Candidate,
+    folder: Path,
+    pred: Predictor,
+    *,
+    onnx: bool = True,
+    hf: bool = True,
+    threads: int = 1,
+    base: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write one point's exports into ``folder``; give its ``export.json`` record."""
+    from autocompress.export.hf import write_hf
+    from autocompress.export.onnx import export_onnx
+
+    plan = c.plan
+    rec: dict[str, Any] = {
+        "study": view.name,
+        "trial": c.trial,
+        "kind": c.kind,
+        "plan_hash": plan.hash(),
+        "description": c.description,
+        "metrics": c.metrics,
+        "predicted_on_study_profile": {"profile": view.profile, **c.cost},
+        "techniques": {t: TECHNIQUES[t] for t in techniques_used(plan)},
+        "reproduce": reproduce_commands(view, c),
+    }
+    if hf:
+        rec["hf"] = write_hf(model, plan, folder, wb.lm.tokenizer)
+    if not onnx:
+        return rec
+    exp = export_onnx(model, view.anatomy, plan, folder / "model.onnx")
+    check = check_onnx(exp.path, model, view.anatomy, exp.formats)
+    m = measure_latency(exp.path, threads)
+    p_dec, p_pre = pred.predict(plan)
+    rec["onnx"] = {
+        "file": "model.onnx",
+        "size_mb": round(exp.size_mb, 2),
+        "formats": dict(Counter(exp.formats.values())),
+        "format_per_linear": exp.formats,
+        "not_represented": list(exp.not_represented),
+        "check": check,
+    }
+    lat = {
+        "runtime": "onnxruntime CPU",
+        "threads": threads,
+        "measured_decode_ms": m["decode_ms"],
+        "predicted_decode_ms": p_dec,
+        "decode_predicted_over_measured": p_dec / m["decode_ms"],
+        "measured_prefill_ms": m["prefill_ms"],
+        "predicted_prefill_ms": p_pre,
+        "prefill_predicted_over_measured": p_pre / m["prefill_ms"],
+        "profile": pred.describe(),
+        "scenario": f"decode = one token without KV cache; prefill = {PROMPT} tokens; batch 1",
+    }
+    if base:
+        lat["speedup_vs_uncompressed"] = base["measured_decode_ms"] / m["decode_ms"]
+        lat["slower_than_uncompressed"] = bool(m["decode_ms"] > base["measured_decode_ms"])
+    rec["latency"] = lat
+    return rec
+
+
+def _row(rec: dict[str, Any]) -> list[str]:
+    lat, chk = rec.get("latency") or {}, (rec.get("onnx") or {}).get("check") or {}
+    hf = rec.get("hf") or {}
+
+    def f(key: str, d: dict = lat, fmt: str = "{:.3g}") -> str:
+        return fmt.format(d[key]) if key in d else "–"
+
+    flag = " ⚠ slower than uncompressed" if lat.get("slower_than_uncompressed") else ""
+    return [
+        str(rec["trial"]),
+        rec["description"] or "uncompressed",
+        f("measured_decode_ms"),
+        f("predicted_decode_ms"),
+        f("decode_predicted_over_measured", fmt="{:.2f}"),
+        f("speedup_vs_uncompressed", fmt="{:.2f}x") + flag,
+        f("measured_prefill_ms"),
+        f("predicted_prefill_ms"),
+        (f"{'pass' if chk['passed'] else 'FAIL'} ({chk['relative_l2_error']:.2g} ≤ {chk['tolerance']:g})" if chk else "–"),
+        ("yes" if hf.get("loadable_with_plain_transformers") else "load_compressed") if hf else "–",
+    ]
+
+
+TABLE_HEADERS = [
+    "trial",
+    "plan",
+    "decode ms (measured)",
+    "decode ms (predicted)",
+    "pred/meas",
+    "speed-up",
+    f"prefill {PROMPT} ms (measured)",
+    f"prefill {PROMPT} ms (predicted)",
+    "ONNX check (rel. L2 ≤ tol)",
+    "plain transformers",
+]
+
+
+def latency_table(records: list[dict[str, Any]]) -> str:
+    """Give the measured-vs-predicted markdown table of export records."""
+    lines = ["| " + " | ".join(TABLE_HEADERS) + " |", "|" + "---|" * len(TABLE_HEADERS)]
+    lines += ["| " + " | ".join(_row(r)) + " |" for r in records]
+    return "\n".join(lines)
+
+
+def index_markdown(index: dict[str, Any]) -> str:
+    base = index.get("baseline")
+    recs = index["exports"]
+    lines = [f"# Exports of study `{index['study']}`", ""]
+    if base:
+        lines += [
+            f"Measured on this machine with onnxruntime CPU, {base['threads']} thread(s); predicted by "
+            f"{index['profile_for_prediction']}.",
+            "",
+            f"Uncompressed (fp32 ONNX): decode {base['measured_decode_ms']:.3g} ms measured vs "
+            f"{base['predicted_decode_ms']:.3g} ms predicted; prefill {PROMPT}: {base['measured_prefill_ms']:.3g} ms "
+            f"vs {base['predicted_prefill_ms']:.3g} ms.",
+            "",
+        ]
+        ratios = [r["latency"]["decode_predicted_over_measured"] for r in recs if "latency" in r]
+        if ratios:
+            lines += [f"Median predicted/measured decode ratio: {statistics.median(ratios):.2f}.", ""]
+        slow = [str(r["trial"]) for r in recs if (r.get("latency") or {}).get("slower_than_uncompressed")]
+        if slow:
+            lines += [f"**Measured slower than the uncompressed model: trial(s) {', '.join(slow)}.**", ""]
+    lines += [latency_table(recs), ""]
+    lines += ["Each `trial-<N>/` holds the HF folder, `model.onnx`, `export.json` and a README with the load code.", ""]
+    return "\n".join(lines)
+
+
+def point_readme(rec: dict[str, Any]) -> str:
+    hf = rec.get("hf") or {}
+    lines = [f"# Trial {rec['trial']} of study `{rec['study']}`", "", f"Plan: {rec['description'] or 'uncompressed'}", ""]
+    if hf:
+        lines += ["## Load", "", "```python"]
+        if hf.get("loadable_with_plain_transformers"):
+            lines += ["from transformers import AutoModelForCausalLM", 'model = AutoModelForCausalLM.from_pretrained(".")']
+        else:
+            lines += ["from autocompress.export import load_compressed", 'model = load_compressed(".")']
+        lines += ["```", ""]
+        if not hf.get("loadable_with_plain_transformers"):
+            lines += [f"Plain transformers cannot load this folder: {'; '.join(hf['not_loadable_because'])}.", ""]
+    if "onnx" in rec:
+        o = rec["onnx"]
+        lines += [
+            "## ONNX",
+            "",
+            f"`model.onnx` ({o['size_mb']} MB): inputs `input_ids`, `attention_mask`; output: last-position logits.",
+            f"Formats: {', '.join(f'{k} x{v}' for k, v in o['formats'].items())}.",
+            f"Check against PyTorch: relative L2 error {o['check']['relative_l2_error']:.3g} "
+            f"(tolerance {o['check']['tolerance']:g}), top-1 agreement {o['check']['top1_agreement']:.3f}.",
+            "",
+        ]
+        if o["not_represented"]:
+            lines += ["Not represented exactly:", "", *[f"- {n}" for n in o["not_represented"]], ""]
+    lines += ["## What each technique became", ""]
+    lines += [f"- **{t}**: HF: {v['hf']}. ONNX: {v['onnx']}." for t, v in rec["techniques"].items()] or ["- nothing"]
+    lines += ["", "## Reproduce", "", "```sh", *rec["reproduce"], "```", ""]
+    return "\n".join(lines)
+
+
+def _spread(front: list[Any], k: int) -> list[Any]:
+    if len(front) <= k:
+        return list(front)
+    idx = sorted({round(i * (len(front) - 1) / (k - 1)) for i in range(k)}) if k > 1 else [0]
+    return [front[i] for i in idx]
+
+
+def verify_front(
+    study_dir_or_result: str | Path | SearchResult, k: int, log: Callable[[str], None] | None = None
+) -> list[dict[str, Any]]:
+    """Export K front points (spread along the latency axis) to ONNX, check and measure them here.
+
+    Writes ``verify.json`` and ``verify.md`` in the study folder and gives one record per point
+    (``latency.slower_than_uncompressed`` flags "compressed but not faster"). The ONNX files are
+    temporary; ``autocompress export`` keeps them.
+    """
+    from autocompress.export.study import open_study, workbench_for
+
+    say = log or (lambda _m: None)
+    if isinstance(study_dir_or_result, (str, Path)):
+        study_dir = Path(study_dir_or_result)
+        stored = study_dir / "storage.txt"
+        storage = stored.read_text().strip() if stored.is_file() else None
+        view = open_study(study_dir.name, study_dir.parent, storage)
+    else:
+        r = study_dir_or_result
+        view = open_study(r.study_name, Path(r.study_dir).parent, r.storage)
+    if k < 1 or not view.front:
+        return []
+    points = _spread(view.front, k)
+    pred = Predictor.for_hw("local", view.anatomy)
+    if pred.note:
+        say(pred.note)
+    wb = workbench_for(view, points[0].plan, log=say)
+    records = []
+    with tempfile.TemporaryDirectory(dir=view.dir, prefix=".verify.") as tmp:
+        say(f"verify: exporting and measuring the uncompressed model ({pred.threads} thread(s))")
+        base = baseline_record(wb, view.anatomy, pred, Path(tmp), pred.threads)
+        for c in points:
+            folder = Path(tmp) / f"trial-{c.trial}"
+            folder.mkdir()
+            rec = export_point(wb.apply(c.plan), wb, view, c, folder, pred, hf=False, threads=pred.threads, base=base)
+            lat = rec["latency"]
+            say(
+                f"verify trial {c.trial}: decode {lat['measured_decode_ms']:.3g} ms measured, "
+                f"{lat['predicted_decode_ms']:.3g} predicted ({lat['speedup_vs_uncompressed']:.2f}x vs uncompressed)"
+                + (" — SLOWER than uncompressed" if lat["slower_than_uncompressed"] else "")
+            )
+            records.append(rec)
+    index = {"study": view.name, "profile_for_prediction": pred.describe(), "baseline": base, "exports": records}
+    atomic_write_text(view.dir / "verify.json", json.dumps(index, indent=2, default=str) + "\n")
+    atomic_write_text(view.dir / "verify.md", index_markdown(index))
+    return records

@@ -1,0 +1,315 @@
+"""The error catalogue: every bad input through the CLI gives one line naming the problem on stderr,
+exit code 2, and writes nothing. NaN during evaluation and Ctrl-C are covered at the end."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from autocompress.cli import main
+from autocompress.hardware import profiles_dir
+from autocompress.model import load_model, tiny_model
+from autocompress.plan import LayerChoice, ModelRef, Plan, Provenance
+
+TINY_TOKENS = ["--seq-len", "64", "--calib-tokens", "512", "--proxy-tokens", "128", "--eval-tokens", "256"]
+TINY = ["--model", "tiny-llama", *TINY_TOKENS]
+
+
+def _search(tmp: Path, *extra: str, model: list[str] = TINY) -> list[str]:
+    return ["search", "--out", str(tmp / "studies"), "--study", "c", "--trials", "2", *model, *extra]
+
+
+def _write(tmp: Path, name: str, text: str | bytes) -> Path:
+    path = tmp / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(text) if isinstance(text, bytes) else path.write_text(text)
+    return path
+
+
+# ---- plans --------------------------------------------------------------------------------------
+def _plan_dict() -> dict:
+    anatomy = load_model("tiny-llama").anatomy
+    data = {"seq_len": 64, "calib_tokens": 512, "proxy_tokens": 128, "eval_tokens": 256}
+    plan = Plan(model=ModelRef.of(anatomy), default=LayerChoice(bits=8), provenance=Provenance(data=data))
+    return yaml.safe_load(plan.to_yaml())
+
+
+def _apply(tmp: Path, change: Callable[[dict], None] | None = None, text: str | None = None) -> list[str]:
+    if text is None:
+        d = _plan_dict()
+        change(d)
+        text = yaml.safe_dump(d)
+    return ["apply", str(_write(tmp, "plan.yaml", text)), "--out", str(tmp / "model-out")]
+
+
+def _truncated_plan(tmp: Path) -> list[str]:
+    text = yaml.safe_dump(_plan_dict())
+    return _apply(tmp, text=text[: len(text) // 2])
+
+
+def _layer(name: str, **choice) -> Callable[[dict], None]:
+    return lambda d: d["layers"].update({name: choice})
+
+
+# ---- profiles -----------------------------------------------------------------------------------
+def _profile(tmp: Path, change: Callable[[dict], None]) -> list[str]:
+    d = yaml.safe_load((profiles_dir() / "raspberry-pi-5.yaml").read_text())
+    change(d)
+    return _search(tmp, "--hw", str(_write(tmp, "hw/bad.yaml", yaml.safe_dump(d))))
+
+
+# ---- models -------------------------------------------------------------------------------------
+def _model_folder(tmp: Path, arch: str = "tiny-llama") -> Path:
+    folder = tmp / "hf"
+    tiny_model(arch).save_pretrained(folder)
+    return folder
+
+
+def _corrupted(tmp: Path) -> list[str]:
+    folder = _model_folder(tmp)
+    f = folder / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:300])
+    return _search(tmp, model=["--model", str(folder), *TINY_TOKENS])
+
+
+class _Evil:
+    """Unpickling this creates the marker file: proof that a pickle was (or was not) executed."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def _pickle_only(tmp: Path) -> list[str]:
+    folder = tmp / "hf"
+    tiny_model("tiny-llama").config.save_pretrained(folder)
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps(_Evil(tmp / "UNPICKLED")))
+    return _search(tmp, model=["--model", str(folder), *TINY_TOKENS])
+
+
+def _unsupported(tmp: Path) -> list[str]:
+    folder = tmp / "hf"
+    _write(folder, "config.json", json.dumps({"model_type": "t5", "architectures": ["T5Model"]}))
+    _write(folder, "model.safetensors", b"")
+    return _search(tmp, model=["--model", str(folder), *TINY_TOKENS])
+
+
+def _too_big_for_target(tmp: Path) -> list[str]:
+    """A 35B-parameter Llama config with empty weights: refused from the prediction, before any loading."""
+    cfg = tiny_model("tiny-llama").config
+    cfg.update({"hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 40})
+    cfg.update({"num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 128})
+    folder = tmp / "hf"
+    cfg.save_pretrained(folder)
+    _write(folder, "model.safetensors", b"")  # loading would fail: the guard must come first
+    return _search(tmp, "--hw", "jetson-nano", "--space", "quant-only", model=["--model", str(folder), *TINY_TOKENS])
+
+
+# ---- data, spaces, storage, studies -------------------------------------------------------------
+def _data(tmp: Path, name: str, content: str | bytes, *extra: str) -> list[str]:
+    return _search(tmp, "--data", str(_write(tmp, name, content)), *extra)
+
+
+SPACE_A = "name: tiny-a\ngranularity: model\nlinear: {bits: [16, 8]}\nbaselines: {uncompressed: {}}\n"
+
+
+def _study_clash(tmp: Path) -> list[str]:
+    space_a = _write(tmp, "a.yaml", SPACE_A)
+    space_b = _write(tmp, "b.yaml", SPACE_A.replace("[16, 8]", "[16, 4]").replace("tiny-a", "tiny-b"))
+    main([*_search(tmp, "--space", str(space_a), "--full-eval", "0"), "--trials", "1"])  # returns on success
+    return _search(tmp, "--space", str(space_b))
+
+
+def _out_under_a_file(tmp: Path, command: str) -> list[str]:
+    blocker = _write(tmp, "afile", "a regular file, so nothing can be created below it\n")
+    if command == "search":
+        return ["search", "--out", str(blocker / "studies"), *TINY]
+    return [*_apply(tmp, lambda d: None)[:2], "--out", str(blocker / "model")]
+
+
+def _foreign_folder(tmp: Path) -> list[str]:
+    _write(tmp, "model-out/notes.txt", "someone else's file\n")
+    return _apply(tmp, lambda d: None)
+
+
+CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
+    # plans
+    "plan-malformed-yaml": (lambda t: _apply(t, text="model: [unclosed\n  layers: {\n"), "plan.yaml"),
+    "plan-truncated": (_truncated_plan, "plan.yaml"),
+    "plan-missing-file": (lambda t: ["apply", str(t / "nope.yaml"), "--out", str(t / "o")], "nope.yaml"),
+    "plan-other-model": (lambda t: _apply(t, lambda d: d["model"].update(hash="0" * 64)), "hash"),
+    "plan-unknown-layer": (lambda t: _apply(t, _layer("model.layers.0.mlp.nope", bits=4)), "unknown layer"),
+    "plan-block-out-of-range": (lambda t: _apply(t, lambda d: d.update(drop_blocks=[99])), "99"),
+    "plan-bits-out-of-range": (lambda t: _apply(t, lambda d: d["default"].update(bits=1)), "bits"),
+    "plan-sparsity-out-of-range": (lambda t: _apply(t, lambda d: d["default"].update(sparsity=1.5)), "sparsity"),
+    "plan-rank-out-of-range": (lambda t: _apply(t, lambda d: d["default"].update(rank_ratio=2.0)), "rank_ratio"),
+    # hardware profiles
+    "profile-unknown": (lambda t: _search(t, "--hw", "nosuchdevice"), "unknown hardware profile 'nosuchdevice'"),
+    "profile-malformed-yaml": (lambda t: _search(t, "--hw", str(_write(t, "p.yaml", "id: [x\n"))), "p.yaml"),
+    "profile-missing-field": (lambda t: _profile(t, lambda d: d.pop("peak_bw_GBps")), "peak_bw_GBps"),
+    "profile-negative-field": (lambda t: _profile(t, lambda d: d.update(active_W=-5)), "active_W"),
+    "profile-wrong-type": (lambda t: _profile(t, lambda d: d.update(memory_GB="lots")), "memory_GB"),
+    "hw-show-unknown": (lambda t: ["hw", "show", "nosuchdevice"], "nosuchdevice"),
+    # budgets
+    "budget-impossible": (lambda t: _search(t, "--budget", "latency_ms=0.0001"), "no plan in space"),
+    "budget-unknown-key": (lambda t: _search(t, "--budget", "speed=1"), "unknown budget 'speed'"),
+    "budget-negative": (lambda t: _search(t, "--budget", "memory_mb=-3"), "memory_mb must be positive"),
+    "budget-not-a-number": (lambda t: _search(t, "--budget", "latency_ms=fast"), "latency_ms must be a number"),
+    "budget-no-value": (lambda t: _search(t, "--budget", "latency_ms"), "KEY=VALUE"),
+    # models
+    "model-path-missing": (lambda t: _search(t, model=["--model", str(t / "nope")]), "not found"),
+    "model-not-hf-folder": (
+        lambda t: _search(t, model=["--model", str(_write(t, "x/readme.txt", "hi").parent)]),
+        "no config.json",
+    ),
+    "model-unsupported-architecture": (_unsupported, "unsupported architecture 't5'"),
+    "model-corrupted-safetensors": (_corrupted, "cannot load weights"),
+    "model-pickle-only": (_pickle_only, "pickle"),
+    "model-does-not-fit-target": (_too_big_for_target, "does not fit jetson-nano"),
+    # data
+    "data-missing": (lambda t: _search(t, "--data", str(t / "nope.txt")), "data path not found"),
+    "data-not-utf8": (lambda t: _data(t, "bin.txt", b"\xff\xfe\x00\x81" * 50), "not UTF-8"),
+    "data-empty": (lambda t: _data(t, "empty.txt", ""), "holds no text"),
+    "data-too-short": (lambda t: _data(t, "short.txt", "One short paragraph.\n\nAnother one.\n"), "tokens"),
+    "data-jsonl-without-text": (lambda t: _data(t, "d.jsonl", '{"body": "x"}\n'), "'text'"),
+    # search spaces, sampler, trials
+    "space-unknown": (lambda t: _search(t, "--space", "nosuchspace"), "unknown search space 'nosuchspace'"),
+    "space-invalid-file": (
+        lambda t: _search(t, "--space", str(_write(t, "s.yaml", "name: s\ngranularity: layerwise\n"))),
+        "granularity",
+    ),
+    "space-unknown-knob": (
+        lambda t: _search(t, "--space", str(_write(t, "s.yaml", "name: s\nlinear: {colour: [red]}\n"))),
+        "colour",
+    ),
+    "sampler-unknown": (lambda t: _search(t, "--sampler", "annealing"), "unknown sampler 'annealing'"),
+    "trials-zero": (lambda t: _search(t, "--trials", "0"), "--trials must be at least 1"),
+    "jobs-zero": (lambda t: _search(t, "--jobs", "0"), "--jobs must be at least 1"),
+    # storage, studies, outputs
+    "storage-unreachable": (
+        lambda t: _search(t, "--storage", "postgresql+psycopg2://nobody@127.0.0.1:9/none"),
+        "cannot open storage",
+    ),
+    "storage-bad-path": (
+        lambda t: _search(t, "--storage", f"sqlite:///{_write(t, 'afile', 'x')}/study.db"),
+        "cannot open storage",
+    ),
+    "study-clash-other-space": (_study_clash, "different search space ('tiny-a' vs 'tiny-b')"),
+    "search-out-not-writable": (lambda t: _out_under_a_file(t, "search"), "not writable"),
+    "apply-out-not-writable": (lambda t: _out_under_a_file(t, "apply"), "not writable"),
+    "apply-out-foreign-folder": (_foreign_folder, "not empty"),
+    "calibrate-out-not-yaml": (lambda t: ["hw", "calibrate", "--out", str(t / "local.txt")], ".yaml"),
+    "calibrate-out-not-writable": (
+        lambda t: ["hw", "calibrate", "--out", str(_write(t, "afile", "x") / "local.yaml")],
+        "not writable",
+    ),
+}
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+
+def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+        raise SystemExit(0)
+    out = capsys.readouterr()
+    return exc.value.code or 0, out.out, out.err
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case: str, tmp_path: Path, capsys) -> None:
+    setup, fragment = CASES[case]
+    argv = setup(tmp_path)
+    capsys.readouterr()
+    before = _snapshot(tmp_path)
+    code, out, err = run_cli(argv, capsys)
+    assert code == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert fragment in lines[0], lines[0]
+    assert "Traceback" not in out + err
+    assert _snapshot(tmp_path) == before  # nothing written, nothing touched
+    assert not (tmp_path / "UNPICKLED").exists()  # the pickle was refused, never executed
+    if argv[0] == "search" and case != "study-clash-other-space":
+        assert not (tmp_path / "studies").exists()
+
+
+def test_catalogue_covers_at_least_25_bad_inputs() -> None:
+    assert len(CASES) >= 25
+
+
+# ---- NaN during evaluation: that trial fails with the reason, the search goes on -----------------
+def test_nan_during_evaluation_fails_the_trial_and_the_search_goes_on(tmp_path, capsys, monkeypatch) -> None:
+    import torch
+
+    from autocompress.workbench import Workbench
+
+    real_apply = Workbench.apply
+
+    def poisoned(self, plan, into=None):
+        model = real_apply(self, plan, into=into)
+        if into is None and plan.provenance.trial == 1:  # the int8 baseline's trial
+            with torch.no_grad():
+                next(p for n, p in model.named_parameters() if "mlp" in n).fill_(float("nan"))
+        return model
+
+    monkeypatch.setattr(Workbench, "apply", poisoned)
+    code, out, err = run_cli(
+        ["search", "--out", str(tmp_path), "--study", "n", "--trials", "4", "--full-eval", "0", *TINY], capsys
+    )
+    assert code == 0, err
+    study = optuna.load_study(study_name="n", storage=f"sqlite:///{tmp_path / 'n' / 'study.db'}")
+    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert [t.number for t in failed] == [1]
+    assert "NaN" in failed[0].user_attrs["fail_reason"]
+    assert len([t for t in study.trials if t.state == TrialState.COMPLETE]) == 4
+    assert "1 failed" in out
+    assert not (tmp_path / "n" / "plans" / "1.yaml").exists()
+
+
+# ---- Ctrl-C: clean stop with exit 130, no trial left RUNNING, the rerun resumes -----------------
+def test_keyboard_interrupt_stops_cleanly_and_resumes(tmp_path) -> None:
+    env = {**os.environ, "AUTOCOMPRESS_THREADS": "1"}
+    cmd = [sys.executable, "-m", "autocompress.cli", *_search(tmp_path), "--trials", "40", "--full-eval", "0"]
+    storage = f"sqlite:///{tmp_path / 'studies' / 'c' / 'study.db'}"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
+    deadline = time.time() + 300
+    done: list = []
+    while time.time() < deadline and len(done) < 3:
+        time.sleep(0.3)
+        assert proc.poll() is None, "the search ended before it could be interrupted"
+        try:
+            done = [t for t in optuna.load_study(study_name="c", storage=storage).trials if t.values]
+        except Exception:  # not created yet
+            continue
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    study = optuna.load_study(study_name="c", storage=storage)
+    assert not [t for t in study.trials if t.state == TrialState.RUNNING]
+    before = {t.number: t.values for t in study.trials if t.state == TrialState.COMPLETE}
+    assert len(before) >= 3
+    for n in before:
+        assert (tmp_path / "studies" / "c" / "plans" / f"{n}.yaml").is_file()
+    cmd[cmd.index("40")] = str(len(before) + 2)
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    after = optuna.load_study(study_name="c", storage=storage).trials
+    assert {t.number: t.values for t in after if t.number in before} == before
+    assert len([t for t in after if t.state == TrialState.COMPLETE]) == len(before) + 2
