@@ -31,6 +31,9 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def check_writable(folder: str | Path, error: type[Exception]) -> None:
     """Raise ``error`` if ``folder`` cannot be created and written; leave behind no folder this check made."""
     folder = Path(folder)
+    blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise error(f"output folder {folder} cannot be created: {blocker} is a file")
     created = [p for p in (folder, *folder.parents) if not p.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)

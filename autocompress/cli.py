@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import json
+import math
 import sys
+import time
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import click
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from autocompress._io import check_writable
@@ -27,8 +40,92 @@ console = Console(width=None if sys.stdout.isatty() else 140)
 err_console = Console(stderr=True)
 
 
+@dataclass
+class _UI:
+    """The global output options of this invocation (set by ``_options`` for every command)."""
+
+    json: bool = False
+    quiet: bool = False
+    verbose: bool = False
+    started: float = 0.0
+
+
+ui = _UI()
+
+
+@app.callback(
+    epilog=(
+        "Examples:\n\n"
+        "autocompress search --hw jetson --trials 40\n\n"
+        "autocompress --json hw show rpi            # one JSON object on stdout\n\n"
+        "autocompress --quiet apply plan.yaml --out model/\n\n"
+        "autocompress search --help                 # every option, then examples"
+    )
+)
+def _options(
+    json_out: Annotated[
+        bool,
+        typer.Option("--json", help="Print the result as one JSON object on stdout (notes and progress go to stderr)"),
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only results: no progress bars or notes")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Time-stamp every step and show library warnings")
+    ] = False,
+) -> None:
+    if quiet and verbose:
+        raise AutocompressError("--quiet and --verbose exclude each other")
+    ui.json, ui.quiet, ui.verbose, ui.started = json_out, quiet, verbose, time.time()
+    console.quiet = json_out  # results become the JSON object printed by main()
+    warnings.filterwarnings("default" if verbose else "ignore", message=".*experimental feature")
+
+
+def _notes() -> Console:
+    """Where notes and progress go: stderr when stdout carries JSON."""
+    return err_console if ui.json else console
+
+
 def _log(msg: str) -> None:
-    console.print(f"[dim]· {msg}[/dim]")
+    if ui.quiet:
+        return
+    stamp = f"{time.time() - ui.started:7.1f}s " if ui.verbose else ""
+    _notes().print(f"[dim]{stamp}· {escape(msg)}[/dim]", highlight=False)
+
+
+def _progress() -> Progress:
+    """A progress display with elapsed time and ETA (hidden with --quiet)."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=_notes(),
+        disable=ui.quiet,
+    )
+
+
+def _examples(*lines: str) -> str:
+    """Format the examples shown at the end of a command's --help."""
+    return "Examples:\n\n" + "\n\n".join(lines)
+
+
+def _plain(value: Any) -> Any:
+    """Make a value JSON-safe: paths as strings, NaN/inf as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _print_json(data: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(_plain(data), indent=2, default=str) + "\n")
+    sys.stdout.flush()
 
 
 def _data_config(data: Path | None, calib_tokens: int, eval_tokens: int, proxy_tokens: int, seq_len: int):
@@ -43,7 +140,15 @@ def _data_config(data: Path | None, calib_tokens: int, eval_tokens: int, proxy_t
     )
 
 
-@app.command()
+@app.command(
+    epilog=_examples(
+        "autocompress search --hw jetson              # default model and space",
+        "autocompress search --hw rpi --budget latency_ms=25 --study pi",
+        "autocompress search --model path/to/hf-folder --data my.jsonl --hw cpu",
+        "autocompress search --model tiny-llama --trials 12 --seq-len 64  # a minute",
+        "autocompress --json search --hw jetson --trials 20 > front.json",
+    )
+)
 def search(
     model: Annotated[
         str | None, typer.Option(help="HF model folder, 'default' (SmolLM2-135M) or tiny-llama/tiny-gpt2/tiny-bert")
@@ -74,7 +179,7 @@ def search(
     seq_len: Annotated[int, typer.Option(help="Sequence length")] = 256,
     full_eval: Annotated[int, typer.Option(help="Front points that get the full metric (perplexity)")] = 8,
     jobs: Annotated[int, typer.Option(help="Worker processes on this machine sharing the study")] = 1,
-) -> None:
+) -> dict[str, Any]:
     """Search for Pareto-optimal compressed variants and print the front."""
     from autocompress.search import Budget
     from autocompress.search import search as run_search
@@ -84,9 +189,7 @@ def search(
     cfg = _data_config(data, calib_tokens, eval_tokens, proxy_tokens, seq_len)
     trials = DEFAULT_TRIALS if trials is None else trials
     timeout = DEFAULT_TIMEOUT_S if timeout is None else timeout
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
-    ) as progress:
+    with _progress() as progress:
         result = run_search(
             model=model,
             hw=hw,
@@ -106,6 +209,7 @@ def search(
             progress=progress,
         )
     _print_front(result)
+    return result.to_dict()
 
 
 def _print_front(result) -> None:
@@ -136,7 +240,12 @@ def _print_front(result) -> None:
     )
 
 
-@app.command()
+@app.command(
+    epilog=_examples(
+        "autocompress worker --study demo --storage postgresql://host/db",
+        "autocompress worker --study demo --storage studies/demo/study.log --index 2",
+    )
+)
 def worker(
     study: Annotated[str, typer.Option(help="Name of the study to join")],
     storage: Annotated[str, typer.Option(help="The study's Optuna storage URL or journal .log path")],
@@ -146,31 +255,43 @@ def worker(
     trials: Annotated[int | None, typer.Option(help="Stop when the study holds this many evaluated trials")] = None,
     deadline: Annotated[float | None, typer.Option(help="Unix time after which no new trial starts")] = None,
     index: Annotated[int, typer.Option(help="Worker number (varies the sampler seed)")] = 0,
-) -> None:
+) -> dict[str, Any]:
     """Join a running study and evaluate trials (from this or another machine)."""
     from autocompress.search.worker import run_worker
 
     n = run_worker(study, storage, out=out, trials=trials, deadline=deadline, index=index, log=_log)
     console.print(f"worker {index}: {n} trials evaluated")
+    return {"worker": index, "study": study, "evaluated": n}
 
 
-@app.command()
+@app.command(
+    epilog=_examples(
+        "autocompress retarget --study demo --hw rpi",
+        "autocompress retarget --study demo --hw nvidia-t4 --budget latency_ms=2",
+    )
+)
 def retarget(
     study: Annotated[str, typer.Option(help="Name of a finished study")],
     hw: Annotated[str, typer.Option(help="Hardware profile to price its plans on")],
     out: Annotated[Path, typer.Option(help="Folder that holds study folders")] = Path("studies"),
     storage: Annotated[str | None, typer.Option(help="Optuna storage URL or journal .log path")] = None,
     budget: Annotated[list[str] | None, typer.Option(help="KEY=VALUE budgets on the new target (repeatable)")] = None,
-) -> None:
+) -> dict[str, Any]:
     """Price every evaluated plan of a study on another device and print that front (no re-evaluation)."""
     from autocompress.search import Budget
     from autocompress.search.retarget import retarget as run_retarget
 
     result = run_retarget(study, hw, out=out, storage=storage, budgets=Budget.parse(budget or []))
     _print_front(result)
+    return result.to_dict()
 
 
-@app.command()
+@app.command(
+    epilog=_examples(
+        "autocompress recover --study demo --pareto --recover-tokens 65536",
+        "autocompress recover --study demo --trial 3 --recover-minutes 2",
+    )
+)
 def recover(
     study: Annotated[str, typer.Option(help="Name of a finished study")],
     trial: Annotated[list[int] | None, typer.Option(help="Trial number to recover (repeatable)")] = None,
@@ -181,11 +302,11 @@ def recover(
     recover_minutes: Annotated[float | None, typer.Option(help="Training-time budget per model, in minutes")] = None,
     temperature: Annotated[float, typer.Option(help="Distillation temperature")] = 1.0,
     hidden_weight: Annotated[float, typer.Option(help="Weight of hidden-state matching on kept blocks")] = 0.0,
-    lr: Annotated[float, typer.Option(help="Learning rate (constant after warm-up)")] = 5e-5,
+    lr: Annotated[float, typer.Option(help="Learning rate (constant after warm-up)")] = 1e-4,
     seed: Annotated[int, typer.Option(help="Seed of the batch order (recorded in the plan)")] = 0,
     out: Annotated[Path, typer.Option(help="Folder that holds study folders")] = Path("studies"),
     storage: Annotated[str | None, typer.Option(help="Optuna storage URL or journal .log path")] = None,
-) -> None:
+) -> dict[str, Any]:
     """Distil the base model into compressed trials; add each result to the study and rewrite its front."""
     from autocompress.recover import RecoverySettings, recover_trials
 
@@ -199,9 +320,7 @@ def recover(
         lr=lr,
         seed=seed,
     )
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
-    ) as progress:
+    with _progress() as progress:
         task = progress.add_task("recovery", total=None)
 
         def on_step(info, _model) -> None:
@@ -214,17 +333,26 @@ def recover(
         table.add_column(col, justify="right")
     for r in done:
         full = [f"{d[metric]:.4g}" if d and metric in d else "-" for d in (r.full_before, r.full_after)]
-        table.add_row(str(r.trial), str(r.recovered_from), str(r.steps), f"{r.kl_before:.4g}", f"{r.kl_after:.4g}", *full)
+        table.add_row(
+            str(r.trial), str(r.recovered_from), str(r.steps), f"{r.kl_before:.4g}", f"{r.kl_after:.4g}", *full
+        )
     console.print(table)
     console.print(f"front rewritten: {out / study}/summary.md, pareto.json; plans in {out / study}/plans/")
+    recovered = [{**{k: v for k, v in vars(r).items() if k != "plan"}, "plan_hash": r.plan.hash()} for r in done]
+    return {"study": study, "recovered": recovered}
 
 
-@app.command()
+@app.command(
+    epilog=_examples(
+        "autocompress apply studies/demo/plans/2.yaml --out my-int4-model",
+        "autocompress --json apply plan.yaml --out model/ | jq -r .weight_hash",
+    )
+)
 def apply(
     plan: Annotated[Path, typer.Argument(help="plan.yaml from a study")],
     out: Annotated[Path, typer.Option(help="Folder to write the compressed HF model into")],
     model: Annotated[str | None, typer.Option(help="Base model [default: the one named in the plan]")] = None,
-) -> None:
+) -> dict[str, Any]:
     """Rebuild a compressed model from its plan, write it as an HF folder and print its weight hash."""
     from autocompress.export import export_hf, plain_transformers_blockers
     from autocompress.plan import Plan
@@ -245,9 +373,15 @@ def apply(
             f"[yellow]note:[/yellow] plain transformers cannot load this folder ({'; '.join(blockers)}); "
             "rebuild it with autocompress.apply_plan(plan)"
         )
+    return {"out": out, "plan_hash": p.hash(), "weight_hash": weight_hash, "plain_transformers_blockers": blockers}
 
 
-@app.command()
+@app.command(
+    epilog=_examples(
+        "autocompress evaluate                                      # the base model",
+        "autocompress evaluate studies/demo/plans/2.yaml --hw jetson",
+    )
+)
 def evaluate(
     plan: Annotated[Path | None, typer.Argument(help="plan.yaml (omit to score the base model)")] = None,
     model: Annotated[str | None, typer.Option(help="Base model [default: the plan's, else the default model]")] = None,
@@ -256,7 +390,7 @@ def evaluate(
         Path | None, typer.Option(help="Text file/folder/.jsonl [default: bundled Wikipedia leads]")
     ] = None,
     eval_tokens: Annotated[int, typer.Option(help="Held-out tokens for perplexity")] = 4096,
-) -> None:
+) -> dict[str, Any]:
     """Score a plan (or the base model): KL to base, top-1 agreement, perplexity, bits per character."""
     from autocompress.evaluate import Evaluator
     from autocompress.plan import Plan
@@ -276,7 +410,10 @@ def evaluate(
     table.add_column("value", justify="right")
     table.add_row("KL to base (nats/token)", f"{fid.kl:.4g}")
     table.add_row("top-1 agreement", f"{fid.top1_agreement:.4f}")
+    data: dict[str, Any] = {"plan": plan, "kl": fid.kl, "top1_agreement": fid.top1_agreement}
     full = ev.full(m)
+    if full is not None:
+        data["full"] = {k: v for k, v in vars(full).items() if isinstance(v, (int, float, str))}
     if full is not None and hasattr(full, "ppl"):
         table.add_row(f"perplexity ({full.tokens} tokens)", f"{full.ppl:.4g}")
         table.add_row("bits per character", f"{full.bpc:.4g}")
@@ -294,11 +431,13 @@ def evaluate(
         cost = CostModel(load_profile(hw), a).predict(cp)
         for k, v in cost.to_dict().items():
             table.add_row(f"{k} on {hw}", f"{v:.4g}" if isinstance(v, float) else str(v))
+        data["cost"] = {"profile": hw, **cost.to_dict()}
     console.print(table)
+    return data
 
 
-@hw_app.command("list")
-def hw_list() -> None:
+@hw_app.command("list", epilog=_examples("autocompress hw list", "autocompress --json hw list"))
+def hw_list() -> dict[str, Any]:
     """List the hardware profiles."""
     from autocompress.hardware import list_profiles
 
@@ -306,7 +445,8 @@ def hw_list() -> None:
     table.add_column("id", no_wrap=True)
     for col in ("aliases", "device", "runtime", "bandwidth GB/s", "calibrated"):
         table.add_column(col, overflow="fold")
-    for p in list_profiles():
+    profiles = list_profiles()
+    for p in profiles:
         table.add_row(
             p.id,
             ", ".join(p.aliases),
@@ -316,10 +456,11 @@ def hw_list() -> None:
             "yes" if p.calibrated else "no",
         )
     console.print(table)
+    return {"profiles": [p.model_dump(mode="json") for p in profiles]}
 
 
-@hw_app.command("show")
-def hw_show(name: Annotated[str, typer.Argument(help="Profile id, alias or YAML path")]) -> None:
+@hw_app.command("show", epilog=_examples("autocompress hw show jetson", "autocompress hw show hw_profiles/local.yaml"))
+def hw_show(name: Annotated[str, typer.Argument(help="Profile id, alias or YAML path")]) -> dict[str, Any]:
     """Show one hardware profile in full."""
     import yaml
 
@@ -329,14 +470,21 @@ def hw_show(name: Annotated[str, typer.Argument(help="Profile id, alias or YAML 
     console.print(
         yaml.safe_dump(p.model_dump(mode="json"), sort_keys=False, allow_unicode=True), markup=False, highlight=False
     )
+    return p.model_dump(mode="json")
 
 
-@hw_app.command("calibrate")
+@hw_app.command(
+    "calibrate",
+    epilog=_examples(
+        "autocompress hw calibrate --out hw_profiles/local.yaml   # ~30 s",
+        "autocompress hw calibrate --out /tmp/me.yaml --threads 4 --repeats 5",
+    ),
+)
 def hw_calibrate(
     out: Annotated[Path, typer.Option(help="Profile to write, e.g. hw_profiles/local.yaml (machine-specific)")],
     threads: Annotated[int, typer.Option(help="Threads for every measurement (fixed)")] = 1,
     repeats: Annotated[int, typer.Option(help="Timed repeats per micro-benchmark (median kept)")] = 9,
-) -> None:
+) -> dict[str, Any]:
     """Measure this machine with onnxruntime CPU micro-benchmarks and write a calibrated profile."""
     from autocompress.hardware.calibrate import calibrate_local, write_profile
 
@@ -355,9 +503,15 @@ def hw_calibrate(
         f"kernels/block {p.kernels_per_block}, {p.per_kernel_overhead_us:.2f} us each; "
         f"fit error {c.fit_mape:.1%} on {c.samples} timings"
     )
+    return {"out": out, "profile": p.model_dump(mode="json")}
 
 
-@app.command()
+@app.command(
+    epilog=_examples(
+        "autocompress export --study demo --pareto --out exports/",
+        "autocompress export --study demo --trial 2 --no-onnx --out exports/",
+    )
+)
 def export(
     study: Annotated[str, typer.Option(help="Name of a finished study")],
     out: Annotated[Path, typer.Option(help="Folder to write the exports into (one trial-<N>/ per point)")],
@@ -367,7 +521,7 @@ def export(
     hw: Annotated[str, typer.Option(help="Profile whose prediction the measurement is compared with")] = "local",
     studies: Annotated[Path, typer.Option(help="Folder that holds study folders")] = Path("studies"),
     storage: Annotated[str | None, typer.Option(help="Optuna storage URL or journal .log path")] = None,
-) -> None:
+) -> dict[str, Any]:
     """Export trials of a study as HF folders + quantized ONNX, checked against PyTorch and measured here."""
     from autocompress.export.study import export_trials, open_study
     from autocompress.export.verify import latency_table
@@ -383,24 +537,31 @@ def export(
         how = "plain transformers" if hf["loadable_with_plain_transformers"] else "autocompress.export.load_compressed"
         console.print(f"{out}/trial-{r['trial']}/: loads with {how}", markup=False, highlight=False)
     console.print(f"wrote {out}/exports.json and {out}/README.md")
+    return {"out": out, "exports": records}
 
 
-@app.command()
+@app.command(epilog=_examples("autocompress report --study demo --out report/"))
 def report(
     study: Annotated[str, typer.Option(help="Name of a finished study")],
     out: Annotated[Path, typer.Option(help="Folder to write report.md, report.html and figures into")],
     studies: Annotated[Path, typer.Option(help="Folder that holds study folders")] = Path("studies"),
     storage: Annotated[str | None, typer.Option(help="Optuna storage URL or journal .log path")] = None,
-) -> None:
+) -> dict[str, Any]:
     """Write a study report: front table, Pareto plots, per-layer heatmaps, agreement, reproduce commands."""
     from autocompress.export.study import open_study
     from autocompress.report import write_report
 
     paths = write_report(open_study(study, studies, storage), out)
     console.print(f"wrote {', '.join(str(p) for p in paths)}")
+    return {"written": list(paths)}
 
 
-@app.command()
+@app.command(
+    epilog=_examples(
+        "autocompress dashboard --study demo           # on 127.0.0.1:8080",
+        "autocompress dashboard --storage postgresql://host/db --port 8081",
+    )
+)
 def dashboard(
     study: Annotated[str | None, typer.Option(help="Study name (opens studies/<name>/study.db)")] = None,
     storage: Annotated[str | None, typer.Option(help="Optuna storage URL or journal .log path")] = None,
@@ -408,28 +569,49 @@ def dashboard(
     host: Annotated[str, typer.Option(help="Interface to bind (local only by default)")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port")] = 8080,
 ) -> None:
-    """Open a study in optuna-dashboard (binds 127.0.0.1 unless told otherwise)."""
+    """Open a study in optuna-dashboard (binds 127.0.0.1 unless told otherwise).
+
+    Each trial shows its plan hash, predicted cost on the study's profile (``cost``), the rung it
+    reached, its top-1 agreement and, for screened-out trials, the budget it broke.
+    """
+    import os
+    import shutil
     import subprocess
 
     if storage is None:
         if study is None:
             raise AutocompressError("give --study NAME or --storage URL")
+        stored = out / study / "storage.txt"  # a study on another backend (journal file, PostgreSQL)
         db = out / study / "study.db"
-        if not db.is_file():
+        if db.is_file():
+            storage = f"sqlite:///{db}"
+        elif stored.is_file():
+            storage = stored.read_text().strip()
+        else:
             raise AutocompressError(f"no study database at {db}")
-        storage = f"sqlite:///{db}"
+    if not 0 < port < 65536:
+        raise AutocompressError(f"--port must be between 1 and 65535, got {port}")
     exe = Path(sys.executable).with_name("optuna-dashboard")
-    cmd = [str(exe) if exe.exists() else "optuna-dashboard", storage, "--host", host, "--port", str(port)]
-    console.print(f"serving {storage} on http://{host}:{port} (Ctrl-C to stop)")
-    raise SystemExit(subprocess.call(cmd))
+    found = str(exe) if exe.exists() else shutil.which("optuna-dashboard")
+    if found is None:
+        raise AutocompressError("optuna-dashboard is not installed (pip install optuna-dashboard)")
+    console.print(f"serving {storage} on http://{host}:{port}/dashboard (Ctrl-C to stop)")
+    if ui.json:  # the server runs until stopped: say where, before it starts
+        _print_json({"storage": storage, "url": f"http://{host}:{port}/dashboard"})
+    console.file.flush()
+    if os.name == "posix":  # become the server, so stopping this process stops it
+        os.execv(found, [found, storage, "--host", host, "--port", str(port)])
+    raise SystemExit(subprocess.call([found, storage, "--host", host, "--port", str(port)]))
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI: user mistakes print one line on stderr and exit with code 2."""
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
     except AutocompressError as exc:
         err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        if ui.json:
+            _print_json({"error": str(exc), "exit_code": 2})
         sys.exit(2)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
@@ -437,8 +619,17 @@ def main(argv: list[str] | None = None) -> None:
         exc.show()
         sys.exit(2)
     except (KeyboardInterrupt, click.exceptions.Abort):
+        code = 130
+    # Outside standalone mode typer turns Ctrl-C into exit code 130 and *returns* exit codes; our commands
+    # return their result as a dict (printed as JSON with --json), so a returned int is the exit code.
+    if isinstance(code, dict):
+        if ui.json:
+            _print_json(code)
+        return
+    if code == 130:
         err_console.print("interrupted: finished trials are kept in the study; run the same command to resume")
-        sys.exit(130)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 
 class AutocompressError(Exception):
-    """Base class for every error caused by user input or environment, never by a bug."""
+    """Base class for every error caused by user input or environment, never by a bug.
+
+    The message is kept to one line: line breaks that come from user text (a YAML key, a path) are
+    shown escaped, so the CLI's single ``error: ...`` line always names the whole problem."""
+
+    def __init__(self, message: object = "", *args: object) -> None:
+        super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"), *args)
 
 
 class PlanError(AutocompressError):

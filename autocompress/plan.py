@@ -330,7 +330,8 @@ class Plan:
         _require(
             data.get("schema_version") == SCHEMA_VERSION,
             "plan.schema_version",
-            f"expected {SCHEMA_VERSION}, got {data.get('schema_version')!r}",
+            f"expected {SCHEMA_VERSION}, got {data.get('schema_version')!r}"
+            + (" (missing: is the file truncated?)" if "schema_version" not in data else ""),
         )
         m = data.get("model")
         _require(isinstance(m, Mapping), "plan.model", "missing or not a mapping")

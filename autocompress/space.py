@@ -205,12 +205,14 @@ class SearchSpace:
                 for b in anatomy.blocks
                 for g in GROUPS
             ]
-        if self.tie != "fused":
-            return [(f"{s.name}.", s.group, [s.name]) for s in anatomy.linears]
-        units: dict[str, tuple[str, str, list[str]]] = {}  # q/k/v and gate/up of a block share one unit
+        # "b<block>.<role>." (a block's index first, as the sensitivity table expects); with ties,
+        # q/k/v of a block share "b<block>.qkv." and gate/up "b<block>.gate_up."
+        units: dict[str, tuple[str, str, list[str]]] = {}
         for s in anatomy.linears:
-            fused = FUSED_ROLES.get(s.role)
-            key = f"b{s.block}.{fused}." if fused else f"{s.name}."
+            role = FUSED_ROLES.get(s.role, s.role) if self.tie == "fused" else s.role
+            key = f"b{s.block}.{role}."
+            if key in units and role == s.role:  # two linears with one role in a block: keep them apart
+                key = f"b{s.block}.{s.name}."
             units.setdefault(key, (key, s.group, []))[2].append(s.name)
         return list(units.values())
 

@@ -16,9 +16,13 @@ evaluation engine for every arm; only the proposal strategy differs:
 
 Each search arm gets ``--seconds`` of wall-clock time (trial loop, seeding included; the shared
 model, calibration statistics and sensitivity table are loaded once before). The evaluation cache
-is off, so no arm reuses another's evaluations. Hypervolume: objectives (KL, latency, memory)
-divided by one reference for all arms: the worst uniform baseline's KL and the base model's
-latency and memory (``autocompress.search.hypervolume``). Writes ``bench/results/search.json``.
+is off, so no arm reuses another's evaluations. Hypervolume: one box for all arms, per objective
+from the ideal point (KL 0; the space's lowest latency and memory) to the reference point (the
+worst uniform baseline's KL; the base model's latency and memory), as ``autocompress search``
+tracks it (``autocompress.search.hypervolume``). A baseline is "matched" when our front holds a
+plan at least as good on every objective; since our search starts from the baselines, the JSON
+also gives the stricter fraction dominated by a plan the search found. Writes
+``bench/results/search.json``.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from autocompress.hardware import CostModel, load_profile
 from autocompress.plan import LayerChoice, ModelRef, Plan
 from autocompress.search.budget import Budget
 from autocompress.search.engine import TrialRunner, _sensitivity
-from autocompress.search.hypervolume import hypervolume
+from autocompress.search.hypervolume import cost_box, hypervolume
 from autocompress.search.seeding import knapsack_seed_params
 from autocompress.space import SearchSpace, SpaceContext
 from autocompress.workbench import Workbench
@@ -78,8 +82,7 @@ class Bench:
         self.ctx = SpaceContext(a, self.wb.stats.drop_order(), self.wb.provenance(seed=0, profile=self.profile.id))
         self.table = _sensitivity(self.wb, self.space, self.ctx, None, print)
         self.evaluator = Evaluator(self.wb.lm.model, self.wb.data, a.task)
-        base = self.cost_model.predict(Plan(model=ModelRef.of(a)))
-        self.base_cost = (base.latency_ms, base.memory_mb)
+        self.box = cost_box(self.cost_model, self.space, self.ctx)  # base cost and the space's ideal point
 
     def point(self, plan: Plan, kl: float) -> tuple[float, float, float]:
         c = self.cost_model.predict(plan)
@@ -134,7 +137,8 @@ class Bench:
         t0 = time.time()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            return {"error": proc.stderr.strip().splitlines()[-1][:300] if proc.stderr.strip() else "failed"}
+            tail = proc.stderr.strip().splitlines()
+            return {"error": f"inc_autotune.py exited {proc.returncode}: {tail[-1][:300] if tail else ''}"}
         res = json.loads(out.read_text())
         res["wall_seconds"] = time.time() - t0
         p = res["picked"]
@@ -164,8 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     print("uniform baselines:")
     base_pts = b.baselines()
     named = {k: v for k, v in base_pts.items() if k != "uncompressed"}
-    ref = (max(v[0] for v in base_pts.values()), *b.base_cost)
-    print(f"reference point: KL {ref[0]:.4f}, {ref[1]:.3f} ms/token, {ref[2]:.1f} MB ({b.profile.id})")
+    ref = (max(v[0] for v in base_pts.values()), *b.box["base"])
+    ideal = b.box["ideal"]
+    print(
+        f"hypervolume box ({b.profile.id}): KL 0-{ref[0]:.4f}, {ideal[1]:.3f}-{ref[1]:.3f} ms/token, "
+        f"{ideal[2]:.1f}-{ref[2]:.1f} MB"
+    )
     seeds = list(range(args.seeds))
     hv: dict[str, list[float]] = {arm: [] for arm in (*ARMS, "baselines")}
     n_eval: dict[str, list[int]] = {arm: [] for arm in ARMS}
@@ -176,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             for arm in ARMS:
                 trials = b.arm(arm, seed, args.seconds, Path(tmp) / f"{arm}-{seed}")
                 pts = [tuple(t["values"]) for t in trials]
-                hv[arm].append(hypervolume(pts, ref))
+                hv[arm].append(hypervolume(pts, ref, ideal))
                 n_eval[arm].append(len(pts))
                 fronts[arm].append(pts)
                 print(f"seed {seed} {arm:13s} {len(pts):4d} evaluated  HV {hv[arm][-1]:.4f}")
@@ -185,8 +193,13 @@ def main(argv: list[str] | None = None) -> int:
                     for v in named.values():
                         matched.append(any(weakly_dominates(p, v) for p in pts))
                         strictly.append(any(dominates(p, v) for p in found))
-            hv["baselines"].append(hypervolume(base_pts.values(), ref))
-        inc = {"error": "skipped (--no-inc)"} if args.no_inc else b.inc(Path(tmp))
+            hv["baselines"].append(hypervolume(base_pts.values(), ref, ideal))
+        inc = {"error": "skipped (--no-inc)"}
+        if not args.no_inc:
+            try:
+                inc = b.inc(Path(tmp))
+            except Exception as exc:  # the peer tool's failure is a result, not a crash of the benchmark
+                inc = {"error": f"{exc.__class__.__name__}: {str(exc)[:300]}"}
     mean = {arm: sum(v) / len(v) for arm, v in hv.items()}
     ratio = mean["ours"] / mean["random"] if mean["random"] > 0 else math.inf
     if "point" in inc:
@@ -202,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_seconds_per_arm": args.seconds,
         "seeds": seeds,
         "reference_point": {"kl": ref[0], "latency_ms": ref[1], "memory_mb": ref[2]},
+        "ideal_point": {"kl": ideal[0], "latency_ms": ideal[1], "memory_mb": ideal[2]},
         "hv": hv,
         "hv_mean": mean,
         "evaluated_trials": n_eval,

@@ -120,15 +120,18 @@ def encode_article(tokenizer: Any, text: str, max_len: int) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=True))[:max_len]  # the test ByteTokenizer
 
 
-def encode_articles(tokenizer: Any, articles: list[Article], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Give (token rows [n, longest] padded with the pad id, labels [n]), longest article first.
+def encode_articles(
+    tokenizer: Any, articles: list[Article], max_len: int, longest_first: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Give (token rows [n, longest] padded with the pad id, labels [n]), longest article first if asked.
 
     Sorting by length keeps the rows of a batch alike, so the classifier's trimming of all-pad
     columns saves most of the padding.
     """
     pad = tokenizer.pad_token_id
     rows = [(encode_article(tokenizer, a.text, max_len), a.label) for a in articles]
-    rows.sort(key=lambda r: -len(r[0]))  # stable: ties keep the split's order
+    if longest_first:
+        rows.sort(key=lambda r: -len(r[0]))  # stable: ties keep the split's order
     width = len(rows[0][0])
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     for i, (r, _) in enumerate(rows):
@@ -162,7 +165,7 @@ def load_topic_data(
     splits = topic_splits(sizes)
     _, classes, file_hash = topic_articles()
     calib, _ = encode_articles(tokenizer, splits["calib"], config.seq_len)
-    proxy, _ = encode_articles(tokenizer, splits["proxy"], config.seq_len)
+    proxy, _ = encode_articles(tokenizer, splits["proxy"], config.seq_len, longest_first=False)  # subsets stay random
     evals, labels = encode_articles(tokenizer, splits["eval"], config.seq_len)
     h = hashlib.sha256(f"{TASK}|{file_hash}|{classes}".encode())
     for t in (calib, proxy, evals, labels):

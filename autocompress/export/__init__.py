@@ -1,5 +1,7 @@
-"""Exports of compressed models."""
+"""Exports of compressed models: HF folders, our loader for what no config describes, ONNX, verification."""
 
 from autocompress.export.hf import export_hf, plain_transformers_blockers
+from autocompress.export.loader import load_compressed
+from autocompress.export.techniques import TECHNIQUES, techniques_markdown
 
-__all__ = ["export_hf", "plain_transformers_blockers"]
+__all__ = ["TECHNIQUES", "export_hf", "load_compressed", "plain_transformers_blockers", "techniques_markdown"]

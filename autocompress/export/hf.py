@@ -68,7 +68,11 @@ def shape_mismatches(model: nn.Module, config: Any) -> list[str]:
     have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     out = [f"{k}: not in the config's model" for k in sorted(set(have) - set(want))]
     out += [f"{k}: missing" for k in sorted(set(want) - set(have))]
-    out += [f"{k}: {have[k]} vs {want[k]} in the config's model" for k in sorted(set(have) & set(want)) if have[k] != want[k]]
+    out += [
+        f"{k}: {have[k]} vs {want[k]} in the config's model"
+        for k in sorted(set(have) & set(want))
+        if have[k] != want[k]
+    ]
     return out
 
 

@@ -11,7 +11,14 @@ Each linear is then stored as close to its plan choice as onnxruntime CPU allows
 |---|---|---|
 | 16 | fp32 ``MatMul`` | ORT CPU has no fast fp16 matmul |
 | 8 (and 5–7) | dynamic int8 (``MatMulInteger``, QInt8 per output channel) | 5–7 bits are stored as 8 |
-| 4 (and 2–3) | ``MatMulNBits`` 4-bit, the plan's group size and symmetry, int8 compute | 2–3 bits stored as 4 |
+| 4 (and 2–3) | ``MatMulNBits`` 4-bit, the plan's group size and symmetry, int8 compute | 2–3 bit codes in 4-bit cells |
+
+4-bit weights keep the plan's exact values: ``grid_codes`` recovers each block's integer codes and
+step from the (already rounded) weights and writes them as MatMulNBits codes/scales/zero points;
+onnxruntime's own quantizer would re-round them on its grid (symmetric: max|w|/8, codes -8..7),
+adding a second rounding error. Weights not on a grid (e.g. calibration chains) use ORT's rounding.
+Per-row grids are stored in 128-blocks, non-power-of-two groups that are multiples of 16 in
+16-blocks: same values, more scales.
 
 Sparsity is stored dense (no sparse kernel in ORT CPU); low-rank layers are two ``MatMul``; width
 pruning and dropped blocks are simply smaller / fewer matmuls. Whatever could not be represented
@@ -97,13 +104,18 @@ def target_format(choice: LayerChoice) -> tuple[str, list[str]]:
             lost.append(f"int8 group size {choice.group_size} stored per output channel")
         return "int8-dynamic", lost
     if choice.bits != 4:
-        lost.append(f"{choice.bits}-bit stored as 4-bit")
+        lost.append(f"{choice.bits}-bit stored as 4-bit (same values when on the plan's grid; 4-bit size and speed)")
     sym = "sym" if choice.symmetric else "asym"
     if choice.group_size is None:
         return f"int4-row-{sym}", lost
-    block = max(16, 1 << (choice.group_size - 1).bit_length())
-    if block != choice.group_size:
-        lost.append(f"group size {choice.group_size} stored as {block} (MatMulNBits needs a power of two >= 16)")
+    g = choice.group_size
+    if g % 16 == 0 and g & (g - 1):  # e.g. 48: 16-blocks hold the same values, with more scales
+        block = g & -g
+        lost.append(f"group size {g} stored in blocks of {block} (same values, more scales)")
+    else:
+        block = max(16, 1 << (g - 1).bit_length())
+        if block != g:
+            lost.append(f"group size {g} stored as {block} (MatMulNBits needs a power of two >= 16)")
     return f"int4-g{block}-{sym}", lost
 
 
@@ -314,8 +326,7 @@ def _run_quantizers(proto: object, groups: dict[str, list[str]], tmp: Path) -> o
             block_size=128 if block == "row" else int(block[1:]),
             is_symmetric=sym == "sym",
             accuracy_level=4,
-            nodes_to_exclude=others,
-            channel_wised_quantize=block == "row",
+            nodes_to_exclude=others,  # per-row grids go in 128-blocks (exact: every block holds row-grid values)
         )
         q.node_quantizer.qbits_block_quant = _grid_block_quant(q.node_quantizer)
         q.process()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +61,9 @@ def open_study(study: str, out: str | Path = "studies", storage: str | None = No
     study_dir = Path(out) / study
     if storage is None and not (study_dir / "study.db").is_file():
         raise StudyError(f"no study database at {study_dir / 'study.db'}; give --storage for another backend")
-    st, url = open_storage(storage, study_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        st, url = open_storage(storage, study_dir)
     try:
         opt = optuna.load_study(study_name=study, storage=st)
     except KeyError:

@@ -200,7 +200,7 @@ def _one_line(exc: ValidationError, source: str) -> str:
     elif err["type"] == "extra_forbidden":
         msg = "unknown field"
     more = f" (and {exc.error_count() - 1} more problem(s))" if exc.error_count() > 1 else ""
-    return f"{source}: field '{field}': {msg}{more}"
+    return f"{source}: field {field!r}: {msg}{more}"
 
 
 def profile_from_dict(data: object, source: str = "profile") -> HardwareProfile:

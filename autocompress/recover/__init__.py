@@ -8,9 +8,9 @@ for trials of a finished study and adds the results to the study as new candidat
 
 from __future__ import annotations
 
-from autocompress.recover.train import RecoveryError, RecoverySettings, StepInfo, distill
 from autocompress.recover.run import recover, replay
 from autocompress.recover.study import RecoveredTrial, recover_trials
+from autocompress.recover.train import RecoveryError, RecoverySettings, StepInfo, distill
 
 __all__ = [
     "RecoveredTrial",

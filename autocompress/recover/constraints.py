@@ -63,10 +63,7 @@ def grid_from_values(w: torch.Tensor, bits: int, group_size: int | None, symmetr
     tol = 1e-4 * vals.abs().amax(dim=-1, keepdim=True)
     step = torch.where(gaps > tol, gaps, torch.full_like(gaps, torch.inf)).amin(dim=-1, keepdim=True)
     step = torch.where(torch.isfinite(step), step, torch.ones_like(step))  # all-zero group
-    if symmetric:
-        zero = None
-    else:
-        zero = torch.round(-vals[..., :1].clamp(max=0.0) / step)
+    zero = None if symmetric else torch.round(-vals[..., :1].clamp(max=0.0) / step)
     grid = Grid(bits, gs, step, zero)
     if not torch.allclose(grid.snap(w), w, rtol=1e-4, atol=1e-6):
         scale, zero = grid_of(groups, bits, symmetric)

@@ -9,19 +9,32 @@ documents.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import replace
 
 import torch
 
-from autocompress.calib import DataConfig, _sequences, _wiki_documents, read_documents, split_documents
+from autocompress.calib import (
+    DataConfig,
+    _encode,
+    _sequences,
+    _wiki_documents,
+    read_documents,
+    split_documents,
+)
+from autocompress.errors import DataError
 
 
 def training_sequences(tokenizer, config: DataConfig, tokens: int, seq_len: int | None = None) -> torch.Tensor:
-    """Give ``tokens // seq_len`` training sequences [n, seq_len] from the calibration documents."""
-    cfg = replace(config, seq_len=seq_len or config.seq_len)
-    docs = _wiki_documents() if cfg.source is None else read_documents(cfg.source)
+    """Give ``tokens // seq_len`` training sequences [n, seq_len] from the calibration documents
+    (fewer when the documents hold fewer tokens: as many whole sequences as they give)."""
+    seq_len = seq_len or config.seq_len
+    docs = _wiki_documents() if config.source is None else read_documents(config.source)
     calib_docs, _ = split_documents(docs)
-    seqs, _ = _sequences(tokenizer, calib_docs, tokens, cfg.seq_len, "calibration (recovery)")
+    try:
+        seqs, _ = _sequences(tokenizer, calib_docs, tokens, seq_len, "calibration (recovery)")
+    except DataError:
+        available = sum(len(_encode(tokenizer, d + "\n\n")) for d in calib_docs)
+        body = seq_len - (1 if getattr(tokenizer, "bos_token_id", None) is not None else 0)
+        seqs, _ = _sequences(tokenizer, calib_docs, available // body * seq_len, seq_len, "calibration (recovery)")
     return seqs
 
 

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 
 from autocompress.errors import PlanError
@@ -15,6 +16,17 @@ from autocompress.recover.train import RecoverySettings, StepInfo, distill
 
 if TYPE_CHECKING:
     from autocompress.workbench import Workbench
+
+
+def training_pool(wb: Workbench, tokens: int, seq_len: int) -> torch.Tensor:
+    """Give the sequences recovery trains on: ``tokens`` of the calibration documents, cut at ``seq_len``.
+
+    A model with its own task data (the topic classifier) trains on that task's calibration split
+    only: its text comes from the same file as its evaluation articles, split its own way.
+    """
+    if getattr(wb.lm, "task_data", None) is not None:
+        return wb.data.calib
+    return training_sequences(wb.lm.tokenizer, wb.data_config, tokens, seq_len)
 
 
 def recover(
@@ -27,8 +39,7 @@ def recover(
     """Train ``model`` (``wb.apply(plan)``) in place against ``wb.lm.model``; give the plan with its recovery."""
     if plan.recovery is not None:
         raise PlanError("this plan is already recovered; recover the plan it was made from")
-    seq_len = wb.data_config.seq_len
-    seqs = training_sequences(wb.lm.tokenizer, wb.data_config, settings.pool_tokens, seq_len)
+    seqs = training_pool(wb, settings.pool_tokens, wb.data_config.seq_len)
     steps = distill(model, wb.lm.model, wb.lm.anatomy, plan, seqs, settings, on_step=on_step)
     spec = RecoverySpec(
         steps=steps,
@@ -63,7 +74,7 @@ def replay(wb: Workbench, plan: Plan, model: nn.Module, on_step: Callable | None
     spec = plan.recovery
     if spec is None:
         return model
-    seqs = training_sequences(wb.lm.tokenizer, wb.data_config, spec.tokens, spec.seq_len)
+    seqs = training_pool(wb, spec.tokens, spec.seq_len)
     if sequences_hash(seqs) != spec.data_hash:
         raise PlanError(
             f"plan.recovery was trained on data {spec.data_hash[:12]}, but the calibration text here gives "

@@ -23,8 +23,8 @@ from autocompress.evaluate import Evaluator
 from autocompress.hardware import CostModel, load_profile
 from autocompress.model.anatomy import ModelAnatomy
 from autocompress.plan import ModelRef, Plan
-from autocompress.recover.train import RecoverySettings, StepInfo
 from autocompress.recover.run import recover
+from autocompress.recover.train import RecoverySettings, StepInfo
 from autocompress.search.budget import Budget
 from autocompress.search.engine import FULL_KEY, candidates_of, front_and_baselines, open_storage
 from autocompress.search.report import write_outputs
@@ -99,8 +99,10 @@ def _add_trial(opt: optuna.Study, src: optuna.trial.FrozenTrial, values: list[fl
         user_attrs=attrs,
         system_attrs=system,
     )
-    opt.add_trial(trial)
-    return max(t.number for t in opt.get_trials(deepcopy=False))
+    trial._validate()
+    # what Study.add_trial does, keeping the new trial's id (its number is not known otherwise under concurrency)
+    trial_id = opt._storage.create_new_trial(opt._study_id, template_trial=trial)
+    return opt._storage.get_trial_number_from_id(trial_id)
 
 
 def recover_trials(
@@ -111,8 +113,12 @@ def recover_trials(
     log: Callable[[str], None] | None = None,
     storage: str | None = None,
     on_step: Callable[[StepInfo, Any], None] | None = None,
+    wb: Workbench | None = None,
 ) -> list[RecoveredTrial]:
-    """Recover ``trials`` (trial numbers, or ``"pareto"`` for the front) of a finished study; give the new trials."""
+    """Recover ``trials`` (trial numbers, or ``"pareto"`` for the front) of a finished study; give the new trials.
+
+    ``wb``: the study's workbench when the caller has it open (the search), else it is opened here.
+    """
     say = log or (lambda _m: None)
     settings = settings or RecoverySettings()
     opt, study_dir, url, stored = _load(study, Path(out), storage)
@@ -124,7 +130,7 @@ def recover_trials(
         return []
     run = stored["run"]
     model = None if run.get("model") in (None, "default") else run["model"]
-    wb = Workbench.open(model, DataConfig(**run["data"]), log=say)
+    wb = wb or Workbench.open(model, DataConfig(**run["data"]), log=say)
     if wb.data.data_hash != stored.get("data_hash") or wb.lm.anatomy.model_hash != stored.get("model_hash"):
         raise StudyError(f"the model or data here differ from those study {study!r} was run with")
     cost_model = CostModel(load_profile(stored["profile"]), anatomy, **stored.get("scenario", {}))

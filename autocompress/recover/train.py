@@ -44,9 +44,9 @@ class RecoverySettings:
 
     tokens: int | None = None  # tokens fed to the student (steps = ceil(tokens / (batch_size · seq_len)))
     minutes: float | None = None  # or: train until this much training time has passed (whole steps)
-    pool_tokens: int = DEFAULT_POOL_TOKENS  # distinct calibration tokens to draw batches from
+    pool_tokens: int = DEFAULT_POOL_TOKENS  # (at most) distinct calibration tokens to draw batches from
     batch_size: int = 4
-    lr: float = 5e-5
+    lr: float = 1e-4
     warmup_steps: int = 10
     temperature: float = 1.0
     hidden_weight: float = 0.0

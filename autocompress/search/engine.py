@@ -486,7 +486,7 @@ class TrialRunner:
                 if budget.quality_loss is not None:
                     trial.set_constraint("quality_loss", kl - budget.quality_loss)
                 plan.save(study_dir / "plans" / f"{trial.number}.yaml")
-                hypervolume.record(opt, trial, [kl, cost.latency_ms, cost.memory_mb], cost_model)
+                hypervolume.record(opt, trial, [kl, cost.latency_ms, cost.memory_mb], cost_model, space, ctx)
                 opt.tell(trial, [kl, cost.latency_ms, cost.memory_mb])
                 self.ladder.observe(
                     trial.number,
@@ -502,7 +502,10 @@ class TrialRunner:
                 mine += 1
                 fails_in_a_row = 0
                 if progress:
-                    progress.update(task, completed=min(n_done(), trials), description=f"search (last KL {kl:.3f})")
+                    front = len(opt.best_trials)  # current Pareto front (feasible trials only)
+                    progress.update(
+                        task, completed=min(n_done(), trials), description=f"search · front {front} · KL {kl:.3f}"
+                    )
             except KeyboardInterrupt:
                 trial.set_user_attr("fail_reason", "interrupted by the user")
                 opt.tell(trial, state=TrialState.FAIL)

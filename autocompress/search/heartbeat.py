@@ -8,7 +8,8 @@ one study, so a process that starts or resumes must not fail them all. A RUNNING
 - the storage keeps Optuna heartbeats (RDB storages: SQLite, PostgreSQL, MySQL) and the trial's last
   heartbeat is older than the grace period (``optuna.storages.fail_stale_trials``): a worker on
   another machine that died; or
-- it has no owner at all (asked by an older version, or killed between ask and the owner write).
+- it has had no owner for longer than the grace period (asked by an older version, or killed
+  between ask and the owner write).
 
 Journal files keep no heartbeats (Optuna offers them for RDB storages only): a trial of a dead
 worker on another host stays RUNNING until a search or worker on that host starts again.
@@ -17,10 +18,12 @@ worker on another host stays RUNNING until a search or worker on that host start
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import socket
 import threading
 import time
+import warnings
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -29,6 +32,8 @@ HEARTBEAT_S = int(os.environ.get("AUTOCOMPRESS_HEARTBEAT_S", "10"))  # Optuna wa
 GRACE_S = int(os.environ.get("AUTOCOMPRESS_GRACE_S", "60"))  # no beat for this long: the worker is gone
 OWNER = "autocompress:owner"  # trial system attr: "host:pid" of the process that asked the trial
 KEPT_ATTRS = ("baseline", "seed")  # user attrs a re-queued trial keeps
+# Optuna beats only inside Study.optimize and warns on every ask; our ask/tell loop beats itself.
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
 
 def owner_tag() -> str:
@@ -53,14 +58,14 @@ def _pid_alive(pid: int) -> bool:
 
 def _locally_dead(t: FrozenTrial) -> bool:
     owner = t.system_attrs.get(OWNER)
-    if owner is None:
-        return True
+    if owner is None:  # not claimed: stale unless just asked (its owner may be about to write)
+        start = t.datetime_start
+        return start is None or (datetime.datetime.now() - start).total_seconds() > GRACE_S
     host, _, pid = str(owner).rpartition(":")
     return host == socket.gethostname() and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid))
 
 
-def _requeue(study: optuna.Study, t: FrozenTrial, reason: str) -> None:
-    study._storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
+def _requeue(study: optuna.Study, t: FrozenTrial) -> None:
     study.enqueue_trial(t.params, user_attrs={k: v for k, v in t.user_attrs.items() if k in KEPT_ATTRS})
 
 
@@ -70,19 +75,22 @@ def recover(study: optuna.Study) -> int:
     storage = study._storage
     if heartbeat_enabled(storage):
         running = {t._trial_id: t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-        optuna.storages.fail_stale_trials(study)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
         for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
-            if t._trial_id in running:
-                _requeue(study, running[t._trial_id], f"stale (no heartbeat for {GRACE_S} s)")
+            if t._trial_id in running:  # failed by Optuna (no heartbeat for the grace period)
+                _requeue(study, running[t._trial_id])
                 n += 1
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if not _locally_dead(t):
             continue
         try:
+            storage.set_trial_user_attr(t._trial_id, "fail_reason", "interrupted (its process is gone)")
             storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # its process finished it after all (a race with a slow writer)
-        _requeue(study, t, "interrupted (its process is gone)")
+        _requeue(study, t)
         n += 1
     return n
 

@@ -1,9 +1,10 @@
 """Hypervolume of a study's front, tracked per trial and plotted.
 
-Objectives (KL to the base model, latency, memory) are divided by a reference: the base model's
-predicted latency and memory, and the KL of the worst uniform baseline. The normalised reference
-point is (1, 1, 1) and the ideal (0, 0, 0), so a hypervolume is the fraction of that box the
-feasible front dominates (0 to 1); the base model itself adds nothing to it. Optuna's exact
+Objectives (KL to the base model, latency, memory) are scaled into a box per objective, from an
+ideal point (KL 0; the lowest latency and memory any plan of the space can reach, from its extreme
+plans) to a reference point (the worst uniform baseline's KL; the base model's latency and memory).
+Scaled, the ideal is (0, 0, 0) and the reference (1, 1, 1), so a hypervolume is the fraction of
+the box the feasible front dominates (0 to 1); the base model itself adds nothing. Optuna's exact
 hypervolume (WFG; closed form in 3-D) does the computing.
 """
 
@@ -23,16 +24,19 @@ from optuna.trial import FrozenTrial, TrialState
 from autocompress.plan import ModelRef, Plan
 
 ATTR = "hypervolume"  # trial user attr: the study's hypervolume with this trial's result in
-BASE_ATTR = "hv_base"  # study user attr: [latency_ms, memory_mb] of the base model
+BOX_ATTR = "hv_box"  # study user attr: {"base": [latency_ms, memory_mb], "ideal": [0, latency_ms, memory_mb]}
 
 
-def hypervolume(points: Iterable[Sequence[float]], reference: Sequence[float]) -> float:
-    """Give the normalised hypervolume of ``points`` (minimised objectives) against ``reference``:
-    each objective is divided by the reference's, points not strictly inside the box are ignored."""
+def hypervolume(
+    points: Iterable[Sequence[float]], reference: Sequence[float], ideal: Sequence[float] | None = None
+) -> float:
+    """Give the normalised hypervolume of ``points`` (minimised objectives): each objective scaled
+    from ``ideal`` (default 0) to ``reference``; points not strictly inside the box are ignored."""
     ref = np.asarray(reference, dtype=float)
-    if ref.ndim != 1 or not np.all(ref > 0):
-        raise ValueError(f"a hypervolume reference needs positive values, got {reference!r}")
-    pts = np.asarray([list(p) for p in points], dtype=float).reshape(-1, len(ref)) / ref
+    low = np.zeros_like(ref) if ideal is None else np.asarray(ideal, dtype=float)
+    if ref.ndim != 1 or low.shape != ref.shape or not np.all(ref > low):
+        raise ValueError(f"a hypervolume box needs reference > ideal, got {reference!r} and {ideal!r}")
+    pts = (np.asarray([list(p) for p in points], dtype=float).reshape(-1, len(ref)) - low) / (ref - low)
     pts = pts[np.all(np.isfinite(pts), axis=1) & np.all(pts < 1.0, axis=1)]
     if not len(pts):
         return 0.0
@@ -48,7 +52,7 @@ def feasible(t: FrozenTrial) -> bool:
 
 def reference_of(trials: Sequence[FrozenTrial], base_cost: Sequence[float]) -> tuple[float, float, float] | None:
     """Give the reference point: worst evaluated baseline's KL (or, with no baseline evaluated, the
-    worst KL so far), and the base model's latency and memory; None before any positive KL."""
+    worst KL so far), and the base model's latency and memory ``base_cost``; None before any positive KL."""
     done = [t for t in trials if t.state == TrialState.COMPLETE and t.values is not None]
     kls = [t.values[0] for t in done if "baseline" in t.user_attrs] or [t.values[0] for t in done]
     kl_ref = max((k for k in kls if math.isfinite(k)), default=0.0)
@@ -57,35 +61,49 @@ def reference_of(trials: Sequence[FrozenTrial], base_cost: Sequence[float]) -> t
     return (kl_ref, float(base_cost[0]), float(base_cost[1]))
 
 
-def study_hypervolume(trials: Sequence[FrozenTrial], reference: Sequence[float]) -> float:
-    return hypervolume((t.values for t in trials if feasible(t)), reference)
+def study_hypervolume(trials: Sequence[FrozenTrial], reference: Sequence[float], ideal: Sequence[float]) -> float:
+    return hypervolume((t.values for t in trials if feasible(t)), reference, ideal)
 
 
-def base_cost_of(study: optuna.Study, cost_model: Any = None) -> tuple[float, float] | None:
-    """Give the base model's (latency_ms, memory_mb), stored in the study the first time."""
-    stored = study.user_attrs.get(BASE_ATTR)
-    if stored is None and cost_model is not None:
-        c = cost_model.predict(Plan(model=ModelRef.of(cost_model.anatomy)))
-        stored = [c.latency_ms, c.memory_mb]
-        study.set_user_attr(BASE_ATTR, stored)
-    return None if stored is None else (float(stored[0]), float(stored[1]))
+def cost_box(cost_model: Any, space: Any, ctx: Any) -> dict[str, list[float]]:
+    """Give the base model's cost and the ideal point (KL 0, the space's lowest latency and memory)."""
+    c = cost_model.predict(Plan(model=ModelRef.of(ctx.anatomy)))
+    costs = [cost_model.predict(p) for p in space.extreme_plans(ctx)] or [c]
+    return {
+        "base": [c.latency_ms, c.memory_mb],
+        "ideal": [0.0, min(x.latency_ms for x in costs), min(x.memory_mb for x in costs)],
+    }
 
 
-def record(study: optuna.Study, trial: optuna.Trial, values: Sequence[float], cost_model: Any) -> float | None:
+def box_of(study: optuna.Study, cost_model: Any = None, space: Any = None, ctx: Any = None) -> dict | None:
+    """Give the study's cost box (see ``cost_box``), stored in the study the first time."""
+    box = study.user_attrs.get(BOX_ATTR)
+    if box is None and cost_model is not None:
+        box = cost_box(cost_model, space, ctx)
+        study.set_user_attr(BOX_ATTR, box)
+    return box
+
+
+def record(
+    study: optuna.Study, trial: optuna.Trial, values: Sequence[float], cost_model: Any, space: Any, ctx: Any
+) -> float | None:
     """Store on ``trial`` the study's hypervolume once it holds ``values`` (call right before ``tell``,
     after the trial's constraints are set)."""
+    box = box_of(study, cost_model, space, ctx)
     done = list(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     me = study._storage.get_trial(trial._trial_id)
     me = optuna.trial.create_trial(values=list(values), user_attrs=me.user_attrs, system_attrs=me.system_attrs)
-    ref = reference_of([*done, me], base_cost_of(study, cost_model) or (0.0, 0.0))
+    ref = reference_of([*done, me], box["base"])
     if ref is None:
         return None
-    hv = study_hypervolume([*done, me], ref)
+    hv = study_hypervolume([*done, me], ref, box["ideal"])
     trial.set_user_attr(ATTR, hv)
     return hv
 
 
-def curve(trials: Sequence[FrozenTrial], reference: Sequence[float]) -> list[tuple[int, float]]:
+def curve(
+    trials: Sequence[FrozenTrial], reference: Sequence[float], ideal: Sequence[float] | None = None
+) -> list[tuple[int, float]]:
     """Give (number of evaluated trials, hypervolume) after each evaluated trial, in trial order,
     all against one reference (unlike the per-trial attrs, whose reference may still move early on)."""
     out: list[tuple[int, float]] = []
@@ -97,7 +115,7 @@ def curve(trials: Sequence[FrozenTrial], reference: Sequence[float]) -> list[tup
         n += 1
         if feasible(t):
             front.append(t.values)
-        out.append((n, hypervolume(front, reference)))
+        out.append((n, hypervolume(front, reference, ideal)))
     return out
 
 
@@ -105,11 +123,11 @@ def plot(study: optuna.Study, path: Path) -> Path | None:
     """Plot hypervolume against evaluated trials into ``path`` (PNG); None when there is nothing
     to plot yet (or matplotlib is missing)."""
     trials = study.get_trials(deepcopy=False)
-    base = base_cost_of(study)
-    ref = reference_of(trials, base) if base else None
+    box = box_of(study)
+    ref = reference_of(trials, box["base"]) if box else None
     if ref is None:
         return None
-    points = curve(trials, ref)
+    points = curve(trials, ref, box["ideal"])
     if not points:
         return None
     try:
@@ -128,7 +146,11 @@ def plot(study: optuna.Study, path: Path) -> Path | None:
         ax.legend(loc="lower right")
     ax.set_xlabel("evaluated trials")
     ax.set_ylabel("hypervolume (normalised)")
-    ax.set_title(f"{study.study_name}: KL ref {ref[0]:.3g}, {ref[1]:.3g} ms, {ref[2]:.4g} MB", fontsize=9)
+    lo = box["ideal"]
+    ax.set_title(
+        f"{study.study_name}: box KL 0–{ref[0]:.3g}, {lo[1]:.3g}–{ref[1]:.3g} ms, {lo[2]:.4g}–{ref[2]:.4g} MB",
+        fontsize=9,
+    )
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path = Path(path)

@@ -59,3 +59,18 @@ class SearchResult:
     counts: dict[str, int] = field(default_factory=dict)
     agreement: dict[str, dict[str, float]] = field(default_factory=dict)  # rank agreement between rungs
     elapsed_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Give the result as plain data (what ``autocompress --json search`` prints)."""
+        return {
+            "study": self.study_name,
+            "study_dir": str(self.study_dir),
+            "storage": self.storage,
+            "profile": self.profile,
+            "base": self.base_metrics,
+            "counts": self.counts,
+            "agreement": self.agreement,
+            "elapsed_s": self.elapsed_s,
+            "pareto": [c.to_dict() for c in self.pareto],
+            "baselines": {k: c.to_dict() for k, c in self.baselines.items()},
+        }

@@ -144,3 +144,13 @@ def test_ladder_stops_only_trials_an_evaluated_plan_dominates(tmp_path, monkeypa
         assert blocker.values[2] <= t.user_attrs["cost"]["memory_mb"]
         if t.user_attrs["rung"] == 1:
             assert math.isfinite(t.user_attrs["rung1_partial_kl"])
+
+
+def test_agreement_below_threshold_warns_and_names_the_fix():
+    from autocompress.search.report import agreement_lines
+
+    low = agreement_lines({"rung0_vs_rung1": {"n": 12, "spearman": 0.55, "kendall": 0.4}})
+    high = agreement_lines({"rung0_vs_rung1": {"n": 12, "spearman": 0.93, "kendall": 0.8}})
+    assert "misleading" in low[0] and "--proxy-tokens" in low[0]
+    assert not any("misleading" in line for line in high)
+    assert "not enough trials" in low[1]  # rung 1 -> 2 absent

@@ -18,12 +18,10 @@ from autocompress.model.tokenizer import ByteTokenizer
 SMALL = tasks.SplitSizes(eval=40, proxy=12, calib=12, head_train=300)
 
 
-@pytest.fixture
-def tiny_base(tmp_path, monkeypatch):
-    """A tiny random-init BertModel folder with the byte tokenizer; the cache is private to the test."""
+def _tiny_base(folder):
+    """Write a tiny random-init BertModel folder with the byte tokenizer."""
     from transformers import BertConfig, BertModel
 
-    monkeypatch.setenv("AUTOCOMPRESS_CACHE", str(tmp_path / "cache"))
     torch.manual_seed(0)
     cfg = BertConfig(
         vocab_size=ByteTokenizer.vocab_size,
@@ -34,10 +32,25 @@ def tiny_base(tmp_path, monkeypatch):
         max_position_embeddings=512,
         pad_token_id=0,
     )
-    base = tmp_path / "tiny-bert-base"
-    BertModel(cfg).save_pretrained(str(base), safe_serialization=True)
-    ByteTokenizer().save_pretrained(str(base))
-    return base
+    BertModel(cfg).save_pretrained(str(folder), safe_serialization=True)
+    ByteTokenizer().save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture
+def tiny_base(tmp_path, monkeypatch):
+    """A tiny base model folder; the cache is private to the test."""
+    monkeypatch.setenv("AUTOCOMPRESS_CACHE", str(tmp_path / "cache"))
+    return _tiny_base(tmp_path / "tiny-bert-base")
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier(tmp_path_factory):
+    """A classifier folder (tiny base + a head trained on the SMALL splits), built once for the module."""
+    root = tmp_path_factory.mktemp("topics")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AUTOCOMPRESS_CACHE", str(root / "cache"))
+        return tasks.classifier_dir(_tiny_base(root / "tiny-bert-base"), SMALL)
 
 
 def test_splits_are_document_disjoint_fixed_and_eleven_classes():
@@ -105,8 +118,8 @@ def test_head_is_trained_once_then_read_from_the_cache(tiny_base, monkeypatch):
     assert lm.anatomy.model_hash == load_model(first).anatomy.model_hash
 
 
-def test_mean_pooling_ignores_padding_and_matches_the_head_features(tiny_base):
-    lm = load_model(tasks.classifier_dir(tiny_base, SMALL))
+def test_mean_pooling_ignores_padding_and_matches_the_head_features(tiny_classifier):
+    lm = load_model(tiny_classifier)
     model = lm.model
     ids = torch.tensor([[1, 40, 50, 60, 2]])
     padded = torch.cat([ids, torch.zeros(1, 7, dtype=torch.long)], 1)
@@ -122,8 +135,8 @@ def test_mean_pooling_ignores_padding_and_matches_the_head_features(tiny_base):
     assert feats.norm(dim=-1).sub(1).abs().max() < 1e-5
 
 
-def test_evaluator_scores_the_classifier(tiny_base):
-    lm = load_model(tasks.classifier_dir(tiny_base, SMALL))
+def test_evaluator_scores_the_classifier(tiny_classifier):
+    lm = load_model(tiny_classifier)
     data = tasks.load_topic_data(lm.tokenizer, DataConfig(seq_len=48), SMALL)
     ev = Evaluator(lm.model, data, lm.anatomy.task)
     assert ev.full_metric == "accuracy"
@@ -143,7 +156,7 @@ def test_evaluator_scores_the_classifier(tiny_base):
     assert set(worse.metrics()) == {"accuracy", "macro_f1", "ece", "eval_top1_agreement"}
 
 
-def test_classifier_exports_to_onnx_and_hf(tiny_base, tmp_path):
+def test_classifier_exports_to_onnx_and_hf(tiny_classifier, tmp_path):
     import numpy as np
     import onnxruntime as ort
 
@@ -151,7 +164,7 @@ def test_classifier_exports_to_onnx_and_hf(tiny_base, tmp_path):
     from autocompress.export.onnx import export_onnx
     from autocompress.plan import ModelRef, Plan
 
-    lm = load_model(tasks.classifier_dir(tiny_base, SMALL))
+    lm = load_model(tiny_classifier)
     plan = Plan(model=ModelRef.of(lm.anatomy))
     exp = export_onnx(lm.model, lm.anatomy, plan, tmp_path / "m.onnx", quantize=False)
     ids = torch.tensor([[1, 40, 50, 60, 2, 0, 0], [1, 70, 80, 90, 100, 110, 2]])
@@ -164,26 +177,48 @@ def test_classifier_exports_to_onnx_and_hf(tiny_base, tmp_path):
     assert back.anatomy.model_hash == lm.anatomy.model_hash
 
 
-@pytest.mark.slow
-def test_search_on_minilm_wiki_topics_reports_accuracy_on_the_front(tmp_path, monkeypatch):
-    """End to end on the real MiniLM: head trained (small split, private cache), searched, front scored."""
-    import autocompress as ac
+def test_compressed_classifier_keeps_its_pooling_and_is_scored(tiny_classifier, tmp_path, monkeypatch):
+    from autocompress.plan import BlockChoice, LayerChoice, ModelRef, Plan
+    from autocompress.workbench import Workbench
 
     monkeypatch.setenv("AUTOCOMPRESS_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(tasks, "SIZES", tasks.SplitSizes(eval=48, proxy=8, calib=8, head_train=200))
-    result = ac.search(
-        model="minilm-wiki-topics",
+    monkeypatch.setattr(tasks, "SIZES", SMALL)
+    wb = Workbench.open(str(tiny_classifier), DataConfig(seq_len=48))
+    assert isinstance(wb.data, tasks.TopicTokenData) and wb.data.eval.shape[0] == tasks.SIZES.eval
+    plan = Plan(
+        model=ModelRef.of(wb.lm.anatomy),
+        default=LayerChoice(bits=4, group_size=16, sparsity=0.5),
+        blocks={0: BlockChoice(keep_heads=2, keep_mlp_channels=32)},
+        drop_blocks=(1,),
+        provenance=wb.provenance(),
+    )
+    small = wb.apply(plan)
+    assert isinstance(small, tasks.MeanPoolBertForSequenceClassification) and len(small.bert.encoder.layer) == 1
+    ev = Evaluator(wb.lm.model, wb.data, wb.lm.anatomy.task)
+    fid, res = ev.proxy(small), ev.full(small)
+    assert fid.kl > 0.0 and 0.0 <= fid.top1_agreement <= 1.0
+    assert res.n == tasks.SIZES.eval and 0.0 <= res.accuracy <= 1.0 and 0.0 <= res.ece <= 1.0
+    assert ev.base_full().top1_agreement == 1.0
+
+
+def _search_topics(model, tmp_path, trials):
+    import autocompress as ac
+
+    return ac.search(
+        model=model,
         hw="jetson",
         space="quant-only",
-        trials=4,
+        trials=trials,
         study="topics",
         out=tmp_path / "studies",
         data=DataConfig(seq_len=64),
         full_eval=2,
     )
+
+
+def _check_front_has_accuracy(result):
     base = result.base_metrics
-    assert 0.4 < base["accuracy"] <= 1.0  # 11 classes: the head learned (majority class is ~20 %)
-    assert 0.0 <= base["ece"] <= 1.0 and 0.0 < base["macro_f1"] <= 1.0
+    assert 0.0 <= base["ece"] <= 1.0 and 0.0 <= base["macro_f1"] <= 1.0
     scored = [c for c in [*result.pareto, *result.baselines.values()] if "accuracy" in c.metrics]
     assert scored and all(0.0 <= c.metrics["eval_top1_agreement"] <= 1.0 for c in scored)
     unc = result.baselines["uncompressed"].metrics
@@ -192,3 +227,19 @@ def test_search_on_minilm_wiki_topics_reports_accuracy_on_the_front(tmp_path, mo
     assert "| accuracy |" in summary and "macro-F1" in summary
     saved = json.loads((result.study_dir / "pareto.json").read_text())
     assert any("accuracy" in c["metrics"] for c in saved["pareto"])
+
+
+def test_search_on_a_tiny_topic_classifier_scores_its_front(tiny_classifier, tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTOCOMPRESS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(tasks, "SIZES", SMALL)
+    _check_front_has_accuracy(_search_topics(str(tiny_classifier), tmp_path, trials=3))
+
+
+@pytest.mark.slow
+def test_search_on_minilm_wiki_topics_reports_accuracy_on_the_front(tmp_path, monkeypatch):
+    """End to end on the real MiniLM: head trained (small split, private cache), searched, front scored."""
+    monkeypatch.setenv("AUTOCOMPRESS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(tasks, "SIZES", tasks.SplitSizes(eval=48, proxy=8, calib=8, head_train=200))
+    result = _search_topics("minilm-wiki-topics", tmp_path, trials=4)
+    assert result.base_metrics["accuracy"] > 0.4  # 11 classes: the head learned (majority class is ~20 %)
+    _check_front_has_accuracy(result)

@@ -41,7 +41,7 @@ def test_training_keeps_masks_and_grids(wb_llama):
     changed = 0
     for path, choice, _ in kept_linears(after, wb_llama.lm.anatomy, plan):
         mods_b, mods_a = before.get_submodule(path), after.get_submodule(path)
-        pairs = zip(mods_b, mods_a) if isinstance(mods_a, torch.nn.Sequential) else [(mods_b, mods_a)]
+        pairs = zip(mods_b, mods_a, strict=True) if isinstance(mods_a, torch.nn.Sequential) else [(mods_b, mods_a)]
         for mb, ma in pairs:
             wb, wa = mb.weight.detach(), ma.weight.detach()
             changed += int(not torch.equal(wb, wa))

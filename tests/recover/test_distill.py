@@ -88,16 +88,17 @@ def test_training_sees_calibration_documents_only(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_mod, "batches", spy)
     plan = Plan(model=ModelRef.of(wb.lm.anatomy), default=LayerChoice(bits=4), provenance=wb.provenance())
-    settings = RecoverySettings(tokens=4 * 32 * 20, pool_tokens=2048, warmup_steps=1)
+    settings = RecoverySettings(tokens=4 * 32 * 20, pool_tokens=10**6, warmup_steps=1)  # more than the text holds
     recover(wb, plan, wb.apply(plan), settings)
     seen = set()
     for batch in fed:
         for row in batch:
-            text = bytes(int(t) for t in row if 0 <= int(t) < 256).decode(errors="ignore")
+            text = wb.lm.tokenizer.decode(row.tolist())
             seen |= {w[:5] for w in text.split() if w.startswith("doc") and len(w) >= 5}
     assert len(fed) == 20 and seen and seen <= calib_tags and not seen & eval_tags
-    pool = training_sequences(wb.lm.tokenizer, cfg, 2048)
+    pool = training_sequences(wb.lm.tokenizer, cfg, 10**6)
     assert torch.equal(pool[: wb.data.calib.shape[0]], wb.data.calib)  # the calibration split, continued
+    assert 0 < pool.numel() <= sum(len(d) + 2 for d in calib_docs) + pool.shape[0]  # capped at what the text holds
 
 
 def test_bad_settings_are_user_errors():
@@ -105,3 +106,33 @@ def test_bad_settings_are_user_errors():
         RecoverySettings(tokens=10, minutes=1.0)
     with pytest.raises(RecoveryError, match="--recover-minutes must be positive"):
         RecoverySettings(minutes=0.0)
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_hidden_state_matching_changes_the_training(name):
+    wb = Workbench.open(name, TINY_DATA)
+    plan = Plan(model=ModelRef.of(wb.lm.anatomy), drop_blocks=(1,), provenance=wb.provenance())
+    hashes = set()
+    for weight in (0.0, 1.0):
+        model = wb.apply(plan)
+        recovered = recover(wb, plan, model, replace(FAST, hidden_weight=weight))
+        assert recovered.recovery.hidden_weight == weight
+        hashes.add(_weights_hash(model))
+    assert len(hashes) == 2
+
+
+def test_task_models_train_on_their_calibration_split_only(monkeypatch):
+    wb = Workbench.open("tiny-bert", TINY_DATA)
+    monkeypatch.setattr(wb.lm, "task_data", lambda tokenizer, config: wb.data)  # as the topic classifier has
+    fed: list[torch.Tensor] = []
+    real = train_mod.batches
+
+    def spy(seqs, batch_size, seed):
+        fed.append(seqs)
+        yield from real(seqs, batch_size, seed)
+
+    monkeypatch.setattr(train_mod, "batches", spy)
+    plan = Plan(model=ModelRef.of(wb.lm.anatomy), default=LayerChoice(bits=4), provenance=wb.provenance())
+    recovered = recover(wb, plan, wb.apply(plan), FAST)
+    assert len(fed) == 1 and torch.equal(fed[0], wb.data.calib)
+    assert recovered.recovery.tokens == wb.data.calib.numel()

@@ -17,6 +17,8 @@ def test_normalised_box_volume():
     # one point halfway on every axis covers an eighth of the box, whatever the units
     assert hvm.hypervolume([(0.5, 0.5, 0.5)], (1, 1, 1)) == pytest.approx(0.125)
     assert hvm.hypervolume([(1.0, 10.0, 100.0)], (2, 20, 200)) == pytest.approx(0.125)
+    # with an ideal point the box runs from it to the reference: a memory floor of 100 MB halves at 150
+    assert hvm.hypervolume([(1.0, 15.0, 150.0)], (2, 20, 200), ideal=(0, 10, 100)) == pytest.approx(0.125)
     # a dominated point adds nothing; a point on or past the reference is ignored
     two = hvm.hypervolume([(0.5, 0.5, 0.5), (0.2, 0.2, 0.2)], (1, 1, 1))
     assert two == pytest.approx(0.8**3)
@@ -24,6 +26,8 @@ def test_normalised_box_volume():
     assert hvm.hypervolume([], (1, 1, 1)) == 0.0
     with pytest.raises(ValueError):
         hvm.hypervolume([(0.1, 0.1, 0.1)], (0, 1, 1))
+    with pytest.raises(ValueError):
+        hvm.hypervolume([(0.1, 0.1, 0.1)], (1, 1, 1), ideal=(0, 1, 0))
 
 
 def _frozen(number, values, baseline=None, constraints=None):
@@ -45,11 +49,11 @@ def test_reference_is_worst_baseline_and_infeasible_trials_do_not_count():
     ]
     ref = hvm.reference_of(trials, (10.0, 100.0))
     assert ref == (2.0, 10.0, 100.0)
-    assert hvm.study_hypervolume(trials, ref) == 0.0  # the int4 point sits on the KL reference
+    assert hvm.study_hypervolume(trials, ref, (0, 0, 0)) == 0.0  # the int4 point sits on the KL reference
     curve = hvm.curve(trials, ref)
     assert [n for n, _ in curve] == [1, 2, 3, 4]
     trials[3] = _frozen(3, [1.0, 5.0, 50.0])  # now feasible: half the KL, half the latency and memory
-    assert hvm.study_hypervolume(trials, ref) == pytest.approx(0.125)
+    assert hvm.study_hypervolume(trials, ref, (0, 0, 0)) == pytest.approx(0.125)
 
 
 def test_search_records_hypervolume_per_trial_and_plots_it(tmp_path):
@@ -63,5 +67,7 @@ def test_search_records_hypervolume_per_trial_and_plots_it(tmp_path):
     n_base = sum("baseline" in t.user_attrs for t in done)
     after = values[n_base:]  # once every baseline is in, the reference is fixed: the front only grows
     assert all(b >= a - 1e-12 for a, b in itertools.pairwise(after))
+    box = study.user_attrs[hvm.BOX_ATTR]
+    assert box["ideal"][1] < box["base"][0] and box["ideal"][2] < box["base"][1]  # compression can only cut cost
     png = tmp_path / "hv" / "hypervolume.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -94,3 +94,90 @@ def test_two_workers_on_postgresql(tmp_path, postgres_url):
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     assert 100 <= len(complete) <= 101
     assert len({t.user_attrs["pid"] for t in complete}) == 2
+
+
+def test_two_workers_on_a_journal_file(tmp_path):
+    journal = str(tmp_path / "j" / "study.log")
+    cmd = [*_cmd(tmp_path, 100, journal), "--jobs", "2"]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    trials = _load(JournalStorage(JournalFileBackend(journal))).trials
+    numbers = [t.number for t in trials]
+    assert len(numbers) == len(set(numbers)) and numbers == list(range(len(numbers)))  # none lost or doubled
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert 100 <= len(complete) <= 101
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    assert len({t.user_attrs["pid"] for t in complete}) == 2
+    assert len({t.user_attrs["plan_hash"] for t in complete}) == len(
+        {tuple(sorted(t.params.items())) for t in complete}
+    )
+
+
+def _dead_pid():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _running(study, owner):
+    from autocompress.search.heartbeat import OWNER
+
+    trial = study.ask()
+    trial.suggest_float("x", 0, 1)
+    if owner is not None:
+        study._storage.set_trial_system_attr(trial._trial_id, OWNER, owner)
+    return trial
+
+
+def _states(study):
+    return {t.number: t.state for t in study.trials}
+
+
+def test_only_stale_trials_are_failed_and_requeued_rdb(tmp_path):
+    import socket
+
+    from autocompress.search.heartbeat import Heartbeat, recover
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'h.db'}", heartbeat_interval=1, grace_period=2)
+    study = optuna.create_study(storage=storage)
+    host = socket.gethostname()
+    gone = _running(study, "other-machine:4242")  # a remote worker that stopped beating
+    storage.record_heartbeat(gone._trial_id)
+    live = _running(study, None)
+    beat = Heartbeat(study)
+    beat.track(live)  # this process: owner set, beating every second
+    killed = _running(study, f"{host}:{_dead_pid()}")  # a local process that was killed
+    remote_live = _running(study, "other-machine:4343")
+    time.sleep(3.5)
+    storage.record_heartbeat(remote_live._trial_id)  # still beating
+    assert recover(study) == 2
+    beat.stop()
+    states = _states(study)
+    assert states[gone.number] == states[killed.number] == TrialState.FAIL
+    assert states[live.number] == states[remote_live.number] == TrialState.RUNNING
+    waiting = [t for t in study.trials if t.state == TrialState.WAITING]
+    assert len(waiting) == 2  # re-queued with the same parameters
+    assert recover(study) == 0  # nothing twice
+
+
+def test_only_stale_trials_are_failed_on_a_journal_file(tmp_path):
+    import os
+    import socket
+
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    from autocompress.search.heartbeat import recover
+
+    study = optuna.create_study(storage=JournalStorage(JournalFileBackend(str(tmp_path / "j.log"))))
+    host = socket.gethostname()
+    killed = _running(study, f"{host}:{_dead_pid()}")
+    mine = _running(study, f"{host}:{os.getpid()}")
+    other_local = _running(study, f"{host}:{os.getppid()}")  # a live process on this host
+    remote = _running(study, "other-machine:4242")  # no heartbeats on a journal: left alone
+    fresh = _running(study, None)  # just asked, owner not written yet
+    assert recover(study) == 1
+    states = _states(study)
+    assert states[killed.number] == TrialState.FAIL
+    assert all(states[t.number] == TrialState.RUNNING for t in (mine, other_local, remote, fresh))
+    assert study.trials[killed.number].user_attrs["fail_reason"].startswith("interrupted")
