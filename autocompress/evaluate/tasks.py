@@ -132,7 +132,7 @@ def encode_articles(
     rows = [(encode_article(tokenizer, a.text, max_len), a.label) for a in articles]
     if longest_first:
         rows.sort(key=lambda r: -len(r[0]))  # stable: ties keep the split's order
-    width = len(rows[0][0])
+    width = max(len(r) for r, _ in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     for i, (r, _) in enumerate(rows):
         ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)

@@ -34,9 +34,14 @@ def hypervolume(
     from ``ideal`` (default 0) to ``reference``; points not strictly inside the box are ignored."""
     ref = np.asarray(reference, dtype=float)
     low = np.zeros_like(ref) if ideal is None else np.asarray(ideal, dtype=float)
-    if ref.ndim != 1 or low.shape != ref.shape or not np.all(ref > low):
-        raise ValueError(f"a hypervolume box needs reference > ideal, got {reference!r} and {ideal!r}")
-    pts = (np.asarray([list(p) for p in points], dtype=float).reshape(-1, len(ref)) - low) / (ref - low)
+    if ref.ndim != 1 or low.shape != ref.shape:
+        raise ValueError(f"a hypervolume box needs a reference and an ideal point alike, got {reference!r}, {ideal!r}")
+    pts = np.asarray([list(p) for p in points], dtype=float).reshape(-1, len(ref))
+    keep = ref > low  # an objective no plan can improve (e.g. latency in a space without fast kernels) is left out
+    if not keep.any():
+        return 0.0
+    pts, ref, low = pts[:, keep], ref[keep], low[keep]
+    pts = (pts - low) / (ref - low)
     pts = pts[np.all(np.isfinite(pts), axis=1) & np.all(pts < 1.0, axis=1)]
     if not len(pts):
         return 0.0
@@ -94,7 +99,7 @@ def record(
     me = study._storage.get_trial(trial._trial_id)
     me = optuna.trial.create_trial(values=list(values), user_attrs=me.user_attrs, system_attrs=me.system_attrs)
     ref = reference_of([*done, me], box["base"])
-    if ref is None:
+    if ref is None or not all(map(math.isfinite, values)):
         return None
     hv = study_hypervolume([*done, me], ref, box["ideal"])
     trial.set_user_attr(ATTR, hv)

@@ -84,6 +84,12 @@ def test_topic_data_rows_are_single_labelled_articles():
     eval_articles = tasks.topic_splits(SMALL)["eval"]
     first = next(a for a in eval_articles if tasks.encode_article(tok, a.text, 48) == data.eval[0].tolist())
     assert data.classes[int(data.eval_labels[0])] == data.classes[first.label]
+    # proxy rows keep the split's (random) order, so a prefix is a fair subset; every row is its whole article
+    wide = tasks.load_topic_data(tok, DataConfig(seq_len=4096), SMALL)
+    proxy_articles = tasks.topic_splits(SMALL)["proxy"]
+    for row, article in zip(wide.proxy, proxy_articles, strict=True):
+        ids = tasks.encode_article(tok, article.text, 4096)
+        assert row[: len(ids)].tolist() == ids and (row[len(ids) :] == tok.pad_token_id).all()
     assert tasks.load_topic_data(tok, DataConfig(seq_len=48), SMALL).data_hash == data.data_hash
     assert tasks.load_topic_data(tok, DataConfig(seq_len=40), SMALL).data_hash != data.data_hash
     with pytest.raises(DataError, match="drop --data"):
@@ -243,3 +249,15 @@ def test_search_on_minilm_wiki_topics_reports_accuracy_on_the_front(tmp_path, mo
     result = _search_topics("minilm-wiki-topics", tmp_path, trials=4)
     assert result.base_metrics["accuracy"] > 0.4  # 11 classes: the head learned (majority class is ~20 %)
     _check_front_has_accuracy(result)
+
+
+def test_cli_evaluate_prints_the_classification_metrics(tiny_classifier, tmp_path, monkeypatch, capsys):
+    from autocompress.cli import main
+
+    monkeypatch.setenv("AUTOCOMPRESS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(tasks, "SIZES", SMALL)
+    code = main(["evaluate", "--model", str(tiny_classifier)])
+    out = capsys.readouterr().out
+    assert code in (0, None)
+    assert f"accuracy ({SMALL.eval} articles)" in out and "macro-F1" in out and "expected calibration error" in out
+    assert "perplexity" not in out
