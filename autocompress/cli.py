@@ -179,6 +179,17 @@ def search(
     seq_len: Annotated[int, typer.Option(help="Sequence length")] = 256,
     full_eval: Annotated[int, typer.Option(help="Front points that get the full metric (perplexity)")] = 8,
     jobs: Annotated[int, typer.Option(help="Worker processes on this machine sharing the study")] = 1,
+    recover: Annotated[
+        int, typer.Option(help="At the end, distil K front points (spread along latency) and add them to the study")
+    ] = 0,
+    recover_tokens: Annotated[int | None, typer.Option(help="Recovery token budget per model [default: 65536]")] = None,
+    recover_minutes: Annotated[float | None, typer.Option(help="Recovery time budget per model, in minutes")] = None,
+    verify: Annotated[
+        int,
+        typer.Option(
+            help="At the end, export K front points to ONNX, measure them here, flag any slower than uncompressed"
+        ),
+    ] = 0,
 ) -> dict[str, Any]:
     """Search for Pareto-optimal compressed variants and print the front."""
     from autocompress.search import Budget
@@ -186,6 +197,12 @@ def search(
     from autocompress.search.engine import DEFAULT_TIMEOUT_S, DEFAULT_TRIALS
 
     budgets = Budget.parse(budget or [])
+    if recover < 0 or verify < 0:
+        raise AutocompressError("--recover and --verify take a number of front points (0 or more)")
+    if recover:
+        from autocompress.recover import RecoverySettings
+
+        settings = RecoverySettings(tokens=recover_tokens, minutes=recover_minutes)  # checked before searching
     cfg = _data_config(data, calib_tokens, eval_tokens, proxy_tokens, seq_len)
     trials = DEFAULT_TRIALS if trials is None else trials
     timeout = DEFAULT_TIMEOUT_S if timeout is None else timeout
@@ -209,7 +226,22 @@ def search(
             progress=progress,
         )
     _print_front(result)
-    return result.to_dict()
+    summary = result.to_dict()
+    if recover:
+        from autocompress.search.engine import spread
+
+        chosen = [c.trial for c in spread([c for c in result.pareto if not c.plan.is_uncompressed and c.plan.recovery is None], recover)]
+        summary["recovered"] = _run_recovery(result.study_name, chosen, settings, out, storage) if chosen else []
+    if verify:
+        from autocompress.export.verify import latency_table, verify_front
+
+        records = verify_front(result, verify, _log)
+        console.print(latency_table(records), markup=False, highlight=False)
+        slow = [r["trial"] for r in records if (r.get("latency") or {}).get("slower_than_uncompressed")]
+        if slow:
+            console.print(f"[yellow]warning:[/yellow] measured slower than the uncompressed model here: trials {slow}")
+        summary["verify"] = records
+    return summary
 
 
 def _print_front(result) -> None:
@@ -308,7 +340,7 @@ def recover(
     storage: Annotated[str | None, typer.Option(help="Optuna storage URL or journal .log path")] = None,
 ) -> dict[str, Any]:
     """Distil the base model into compressed trials; add each result to the study and rewrite its front."""
-    from autocompress.recover import RecoverySettings, recover_trials
+    from autocompress.recover import RecoverySettings
 
     if pareto == bool(trial):
         raise AutocompressError("give either --trial N (repeatable) or --pareto")
@@ -320,13 +352,23 @@ def recover(
         lr=lr,
         seed=seed,
     )
+    return {
+        "study": study,
+        "recovered": _run_recovery(study, "pareto" if pareto else list(trial or []), settings, out, storage),
+    }
+
+
+def _run_recovery(study: str, trials: list[int] | str, settings: Any, out: Path, storage: str | None) -> list[dict]:
+    """Recover trials of a study with a progress bar, print before/after, give the records."""
+    from autocompress.recover import recover_trials
+
     with _progress() as progress:
         task = progress.add_task("recovery", total=None)
 
         def on_step(info, _model) -> None:
             progress.update(task, completed=info.step, total=info.total, description=f"recovery (KL {info.loss:.4f})")
 
-        done = recover_trials(study, "pareto" if pareto else list(trial or []), out, settings, _log, storage, on_step)
+        done = recover_trials(study, trials, out, settings, _log, storage, on_step)
     table = Table(title=f"recovered trials — study {study}")
     metric = next((k for r in done for k in ("ppl", "accuracy") if k in (r.full_after or {})), None)
     for col in ("trial", "from", "steps", "KL before", "KL after", f"{metric} before", f"{metric} after"):
@@ -338,8 +380,7 @@ def recover(
         )
     console.print(table)
     console.print(f"front rewritten: {out / study}/summary.md, pareto.json; plans in {out / study}/plans/")
-    recovered = [{**{k: v for k, v in vars(r).items() if k != "plan"}, "plan_hash": r.plan.hash()} for r in done]
-    return {"study": study, "recovered": recovered}
+    return [{**{k: v for k, v in vars(r).items() if k != "plan"}, "plan_hash": r.plan.hash()} for r in done]
 
 
 @app.command(

@@ -294,6 +294,16 @@ class Plan:
     def block_choice(self, index: int) -> BlockChoice:
         return self.blocks.get(index, BlockChoice())
 
+    @property
+    def is_uncompressed(self) -> bool:
+        """True when the plan changes nothing: every linear as is, full widths, no block dropped."""
+        return (
+            self.default.is_identity
+            and all(c.is_identity for c in self.layers.values())
+            and all(b == BlockChoice() for b in self.blocks.values())
+            and not self.drop_blocks
+        )
+
     # ---- serialisation -------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         prov = asdict(self.provenance)

@@ -195,3 +195,22 @@ def test_evaluate_base_and_plan(capsys, tmp_path):
     assert code == 0, err
     kl = float(re.search(r"KL to base \(nats/token\)\s*│\s*([0-9.e+-]+)", out).group(1))
     assert kl > 0
+
+
+def test_search_can_recover_and_verify_front_points_at_the_end(capsys, tmp_path):
+    argv = ["--json", "search", *TINY, "--trials", "6", "--full-eval", "2", "--out", str(tmp_path), "--study", "rv"]
+    code, out, _ = run([*argv, "--recover", "1", "--recover-tokens", "256", "--verify", "1"], capsys)
+    assert code == 0
+    res = json.loads(out)
+    (rec,) = res["recovered"]
+    front_trials = {p["trial"] for p in res["pareto"]}
+    assert rec["recovered_from"] in front_trials and rec["steps"] >= 1
+    assert (tmp_path / "rv" / "plans" / f"{rec['trial']}.yaml").is_file()
+    (ver,) = res["verify"]
+    assert ver["latency"]["measured_decode_ms"] > 0 and "slower_than_uncompressed" in ver["latency"]
+    assert (tmp_path / "rv" / "verify.json").is_file()
+
+
+def test_search_refuses_a_bad_recovery_budget_before_searching(capsys, tmp_path):
+    code, _, err = run(["search", *TINY, "--recover", "1", "--recover-minutes", "-1", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "--recover-minutes" in err and not any(tmp_path.iterdir())

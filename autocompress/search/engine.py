@@ -583,7 +583,7 @@ def _finish(
     anatomy = wb.lm.anatomy
     front, baselines = front_and_baselines(candidates_of(opt, study_dir, anatomy), budget)
     if evaluator.full_metric is not None and full_eval > 0:
-        chosen = _spread(front, full_eval)
+        chosen = spread(front, full_eval)
         todo = {c.plan.hash(): c for c in [*chosen, *baselines.values()]}
         todo = {h: c for h, c in todo.items() if f"{FULL_KEY}{h}" not in opt.user_attrs}
         if todo:
@@ -671,7 +671,7 @@ def _agreement(opt: optuna.Study, with_full: list[Candidate]) -> dict[str, dict[
     return out
 
 
-def _spread(front: list[Candidate], k: int) -> list[Candidate]:
+def spread(front: list[Candidate], k: int) -> list[Candidate]:
     """Give up to ``k`` front points spread evenly along the latency axis."""
     if len(front) <= k:
         return list(front)
