@@ -230,7 +230,12 @@ def search(
     if recover:
         from autocompress.search.engine import spread
 
-        chosen = [c.trial for c in spread([c for c in result.pareto if not c.plan.is_uncompressed and c.plan.recovery is None], recover)]
+        chosen = [
+            c.trial
+            for c in spread(
+                [c for c in result.pareto if not c.plan.is_uncompressed and c.plan.recovery is None], recover
+            )
+        ]
         summary["recovered"] = _run_recovery(result.study_name, chosen, settings, out, storage) if chosen else []
     if verify:
         from autocompress.export.verify import latency_table, verify_front

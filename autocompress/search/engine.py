@@ -392,7 +392,8 @@ class TrialRunner:
     def _climb(self, trial: optuna.Trial, plan: Plan, cost: Any, est: tuple[float, list[float]] | None) -> dict | None:
         """Measure the KL proxy in two stages, stopping when the plan cannot reach the front; give the result."""
         lat, mem = cost.latency_ms, cost.memory_mb
-        if self.gate and est is not None:
+        gate = self.gate and not ({"baseline", "seed"} & set(trial.user_attrs))  # seeds are always measured
+        if gate and est is not None:
             if self._predictor_screens:
                 bound, source = self.predictor.lower_bound(est[1]), "learned predictor"
             else:
@@ -408,7 +409,7 @@ class TrialRunner:
             return {**asdict(fid), "partial_kl": math.nan}
         first = self.evaluator.proxy(model, slice(0, 1))
         trial.set_user_attr("rung1_partial_kl", first.kl)
-        why = self.ladder.blocker(self.ladder.lower_bound("partial", first.kl), lat, mem) if self.gate else None
+        why = self.ladder.blocker(self.ladder.lower_bound("partial", first.kl), lat, mem) if gate else None
         if why:
             self._stop(trial, 1, f"first of {rows} proxy sequences: {why}")
             return None

@@ -139,6 +139,7 @@ def test_ladder_stops_only_trials_an_evaluated_plan_dominates(tmp_path, monkeypa
     assert res.counts["stopped_rung0"] + res.counts["stopped_rung1"] == len(stopped)
     for t in stopped:
         assert t.user_attrs["rung"] in (0, 1)
+        assert "baseline" not in t.user_attrs and "seed" not in t.user_attrs  # seeds are always measured
         blocker = done[int(t.user_attrs["ladder"].split("trial ")[1].split()[0])]
         assert blocker.values[1] <= t.user_attrs["cost"]["latency_ms"]
         assert blocker.values[2] <= t.user_attrs["cost"]["memory_mb"]
