@@ -60,6 +60,9 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, nargs="+", default=[2.0, 10.0], help="training-time budgets")
     ap.add_argument("--plans", nargs="*", help="subset of plan names")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument(
+        "--keep-others", action="store_true", help="keep the rows of plans not run now from the existing --out file"
+    )
     args = ap.parse_args()
     budgets = sorted(args.minutes)
     wb = Workbench.open(log=print)
@@ -85,6 +88,11 @@ def main() -> None:
         recovered = recover(wb, plan, model, settings, on_step)
         rows.append(_row(name, budgets[-1], recovered.recovery.steps, ppl_before, ev.full(model).ppl, ppl_base))
         print(f"  done in {time.time() - t0:.0f} s wall", flush=True)
+    if args.keep_others and args.out.is_file():
+        ran = {r["plan"] for r in rows}
+        kept = [r for r in json.loads(args.out.read_text())["rows"] if r["plan"] not in ran]
+        order = list(plans(wb))
+        rows = sorted(kept + rows, key=lambda r: (order.index(r["plan"]), r["minutes"]))
     header = f"{'plan':<16} {'minutes':>7} {'steps':>6} {'ppl before':>11} {'ppl after':>10} {'ppl base':>9} {'gap closed':>10}"
     print(header)
     for r in rows:
