@@ -47,6 +47,8 @@ def describe_plan(plan: Plan, anatomy: ModelAnatomy) -> str:
         items.append(f"mlp-pruned {mlp} blk")
     if plan.drop_blocks:
         items.append(f"drop {len(plan.drop_blocks)} blk")
+    if plan.recovery is not None:
+        items.append(f"+ recovery ({plan.recovery.steps} steps)")
     return " · ".join(items)
 
 
