@@ -454,6 +454,7 @@ class TrialRunner:
                 cost = cost_model.predict(plan)
                 phash = plan.hash()
                 trial.set_user_attr("plan_hash", phash)
+                trial.set_user_attr("plan", describe_plan(plan, anatomy))  # readable in optuna-dashboard
                 trial.set_user_attr("pid", os.getpid())
                 est = self._estimate(plan)
                 if est is not None:
