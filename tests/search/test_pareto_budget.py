@@ -54,3 +54,10 @@ def test_budget_parse():
 def test_bad_budgets(item, fragment):
     with pytest.raises(BudgetError, match=fragment):
         Budget.parse([item])
+
+
+def test_ac_search_stays_callable_after_the_package_is_imported():
+    import autocompress as ac
+    import autocompress.search.engine  # binds the subpackage as ``autocompress.search``
+
+    assert callable(ac.search) and ac.search.Budget is ac.Budget
