@@ -413,7 +413,7 @@ def apply(
     weight_hash = export_hf(compressed, p, out, wb.lm.tokenizer)
     console.print(f"wrote {out}/ (plan {p.hash()[:16]})")
     console.print(f"weight hash: {weight_hash}")
-    blockers = plain_transformers_blockers(p)
+    blockers = plain_transformers_blockers(p, compressed)
     if blockers:
         console.print(
             f"[yellow]note:[/yellow] plain transformers cannot load this folder ({'; '.join(blockers)}); "

@@ -27,13 +27,19 @@ from autocompress.plan import Plan
 NEEDS_LOADER = "needs autocompress.export.load_compressed"
 
 
-def plain_transformers_blockers(plan: Plan) -> list[str]:
+def plain_transformers_blockers(plan: Plan, model: nn.Module | None = None) -> list[str]:
     """Give why plain ``transformers`` cannot load this plan's export (empty when it can).
 
     Quantization, sparsity, dropped blocks and widths shared by every kept block keep every tensor
-    in a shape a config describes; per-block widths and low-rank factors do not.
+    in a shape a config describes; per-block widths and low-rank factors do not. A model with our
+    own pooling head (the MiniLM topic classifier) would load in plain transformers with the CLS
+    pooler instead, silently: that counts as a blocker too.
     """
-    return [t for t in techniques_used(plan) if NEEDS_LOADER in TECHNIQUES[t]["hf"]]
+    out = [t for t in techniques_used(plan) if NEEDS_LOADER in TECHNIQUES[t]["hf"]]
+    pooling = getattr(getattr(model, "config", None), "autocompress_pooling", None)
+    if pooling:
+        out.append(f"{pooling}-pooling classifier (plain transformers would use the CLS pooler)")
+    return out
 
 
 def _kept_widths(plan: Plan, attr: str) -> set[int | None]:
@@ -85,7 +91,7 @@ def write_hf(model: nn.Module, plan: Plan, folder: Path, tokenizer: object | Non
     if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(str(folder))
     plan.save(folder / "plan.yaml")
-    blockers = plain_transformers_blockers(plan)
+    blockers = plain_transformers_blockers(plan, model)
     if mismatches and not blockers:  # never claim loadable when the shapes say otherwise
         blockers = [f"tensor shapes the config cannot describe ({mismatches[0]})"]
     info = {

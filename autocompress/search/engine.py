@@ -509,20 +509,25 @@ class TrialRunner:
                         task, completed=min(n_done(), trials), description=f"search · front {front} · KL {kl:.3f}"
                     )
             except KeyboardInterrupt:
-                trial.set_user_attr("fail_reason", "interrupted by the user")
-                opt.tell(trial, state=TrialState.FAIL)
+                _fail(opt, trial, "interrupted by the user")
                 raise
             except Exception as exc:
                 last_reason = (
                     str(exc) if isinstance(exc, AutocompressError) else f"{exc.__class__.__name__}: {str(exc)[:300]}"
                 )
-                trial.set_user_attr("fail_reason", last_reason)
-                opt.tell(trial, state=TrialState.FAIL)
+                _fail(opt, trial, last_reason)
                 fails_in_a_row += 1
                 if fails_in_a_row >= MAX_FAILS_IN_A_ROW:
                     raise StudyError(f"{fails_in_a_row} trials in a row failed; the last with: {last_reason}") from None
         beat.stop()
         return mine
+
+
+def _fail(opt: optuna.Study, trial: optuna.Trial, reason: str) -> None:
+    """Fail a trial with its reason, unless it already finished (e.g. interrupted right after ``tell``)."""
+    with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+        trial.set_user_attr("fail_reason", reason)
+        opt.tell(trial, state=TrialState.FAIL)
 
 
 def candidates_of(opt: optuna.Study, study_dir: Path, anatomy: Any) -> list[Candidate]:

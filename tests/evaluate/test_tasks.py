@@ -178,6 +178,8 @@ def test_classifier_exports_to_onnx_and_hf(tiny_classifier, tmp_path):
     got = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": (ids != 0).long().numpy()})[0]
     assert np.allclose(got, lm.model(input_ids=ids).logits.numpy(), atol=1e-4)
     export_hf(lm.model, plan, tmp_path / "hf", lm.tokenizer)
+    info = json.loads((tmp_path / "hf" / "autocompress.json").read_text())
+    assert not info["loadable_with_plain_transformers"] and "pooling" in info["not_loadable_because"][-1]
     back = load_model(tmp_path / "hf")
     assert isinstance(back.model, tasks.MeanPoolBertForSequenceClassification)
     assert back.anatomy.model_hash == lm.anatomy.model_hash
