@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,24 +52,11 @@ class StudyView:
 
 def open_study(study: str, out: str | Path = "studies", storage: str | None = None) -> StudyView:
     """Give the stored state of study ``study`` in ``out/<study>/`` (or ``storage``)."""
-    import optuna
 
     from autocompress.search.budget import Budget
-    from autocompress.search.engine import candidates_of, front_and_baselines, open_storage
+    from autocompress.search.engine import candidates_of, front_and_baselines, load_finished_study
 
-    study_dir = Path(out) / study
-    if storage is None and not (study_dir / "study.db").is_file():
-        raise StudyError(f"no study database at {study_dir / 'study.db'}; give --storage for another backend")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        st, url = open_storage(storage, study_dir)
-    try:
-        opt = optuna.load_study(study_name=study, storage=st)
-    except KeyError:
-        raise StudyError(f"study {study!r} not found in {url}") from None
-    settings = opt.user_attrs.get("settings") or {}
-    if "anatomy" not in settings:
-        raise StudyError(f"study {study!r} was not written by this version of autocompress (no stored anatomy)")
+    opt, study_dir, url, settings = load_finished_study(study, out, storage)
     anatomy = ModelAnatomy.from_dict(settings["anatomy"])
     cands = candidates_of(opt, study_dir, anatomy)
     if not cands:

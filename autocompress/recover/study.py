@@ -26,7 +26,7 @@ from autocompress.plan import ModelRef, Plan
 from autocompress.recover.run import recover
 from autocompress.recover.train import RecoverySettings, StepInfo
 from autocompress.search.budget import Budget
-from autocompress.search.engine import FULL_KEY, candidates_of, front_and_baselines, open_storage
+from autocompress.search.engine import FULL_KEY, candidates_of, front_and_baselines, load_finished_study
 from autocompress.search.report import write_outputs
 from autocompress.search.result import Candidate, SearchResult
 from autocompress.workbench import Workbench
@@ -57,16 +57,8 @@ def full_metrics(result: Any) -> dict[str, float] | None:
 
 
 def _load(study: str, out: Path, storage: str | None) -> tuple[optuna.Study, Path, str, dict]:
-    study_dir = out / study
-    if storage is None and not (study_dir / "study.db").is_file():
-        raise StudyError(f"no study database at {study_dir / 'study.db'}; give --storage for another backend")
-    st, url = open_storage(storage, study_dir)
-    try:
-        opt = optuna.load_study(study_name=study, storage=st)
-    except KeyError:
-        raise StudyError(f"study {study!r} not found in {url}") from None
-    settings = opt.user_attrs.get("settings") or {}
-    if "anatomy" not in settings or "run" not in settings:
+    opt, study_dir, url, settings = load_finished_study(study, out, storage)
+    if "run" not in settings:
         raise StudyError(f"study {study!r} was not written by this version of autocompress (no stored settings)")
     return opt, study_dir, url, settings
 

@@ -68,6 +68,24 @@ def open_storage(storage: str | None, study_dir: Path) -> tuple[Any, str]:
         raise StudyError(f"cannot open storage {url!r}: {str(exc).splitlines()[0][:160]}") from None
 
 
+def load_finished_study(study: str, out: str | Path, storage: str | None) -> tuple[optuna.Study, Path, str, dict]:
+    """Open a study written by ``search`` without re-running anything: (study, its folder, storage URL, settings)."""
+    study_dir = Path(out) / study
+    if storage is None and not (study_dir / "study.db").is_file():
+        raise StudyError(f"no study database at {study_dir / 'study.db'}; give --storage for another backend")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        st, url = open_storage(storage, study_dir)
+    try:
+        opt = optuna.load_study(study_name=study, storage=st)
+    except KeyError:
+        raise StudyError(f"study {study!r} not found in {url}") from None
+    settings = opt.user_attrs.get("settings") or {}
+    if "anatomy" not in settings:
+        raise StudyError(f"study {study!r} was not written by this version of autocompress (no stored anatomy)")
+    return opt, study_dir, url, settings
+
+
 def _settings(
     space: SearchSpace, wb: Workbench, profile_id: str, budget: Budget, seed: int, cost_scenario: dict
 ) -> dict:

@@ -10,15 +10,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import optuna
 from optuna.trial import TrialState
 
-from autocompress.errors import StudyError
 from autocompress.hardware import CostModel, load_profile
 from autocompress.model.anatomy import ModelAnatomy
 from autocompress.plan import ModelRef, Plan
 from autocompress.search.budget import Budget
-from autocompress.search.engine import candidates_of, front_and_baselines, open_storage
+from autocompress.search.engine import candidates_of, front_and_baselines, load_finished_study
 from autocompress.search.report import write_outputs
 from autocompress.search.result import SearchResult
 
@@ -30,17 +28,7 @@ def retarget(
     t0 = time.time()
     profile = load_profile(hw)
     budget = budgets or Budget()
-    study_dir = Path(out) / study
-    if storage is None and not (study_dir / "study.db").is_file():
-        raise StudyError(f"no study database at {study_dir / 'study.db'}; give --storage for another backend")
-    st, url = open_storage(storage, study_dir)
-    try:
-        opt = optuna.load_study(study_name=study, storage=st)
-    except KeyError:
-        raise StudyError(f"study {study!r} not found in {url}") from None
-    settings = opt.user_attrs.get("settings") or {}
-    if "anatomy" not in settings:
-        raise StudyError(f"study {study!r} was not written by this version of autocompress (no stored anatomy)")
+    opt, study_dir, url, settings = load_finished_study(study, out, storage)
     anatomy = ModelAnatomy.from_dict(settings["anatomy"])
     cost_model = CostModel(profile, anatomy, **settings.get("scenario", {}))
     cands = candidates_of(opt, study_dir, anatomy)
