@@ -10,15 +10,19 @@ Each linear is then stored as close to its plan choice as onnxruntime CPU allows
 | plan bits | ONNX | note |
 |---|---|---|
 | 16 | fp32 ``MatMul`` | ORT CPU has no fast fp16 matmul |
-| 8 (and 5–7) | dynamic int8 (``MatMulInteger``, QInt8 per output channel) | 5–7 bits are stored as 8 |
+| 8 with ``act_bits`` 8 (W8A8) | dynamic int8 (``MatMulInteger``, QInt8 per output channel) | activations rounded per tensor at run time |
+| 8 (and 5–7) weight-only | ``MatMulNBits`` 8-bit, the plan's group size and symmetry, int8 compute | 5–7 bit codes in 8-bit cells |
 | 4 (and 2–3) | ``MatMulNBits`` 4-bit, the plan's group size and symmetry, int8 compute | 2–3 bit codes in 4-bit cells |
 
-4-bit weights keep the plan's exact values: ``grid_codes`` recovers each block's integer codes and
-step from the (already rounded) weights and writes them as MatMulNBits codes/scales/zero points;
-onnxruntime's own quantizer would re-round them on its grid (symmetric: max|w|/8, codes -8..7),
-adding a second rounding error. Weights not on a grid (e.g. calibration chains) use ORT's rounding.
-Per-row grids are stored in 128-blocks, non-power-of-two groups that are multiples of 16 in
-16-blocks: same values, more scales.
+``MatMulNBits`` weights keep the plan's exact values: ``grid_codes`` recovers each block's integer
+codes and step from the (already rounded) weights and writes them as MatMulNBits codes/scales/zero
+points; onnxruntime's own quantizer would re-round them on its grid (symmetric 4-bit: max|w|/8,
+codes -8..7), adding a second rounding error. Weights not on a grid (e.g. calibration chains) use
+ORT's rounding. Per-row grids are stored in blocks (``ROW_BLOCK``), non-power-of-two groups that
+are multiples of 16 in 16-blocks: same values, more scales. Accuracy level 4 (int8 compute) rounds
+each block of activations to int8 at run time, which the plan does not (3x faster decode than fp32
+compute here); ``verify.check_onnx`` checks the stored weights apart from that rounding and
+``verify.runtime_rounding`` measures its cost on held-out text.
 
 Sparsity is stored dense (no sparse kernel in ORT CPU); low-rank layers are two ``MatMul``; width
 pruning and dropped blocks are simply smaller / fewer matmuls. Whatever could not be represented
@@ -96,18 +100,24 @@ def target_format(choice: LayerChoice) -> tuple[str, list[str]]:
     if choice.sparsity > 0:
         lost.append(f"{choice.sparsity_pattern} sparsity {choice.sparsity:g} stored dense (no ORT CPU sparse kernel)")
     if choice.bits >= 16:
+        if choice.act_bits < 16:
+            lost.append(f"a{choice.act_bits} activation rounding of a 16-bit layer not stored (fp32 MatMul)")
         return "fp32", lost
-    if choice.bits > 4:
-        if choice.bits != 8:
-            lost.append(f"{choice.bits}-bit stored as int8")
+    if choice.bits == 8 and choice.act_bits == 8:  # W8A8: ORT's int8 x int8 GEMM
+        lost.append("W8A8 activations rounded per tensor at run time (the plan rounds per token)")
         if choice.group_size is not None:
-            lost.append(f"int8 group size {choice.group_size} stored per output channel")
+            lost.append(f"W8A8 group size {choice.group_size} stored per output channel")
         return "int8-dynamic", lost
-    if choice.bits != 4:
-        lost.append(f"{choice.bits}-bit stored as 4-bit (same values when on the plan's grid; 4-bit size and speed)")
+    width = 8 if choice.bits > 4 else 4
+    if choice.act_bits < 16:
+        lost.append(f"a{choice.act_bits} activations of {choice.bits}-bit weights rounded per block at run time")
+    if choice.bits != width:
+        lost.append(
+            f"{choice.bits}-bit stored as {width}-bit (same values when on the plan's grid; {width}-bit size and speed)"
+        )
     sym = "sym" if choice.symmetric else "asym"
     if choice.group_size is None:
-        return f"int4-row-{sym}", lost
+        return f"int{width}-row-{sym}", lost
     g = choice.group_size
     if g % 16 == 0 and g & (g - 1):  # e.g. 48: 16-blocks hold the same values, with more scales
         block = g & -g
@@ -116,7 +126,7 @@ def target_format(choice: LayerChoice) -> tuple[str, list[str]]:
         block = max(16, 1 << (g - 1).bit_length())
         if block != g:
             lost.append(f"group size {g} stored as {block} (MatMulNBits needs a power of two >= 16)")
-    return f"int4-g{block}-{sym}", lost
+    return f"int{width}-g{block}-{sym}", lost
 
 
 def _renamed(anatomy: ModelAnatomy, plan: Plan) -> dict[str, str]:
@@ -229,55 +239,62 @@ def _quantize(proto: object, anatomy: ModelAnatomy, plan: Plan, formats: dict[st
     return quantize_groups(proto, groups, tmp)
 
 
+# Per-row grids are stored in blocks (exact: every block holds row-grid values). The block is also
+# the span over which accuracy level 4 rounds activations to int8: 8-bit rows use 32-blocks, which
+# cut that rounding's KL on SmolLM2 2.4x at the same decode speed; 4-bit rows keep 128 (32 is 30 % slower).
+ROW_BLOCK = {4: 128, 8: 32}
 GRID_TOL = 1e-3  # |w / step - round(w / step)| below this counts as "on the grid"
 
 
-def grid_codes(blocks: np.ndarray, symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """Recover 4-bit codes of weights that already lie on a per-block integer grid.
+def grid_codes(blocks: np.ndarray, symmetric: bool, bits: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Recover ``bits``-bit (4 or 8) codes of weights that already lie on a per-block integer grid.
 
-    ``blocks`` [N, k_blocks, block] holds values that our quantizer (RTN or GPTQ, at 2-4 bits) left
-    on a grid ``(q - z) * step`` per block. Give (codes uint8 [N, k_blocks, block], steps float32
-    [N, k_blocks], zero points uint8 [N, k_blocks]) that reproduce them exactly in MatMulNBits'
-    dequantization ``(code - zero) * scale``, or None when some block is not on such a grid (then
-    onnxruntime's own rounding is used). onnxruntime recomputes the scale from each block's range
-    (symmetric: max|w| / 8 on codes -8..7), which re-rounds values already rounded by the plan.
+    ``blocks`` [N, k_blocks, block] holds values that our quantizer (RTN or GPTQ) left on a grid
+    ``(q - z) * step`` per block, with at most ``bits`` bits of codes. Give (codes uint8 [N,
+    k_blocks, block], steps float32 [N, k_blocks], zero points uint8 [N, k_blocks]) that reproduce
+    them exactly in MatMulNBits' dequantization ``(code - zero) * scale``, or None when some block
+    is not on such a grid (then onnxruntime's own rounding is used). onnxruntime recomputes the
+    scale from each block's range (symmetric 4-bit: max|w| / 8 on codes -8..7), which re-rounds
+    values already rounded by the plan.
     """
-    w = blocks.astype(np.float64)
+    shape = blocks.shape
+    w = np.asarray(blocks, dtype=np.float64).reshape(-1, shape[-1])  # one row per block
+    top = 2**bits - 1
     if symmetric:
-        extent, levels = np.abs(w).max(-1), range(7, 0, -1)
+        extent, levels = np.abs(w).max(-1), range(2 ** (bits - 1) - 1, 0, -1)
     else:
-        extent, levels = w.max(-1) - w.min(-1), range(15, 0, -1)
-    flat = extent <= 0
-    step = np.zeros_like(extent)
-    rel = np.zeros_like(w)
-    done = flat.copy()
-    step[flat] = 1.0
-    for k in levels:
-        cand = np.where(flat, 1.0, extent / k)
-        r = w / cand[..., None]
-        ok = ~done & (np.abs(r - np.round(r)) < GRID_TOL).all(-1)
-        if symmetric:
-            ok &= (np.abs(np.round(r)) <= 7).all(-1)
-        else:
-            ok &= (np.round(r).max(-1) - np.round(r).min(-1)) <= 15
-        step = np.where(ok, cand, step)
-        rel = np.where(ok[..., None], np.round(r), rel)
-        done |= ok
-    if not done.all():
+        extent, levels = w.max(-1) - w.min(-1), range(top, 0, -1)
+    step = np.ones(len(w))
+    rel = np.zeros(w.shape)
+    todo = np.flatnonzero(extent > 0)  # blocks still without a grid (all-zero blocks keep step 1, codes 0)
+    for k in levels:  # finest grid first; most blocks use their full code range and stop at once
+        if not todo.size:
+            break
+        cand = extent[todo] / k
+        r = w[todo] / cand[:, None]
+        q = np.round(r)
+        ok = (np.abs(r - q) < GRID_TOL).all(-1) & ((q.max(-1) - q.min(-1)) <= top)
+        step[todo[ok]] = cand[ok]
+        rel[todo[ok]] = q[ok]
+        todo = todo[~ok]
+    if todo.size:
         return None
     if symmetric:
-        zero = np.full(step.shape, 8.0)
+        zero = np.full(len(w), float(2 ** (bits - 1)))
     else:
-        zero = np.clip(-rel.min(-1), 0, 15)
-        zero = np.minimum(zero, 15 - rel.max(-1))
-    codes = rel + zero[..., None]
-    if codes.min() < 0 or codes.max() > 15:
+        zero = np.minimum(np.clip(-rel.min(-1), 0, top), top - rel.max(-1))
+    codes = rel + zero[:, None]
+    if codes.min() < 0 or codes.max() > top:
         return None
-    return codes.astype(np.uint8), step.astype(np.float32), zero.astype(np.uint8)
+    return (
+        codes.reshape(shape).astype(np.uint8),
+        step.reshape(shape[:-1]).astype(np.float32),
+        zero.reshape(shape[:-1]).astype(np.uint8),
+    )
 
 
 def _grid_block_quant(node_quantizer: object):
-    """Give a ``qbits_block_quant`` for onnxruntime's 4-bit quantizer that keeps the plan's grid when it can."""
+    """Give a ``qbits_block_quant`` for onnxruntime's 4/8-bit quantizer that keeps the plan's grid when it can."""
     fallback = node_quantizer.qbits_block_quant
     cfg = node_quantizer.config
 
@@ -286,21 +303,22 @@ def _grid_block_quant(node_quantizer: object):
         bs = cfg.block_size
         k_blocks = (rows + bs - 1) // bs
         padded = np.pad(fp32weight, ((0, k_blocks * bs - rows), (0, 0)))
-        got = grid_codes(padded.T.reshape(cols, k_blocks, bs), cfg.is_symmetric)
+        got = grid_codes(padded.T.reshape(cols, k_blocks, bs), cfg.is_symmetric, cfg.bits)
         if got is None:
             return fallback(fp32weight)
         codes, scales, zero = got
-        packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
-        zero = np.pad(zero, ((0, 0), (0, k_blocks % 2)))
-        zp = (zero[:, 0::2] | (zero[:, 1::2] << 4)).astype(np.uint8)
-        return packed, scales.astype(fp32weight.dtype), zp
+        if cfg.bits == 4:  # two codes (and two zero points) per byte, low nibble first
+            codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
+            zero = np.pad(zero, ((0, 0), (0, k_blocks % 2)))
+            zero = zero[:, 0::2] | (zero[:, 1::2] << 4)
+        return codes.astype(np.uint8), scales.astype(fp32weight.dtype), zero.astype(np.uint8)
 
     return block_quant
 
 
 def quantize_groups(proto: object, groups: dict[str, list[str]], tmp: Path) -> object:
     """Give ``proto`` with each group of MatMul nodes quantized to its format (``int8-dynamic``,
-    ``int4-g<block>-<sym|asym>``, ``int4-row-<sym|asym>``; ``fp32`` is left alone)."""
+    ``int<4|8>-g<block>-<sym|asym>``, ``int<4|8>-row-<sym|asym>``; ``fp32`` is left alone)."""
     logging.disable(logging.WARNING)  # the quantizers log every node and nag about pre-processing
     try:
         return _run_quantizers(proto, groups, Path(tmp))
@@ -314,19 +332,20 @@ def _run_quantizers(proto: object, groups: dict[str, list[str]], tmp: Path) -> o
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     for fmt, nodes in sorted(groups.items()):
-        if not fmt.startswith("int4"):
+        if fmt in ("fp32", "int8-dynamic"):
             continue
-        _, block, sym = fmt.split("-")
+        width, block, sym = fmt.split("-")
+        bits = int(width.removeprefix("int"))
         # nodes_to_include is OR-ed with the op type inside ORT: exclude every other MatMul instead
         keep = set(nodes)
         others = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.name not in keep]
         q = MatMulNBitsQuantizer(
             proto,
-            bits=4,
-            block_size=128 if block == "row" else int(block[1:]),
+            bits=bits,
+            block_size=ROW_BLOCK[bits] if block == "row" else int(block[1:]),
             is_symmetric=sym == "sym",
             accuracy_level=4,
-            nodes_to_exclude=others,  # per-row grids go in 128-blocks (exact: every block holds row-grid values)
+            nodes_to_exclude=others,
         )
         q.node_quantizer.qbits_block_quant = _grid_block_quant(q.node_quantizer)
         q.process()

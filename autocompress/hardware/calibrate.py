@@ -3,8 +3,8 @@
 ``calibrate_local()`` times, with onnxruntime CPU on a fixed thread count (and torch for reference):
 
 1. **bandwidth per weight format** — GEMV (M = 1) through chains of linears of model-like shapes,
-   weights cold (the cache is flushed between runs), for fp32 ``MatMul``, dynamic int8
-   (``MatMulInteger``) and 4-bit ``MatMulNBits``;
+   weights cold (the cache is flushed between runs), for fp32 ``MatMul``, 8-bit and 4-bit
+   ``MatMulNBits`` (weight-only) and dynamic int8 (``MatMulInteger``, W8A8);
 2. **compute rate per format** — chains of a small and a large shape at M = 16..128 tokens;
 3. **per-linear overhead per format** — the intercept of the cold GEMV fit (a cold linear pays a
    prefetch/first-touch ramp); chains of tiny warm linears are kept as a reference;
@@ -40,8 +40,10 @@ from autocompress.errors import ProfileError
 from autocompress.hardware.measure import ort_session, timed
 from autocompress.hardware.profile import HardwareProfile, profile_from_dict
 
-FORMATS = ("fp32", "int8", "int4")  # fp32 MatMul, dynamic int8 MatMulInteger, MatMulNBits 4-bit g128
-_EXPORT_FMT = {"fp32": "fp32", "int8": "int8-dynamic", "int4": "int4-g128-asym"}
+# what our ONNX export writes (export/onnx.py): fp32 MatMul, weight-only 8-bit MatMulNBits (per row,
+# symmetric, in ROW_BLOCK[8]-blocks), 4-bit MatMulNBits g128, and W8A8 as dynamic int8 (MatMulInteger)
+FORMATS = ("fp32", "int8", "int4", "w8a8")
+_EXPORT_FMT = {"fp32": "fp32", "int8": "int8-row-sym", "int4": "int4-g128-asym", "w8a8": "int8-dynamic"}
 # (K, N, linears in the chain): model-like widths (SmolLM2-135M ... TinyLlama-1.1B); chains
 # alternate K->N and N->K so every weight is distinct and the whole chain misses the cache
 # (small q/k/v/o-sized matrices too: below ~1-2 MB a GEMV does not reach streaming bandwidth, which the
@@ -125,8 +127,12 @@ def _stored_bytes(fmt: str, k: int, n: int, layers: int) -> float:
     params = k * n * layers
     if fmt == "fp32":
         return params * 4.0
-    if fmt == "int8":
+    if fmt == "w8a8":
         return params * 1.0 + (k + n) / 2 * layers * 5  # fp32 scale + int8 zero per output channel
+    if fmt == "int8":
+        from autocompress.export.onnx import ROW_BLOCK
+
+        return params * (1.0 + 4 / ROW_BLOCK[8])  # fp32 scale per block (symmetric)
     return params * 0.5 + params / 128 * 4.5  # fp32 scale + 4-bit zero per 128 weights
 
 
@@ -347,14 +353,14 @@ def calibrate_local(
         flop_per_clk * mhz * 1e6 * threads, torch_ref["gemm_GFLOPs"] * 1e9, fits["fp32"]["gemm_GFLOPs"] * 1e9
     )
     int8_mult = 4.0 if {"avx512_vnni", "avx_vnni"} & flags else 2.0
-    int8_peak = max(int8_mult * fp32_peak, *(fits[f]["gemm_GFLOPs"] * 1e9 for f in ("int8", "int4")))
+    int8_peak = max(int8_mult * fp32_peak, *(fits[f]["gemm_GFLOPs"] * 1e9 for f in ("int8", "int4", "w8a8")))
 
     def eff(x: float) -> float:
         return round(min(1.0, max(0.01, x)), 4)
 
     bw_eff = {f: eff(fits[f]["gemv_GBps"] / best_bw) for f in FORMATS}
     c_eff = {"fp32": eff(fits["fp32"]["gemm_GFLOPs"] * 1e9 / fp32_peak)}
-    c_eff.update({f: eff(fits[f]["gemm_GFLOPs"] * 1e9 / int8_peak) for f in ("int8", "int4")})
+    c_eff.update({f: eff(fits[f]["gemm_GFLOPs"] * 1e9 / int8_peak) for f in ("int8", "int4", "w8a8")})
     lin_over = {f: round(fits[f]["overhead_us"], 3) for f in FORMATS}
     non_linear_us = block["per_block_ms"] * 1e3 - block["linears_per_block"] * lin_over["fp32"]
     kernels_per_block = max(1, round(block["kernels_per_block_fused"]))

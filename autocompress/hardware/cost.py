@@ -288,6 +288,8 @@ class CostModel:
         params = out_f * in_f
         bits = k.stored_bits(choice.bits)
         fmt = p.dense_format if bits == 16 else f"int{bits}"
+        if choice.bits == 8 and choice.act_bits == 8 and "w8a8" in p.compute_efficiency_by_format:
+            fmt = "w8a8"  # a runtime with its own int8 x int8 GEMM for W8A8 (measured by calibration)
         value_bytes = params * (p.dense_bits if bits == 16 else bits) / 8
         meta_bytes = 0.0
         if bits < 16:

@@ -22,7 +22,7 @@ ENV_PROFILES_DIR = "AUTOCOMPRESS_HW_PROFILES"
 Positive = Annotated[float, Field(gt=0)]
 NonNegative = Annotated[float, Field(ge=0)]
 Efficiency = Annotated[float, Field(gt=0, le=1)]
-FormatKey = Literal["fp32", "fp16", "int8", "int6", "int5", "int4", "int3", "int2"]
+FormatKey = Literal["fp32", "fp16", "int8", "int6", "int5", "int4", "int3", "int2", "w8a8"]  # w8a8: int8 x int8 GEMM
 DeviceClass = Literal["edge_gpu_soc", "discrete_gpu", "server_cpu", "client_cpu", "arm_sbc", "apple_soc", "mobile_soc"]
 FORMAT_KEYS: tuple[str, ...] = get_args(FormatKey)
 DEVICE_CLASSES: tuple[str, ...] = get_args(DeviceClass)

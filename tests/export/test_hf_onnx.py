@@ -11,7 +11,8 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from autocompress.compress import apply_plan_to
+from autocompress.compress import apply_plan_to, collect_hessians
+from autocompress.compress.hessian import Hessians, input_key
 from autocompress.export import export_hf, load_compressed
 from autocompress.export.onnx import export_onnx, grid_codes
 from autocompress.export.verify import check_onnx
@@ -104,8 +105,11 @@ def test_load_compressed_refuses_a_folder_that_is_not_an_export(tmp_path) -> Non
         load_compressed(tmp_path)
 
 
-@pytest.mark.parametrize(("bits", "symmetric"), [(4, True), (4, False), (3, True), (2, False)])
-def test_grid_codes_recover_on_grid_values_exactly(bits: int, symmetric: bool) -> None:
+@pytest.mark.parametrize(
+    ("bits", "symmetric", "width"),
+    [(4, True, 4), (4, False, 4), (3, True, 4), (2, False, 4), (8, True, 8), (8, False, 8), (6, False, 8)],
+)
+def test_grid_codes_recover_on_grid_values_exactly(bits: int, symmetric: bool, width: int) -> None:
     rng = np.random.default_rng(bits)
     n, kb, bs = 6, 3, 32
     step = rng.uniform(0.01, 0.1, size=(n, kb, 1))
@@ -115,12 +119,12 @@ def test_grid_codes_recover_on_grid_values_exactly(bits: int, symmetric: bool) -
     else:
         z = rng.integers(0, 2**bits, size=(n, kb, 1))
         w = (rng.integers(0, 2**bits, size=(n, kb, bs)) - z) * step
-    codes, scales, zero = grid_codes(w.astype(np.float32), symmetric)
+    codes, scales, zero = grid_codes(w.astype(np.float32), symmetric, width)
     back = (codes.astype(np.float64) - zero[..., None]) * scales[..., None]
     np.testing.assert_allclose(back, w, rtol=1e-5, atol=1e-7)
-    assert codes.max() <= 15
-    off = w + rng.normal(0, 1e-2, size=w.shape)  # not on any grid
-    assert grid_codes(off.astype(np.float32), symmetric) is None
+    assert codes.max() <= 2**width - 1
+    off = w + rng.normal(0, 1e-2, size=w.shape) * step  # not on any grid
+    assert grid_codes(off.astype(np.float32), symmetric, width) is None
 
 
 def _dequantized_matmulnbits(path) -> dict[str, np.ndarray]:
@@ -132,27 +136,40 @@ def _dequantized_matmulnbits(path) -> dict[str, np.ndarray]:
         if node.op_type != "MatMulNBits":
             continue
         attrs = {a.name: a.i for a in node.attribute}
-        k, n, bs = attrs["K"], attrs["N"], attrs["block_size"]
-        packed = inits[node.input[1]]
-        codes = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, -1, bs).astype(np.float64)
+        k, n, bs, bits = attrs["K"], attrs["N"], attrs["block_size"], attrs["bits"]
+
+        def unpack(a: np.ndarray, bits: int = bits) -> np.ndarray:
+            return a if bits == 8 else np.stack([a & 0x0F, a >> 4], axis=-1)
+
+        codes = unpack(inits[node.input[1]]).reshape(n, -1, bs).astype(np.float64)
         kb = codes.shape[1]
         scales = inits[node.input[2]].reshape(n, kb, 1)
         if len(node.input) > 3 and node.input[3]:
-            zp = inits[node.input[3]].reshape(n, -1)
-            zero = np.stack([zp & 0x0F, zp >> 4], axis=-1).reshape(n, -1)[:, :kb, None]
+            zero = unpack(inits[node.input[3]].reshape(n, -1)).reshape(n, -1)[:, :kb, None]
         else:
-            zero = np.full((n, kb, 1), 8.0)
+            zero = np.full((n, kb, 1), 2.0 ** (bits - 1))
         out[node.name] = ((codes - zero) * scales).reshape(n, -1)[:, :k].T
     return out
 
 
 @pytest.mark.parametrize(
-    "choice", [LayerChoice(bits=4, group_size=32), LayerChoice(bits=3, group_size=48, symmetric=False)]
+    "choice",
+    [
+        LayerChoice(bits=4, group_size=32),
+        LayerChoice(bits=3, group_size=48, symmetric=False),
+        LayerChoice(bits=8, quant_method="gptq"),
+        LayerChoice(bits=6, group_size=64, symmetric=False),
+    ],
 )
-def test_onnx_4bit_weights_are_the_plans_weights(llama, tmp_path, choice) -> None:
+def test_onnx_nbits_weights_are_the_plans_weights(llama, tmp_path, choice) -> None:
     a = llama.anatomy
     plan = plan_for(a, default=choice)
-    model = apply_plan_to(llama.model, a, plan)
+    hess = None
+    if choice.quant_method == "gptq":  # error feedback moves weights, the grid stays the plan's
+        ids = torch.randint(3, 250, (2, 64), generator=torch.Generator().manual_seed(0))
+        keys = {s.name: input_key(s) for s in a.linears}
+        hess = Hessians(a.model_hash, plan.provenance.data_hash, keys, collect_hessians(llama.model, a, ids))
+    model = apply_plan_to(llama.model, a, plan, hessians=hess)
     exp = export_onnx(model, a, plan, tmp_path / "m.onnx")
     deq = _dequantized_matmulnbits(exp.path)
     assert len(deq) == len(a.linears)
@@ -161,7 +178,7 @@ def test_onnx_4bit_weights_are_the_plans_weights(llama, tmp_path, choice) -> Non
         want = model.get_submodule(site.name).weight.detach().numpy().T
         np.testing.assert_allclose(deq[node], want, rtol=1e-5, atol=1e-6)
     check = check_onnx(exp.path, model, a, exp.formats)
-    assert check["passed"] and check["tolerance_format"] == "int4"
+    assert check["passed"] and check["tolerance_format"] == ("int4" if choice.bits <= 4 else "int8")
 
 
 def test_check_fails_when_onnx_and_torch_disagree(llama, tmp_path) -> None:
@@ -172,3 +189,20 @@ def test_check_fails_when_onnx_and_torch_disagree(llama, tmp_path) -> None:
     assert check_onnx(exp.path, llama.model, a, exp.formats)["passed"]
     bad = check_onnx(exp.path, other, a, exp.formats)
     assert not bad["passed"] and bad["relative_l2_error"] > bad["tolerance"]
+
+
+def test_check_isolates_stored_weights_from_activation_rounding(llama, tmp_path) -> None:
+    a = llama.anatomy
+    plan = plan_for(a, default=LayerChoice(bits=8))
+    model = apply_plan_to(llama.model, a, plan)
+    exp = export_onnx(model, a, plan, tmp_path / "m.onnx")
+    good = check_onnx(exp.path, model, a, exp.formats)
+    assert good["passed"] and good["stored_weights_error"] < 1e-5 < good["relative_l2_error"]
+    m = onnx.load(str(exp.path))  # a 5 % error in one layer's scales: a broken export, small in the logits
+    node = [n for n in m.graph.node if n.op_type == "MatMulNBits"][-1]
+    scales = next(i for i in m.graph.initializer if i.name == node.input[2])
+    scales.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scales) * 1.05, scales.name))
+    onnx.save(m, str(exp.path))
+    bad = check_onnx(exp.path, model, a, exp.formats)
+    assert bad["relative_l2_error"] < bad["tolerance"]  # the deployed-file comparison alone misses it
+    assert not bad["passed"] and bad["stored_weights_error"] > bad["stored_weights_tolerance"]

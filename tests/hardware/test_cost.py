@@ -160,6 +160,16 @@ def test_int8_peak_only_for_int8_compute(one_b: ModelAnatomy) -> None:
     assert weight_only.predict(fp16).prefill_ms / weight_only.predict(int8).prefill_ms < 1.1
 
 
+def test_w8a8_uses_its_own_measured_kernel_only_where_profiled(one_b: ModelAnatomy) -> None:
+    t4 = PROFILES["nvidia-t4"]
+    wo, w8a8 = plan_for(one_b, default=LayerChoice(bits=8)), plan_for(one_b, default=LayerChoice(bits=8, act_bits=8))
+    plain = CostModel(t4, one_b, prompt_tokens=4096)
+    assert plain.predict(wo) == plain.predict(w8a8)  # no w8a8 entry: one int8 path
+    eff = {**t4.compute_efficiency_by_format, "int8": 0.2, "w8a8": 0.8}  # as calibrated on ORT CPU
+    split = CostModel(t4.model_copy(update={"compute_efficiency_by_format": eff}), one_b, prompt_tokens=4096)
+    assert split.predict(wo).prefill_ms > 2 * split.predict(w8a8).prefill_ms
+
+
 def test_missing_weight_only_kernel_rounds_up(one_b: ModelAnatomy) -> None:
     cm = CostModel(PROFILES["nvidia-a100-80gb"], one_b)  # torchao: int4 and int8 only
     three, four = (cm.predict(plan_for(one_b, default=LayerChoice(bits=b, group_size=64))) for b in (3, 4))

@@ -10,7 +10,7 @@ import torch
 from autocompress.compress.apply import apply_plan_to
 from autocompress.export.onnx import export_onnx, target_format
 from autocompress.hardware import measure
-from autocompress.hardware.calibrate import Sample, _chain_model, _fit_bandwidth, _quantized
+from autocompress.hardware.calibrate import FORMATS, Sample, _chain_model, _fit_bandwidth, _quantized
 from autocompress.hardware.measure import ort_session, timed
 from autocompress.model import load_model
 from autocompress.plan import BlockChoice, LayerChoice, ModelRef, Plan
@@ -47,14 +47,16 @@ def test_fp32_export_matches_torch_last_logits(llama, tmp_path) -> None:
 def test_quantized_export_follows_the_plan(llama, tmp_path) -> None:
     a = llama.anatomy
     b1 = [s.name for s in a.blocks[1].linears]
-    layers = {b1[0]: LayerChoice(bits=8), b1[1]: LayerChoice(bits=4, group_size=32, symmetric=False)}
+    layers = {b1[0]: LayerChoice(bits=8, act_bits=8), b1[1]: LayerChoice(bits=4, group_size=32, symmetric=False)}
+    layers[b1[2]] = LayerChoice(bits=8)  # weight-only 8-bit
     layers[b1[-1]] = LayerChoice(bits=3, group_size=32, rank_ratio=0.5, sparsity=0.3, prune_method="magnitude")
     plan = _plan(a, layers=layers, drop_blocks=(0,), blocks={2: BlockChoice(keep_heads=2)})
     exp = export_onnx(apply_plan_to(llama.model, a, plan), a, plan, tmp_path / "q.onnx")
     ops = _ops(exp.path)
-    assert ops.count("MatMulInteger") == 1  # the int8 layer only
-    assert ops.count("MatMulNBits") == 3  # the int4 layer + both low-rank factors of the 3-bit layer
+    assert ops.count("MatMulInteger") == 1  # the W8A8 layer only
+    assert ops.count("MatMulNBits") == 4  # int4, weight-only int8, both low-rank factors of the 3-bit layer
     assert exp.formats[b1[0]] == "int8-dynamic" and exp.formats[b1[1]] == "int4-g32-asym"
+    assert exp.formats[b1[2]] == "int8-row-sym"
     assert a.blocks[0].linears[0].name not in exp.formats  # dropped block
     text = " ".join(exp.not_represented)
     assert "3-bit stored as 4-bit" in text and "stored dense" in text
@@ -67,8 +69,10 @@ def test_quantized_export_follows_the_plan(llama, tmp_path) -> None:
     ("choice", "fmt"),
     [
         (LayerChoice(), "fp32"),
-        (LayerChoice(bits=8), "int8-dynamic"),
-        (LayerChoice(bits=6), "int8-dynamic"),
+        (LayerChoice(bits=8), "int8-row-sym"),
+        (LayerChoice(bits=6), "int8-row-sym"),
+        (LayerChoice(bits=8, group_size=32, symmetric=False), "int8-g32-asym"),
+        (LayerChoice(bits=8, act_bits=8), "int8-dynamic"),
         (LayerChoice(bits=4, group_size=128), "int4-g128-sym"),
         (LayerChoice(bits=4, group_size=100, symmetric=False), "int4-g128-asym"),
         (LayerChoice(bits=2), "int4-row-sym"),
@@ -77,7 +81,7 @@ def test_quantized_export_follows_the_plan(llama, tmp_path) -> None:
 def test_target_format_never_claims_a_finer_format(choice: LayerChoice, fmt: str) -> None:
     got, lost = target_format(choice)
     assert got == fmt
-    exact = choice.bits in (16, 8, 4) and choice.group_size in (None, 128)
+    exact = choice.bits in (16, 8, 4) and choice.group_size in (None, 128, 32) and choice.act_bits == 16
     assert bool(lost) != exact or choice.bits == 2
 
 
@@ -107,11 +111,11 @@ def test_bandwidth_fit_recovers_overhead_and_slope() -> None:
     assert _fit_bandwidth(samples) == pytest.approx((call, over, slope), rel=1e-6)
 
 
-@pytest.mark.parametrize("fmt", ["fp32", "int8", "int4"])
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_calibration_chains_run_in_every_format(fmt: str, tmp_path) -> None:
     proto = _quantized(_chain_model(128, 256, 2), fmt, tmp_path)
     sess = ort_session(proto.SerializeToString())
     (y,) = sess.run(None, {"x": np.ones((3, 128), np.float32)})
     assert y.shape == (3, 128) and np.isfinite(y).all()
     ops = {n.op_type for n in proto.graph.node}
-    assert {"fp32": "MatMul", "int8": "MatMulInteger", "int4": "MatMulNBits"}[fmt] in ops
+    assert {"fp32": "MatMul", "int8": "MatMulNBits", "int4": "MatMulNBits", "w8a8": "MatMulInteger"}[fmt] in ops
