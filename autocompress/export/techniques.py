@@ -12,12 +12,14 @@ TECHNIQUES: dict[str, dict[str, str]] = {
     "quantization (weights)": {
         "hf": "dequantized: fp32 weights that lie exactly on the plan's integer grid (HF has no "
         "format for per-layer mixed bits/groups); plain transformers loads them",
-        "onnx": "16 bit: fp32 MatMul; 5-8 bit: dynamic int8 (MatMulInteger, per output channel); "
-        "2-4 bit: MatMulNBits 4-bit with the plan's group size (power of two >= 16) and symmetry",
+        "onnx": "16 bit: fp32 MatMul; 5-8 bit: MatMulNBits 8-bit, 2-4 bit: MatMulNBits 4-bit, each with the "
+        "plan's exact codes, group size (power of two >= 16) and symmetry; W8A8: dynamic int8 (MatMulInteger, "
+        "per output channel)",
     },
     "activation quantization (a8)": {
         "hf": "not stored (a runtime setting); load_compressed re-adds the per-token int8 rounding hook",
-        "onnx": "int8-dynamic and MatMulNBits (accuracy level 4) quantize activations per row at run time",
+        "onnx": "W8A8: dynamic int8 rounds activations per tensor at run time; MatMulNBits (accuracy level 4) "
+        "rounds every quantized layer's activations per weight block, a8 or not",
     },
     "unstructured / 2:4 sparsity": {
         "hf": "zeros in dense weights (exactly the pruned entries)",

@@ -44,10 +44,10 @@ if TYPE_CHECKING:
 PROMPT = 64  # prefill tokens measured and predicted
 CHECK_SHAPE = (2, 16)  # fixed inputs of the output check
 GENERIC_PROFILE = "x86-avx2-laptop"
-# Relative L2 error of the logits allowed, by the coarsest format stored in the file. fp32 is exact up
-# to kernel order; MatMulNBits at accuracy level 4 ("int4", "int8") rounds each block of
-# activations to int8 at run time and dynamic int8 (W8A8) each activation tensor, which our PyTorch
-# model (weight rounding; per-token rounding for W8A8) does not.
+# Relative L2 error of the logits allowed as deployed, by the coarsest format in a file checked as
+# deployed (fp32, or W8A8 alone or mixed). fp32 is exact up to kernel order; MatMulNBits at accuracy
+# level 4 ("int4", "int8") rounds each block of activations to int8 at run time and dynamic int8
+# (W8A8) each activation tensor, which our PyTorch model (per-token rounding for W8A8) does not.
 TOLERANCE = {"fp32": 1e-4, "int8": 0.05, "int4": 0.05, "int8-dynamic": 0.05}
 EXACT = 1e-4  # stored weights with fp32 compute: equal to our model up to kernel summation order
 NOISE = 0.05  # a point is flagged slower than uncompressed only when more than this fraction slower
@@ -80,10 +80,12 @@ def check_onnx(
 ) -> dict[str, Any]:
     """Compare the ONNX file's logits with ``model``'s on fixed random token ids; give the check record.
 
-    Two comparisons: the file as deployed (``relative_l2_error``, against the format's tolerance), and
-    the same file with its MatMulNBits nodes computing in fp32 (``stored_weights_error``, against
-    ``EXACT``), which isolates the stored weights and graph from the runtime's activation rounding:
-    an export bug fails the second, a runtime that rounds activations too coarsely only the first.
+    Files with MatMulNBits layers are run twice: as deployed (``relative_l2_error``: includes the
+    runtime's int8 rounding of activations, which our model does not do) and with MatMulNBits
+    computing in fp32 (``stored_weights_error``), which must match our model to ``EXACT``: that is
+    the pass criterion, so an export bug fails it however small its effect on the logits. The
+    runtime's rounding is judged on real text by ``runtime_rounding``. Other files (fp32, W8A8
+    dynamic int8) pass when the deployed error is within the coarsest format's ``TOLERANCE``.
     """
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, anatomy.vocab_size, size=CHECK_SHAPE, dtype=np.int64)
@@ -99,20 +101,24 @@ def check_onnx(
         return float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-12))
 
     got = run(path)
-    fam, tol = tolerance_for(formats)
     rel = rel_error(got)
     fp32_compute = _fp32_compute(path)
-    stored = rel_error(run(fp32_compute)) if fp32_compute is not None else None
+    if fp32_compute is not None:
+        stored = rel_error(run(fp32_compute))
+        fam, tol, compared, err = "MatMulNBits in fp32", EXACT, "stored weights (fp32 compute)", stored
+    else:
+        (fam, tol), compared, stored = tolerance_for(formats), "as deployed", None
+        err = rel
     return {
         "inputs": f"{CHECK_SHAPE[0]}x{CHECK_SHAPE[1]} token ids, numpy seed {seed}",
         "relative_l2_error": rel,
         "max_abs_error": float(np.abs(got - ref).max()),
         "top1_agreement": float(np.mean(got.argmax(-1) == ref.argmax(-1))),
+        "stored_weights_error": stored,
+        "compared": compared,
         "tolerance": tol,
         "tolerance_format": fam,
-        "stored_weights_error": stored,
-        "stored_weights_tolerance": EXACT if stored is not None else None,
-        "passed": bool(rel <= tol and got.shape == ref.shape and (stored is None or stored <= EXACT)),
+        "passed": bool(err <= tol and got.shape == ref.shape),
     }
 
 
@@ -373,10 +379,11 @@ def _rounding_cell(r: dict[str, Any]) -> str:
 
 
 def _check_cell(chk: dict[str, Any]) -> str:
-    text = f"{'pass' if chk['passed'] else 'FAIL'} ({chk['relative_l2_error']:.2g} ≤ {chk['tolerance']:g}"
     stored = chk.get("stored_weights_error")
+    err = chk["relative_l2_error"] if stored is None else stored
+    text = f"{'pass' if chk['passed'] else 'FAIL'} ({err:.2g} ≤ {chk['tolerance']:g}"
     if stored is not None:
-        text += f"; fp32 compute {stored:.1g} ≤ {chk['stored_weights_tolerance']:g}"
+        text += f"; as deployed {chk['relative_l2_error']:.2g}"
     return text + ")"
 
 
@@ -426,8 +433,9 @@ def index_markdown(index: dict[str, Any]) -> str:
         str(r["trial"]) for r in recs if ((r.get("onnx") or {}).get("runtime_rounding") or {}).get("runtime_dominates")
     ]
     lines += [
-        "ONNX check: the file against our PyTorch model on fixed random ids, as deployed (tolerance by "
-        "format) and with MatMulNBits computing in fp32 (the stored weights). KL runtime / plan: on "
+        "ONNX check: relative L2 error of the logits against our PyTorch model on fixed random ids, with "
+        f"MatMulNBits computing in fp32 (the stored weights must match to {EXACT:g}; fp32 and W8A8 files are "
+        "compared as deployed, by format), then as deployed. KL runtime / plan: on "
         "held-out text, the deployed file vs our model (onnxruntime's int8 activation rounding) beside our "
         "model vs the base model (the compression the study evaluated); ⚠ = the runtime adds more.",
         "",
@@ -470,8 +478,9 @@ def point_readme(rec: dict[str, Any]) -> str:
             "",
             f"`model.onnx` ({o['size_mb']} MB): inputs `input_ids`, `attention_mask`; output: last-position logits.",
             f"Formats: {', '.join(f'{k} x{v}' for k, v in o['formats'].items())}.",
-            f"Check against PyTorch: relative L2 error {o['check']['relative_l2_error']:.3g} "
-            f"(tolerance {o['check']['tolerance']:g}), top-1 agreement {o['check']['top1_agreement']:.3f}.",
+            f"Check against PyTorch ({o['check'].get('compared', 'as deployed')}): "
+            f"{'passed' if o['check']['passed'] else 'FAILED'} (tolerance {o['check']['tolerance']:g}); as deployed: "
+            f"relative L2 error {o['check']['relative_l2_error']:.3g}, top-1 agreement {o['check']['top1_agreement']:.3f}.",
             "",
         ]
         r = o.get("runtime_rounding") or {}

@@ -15,7 +15,7 @@ from autocompress.compress import apply_plan_to, collect_hessians
 from autocompress.compress.hessian import Hessians, input_key
 from autocompress.export import export_hf, load_compressed
 from autocompress.export.onnx import export_onnx, grid_codes
-from autocompress.export.verify import check_onnx
+from autocompress.export.verify import TOLERANCE, check_onnx, runtime_rounding
 from autocompress.model import load_model
 from autocompress.plan import BlockChoice, LayerChoice
 from tests.conftest import plan_for
@@ -178,7 +178,7 @@ def test_onnx_nbits_weights_are_the_plans_weights(llama, tmp_path, choice) -> No
         want = model.get_submodule(site.name).weight.detach().numpy().T
         np.testing.assert_allclose(deq[node], want, rtol=1e-5, atol=1e-6)
     check = check_onnx(exp.path, model, a, exp.formats)
-    assert check["passed"] and check["tolerance_format"] == ("int4" if choice.bits <= 4 else "int8")
+    assert check["passed"] and check["compared"] == "stored weights (fp32 compute)"
 
 
 def test_check_fails_when_onnx_and_torch_disagree(llama, tmp_path) -> None:
@@ -204,5 +204,18 @@ def test_check_isolates_stored_weights_from_activation_rounding(llama, tmp_path)
     scales.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scales) * 1.05, scales.name))
     onnx.save(m, str(exp.path))
     bad = check_onnx(exp.path, model, a, exp.formats)
-    assert bad["relative_l2_error"] < bad["tolerance"]  # the deployed-file comparison alone misses it
-    assert not bad["passed"] and bad["stored_weights_error"] > bad["stored_weights_tolerance"]
+    assert bad["relative_l2_error"] < TOLERANCE["int8"]  # the as-deployed comparison alone would miss it
+    assert not bad["passed"] and bad["stored_weights_error"] > bad["tolerance"]
+
+
+def test_runtime_rounding_is_zero_for_fp32_and_measured_for_int8(llama, tmp_path) -> None:
+    a = llama.anatomy
+    text = torch.randint(3, 250, (2, 64), generator=torch.Generator().manual_seed(1))
+    fp32 = export_onnx(llama.model, a, plan_for(a), tmp_path / "f.onnx", quantize=False)
+    same = runtime_rounding(fp32.path, llama.model, llama.model, text, a)
+    assert same["kl_runtime"] < 1e-8 and same["kl_plan"] == 0 and not same["runtime_dominates"]
+    plan = plan_for(a, default=LayerChoice(bits=4, group_size=32))
+    model = apply_plan_to(llama.model, a, plan)
+    q = runtime_rounding(export_onnx(model, a, plan, tmp_path / "q.onnx").path, model, llama.model, text, a)
+    assert q["kl_runtime"] > 1e-8 and q["kl_plan"] > 1e-6  # both rounding steps change the distributions
+    assert "skipped" in runtime_rounding(fp32.path, llama.model, llama.model, text[:, :32], a)
