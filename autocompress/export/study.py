@@ -129,6 +129,7 @@ def export_trials(
             say(
                 f"trial {c.trial}: ONNX check {'passed' if rec['onnx']['check']['passed'] else 'FAILED'}, "
                 f"decode {m['measured_decode_ms']:.3g} ms measured vs {m['predicted_decode_ms']:.3g} predicted"
+                + (f" — {verify.ROUNDING_WARNING}" if rec["onnx"]["runtime_rounding"].get("runtime_dominates") else "")
             )
         del model
     index = {"study": view.name, "profile_for_prediction": pred.describe(), "baseline": base, "exports": records}

@@ -140,6 +140,7 @@ def _fp32_compute(path: str | Path) -> bytes | None:
     return proto.SerializeToString()
 
 
+ROUNDING_WARNING = "onnxruntime's activation rounding costs more quality than the compression"
 TEXT_LENGTHS = tuple(range(8, 65, 8))  # prefix lengths whose last-position logits are compared on real text
 
 
@@ -547,6 +548,7 @@ def verify_front(
                 f"verify trial {c.trial}: decode {lat['measured_decode_ms']:.3g} ms measured, "
                 f"{lat['predicted_decode_ms']:.3g} predicted ({lat['speedup_vs_uncompressed']:.2f}x vs uncompressed)"
                 + (" — SLOWER than uncompressed" if lat["slower_than_uncompressed"] else "")
+                + (f" — {ROUNDING_WARNING}" if rec["onnx"]["runtime_rounding"].get("runtime_dominates") else "")
             )
             records.append(rec)
     index = {"study": view.name, "profile_for_prediction": pred.describe(), "baseline": base, "exports": records}
