@@ -1,14 +1,15 @@
 """Measured vs predicted: check each ONNX export against PyTorch and time it on this machine.
 
 Every exported point gets (1) an output check: the ONNX model and our PyTorch model on the same
-fixed inputs, relative L2 error of the logits against a tolerance set by the coarsest format in
-the file (``TOLERANCE``), plus top-1 agreement, and the same with the runtime's activation
-rounding switched off (MatMulNBits in fp32) against ``EXACT``: the stored weights are the plan's; (2) a latency measurement with onnxruntime CPU on a
-fixed thread count (warm-up, median of repeats): one-token forward without KV cache ("decode", what
-the cost model's decode term prices at context 1) and a ``PROMPT``-token prefill, best median of
-``ROUNDS`` rounds; (3) the
-prediction of the ``local`` (calibrated) profile for the same scenario, or of the generic x86 prior
-when this machine has no calibrated profile (the record says which); (4) a flag when the point is
+fixed inputs, relative L2 error of the logits, with the runtime's activation rounding switched off
+(MatMulNBits in fp32) against ``EXACT`` — the stored weights are the plan's — and as deployed
+(against ``TOLERANCE`` by format where the rounding cannot be switched off), plus top-1 agreement;
+the rounding's cost on held-out text in KL (``runtime_rounding``); (2) a latency measurement with
+onnxruntime CPU on a fixed thread count (warm-up, median of repeats): one-token forward without
+KV cache ("decode", what the cost model's decode term prices at context 1) and a
+``PROMPT``-token prefill, best median of ``ROUNDS`` rounds; (3) the prediction of the ``local``
+(calibrated) profile for the same scenario, or of the generic x86 prior when this machine has no
+calibrated profile (the record says which); (4) a flag when the point is
 measured more than ``NOISE`` slower than the uncompressed model exported the same way (fp32 ONNX):
 compressed but not faster.
 
@@ -92,10 +93,7 @@ def check_onnx(
     ref = _torch_logits(model, ids, anatomy.task != "encoder")
 
     def run(source: str | Path | bytes) -> np.ndarray:
-        sess = ort_session(source, threads=1)
-        names = {i.name for i in sess.get_inputs()}
-        feed = {k: v for k, v in {"input_ids": ids, "attention_mask": np.ones_like(ids)}.items() if k in names}
-        return sess.run(None, feed)[0]
+        return _ort_logits(ort_session(source, threads=1), ids)
 
     def rel_error(got: np.ndarray) -> float:
         return float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-12))
@@ -120,6 +118,13 @@ def check_onnx(
         "tolerance_format": fam,
         "passed": bool(err <= tol and got.shape == ref.shape),
     }
+
+
+def _ort_logits(sess: Any, ids: np.ndarray) -> np.ndarray:
+    """Give the logits an ONNX session computes for ``ids`` (all-ones attention mask where it has one)."""
+    names = {i.name for i in sess.get_inputs()}
+    feed = {k: v for k, v in {"input_ids": ids, "attention_mask": np.ones_like(ids)}.items() if k in names}
+    return sess.run(None, feed)[0]
 
 
 def _fp32_compute(path: str | Path) -> bytes | None:
@@ -161,13 +166,7 @@ def runtime_rounding(
         return {"skipped": "needs a causal LM and held-out sequences of >= 64 tokens"}
     ids = tokens[:2, : max(TEXT_LENGTHS)].to(torch.long)
     sess = ort_session(path, threads=1)
-    names = {i.name for i in sess.get_inputs()}
-    got = []
-    for n in TEXT_LENGTHS:
-        x = ids[:, :n].numpy()
-        feed = {k: v for k, v in {"input_ids": x, "attention_mask": np.ones_like(x)}.items() if k in names}
-        got.append(torch.from_numpy(sess.run(None, feed)[0][:, -1]))
-    deployed = torch.stack(got, 1)
+    deployed = torch.stack([torch.from_numpy(_ort_logits(sess, ids[:, :n].numpy())[:, -1]) for n in TEXT_LENGTHS], 1)
     at = [n - 1 for n in TEXT_LENGTHS]
     with torch.no_grad():
         ours = model(input_ids=ids, use_cache=False).logits[:, at].float()
