@@ -3,6 +3,7 @@ apply plans. Search, apply and evaluate all start from one."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,6 +46,19 @@ class Workbench:
     data: TokenData
     data_config: DataConfig
     stats: ActivationStats
+    numerics: str = "exact"  # the target runtime's activation rounding, emulated when evaluating
+
+    def eval_cache(self) -> Any:
+        """Give the cache of evaluation results for this data and these numerics."""
+        from autocompress.evaluate.cache import EvalCache
+
+        return EvalCache(self.data.data_hash, numerics=self.numerics)
+
+    def evaluating(self, plan: Plan, model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
+        """Give a context in which ``model`` (``plan`` applied) computes as the target runtime does."""
+        from autocompress.compress.numerics import emulated
+
+        return emulated(model, self.lm.anatomy, plan, self.numerics)
 
     @classmethod
     def open(

@@ -37,11 +37,12 @@ def eval_cache_root() -> Path | None:
 
 
 class EvalCache:
-    """Results of one data set, by kind ("proxy", "full") and plan hash."""
+    """Results of one data set (and runtime numerics), by kind ("proxy", "full") and plan hash."""
 
-    def __init__(self, data_hash: str, root: Path | None = None) -> None:
+    def __init__(self, data_hash: str, root: Path | None = None, numerics: str = "exact") -> None:
         base = Path(root) if root is not None else eval_cache_root()
-        self.dir = base / f"{data_hash[:24]}-v{CACHE_VERSION}" if base is not None else None
+        tag = "" if numerics == "exact" else f"-{numerics}"  # results under a runtime's emulated rounding
+        self.dir = base / f"{data_hash[:24]}{tag}-v{CACHE_VERSION}" if base is not None else None
         self.hits = 0
         self.misses = 0
 

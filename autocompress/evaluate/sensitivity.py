@@ -137,9 +137,13 @@ def _shared_copy(model: nn.Module, block_prefixes: set[str]) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def table_path(cache: Path, model_hash: str, data_hash: str, space: SearchSpace, tokens: int) -> Path:
+def table_path(
+    cache: Path, model_hash: str, data_hash: str, space: SearchSpace, tokens: int, numerics: str = "exact"
+) -> Path:
     space_key = hashlib.sha256(space.definition().encode()).hexdigest()
-    return cache / "sensitivity" / f"{model_hash[:16]}-{data_hash[:16]}-{space_key[:12]}-{tokens}-v{TABLE_VERSION}.json"
+    tag = "" if numerics == "exact" else f"-{numerics}"
+    name = f"{model_hash[:16]}-{data_hash[:16]}-{space_key[:12]}-{tokens}{tag}-v{TABLE_VERSION}.json"
+    return cache / "sensitivity" / name
 
 
 def build_sensitivity(
@@ -150,15 +154,19 @@ def build_sensitivity(
     tokens: torch.Tensor,
     cache: Path | None = None,
     progress: Callable[[int, int], None] | None = None,
+    numerics: str = "exact",
 ) -> SensitivityTable:
     """Measure (or read from the cache) the sensitivity table on ``tokens`` [n, L].
 
     ``apply(model_copy, plan)`` must compress ``model_copy`` in place and give it back; each probe
     gets a copy that shares every tensor except the probed block's, so a probe costs one forward.
+    ``numerics`` (the runtime's activation rounding ``apply`` emulates) keys the cache.
     """
     a = ctx.anatomy
     path = (
-        table_path(cache, a.model_hash, ctx.provenance.data_hash or "", space, int(tokens.numel())) if cache else None
+        table_path(cache, a.model_hash, ctx.provenance.data_hash or "", space, int(tokens.numel()), numerics)
+        if cache
+        else None
     )
     if path is not None and path.is_file():
         try:

@@ -104,7 +104,7 @@ def target_format(choice: LayerChoice) -> tuple[str, list[str]]:
             lost.append(f"a{choice.act_bits} activation rounding of a 16-bit layer not stored (fp32 MatMul)")
         return "fp32", lost
     if choice.bits == 8 and choice.act_bits == 8:  # W8A8: ORT's int8 x int8 GEMM
-        lost.append("W8A8 activations rounded per tensor at run time (the plan rounds per token)")
+        lost.append("W8A8 activations also rounded per tensor at run time (after the plan's per-token rounding)")
         if choice.group_size is not None:
             lost.append(f"W8A8 group size {choice.group_size} stored per output channel")
         return "int8-dynamic", lost

@@ -18,8 +18,9 @@ TECHNIQUES: dict[str, dict[str, str]] = {
     },
     "activation quantization (a8)": {
         "hf": "not stored (a runtime setting); load_compressed re-adds the per-token int8 rounding hook",
-        "onnx": "W8A8: dynamic int8 rounds activations per tensor at run time; MatMulNBits (accuracy level 4) "
-        "rounds every quantized layer's activations per weight block, a8 or not",
+        "onnx": "the plan's per-token rounding is in the graph (fp32 ops); then W8A8 layers' dynamic int8 "
+        "rounds activations per tensor and MatMulNBits (accuracy level 4) rounds every quantized layer's "
+        "activations per weight block, a8 or not (emulated in the search for --hw local)",
     },
     "unstructured / 2:4 sparsity": {
         "hf": "zeros in dense weights (exactly the pruned entries)",

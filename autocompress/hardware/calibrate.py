@@ -381,6 +381,7 @@ def calibrate_local(
         "display_name": f"This machine: {cpu} ({threads} thread(s), onnxruntime {ort.__version__} CPU)",
         "device_class": "server_cpu" if any(s in cpu for s in ("EPYC", "Xeon")) else "client_cpu",
         "runtime": "onnxruntime",
+        "numerics": "onnxruntime-cpu",  # what our export deploys to: int8 activation rounding
         "power_mode": f"{threads} thread(s)",
         "calibrated": True,
         "sources": [

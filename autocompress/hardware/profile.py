@@ -102,6 +102,9 @@ class HardwareProfile(_Strict):
     display_name: str
     device_class: DeviceClass
     runtime: str
+    # what the runtime does to activations of quantized matmuls (compress/numerics.py): "exact" (none)
+    # or "onnxruntime-cpu" (int8 rounding per weight block / per tensor); the search evaluates with it
+    numerics: Literal["exact", "onnxruntime-cpu"] = "exact"
     power_mode: str | None = None
     calibrated: bool
     sources: tuple[str, ...] = Field(min_length=1)

@@ -125,18 +125,22 @@ def recover_trials(
     wb = wb or Workbench.open(model, DataConfig(**run["data"]), log=say)
     if wb.data.data_hash != stored.get("data_hash") or wb.lm.anatomy.model_hash != stored.get("model_hash"):
         raise StudyError(f"the model or data here differ from those study {study!r} was run with")
-    cost_model = CostModel(load_profile(stored["profile"]), anatomy, **stored.get("scenario", {}))
+    profile = load_profile(stored["profile"])
+    wb.numerics = profile.numerics
+    cost_model = CostModel(profile, anatomy, **stored.get("scenario", {}))
     evaluator = Evaluator(wb.lm.model, wb.data, anatomy.task)
     full_attrs = {k[len(FULL_KEY) :]: v for k, v in opt.user_attrs.items() if k.startswith(FULL_KEY)}
     done: list[RecoveredTrial] = []
     for c in chosen:
         say(f"recovering trial {c.trial}: {c.description}")
         model_c = wb.apply(c.plan)
-        before = full_attrs.get(c.plan.hash()) or full_metrics(evaluator.full(model_c))
+        with wb.evaluating(c.plan, model_c):
+            before = full_attrs.get(c.plan.hash()) or full_metrics(evaluator.full(model_c))
         t0 = time.time()
-        new_plan = recover(wb, c.plan, model_c, settings, on_step)
-        fid = evaluator.proxy(model_c)
-        full = full_metrics(evaluator.full(model_c))
+        new_plan = recover(wb, c.plan, model_c, settings, on_step)  # trains without the runtime's rounding
+        with wb.evaluating(new_plan, model_c):
+            fid = evaluator.proxy(model_c)
+            full = full_metrics(evaluator.full(model_c))
         cost = cost_model.predict(new_plan).to_dict()
         attrs = {
             "cost": cost,

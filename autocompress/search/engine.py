@@ -21,9 +21,9 @@ from optuna.trial import TrialState
 
 from autocompress._io import atomic_write_text, check_writable
 from autocompress.calib import DataConfig
+from autocompress.compress.numerics import attach
 from autocompress.errors import AutocompressError, BudgetError, StudyError
 from autocompress.evaluate import EvaluationError, Evaluator
-from autocompress.evaluate.cache import EvalCache
 from autocompress.evaluate.ladder import Ladder, merge
 from autocompress.evaluate.predictor import QualityPredictor, plan_features
 from autocompress.evaluate.sensitivity import SensitivityTable, build_sensitivity, plan_keys
@@ -180,6 +180,9 @@ def search(
         space_obj, shape, CostModel(profile, shape, prompt_tokens=prompt_tokens, context_tokens=context_tokens)
     )
     wb = Workbench.open(model, data, log=say)
+    wb.numerics = profile.numerics
+    if wb.numerics != "exact":
+        say(f"evaluating plans as {profile.runtime} computes them: {wb.numerics} activation rounding emulated")
     anatomy = wb.lm.anatomy
     cost_model = CostModel(profile, anatomy, prompt_tokens=prompt_tokens, context_tokens=context_tokens)
     prov = wb.provenance(seed=seed, profile=profile.id, space=space_obj.name, study=study_name)
@@ -302,7 +305,12 @@ def _sensitivity(
     say(f"sensitivity table: each knob level on each unit alone, KL on {int(tokens.numel())} held-out tokens")
     from autocompress.model.loading import cache_dir
 
-    table = build_sensitivity(wb.lm.model, lambda m, p: wb.apply(p, into=m), space, ctx, tokens, cache_dir(), tick)
+    def probe(m: Any, p: Plan) -> Any:  # a probe is discarded after its forward, hooks and all
+        model = wb.apply(p, into=m)
+        attach(model, wb.lm.anatomy, p, wb.numerics)
+        return model
+
+    table = build_sensitivity(wb.lm.model, probe, space, ctx, tokens, cache_dir(), tick, numerics=wb.numerics)
     if progress:
         progress.remove_task(task)
     return table
@@ -342,7 +350,7 @@ class TrialRunner:
     gate: bool = True  # let the fidelity ladder stop proposals that cannot reach the front
 
     def __post_init__(self) -> None:
-        self.cache = EvalCache(self.wb.data.data_hash)
+        self.cache = self.wb.eval_cache()
         self.ladder = Ladder(quality_limit=self.budget.quality_loss)
         self.predictor = QualityPredictor()
         self.samples: list[tuple[list[float], float, float]] = []  # (features, rung-0 sum, measured KL)
@@ -420,18 +428,18 @@ class TrialRunner:
             if why:
                 self._stop(trial, 0, f"{source}: {why}")
                 return None
-        model = self.wb.apply(plan)
-        rows = self.evaluator.proxy_rows
-        if rows < 2:
-            fid = self.evaluator.proxy(model)
-            return {**asdict(fid), "partial_kl": math.nan}
-        first = self.evaluator.proxy(model, slice(0, 1))
-        trial.set_user_attr("rung1_partial_kl", first.kl)
-        why = self.ladder.blocker(self.ladder.lower_bound("partial", first.kl), lat, mem) if gate else None
-        if why:
-            self._stop(trial, 1, f"first of {rows} proxy sequences: {why}")
-            return None
-        rest = self.evaluator.proxy(model, slice(1, None))
+        with self.wb.evaluating(plan, self.wb.apply(plan)) as model:
+            rows = self.evaluator.proxy_rows
+            if rows < 2:
+                fid = self.evaluator.proxy(model)
+                return {**asdict(fid), "partial_kl": math.nan}
+            first = self.evaluator.proxy(model, slice(0, 1))
+            trial.set_user_attr("rung1_partial_kl", first.kl)
+            why = self.ladder.blocker(self.ladder.lower_bound("partial", first.kl), lat, mem) if gate else None
+            if why:
+                self._stop(trial, 1, f"first of {rows} proxy sequences: {why}")
+                return None
+            rest = self.evaluator.proxy(model, slice(1, None))
         return {**asdict(merge([(first, 1), (rest, rows - 1)])), "partial_kl": first.kl}
 
     def run(self, trials: int, deadline: float | None, progress: Any = None) -> int:
@@ -615,10 +623,11 @@ def _finish(
             unit = "articles" if anatomy.task == "encoder" else "tokens"
             n_eval = f"{wb.data.eval.shape[0] if unit == 'articles' else int(wb.data.eval.numel())} held-out {unit}"
             say(f"full metric ({evaluator.full_metric} on {n_eval}) for {len(todo)} plans")
-        cache = EvalCache(wb.data.data_hash)
+        cache = wb.eval_cache()
 
         def full_metric(plan: Plan) -> dict[str, float]:
-            return evaluator.full(wb.apply(plan)).metrics()  # ppl, bpc; or accuracy, macro_f1, ece
+            with wb.evaluating(plan, wb.apply(plan)) as model:
+                return evaluator.full(model).metrics()  # ppl, bpc; or accuracy, macro_f1, ece
 
         for h, c in todo.items():
             with contextlib.suppress(EvaluationError):
