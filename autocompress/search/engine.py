@@ -96,6 +96,7 @@ def _settings(
         "space": space.name,
         "space_def": space.definition(),
         "profile": profile_id,
+        "numerics": wb.numerics,  # the runtime's activation rounding the KL was measured with
         "budgets": budget.to_dict(),
         "seed": seed,
         "scenario": cost_scenario,

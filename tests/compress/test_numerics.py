@@ -98,6 +98,12 @@ def test_search_evaluates_with_the_profiles_numerics(tmp_path, capsys) -> None:
         assert ("activation rounding emulated" in err + out) == (numerics != "exact")
         pareto = json.loads((tmp_path / "s" / numerics / "pareto.json").read_text())
         kls[numerics] = {n: c["metrics"]["kl"] for n, c in pareto["baselines"].items()}
+        trial = str(pareto["baselines"]["int8"]["trial"])
+        argv = ["export", "--study", numerics, "--studies", str(tmp_path / "s"), "--trial", trial]
+        code, out, err = run([*argv, "--out", str(tmp_path / f"x-{numerics}")], capsys)
+        assert code == 0, err
+        rec = json.loads((tmp_path / f"x-{numerics}" / f"trial-{trial}" / "export.json").read_text())
+        assert rec["onnx"]["runtime_rounding"].get("emulated_in_study", False) == (numerics != "exact")
     assert kls["exact"].keys() == kls["onnxruntime-cpu"].keys()
     for name, kl in kls["exact"].items():  # same plans evaluated as deployed (not read from the other's cache)
         assert (kls["onnxruntime-cpu"][name] == kl) == (name == "uncompressed"), name
