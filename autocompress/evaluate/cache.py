@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from autocompress._io import atomic_write_text
+from autocompress.compress.numerics import numerics_tag
 
 CACHE_VERSION = 1  # bump when a metric's definition changes
 
@@ -41,7 +42,7 @@ class EvalCache:
 
     def __init__(self, data_hash: str, root: Path | None = None, numerics: str = "exact") -> None:
         base = Path(root) if root is not None else eval_cache_root()
-        tag = "" if numerics == "exact" else f"-{numerics}"  # results under a runtime's emulated rounding
+        tag = numerics_tag(numerics)  # results under a runtime's emulated rounding
         self.dir = base / f"{data_hash[:24]}{tag}-v{CACHE_VERSION}" if base is not None else None
         self.hits = 0
         self.misses = 0

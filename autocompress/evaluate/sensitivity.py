@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from autocompress._io import atomic_write_text
+from autocompress.compress.numerics import numerics_tag
 from autocompress.errors import PlanError
 from autocompress.evaluate.metrics import EvaluationError, kl_to_base, output_logprobs
 from autocompress.plan import BlockChoice, LayerChoice, Plan
@@ -141,7 +142,7 @@ def table_path(
     cache: Path, model_hash: str, data_hash: str, space: SearchSpace, tokens: int, numerics: str = "exact"
 ) -> Path:
     space_key = hashlib.sha256(space.definition().encode()).hexdigest()
-    tag = "" if numerics == "exact" else f"-{numerics}"
+    tag = numerics_tag(numerics)
     name = f"{model_hash[:16]}-{data_hash[:16]}-{space_key[:12]}-{tokens}{tag}-v{TABLE_VERSION}.json"
     return cache / "sensitivity" / name
 

@@ -176,6 +176,7 @@ def runtime_rounding(
         "text": f"{ids.shape[0]} held-out sequences, next-token distributions after {len(at)} prefix lengths 8..64",
         "kl_runtime": kl_runtime,
         "kl_plan": kl_plan,
+        "kl_deployed": _kl(ref, deployed),  # the deployed file's own KL from the base model
         "top1_agreement": float((ours.argmax(-1) == deployed.argmax(-1)).float().mean()),
         "runtime_dominates": bool(kl_runtime > max(kl_plan, 1e-6)),
     }
