@@ -185,7 +185,12 @@ def write_report(view: StudyView, out: str | Path, exports: list[Path] | None = 
         [
             f"model: {view.anatomy.name} ({view.anatomy.architecture}, {view.anatomy.num_blocks} blocks)",
             f"hardware profile: {view.profile} (latency = predicted decode ms/token; memory = weights + KV cache "
-            "+ activations + runtime)",
+            "+ activations + runtime)"
+            + (
+                f"; every KL measured with the runtime's activation rounding emulated ({s['numerics']})"
+                if s.get("numerics", "exact") != "exact"
+                else ""
+            ),
             f"budgets: {budgets}",
             f"trials: {states.count('COMPLETE')} evaluated, {len(screened)} screened out by the cost model, "
             f"{states.count('FAIL')} failed",
