@@ -11,8 +11,8 @@ plans with that rounding emulated, so the quality it reports is (closer to) the 
 - ``onnxruntime-cpu``: what ``autocompress export`` deploys to. ``MatMulNBits`` at accuracy level 4
   rounds its input to int8 per block of the weight's K blocks (symmetric: codes round(x · 127 /
   max|x|), half to even, times max|x| / 127 — MLAS's QuantizeARow); dynamic int8 (W8A8 layers)
-  rounds the whole input tensor onto a uint8 grid with a zero point. The plan's own per-token rounding of a8 layers is exported as fp32 ops and
-  runs first, as here. Each layer alone matches onnxruntime to float rounding, and the tiny test
+  rounds the whole input tensor onto a uint8 grid with a zero point. The plan's own per-token
+  rounding of a8 layers is exported as fp32 ops and runs first, as here. Each layer alone matches onnxruntime to float rounding, and the tiny test
   models do end to end. On SmolLM2 rounding-boundary flips compound over 30 blocks, so single
   positions drift, but the quality loss is reproduced (``bench/onnx_rounding.py``, KL to the base
   model, deployed / emulated / unemulated: 8-bit 0.0066 / 0.0065 / 0.0025, W8A8 0.51 / 0.53 / 0.033,

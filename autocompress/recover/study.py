@@ -125,9 +125,8 @@ def recover_trials(
     wb = wb or Workbench.open(model, DataConfig(**run["data"]), log=say)
     if wb.data.data_hash != stored.get("data_hash") or wb.lm.anatomy.model_hash != stored.get("model_hash"):
         raise StudyError(f"the model or data here differ from those study {study!r} was run with")
-    profile = load_profile(stored["profile"])
-    wb.numerics = profile.numerics
-    cost_model = CostModel(profile, anatomy, **stored.get("scenario", {}))
+    wb.numerics = stored.get("numerics", "exact")  # evaluate as the study did
+    cost_model = CostModel(load_profile(stored["profile"]), anatomy, **stored.get("scenario", {}))
     evaluator = Evaluator(wb.lm.model, wb.data, anatomy.task)
     full_attrs = {k[len(FULL_KEY) :]: v for k, v in opt.user_attrs.items() if k.startswith(FULL_KEY)}
     done: list[RecoveredTrial] = []
