@@ -85,6 +85,10 @@ def test_search_apply_resume(capsys, tmp_path):
     pareto = json.loads((sdir / "pareto.json").read_text())
     assert len(pareto["pareto"]) >= 2
     assert "Pareto front" in out and "uncompressed" in (sdir / "summary.md").read_text()
+    assert (
+        0 < pareto["hypervolume"] <= 1
+        and f"hypervolume: {pareto['hypervolume']:.3f}" in (sdir / "summary.md").read_text()
+    )
     assert {"int8", "int4-g128"} <= set(pareto["baselines"])
     for c in pareto["pareto"]:
         assert Path(c["plan_path"]).is_file() and c["cost"]["latency_ms"] > 0 and c["metrics"]["kl"] >= 0

@@ -660,6 +660,7 @@ def _finish(
         base_metrics=base_metrics,
         counts=counts,
         agreement=agreement,
+        hypervolume=hypervolume.final(opt),
     )
     write_outputs(result, budget, anatomy)
     hypervolume.plot(opt, study_dir / "hypervolume.png")

@@ -124,6 +124,15 @@ def curve(
     return out
 
 
+def final(study: optuna.Study) -> float | None:
+    """Give the study's hypervolume over all evaluated trials (the last point of ``curve``), or None."""
+    trials = study.get_trials(deepcopy=False)
+    box = box_of(study)
+    ref = reference_of(trials, box["base"]) if box else None
+    points = curve(trials, ref, box["ideal"]) if ref is not None else []
+    return points[-1][1] if points else None
+
+
 def plot(study: optuna.Study, path: Path) -> Path | None:
     """Plot hypervolume against evaluated trials into ``path`` (PNG); None when there is nothing
     to plot yet (or matplotlib is missing)."""

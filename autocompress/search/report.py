@@ -166,6 +166,7 @@ def write_outputs(result: SearchResult, budget: Budget, anatomy: ModelAnatomy) -
         "objectives": ["kl", "latency_ms", "memory_mb"],
         "base": result.base_metrics,
         "counts": result.counts,
+        "hypervolume": result.hypervolume,
         "agreement": result.agreement,
         "pareto": [c.to_dict() for c in result.pareto],
         "baselines": {k: c.to_dict() for k, c in result.baselines.items()},
@@ -179,6 +180,11 @@ def write_outputs(result: SearchResult, budget: Budget, anatomy: ModelAnatomy) -
         f"- hardware profile: `{result.profile}` (latency = predicted decode ms/token; memory = weights + KV cache)",
         f"- budgets: {budget}",
         f"- trials: {counts_line(result.counts)}",
+        *(
+            [f"- hypervolume: {result.hypervolume:.3f} (0–1; KL, latency, memory scaled as in `hypervolume.png`)"]
+            if result.hypervolume is not None
+            else []
+        ),
         f"- uncompressed: {_full_text(base)}, latency {_fmt(base.get('latency_ms'))} ms, "
         f"memory {_fmt(base.get('memory_mb'), 4)} MB",
         "",

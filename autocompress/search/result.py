@@ -59,6 +59,7 @@ class SearchResult:
     counts: dict[str, int] = field(default_factory=dict)
     agreement: dict[str, dict[str, float]] = field(default_factory=dict)  # rank agreement between rungs
     elapsed_s: float = 0.0
+    hypervolume: float | None = None  # of all evaluated trials, objectives scaled as in hypervolume.png
 
     def to_dict(self) -> dict[str, Any]:
         """Give the result as plain data (what ``autocompress --json search`` prints)."""
@@ -69,6 +70,7 @@ class SearchResult:
             "profile": self.profile,
             "base": self.base_metrics,
             "counts": self.counts,
+            "hypervolume": self.hypervolume,
             "agreement": self.agreement,
             "elapsed_s": self.elapsed_s,
             "pareto": [c.to_dict() for c in self.pareto],
