@@ -80,7 +80,7 @@ def attach(model: nn.Module, anatomy: ModelAnatomy, plan: Plan, numerics: str) -
         raise ValueError(f"numerics must be one of {list(NUMERICS)}, got {numerics!r}")
     if numerics == "exact":
         return []
-    from autocompress.export.onnx import ROW_BLOCK, _renamed, target_format
+    from autocompress.export.onnx import _renamed, nbits_layout, target_format
 
     handles = []
     path_of = _renamed(anatomy, plan)
@@ -95,9 +95,7 @@ def attach(model: nn.Module, anatomy: ModelAnatomy, plan: Plan, numerics: str) -
             if fmt == "int8-dynamic":
                 handles.append(mod.register_forward_pre_hook(_hook(round_per_tensor_uint8)))
             else:
-                width, block, _ = fmt.split("-")
-                size = ROW_BLOCK[int(width.removeprefix("int"))] if block == "row" else int(block[1:])
-                handles.append(mod.register_forward_pre_hook(_hook(round_per_block, size)))
+                handles.append(mod.register_forward_pre_hook(_hook(round_per_block, nbits_layout(fmt)[1])))
     return handles
 
 

@@ -244,6 +244,15 @@ def _quantize(proto: object, anatomy: ModelAnatomy, plan: Plan, formats: dict[st
 # deviate less per position from our model than in 128-blocks (KL 0.0037 vs 0.0054) at the same file
 # size (a 576-wide row pads to 640 in 128-blocks); bench/onnx_rounding.py. 4-bit rows keep 128.
 ROW_BLOCK = {4: 128, 8: 32}
+
+
+def nbits_layout(fmt: str) -> tuple[int, int, bool]:
+    """Give (bits, block size, symmetric) of a MatMulNBits format ``int<4|8>-<row|g<block>>-<sym|asym>``."""
+    width, block, sym = fmt.split("-")
+    bits = int(width.removeprefix("int"))
+    return bits, ROW_BLOCK[bits] if block == "row" else int(block[1:]), sym == "sym"
+
+
 GRID_TOL = 1e-3  # |w / step - round(w / step)| below this counts as "on the grid"
 
 
@@ -335,16 +344,15 @@ def _run_quantizers(proto: object, groups: dict[str, list[str]], tmp: Path) -> o
     for fmt, nodes in sorted(groups.items()):
         if fmt in ("fp32", "int8-dynamic"):
             continue
-        width, block, sym = fmt.split("-")
-        bits = int(width.removeprefix("int"))
+        bits, block_size, symmetric = nbits_layout(fmt)
         # nodes_to_include is OR-ed with the op type inside ORT: exclude every other MatMul instead
         keep = set(nodes)
         others = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.name not in keep]
         q = MatMulNBitsQuantizer(
             proto,
             bits=bits,
-            block_size=ROW_BLOCK[bits] if block == "row" else int(block[1:]),
-            is_symmetric=sym == "sym",
+            block_size=block_size,
+            is_symmetric=symmetric,
             accuracy_level=4,
             nodes_to_exclude=others,
         )

@@ -650,6 +650,7 @@ def _finish(
         agreement["predictor"] = opt.user_attrs["predictor"]
     opt.set_user_attr("agreement", agreement)
     counts = trial_counts(opt)
+    hv_curve = hypervolume.study_curve(opt)  # one pass for the summary's figure and the plot
     result = SearchResult(
         study_name=opt.study_name,
         study_dir=study_dir,
@@ -660,10 +661,10 @@ def _finish(
         base_metrics=base_metrics,
         counts=counts,
         agreement=agreement,
-        hypervolume=hypervolume.final(opt),
+        hypervolume=hypervolume.final(hv_curve),
     )
     write_outputs(result, budget, anatomy)
-    hypervolume.plot(opt, study_dir / "hypervolume.png")
+    hypervolume.plot(opt, study_dir / "hypervolume.png", hv_curve)
     atomic_write_text(study_dir / "storage.txt", url + "\n")
     return result
 

@@ -124,26 +124,28 @@ def curve(
     return out
 
 
-def final(study: optuna.Study) -> float | None:
-    """Give the study's hypervolume over all evaluated trials (the last point of ``curve``), or None."""
+def study_curve(study: optuna.Study) -> tuple[list[tuple[int, float]], Sequence[float], Sequence[float]] | None:
+    """Give (``curve`` of all evaluated trials, reference, ideal) of a study, or None before it has a box."""
     trials = study.get_trials(deepcopy=False)
     box = box_of(study)
     ref = reference_of(trials, box["base"]) if box else None
-    points = curve(trials, ref, box["ideal"]) if ref is not None else []
-    return points[-1][1] if points else None
+    return (curve(trials, ref, box["ideal"]), ref, box["ideal"]) if ref is not None else None
 
 
-def plot(study: optuna.Study, path: Path) -> Path | None:
-    """Plot hypervolume against evaluated trials into ``path`` (PNG); None when there is nothing
-    to plot yet (or matplotlib is missing)."""
+def final(computed: tuple[list[tuple[int, float]], Sequence[float], Sequence[float]] | None) -> float | None:
+    """Give the final hypervolume (the last point) of a ``study_curve``, or None."""
+    return computed[0][-1][1] if computed and computed[0] else None
+
+
+def plot(study: optuna.Study, path: Path, computed: tuple | None = None) -> Path | None:
+    """Plot hypervolume against evaluated trials into ``path`` (PNG; ``computed``: the study's
+    ``study_curve`` when the caller has it); None when there is nothing to plot yet (or matplotlib
+    is missing)."""
+    computed = computed if computed is not None else study_curve(study)
+    if computed is None or not computed[0]:
+        return None
+    points, ref, lo = computed
     trials = study.get_trials(deepcopy=False)
-    box = box_of(study)
-    ref = reference_of(trials, box["base"]) if box else None
-    if ref is None:
-        return None
-    points = curve(trials, ref, box["ideal"])
-    if not points:
-        return None
     try:
         import matplotlib
 
@@ -160,7 +162,6 @@ def plot(study: optuna.Study, path: Path) -> Path | None:
         ax.legend(loc="lower right")
     ax.set_xlabel("evaluated trials")
     ax.set_ylabel("hypervolume (normalised)")
-    lo = box["ideal"]
     ax.set_title(
         f"{study.study_name}: box KL 0–{ref[0]:.3g}, {lo[1]:.3g}–{ref[1]:.3g} ms, {lo[2]:.4g}–{ref[2]:.4g} MB",
         fontsize=9,
