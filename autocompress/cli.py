@@ -398,13 +398,16 @@ def apply(
     plan: Annotated[Path, typer.Argument(help="plan.yaml from a study")],
     out: Annotated[Path, typer.Option(help="Folder to write the compressed HF model into")],
     model: Annotated[str | None, typer.Option(help="Base model [default: the one named in the plan]")] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Accept a plan file edited by hand (its header checksum no longer matches)")
+    ] = False,
 ) -> dict[str, Any]:
     """Rebuild a compressed model from its plan, write it as an HF folder and print its weight hash."""
     from autocompress.export import export_hf, plain_transformers_blockers
     from autocompress.plan import Plan
     from autocompress.workbench import Workbench
 
-    p = Plan.load(plan)
+    p = Plan.load(plan, force=force)
     if out.is_dir() and any(out.iterdir()) and not (out / "plan.yaml").is_file():
         raise AutocompressError(f"output folder {out} is not empty and was not written by autocompress")
     check_writable(out, AutocompressError)  # before the model is loaded
@@ -436,6 +439,9 @@ def evaluate(
         Path | None, typer.Option(help="Text file/folder/.jsonl [default: bundled Wikipedia leads]")
     ] = None,
     eval_tokens: Annotated[int, typer.Option(help="Held-out tokens for perplexity")] = 4096,
+    force: Annotated[
+        bool, typer.Option("--force", help="Accept a plan file edited by hand (its header checksum no longer matches)")
+    ] = False,
 ) -> dict[str, Any]:
     """Score a plan (or the base model): KL to base, top-1 agreement, perplexity, bits per character."""
     from autocompress.evaluate import Evaluator
@@ -443,7 +449,7 @@ def evaluate(
     from autocompress.workbench import Workbench
 
     if plan is not None:
-        p = Plan.load(plan)
+        p = Plan.load(plan, force=force)
         wb = Workbench.for_plan(p, model, log=_log)
     else:
         p = None
@@ -510,13 +516,30 @@ def hw_show(name: Annotated[str, typer.Argument(help="Profile id, alias or YAML 
     """Show one hardware profile in full."""
     import yaml
 
+    from autocompress import formats
     from autocompress.hardware import load_profile
+    from autocompress.hardware.profile import efficiency_keys
 
     p = load_profile(name)
     console.print(
         yaml.safe_dump(p.model_dump(mode="json"), sort_keys=False, allow_unicode=True), markup=False, highlight=False
     )
-    return p.model_dump(mode="json")
+    table = Table(title=f"formats {p.runtime} runs on {p.id}", show_edge=False)
+    for col in ("format", "bits/weight", "block", "row width", "bw eff.", "compute eff."):
+        table.add_column(col)
+    for name in p.format_names:
+        f = formats.get(name)
+        keys = efficiency_keys(f)
+        table.add_row(
+            name,
+            f"{f.bits_per_weight((1, f.block_size or 256)):.4g}",
+            str(f.block_size or "row"),
+            f"multiple of {f.block_size}" if f.block_size else "any",
+            f"{p.bw_efficiency_for(*keys):.2f}",
+            f"{p.compute_efficiency_for(*keys):.2f}",
+        )
+    console.print(table)
+    return {**p.model_dump(mode="json"), "format_names": list(p.format_names)}
 
 
 @hw_app.command(

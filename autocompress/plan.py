@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from autocompress._io import atomic_write_text, parse_yaml, read_yaml
+from autocompress._io import atomic_write_text, parse_yaml, read_text
 from autocompress.errors import PlanError
 
 if TYPE_CHECKING:
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 SCHEMA_VERSION = 1
 SPARSITY_PATTERNS = ("unstructured", "2:4")
 PRUNE_METHODS = ("wanda", "magnitude")
-QUANT_METHODS = ("rtn", "gptq")
+QUANT_METHODS = ("rtn", "imatrix", "gptq")  # imatrix: scales fitted to importance-weighted error (llama.cpp)
 LOWRANK_METHODS = ("svd", "asvd", "svd-llm")
 ACT_BITS = (8, 16)
 
@@ -47,18 +47,24 @@ def _is_num(v: Any) -> bool:
 
 @dataclass(frozen=True)
 class LayerChoice:
-    """What happens to one linear layer. The defaults leave it untouched.
+    """What happens to one tensor (a linear layer, or the token embedding / output head). The
+    defaults leave it untouched.
 
-    ``bits`` 16 means dense 16-bit storage (no quantization); 2–8 are simulated integer grids.
-    ``group_size`` None means one scale per output row (a group wider than the row is the row).
-    ``rank_ratio`` is the kept rank as a
-    fraction of the break-even rank r* = m·n/(m+n), so every value in (0, 1] stores fewer
-    numbers than the dense layer; the rank is rounded to a multiple of 8.
-    ``quant_method`` rtn (round to nearest) or gptq (error-compensated from the calibration Hessian);
+    ``format`` names a storage format of the registry (``autocompress.formats``: ``Q4_K``,
+    ``IQ4_NL``, ``int4-g128-asym``...); None keeps the base model's dense weights. ``bits``,
+    ``group_size`` and ``symmetric`` are read-only facts of the format (16 / None / True when
+    dense); they are also accepted as input, the way plans written before formats existed said it,
+    and then name the generic integer grid ``int{bits}-g{group_size}-{sym|asym}`` (``-ch-`` for one
+    scale per output row), which reproduces those plans' weights bit for bit.
+    ``quant_method`` rtn (round to nearest, the runtime's reference quantizer), imatrix (scales fitted
+    to the importance-weighted error, the input's Σx² per column, as llama.cpp does with an
+    imatrix) or gptq (error-compensated codes on the format's grid, from the calibration Hessian).
+    ``rank_ratio`` is the kept rank as a fraction of the break-even rank r* = m·n/(m+n), so every
+    value in (0, 1] stores fewer numbers than the dense layer; the rank is rounded to a multiple of 8.
     ``lowrank_method`` svd, asvd (activation-scaled) or svd-llm (Hessian-whitened);
     ``act_bits`` 8 fake-quantizes the layer's input per token (W8A8), 16 leaves it alone.
     Fields added later default to the earlier behaviour and are left out of the YAML (and the
-    hash) when at their default, so older plans keep their hash.
+    hash) when at their default.
     """
 
     bits: int = 16
@@ -71,6 +77,7 @@ class LayerChoice:
     quant_method: str = "rtn"
     lowrank_method: str = "svd"
     act_bits: int = 16
+    format: str | None = None
 
     def __post_init__(self) -> None:
         where = "layer choice"
@@ -83,6 +90,7 @@ class LayerChoice:
             f"group_size must be a positive integer or null, got {self.group_size!r}",
         )
         _require(isinstance(self.symmetric, bool), where, f"symmetric must be true/false, got {self.symmetric!r}")
+        self._settle_format(where)
         _require(
             _is_num(self.sparsity) and 0.0 <= self.sparsity < 1.0,
             where,
@@ -117,9 +125,42 @@ class LayerChoice:
                 f"{name} must be one of {list(allowed)}, got {value!r}",
             )
 
+    def _settle_format(self, where: str) -> None:
+        """Make ``format`` and the (bits, group_size, symmetric) facts agree; either may be given."""
+        legacy = (self.bits, self.group_size, self.symmetric)
+        if self.format is None and self.bits >= 16:  # dense: group_size / symmetric never mattered
+            object.__setattr__(self, "group_size", None)
+            object.__setattr__(self, "symmetric", True)
+            return
+        from autocompress import formats  # imported here: the registry needs torch, dense plans do not
+
+        if self.format is None:
+            try:
+                fmt = formats.generic(self.bits, self.group_size, self.symmetric)
+            except formats.FormatError as exc:
+                raise PlanError(f"{where}: {exc}") from None
+            object.__setattr__(self, "format", fmt.name)
+        else:
+            _require(isinstance(self.format, str), where, f"format must be a format name, got {self.format!r}")
+            try:
+                fmt = formats.get(self.format)
+            except formats.FormatError as exc:
+                raise PlanError(f"{where}: {exc}") from None
+            facts = _facts(fmt)
+            _require(
+                legacy in (facts, (16, None, True)),
+                where,
+                f"format {fmt.name} is {facts[0]}-bit; give either format or bits/group_size/symmetric, not both",
+            )
+        bits, group_size, symmetric = _facts(fmt)
+        object.__setattr__(self, "bits", bits)
+        object.__setattr__(self, "group_size", group_size)
+        object.__setattr__(self, "symmetric", symmetric)
+
     @property
     def quantized(self) -> bool:
-        return self.bits < 16
+        """True when the tensor is stored in a format other than the base model's dense weights."""
+        return self.format is not None
 
     @property
     def pruned(self) -> bool:
@@ -129,6 +170,13 @@ class LayerChoice:
     def is_identity(self) -> bool:
         """True when the choice changes nothing (fields such as group_size then do not matter)."""
         return not self.quantized and not self.pruned and self.rank_ratio is None and self.act_bits == 16
+
+    @property
+    def fmt(self):  # -> formats.Format (not annotated: plan.py stays importable without torch)
+        """Give the registry format of this choice (None when dense)."""
+        from autocompress import formats
+
+        return None if self.format is None else formats.get(self.format)
 
     def rank_for(self, out_features: int, in_features: int) -> int | None:
         """Give the kept rank for an out×in layer (a multiple of 8, at least 8, never above r*), or None."""
@@ -146,10 +194,13 @@ class LayerChoice:
         return rank
 
     def to_dict(self) -> dict[str, Any]:
-        """Give only the fields that differ from the defaults (keeps plan files short)."""
+        """Give only the fields that differ from the defaults (keeps plan files short); the format
+        stands for bits / group_size / symmetric."""
         default = LayerChoice()
         return {
-            f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != getattr(default, f.name)
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name not in _FORMAT_FACTS and getattr(self, f.name) != getattr(default, f.name)
         }
 
     @classmethod
@@ -166,6 +217,14 @@ class LayerChoice:
             return cls(**data)
         except PlanError as exc:
             raise PlanError(f"{where}: {str(exc).split(': ', 1)[1]}") from None
+
+
+_FORMAT_FACTS = ("bits", "group_size", "symmetric")
+
+
+def _facts(fmt: Any) -> tuple[int, int | None, bool]:
+    """Give (bits, group_size, symmetric) of a registry format, as LayerChoice reports them."""
+    return (min(fmt.bits, 16), fmt.group_size, bool(fmt.symmetric))
 
 
 @dataclass(frozen=True)
@@ -288,8 +347,13 @@ class Plan:
     recovery: RecoverySpec | None = None  # distillation after compression; None (left out of YAML and hash) = none
 
     def choice_for(self, linear_name: str) -> LayerChoice:
-        """Give the effective choice for one linear (its own entry, else the plan default)."""
+        """Give the effective choice for one block linear (its own entry, else the plan default)."""
         return self.layers.get(linear_name, self.default)
+
+    def embedding_choice(self, name: str) -> LayerChoice:
+        """Give the choice for the token embedding / output head (its own entry, else dense: the
+        plan default covers block linears only)."""
+        return self.layers.get(name, _DENSE)
 
     def block_choice(self, index: int) -> BlockChoice:
         return self.blocks.get(index, BlockChoice())
@@ -323,11 +387,14 @@ class Plan:
         return out
 
     def to_yaml(self) -> str:
-        header = f"# autocompress plan {self.hash()[:16]}\n"
-        return header + yaml.safe_dump(self.to_dict(), sort_keys=True, default_flow_style=False, width=100)
+        """Give the plan file's text: a header with the plan hash and the content's checksum, then the YAML."""
+        body = yaml.safe_dump(self.to_dict(), sort_keys=True, default_flow_style=False, width=100)
+        # checksum of the content as read back, so what is written is exactly what load verifies
+        checksum = content_checksum(yaml.safe_load(body))
+        return f"# autocompress plan {self.hash()[:16]}\n{CHECKSUM_PREFIX}{checksum}\n{body}"
 
     def save(self, path: str | Path) -> Path:
-        """Write the plan as YAML (atomically) and give the path."""
+        """Write the plan as YAML (atomically, with a fresh checksum) and give the path."""
         atomic_write_text(path, self.to_yaml())
         return Path(path)
 
@@ -416,11 +483,27 @@ class Plan:
         return cls.from_dict(data)
 
     @classmethod
-    def load(cls, path: str | Path) -> Plan:
-        """Read a plan file; any problem is a ``PlanError`` naming the file and the field."""
-        data = read_yaml(path, PlanError, "plan file")
+    def load(cls, path: str | Path, force: bool = False) -> Plan:
+        """Read a plan file; any problem is a ``PlanError`` naming the file and the field.
+
+        A file written by ``save`` carries the checksum of its content (``# sha256 ...``, second
+        header line): a file whose content no longer matches it (cut short, or edited by hand) is
+        refused, so it never loads as another plan. The checksum covers the parsed content, not the
+        bytes: comments, spacing and key order may change. ``force=True`` (``--force`` on the
+        command line) accepts an edited file as it now reads; its hash is computed from that
+        content, and saving it writes a new checksum. Files without a checksum line (written before
+        plans carried one, or written by hand from scratch) load as before, unchecked.
+        """
+        text = read_text(path, PlanError, "plan file")
+        data = parse_yaml(text, PlanError, str(path))
         if data is None:
             raise PlanError(f"{path}: the file is empty")
+        stated = stated_checksum(text)
+        if not force and stated is not None and stated != content_checksum(data):
+            raise PlanError(
+                f"{path}: the content does not match the checksum in its header (the file was edited or cut "
+                "short); to use an edited plan as it now reads, pass --force (Plan.load(path, force=True))"
+            )
         try:
             return cls.from_dict(data)
         except PlanError as exc:
@@ -479,21 +562,92 @@ class Plan:
                     f"must be between 1 and {blk.mlp_dim}, got {bc.keep_mlp_channels}",
                 )
         for name in self.layers:
-            if anatomy.find_linear(name) is None:
+            if anatomy.find_linear(name) is None and anatomy.find_embedding(name) is None:
                 close = [s.name for s in anatomy.linears if s.name.split(".")[-1] == name.split(".")[-1]][:2]
                 hint = f"; e.g. {close}" if close else ""
                 raise PlanError(f"plan.layers: unknown layer {name!r} in {anatomy.name}{hint}")
         for site in anatomy.linears:
+            if site.block in self.drop_blocks:
+                continue
             c = self.choice_for(site.name)
             where = f"plan.layers.{site.name}" if site.name in self.layers else "plan.default"
+            blk = anatomy.blocks[site.block]
+            bc = self.block_choice(site.block)
+            out_f, in_f = site.shape_after(*blk.fractions(bc.keep_heads, bc.keep_mlp_channels))
+            if c.rank_ratio is not None:  # the factors' rows are in and rank wide
+                rank = min(c.rank_for(out_f, in_f), out_f, in_f)
+                _check_format(c, (rank, in_f), site.name, where)
+                _check_format(c, (out_f, rank), site.name, where)
+            else:
+                _check_format(c, (out_f, in_f), site.name, where)
             if c.sparsity_pattern == "2:4":
                 _require(
                     site.in_features % 4 == 0,
                     where,
                     f"2:4 needs in_features divisible by 4, {site.name} has {site.in_features}",
                 )
+        for emb in anatomy.embeddings:
+            c = self.embedding_choice(emb.name)
+            where = f"plan.layers.{emb.name}"
+            _require(
+                c.sparsity == 0.0 and c.rank_ratio is None and c.act_bits == 16,
+                where,
+                "the token embedding / output head takes a format only (no sparsity, rank or act_bits)",
+            )
+            _require(c.quant_method == "rtn", where, "the token embedding / output head is quantized with rtn only")
+            _check_format(c, (emb.rows, emb.cols), emb.name, where)
 
 
-def load_plan(path: str | Path) -> Plan:
-    """Read a plan from a YAML file (see ``Plan.load``)."""
-    return Plan.load(path)
+_DENSE = LayerChoice()
+
+
+def with_format(choice: LayerChoice, fmt: str | None) -> LayerChoice:
+    """Give ``choice`` stored in another format (None: dense), its other fields unchanged."""
+    return replace(choice, format=fmt, bits=16, group_size=None, symmetric=True)
+
+
+def _check_format(choice: LayerChoice, shape: tuple[int, int], name: str, where: str) -> None:
+    """Refuse a format that cannot store a tensor of this (out, in) shape, naming llama.cpp's fallback."""
+    fmt = choice.fmt
+    if fmt is None:
+        return
+    reason = fmt.check(shape)
+    if reason is None:
+        return
+    from autocompress import formats
+
+    alt = formats.fallback(fmt.name, shape[1])
+    hint = f"; the runtime's fallback is {alt}" if alt else ""
+    raise PlanError(f"{where}: {fmt.name} cannot store {name} ({shape[0]}x{shape[1]}): {reason}{hint}")
+
+
+def load_plan(path: str | Path, force: bool = False) -> Plan:
+    """Read a plan from a YAML file (see ``Plan.load``: ``force`` accepts a hand-edited file)."""
+    return Plan.load(path, force=force)
+
+
+CHECKSUM_PREFIX = "# sha256 "  # second header line of a plan file: the checksum of its content
+
+
+def content_checksum(data: Any) -> str:
+    """Give the sha256 of parsed plan content as canonical JSON (keys sorted), the same for any key order."""
+
+    def canonical(v: Any) -> Any:
+        if isinstance(v, Mapping):  # keys as text: a block index and its digits mean the same key here
+            return {str(k): canonical(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [canonical(x) for x in v]
+        return v
+
+    text = json.dumps(canonical(data), sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def stated_checksum(text: str) -> str | None:
+    """Give the checksum a plan file's header states (whatever follows ``# sha256``), or None without one."""
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break  # the header is the comment lines before the content
+        if line.startswith(CHECKSUM_PREFIX.rstrip()):
+            return line[len(CHECKSUM_PREFIX) :].strip()
+    return None

@@ -10,14 +10,20 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from autocompress import formats
 from autocompress._io import read_yaml
 from autocompress.errors import PlanError, SpaceError
-from autocompress.model.anatomy import ModelAnatomy
-from autocompress.plan import BlockChoice, LayerChoice, ModelRef, Plan, Provenance
+from autocompress.hardware.profile import HardwareProfile
+from autocompress.model.anatomy import LinearSite, ModelAnatomy
+from autocompress.plan import BlockChoice, LayerChoice, ModelRef, Plan, Provenance, with_format
 
 LINEAR_KNOBS = (
-    "bits", "group_size", "symmetric", "quant_method", "act_bits", "sparsity", "prune_method", "rank_ratio", "lowrank_method",
+    "format", "bits", "group_size", "symmetric", "quant_method", "act_bits", "sparsity", "prune_method", "rank_ratio",
+    "lowrank_method",
 )  # fmt: skip
+LEGACY_KNOBS = ("bits", "group_size", "symmetric")  # the generic integer grids, before formats were named
+DENSE = "dense"  # format level: keep the base model's dense weights
+RUNTIME = "runtime"  # format level: every quantized format the target profile's runtime runs
 STRUCTURE_KNOBS = ("keep_heads_ratio", "keep_mlp_ratio", "drop_blocks")
 GRANULARITIES = ("model", "block", "linear")
 GROUPS = ("attn", "mlp")
@@ -28,7 +34,11 @@ TIES = ("auto", "none", "fused")
 # separate tensors (llama.cpp's Q4_K_M even gives attn_v a different type than attn_q).
 FUSING_RUNTIMES = ("tensorrt-llm", "mlc-llm", "vllm")
 FUSED_ROLES = {"q": "qkv", "k": "qkv", "v": "qkv", "gate": "gate_up", "up": "gate_up"}
-FIELDS = ("name", "description", "granularity", "tie", "linear", "overrides", "structure", "alignment", "baselines")
+FIELDS = (
+    "name", "description", "granularity", "tie", "linear", "overrides", "structure", "alignment", "baselines",
+    "embedding_format",
+)  # fmt: skip
+EMBEDDING_PARAM = "embedding.format"  # the token embedding (and tied head) / the untied head, one choice
 
 
 def runtime_fuses_projections(runtime: str) -> bool:
@@ -72,6 +82,12 @@ class SearchSpace:
     baselines: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     description: str = ""
     tie: str = "auto"
+    embedding_format: tuple[str, ...] = ()  # levels for the token embedding / output head table(s)
+    # set by ``for_profile``: the formats the target runs, the format its recipes give the output head,
+    # and what was taken out of the space for that target (and why)
+    runtime_formats: tuple[str, ...] | None = None
+    head_format: str | None = None
+    removed: tuple[str, ...] = ()
 
     # ---- loading -------------------------------------------------------------------
     @classmethod
@@ -133,6 +149,15 @@ class SearchSpace:
         alignment = data.get("alignment", 8)
         if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment < 1:
             raise fail(f"alignment must be a positive integer, got {alignment!r}")
+        for where, section in (("linear", linear), *((f"overrides.{g}", v) for g, v in overrides.items())):
+            if "format" in section and any(k in section for k in LEGACY_KNOBS):
+                raise fail(f"{where} sets both format and {'/'.join(LEGACY_KNOBS)}: name formats only")
+        emb = data.get("embedding_format") or []
+        if not isinstance(emb, list) or len(set(emb)) != len(emb):
+            raise fail("embedding_format must be a list of formats without repeats")
+        for v in [*emb, *(v for sec in (linear, *overrides.values()) for v in sec.get("format", ()))]:
+            if v not in (DENSE, RUNTIME) and v not in formats.names():
+                raise fail(f"unknown format {v!r}; known: {DENSE}, {RUNTIME}, {', '.join(formats.names())}")
         baselines = data.get("baselines") or {}
         if not isinstance(baselines, Mapping):
             raise fail("baselines must map names to knob settings")
@@ -149,6 +174,7 @@ class SearchSpace:
             baselines={str(k): dict(v) for k, v in baselines.items()},
             description=str(data.get("description", "")),
             tie=tie,
+            embedding_format=tuple(emb),
         )
         space._check_levels(fail)
         return space
@@ -162,6 +188,8 @@ class SearchSpace:
                     _check_level(fail, f"{where}.{knob}", knob, v)
         for group in GROUPS:
             lv = self.levels_for(group)
+            if "format" in lv:  # ``runtime`` stands for formats known only once the target is
+                lv = {**lv, "format": tuple(dict.fromkeys(DENSE if v == RUNTIME else v for v in lv["format"]))}
             for combo in itertools.product(*(lv[k] for k in lv)):
                 try:
                     layer_choice(dict(zip(lv, combo, strict=True)))
@@ -186,6 +214,81 @@ class SearchSpace:
             return self
         return replace(self, tie="fused" if runtime_fuses_projections(runtime) else "none")
 
+    def for_profile(self, profile: HardwareProfile) -> SearchSpace:
+        """Give this space as a target can run it: ties settled for its runtime; ``runtime`` format
+        levels expanded to the formats it runs and formats it lacks removed; sparsity and low-rank
+        levels removed where it has no kernel that gains from them (they could only lose quality);
+        a uniform baseline per runtime format. What was removed, and why, is in ``removed``."""
+        space = self.for_runtime(profile.runtime)
+        runs = profile.format_names
+        quantized = [f for f in runs if not formats.get(f).is_float]
+        k = profile.kernels
+        notes: list[str] = []
+
+        def keep(knob: str, vals: tuple[Any, ...], ok: Any, why: str) -> tuple[Any, ...]:
+            kept = tuple(v for v in vals if ok(v))
+            if len(kept) < len(vals):
+                gone = [v for v in vals if v not in kept]
+                notes.append(f"{knob} {gone}: {why}")
+            return kept or (_NOOP.get(knob, vals[0]),)
+
+        def formats_of(vals: tuple[str, ...], knob: str) -> tuple[str, ...]:
+            lv = [f for v in vals for f in (quantized if v == RUNTIME else [v])]
+            ok = keep(knob, tuple(dict.fromkeys(lv)), lambda v: v == DENSE or v in runs, f"{profile.runtime} does not run it")
+            return ok
+
+        def settle(section: Mapping[str, tuple[Any, ...]]) -> dict[str, tuple[Any, ...]]:
+            out = dict(section)
+            if "format" in out:
+                out["format"] = formats_of(out["format"], "format")
+            elif any(b < 16 for b in out.get("bits", ())):
+                missing = sorted(
+                    {
+                        formats.generic(b, g if b <= 4 else None, sym).name
+                        for b in out["bits"]
+                        if b < 16
+                        for g in out.get("group_size", (None,))
+                        for sym in out.get("symmetric", (True,))
+                    }
+                    - set(runs)
+                )
+                if missing:
+                    raise SpaceError(
+                        f"space {self.name!r} asks for bits/group_size grids {missing} that {profile.runtime} "
+                        f"({profile.id}) does not run; name formats instead (format: [{RUNTIME}] or some of "
+                        f"{', '.join(runs)})"
+                    )
+            if "sparsity" in out:
+                out["sparsity"] = keep(
+                    "sparsity",
+                    out["sparsity"],
+                    lambda v: v == 0.0 or (v == "2:4" and k.sparse_2_4) or (v != "2:4" and k.unstructured_sparse_storage),
+                    f"{profile.runtime} has no sparse kernel: zeros cost the same bytes and time",
+                )
+            if "rank_ratio" in out and not k.low_rank:
+                out["rank_ratio"] = keep(
+                    "rank_ratio", out["rank_ratio"], lambda v: v is None, f"{profile.runtime} cannot run factorized linears"
+                )
+            return out
+
+        linear = settle(space.linear)
+        overrides = {g: settle(v) for g, v in space.overrides.items()}
+        emb = formats_of(space.embedding_format, "embedding_format") if space.embedding_format else ()
+        baselines = dict(space.baselines)
+        if any(RUNTIME in sec.get("format", ()) for sec in (space.linear, *space.overrides.values())):
+            for f in quantized:
+                baselines.setdefault(f, {"format": f})
+        return replace(
+            space,
+            linear=linear,
+            overrides=overrides,
+            embedding_format=emb,
+            baselines=baselines,
+            runtime_formats=runs,
+            head_format=profile.head_format,
+            removed=tuple(notes),
+        )
+
     def definition(self) -> str:
         """Give a canonical text of every level, override and baseline (what a study and caches key on)."""
         fields = {k: v for k, v in vars(self).items() if k != "tie" or self.granularity == "linear"}  # else no effect
@@ -194,8 +297,27 @@ class SearchSpace:
     def levels_for(self, group: str) -> dict[str, tuple[Any, ...]]:
         return {**self.linear, **self.overrides.get(group, {})}
 
+    def unit_levels(self, group: str, names: Sequence[str], anatomy: ModelAnatomy) -> dict[str, tuple[Any, ...]]:
+        """Give a unit's levels: its group's, with only the formats that can store all its linears
+        (a K-quant needs rows that are a multiple of 256; a 576-wide row never gets one)."""
+        lv = self.levels_for(group)
+        if "format" not in lv:
+            return lv
+        widths = {anatomy.find_linear(n).in_features for n in names}
+        return {**lv, "format": _storable(lv["format"], widths)}
+
+    def embedding_choices(self, anatomy: ModelAnatomy) -> list[tuple[str, LayerChoice]]:
+        """Give (level, choice) for each format offered for the embedding / head table(s)."""
+        return [(lvl, layer_choice({"format": lvl})) for lvl in self.embedding_levels(anatomy)]
+
+    def embedding_levels(self, anatomy: ModelAnatomy) -> tuple[str, ...]:
+        """Give the formats offered for the embedding / head table(s) (empty: the knob is closed)."""
+        if not self.embedding_format or not anatomy.embeddings:
+            return ()
+        return _storable(self.embedding_format, {e.cols for e in anatomy.embeddings})
+
     # ---- parameters -> plan ----------------------------------------------------------
-    def _units(self, anatomy: ModelAnatomy) -> list[tuple[str, str, list[str]]]:
+    def units(self, anatomy: ModelAnatomy) -> list[tuple[str, str, list[str]]]:
         """Give (param prefix, group, linear names) for each unit that shares one linear choice."""
         if self.granularity == "model":
             return [(f"{g}.", g, [s.name for s in anatomy.linears if s.group == g]) for g in GROUPS]
@@ -219,13 +341,17 @@ class SearchSpace:
     def suggest(self, trial: Any, ctx: SpaceContext) -> Plan:
         """Ask an Optuna trial for every open knob and give the resulting plan."""
         params: dict[str, Any] = {}
-        for prefix, group, _ in self._units(ctx.anatomy):
-            for knob, vals in self.levels_for(group).items():
-                bits = params.get(f"{prefix}bits", self.levels_for(group).get("bits", (16,))[0])
+        for prefix, group, names in self.units(ctx.anatomy):
+            lv = self.unit_levels(group, names, ctx.anatomy)
+            for knob, vals in lv.items():
+                bits = params.get(f"{prefix}bits", lv.get("bits", (16,))[0])
                 if knob == "group_size" and bits > 4:
                     continue  # 8-bit and dense layers have no groups
                 if len(vals) > 1:
                     params[prefix + knob] = trial.suggest_categorical(prefix + knob, list(vals))
+        emb = self.embedding_levels(ctx.anatomy)
+        if len(emb) > 1:
+            params[EMBEDDING_PARAM] = trial.suggest_categorical(EMBEDDING_PARAM, list(emb))
         for knob, vals in self.structure.items():
             if len(vals) <= 1:
                 continue
@@ -239,16 +365,19 @@ class SearchSpace:
         return self.plan_from_params(params, ctx)
 
     def plan_from_params(self, params: Mapping[str, Any], ctx: SpaceContext) -> Plan:
-        """Build the plan that a set of trial parameters stands for (single levels fill the rest)."""
+        """Build the plan that a set of trial parameters stands for (single levels fill the rest).
+
+        A format that cannot store a linear once its block is narrowed (a K-quant on an MLP cut to
+        1344 channels) becomes the runtime's fallback for that width, as llama.cpp's quantizer does.
+        """
         a = ctx.anatomy
-        layers: dict[str, LayerChoice] = {}
-        for prefix, group, names in self._units(a):
-            lv = self.levels_for(group)
+        unit_choices: list[tuple[list[str], LayerChoice]] = []
+        for prefix, group, names in self.units(a):
+            lv = self.unit_levels(group, names, a)
             setting = {k: params.get(prefix + k, v[0]) for k, v in lv.items()}
-            choice = layer_choice(setting)
-            if not choice.is_identity:
-                for n in names:
-                    layers[n] = choice
+            unit_choices.append((names, layer_choice(setting)))
+        emb = self.embedding_levels(a)
+        emb_choice = layer_choice({"format": params.get(EMBEDDING_PARAM, emb[0])}) if emb else None
 
         def structure_value(knob: str, block: int) -> Any:
             vals = self.structure.get(knob, (1.0,))
@@ -273,20 +402,47 @@ class SearchSpace:
         n_drop = int(params.get("drop_blocks", self.structure.get("drop_blocks", (0,))[0]))
         n_drop = min(n_drop, a.num_blocks - 1)
         drops = tuple(sorted(ctx.drop_order[:n_drop]))
+        layers: dict[str, LayerChoice] = {}
+        for names, choice in unit_choices:
+            if choice.is_identity:
+                continue
+            for n in names:
+                layers[n] = self._fitted(choice, a.find_linear(n), a, blocks)
+        if emb_choice is not None and not emb_choice.is_identity:
+            layers.update({e.name: emb_choice for e in a.embeddings})
         model = ModelRef.of(a)
         return Plan(model=model, layers=layers, blocks=blocks, drop_blocks=drops, provenance=ctx.provenance)
+
+    def _fitted(
+        self, choice: LayerChoice, site: LinearSite, anatomy: ModelAnatomy, blocks: Mapping[int, BlockChoice]
+    ) -> LayerChoice:
+        """Give ``choice`` with its format replaced by the runtime's fallback where the linear's width
+        after structure cannot hold it (dense when no fallback the runtime runs fits)."""
+        fmt = choice.fmt
+        bc = blocks.get(site.block)
+        if fmt is None or bc is None:
+            return choice
+        _, in_f = site.shape_after(*anatomy.blocks[site.block].fractions(bc.keep_heads, bc.keep_mlp_channels))
+        name = fmt.name
+        while name is not None and formats.get(name).check((1, in_f)) is not None:
+            name = formats.fallback(name, in_f)
+        if name == fmt.name:
+            return choice
+        if name is not None and self.runtime_formats is not None and name not in self.runtime_formats:
+            name = None
+        return with_format(choice, name)
 
     # ---- baselines and extremes -----------------------------------------------------------
     def baseline_params(self, anatomy: ModelAnatomy) -> dict[str, dict[str, Any]]:
         """Give Optuna parameters for each baseline the space can express (others are skipped)."""
         out = {}
         for bname, setting in self.baselines.items():
-            params = self._uniform_params(anatomy, setting)
+            params = self.uniform_params(anatomy, setting)
             if params is not None:
                 out[bname] = params
         return out
 
-    def _uniform_params(
+    def uniform_params(
         self,
         anatomy: ModelAnatomy,
         setting: Mapping[str, Any],
@@ -296,18 +452,29 @@ class SearchSpace:
         replaces it for some blocks), or None when a wanted level is not in the space."""
         per_block = per_block or {}
         params: dict[str, Any] = {}
-        for prefix, group, names in self._units(anatomy):
+        for prefix, group, names in self.units(anatomy):
             block = anatomy.find_linear(names[0]).block if self.granularity != "model" else None
             s = per_block.get(block, setting) if block is not None else setting
-            lv = self.levels_for(group)
+            lv = self.unit_levels(group, names, anatomy)
             for knob, vals in lv.items():
                 want = s.get(knob, _NOOP.get(knob, vals[0]))
                 if knob == "group_size" and s.get("bits", 16) > 4:
                     continue
+                if knob == "format":  # as the runtime's quantizer does where a row cannot hold it
+                    want = _fall_back(want, vals, anatomy.find_linear(names[0]).in_features)
                 if want not in vals:
                     return None
                 if len(vals) > 1:
                     params[prefix + knob] = want
+        emb = self.embedding_levels(anatomy)
+        if len(emb) > 1:
+            # the embedding / head as the runtime's own recipes store it next to a uniform format
+            quantized = setting.get("format", DENSE) != DENSE
+            want = setting.get("embedding_format", (self.head_format or DENSE) if quantized else DENSE)
+            want = _fall_back(want, emb, anatomy.embeddings[0].cols)
+            if want not in emb:
+                return None
+            params[EMBEDDING_PARAM] = want
         for knob, vals in self.structure.items():
             want = setting.get(knob, _NOOP[knob])
             if want not in vals:
@@ -329,13 +496,17 @@ class SearchSpace:
         """
         if self.granularity == "model":
             return {}
-        ladder = [(name, s) for name, s in self.baselines.items() if set(s) <= {"bits", "group_size"} and s]
-        ladder.sort(key=lambda item: -item[1]["bits"])
+        ladder = [
+            (name, s)
+            for name, s in self.baselines.items()
+            if s and (set(s) <= {"bits", "group_size"} or set(s) == {"format"})
+        ]
+        ladder.sort(key=lambda item: -_nominal_bits(item[1]))
         out: dict[str, dict[str, Any]] = {}
         for (fine_name, fine), (coarse_name, coarse) in itertools.pairwise(ladder):
             for frac in (0.25, 0.5):
                 keep = list(sensitivity_order)[: max(1, round(frac * anatomy.num_blocks))]
-                params = self._uniform_params(anatomy, coarse, dict.fromkeys(keep, fine))
+                params = self.uniform_params(anatomy, coarse, dict.fromkeys(keep, fine))
                 if params is not None:
                     out[f"{coarse_name}+{round(frac * 100)}% {fine_name}"] = params
         return out
@@ -347,14 +518,20 @@ class SearchSpace:
         for g in GROUPS:
             for k, v in self.overrides.get(g, {}).items():
                 levels[k] = tuple(dict.fromkeys((*levels.get(k, ()), *v)))
+        emb = self.embedding_levels(ctx.anatomy)
+        if emb:
+            levels[EMBEDDING_PARAM] = emb
         struct = {k: (max(v) if k == "drop_blocks" else min(v)) for k, v in self.structure.items()}
         plans = []
         for combo in itertools.product(*levels.values()):
             setting = {**dict(zip(levels, combo, strict=True)), **struct}
-            params = {}
-            for prefix, group, _ in self._units(ctx.anatomy):  # a level missing in one group: use that group's first
-                for k, vals in self.levels_for(group).items():
-                    params[prefix + k] = setting[k] if setting[k] in vals else vals[0]
+            params = {EMBEDDING_PARAM: setting[EMBEDDING_PARAM]} if emb else {}
+            for prefix, group, names in self.units(ctx.anatomy):  # a level missing in a unit: its first
+                for k, vals in self.unit_levels(group, names, ctx.anatomy).items():
+                    want = setting[k]
+                    if k == "format":
+                        want = _fall_back(want, vals, ctx.anatomy.find_linear(names[0]).in_features)
+                    params[prefix + k] = want if want in vals else vals[0]
             for knob, val in struct.items():
                 params[knob] = val
                 params.update({f"b{b.index}.{knob}": val for b in ctx.anatomy.blocks})
@@ -365,7 +542,30 @@ class SearchSpace:
         return plans
 
 
+def _storable(levels: Sequence[str], widths: set[int]) -> tuple[str, ...]:
+    """Give the format levels that can store rows of every width in ``widths`` (dense always can)."""
+    ok = tuple(f for f in levels if f == DENSE or all(formats.get(f).check((1, w)) is None for w in widths))
+    return ok or (DENSE,)
+
+
+def _fall_back(want: str, levels: Sequence[str], width: int) -> str:
+    """Give ``want``, or the first format of llama.cpp's fallback chain for this row width that the
+    levels offer (``want`` unchanged when none is: the caller then finds it missing)."""
+    name: str | None = want
+    while name is not None and name != DENSE and name not in levels:
+        name = formats.fallback(name, width)
+    return name if name is not None else want
+
+
+def _nominal_bits(setting: Mapping[str, Any]) -> float:
+    """Give a baseline's bits per weight on a 256-wide row (for ordering baselines fine to coarse)."""
+    if "format" in setting:
+        return 16.0 if setting["format"] == DENSE else formats.get(setting["format"]).bits_per_weight((1, 256))
+    return float(setting["bits"])
+
+
 _NOOP: dict[str, Any] = {
+    "format": DENSE,
     "bits": 16,
     "act_bits": 16,
     "sparsity": 0.0,
@@ -394,8 +594,11 @@ def _check_level(fail: Any, where: str, knob: str, level: Any) -> None:
 
 
 def layer_choice(setting: Mapping[str, Any]) -> LayerChoice:
-    """Turn knob levels into a LayerChoice (``"2:4"`` as a sparsity level means the 2:4 pattern)."""
+    """Turn knob levels into a LayerChoice (``"2:4"`` as a sparsity level means the 2:4 pattern,
+    ``dense`` as a format the base model's own weights)."""
     s = dict(setting)
+    if s.get("format") == DENSE:
+        s.pop("format")
     if s.get("sparsity") == "2:4":
         s["sparsity"], s["sparsity_pattern"] = 0.5, "2:4"
     if s.get("bits", 16) > 4:

@@ -149,8 +149,8 @@ def test_fusing_runtime_ties_qkv_and_gate_up(tiny_llama):
     untied = [s for plan in _random_plans(free, tiny_llama) for s in _layer_sets(plan, a, ("q", "k", "v"))]
     assert any(len(s) > 1 for s in untied)  # without ties the three get their own choices
     # one parameter set per fused group: the tied space asks for fewer parameters
-    n_tied = len(tied._units(a))
-    assert n_tied == len(free._units(a)) - 3 * a.num_blocks  # q,k,v -> 1 and gate,up -> 1 per block
+    n_tied = len(tied.units(a))
+    assert n_tied == len(free.units(a)) - 3 * a.num_blocks  # q,k,v -> 1 and gate,up -> 1 per block
 
 
 def test_tie_does_not_change_block_spaces():

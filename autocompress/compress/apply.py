@@ -46,11 +46,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from autocompress import formats
 from autocompress.compress import gptq
 from autocompress.compress.hessian import Hessians, find_hessians
 from autocompress.compress.lowrank import SVD, asvd_of, factorized_module, factors_from_svd, svd_of, whitened_svd_of
 from autocompress.compress.prune import prune_mask
-from autocompress.compress.quantize import rtn_quantize
 from autocompress.compress.structure import dense_weight, drop_blocks, shrink_heads, shrink_mlp
 from autocompress.errors import PlanError
 from autocompress.plan import LayerChoice, Plan
@@ -60,7 +60,7 @@ if TYPE_CHECKING:
     from autocompress.model.anatomy import LinearSite, ModelAnatomy
 
 DEFAULT_CACHE_BYTES = 1_500_000_000
-DISK_FORMAT = "v1"  # part of every on-disk key: bump when a technique's arithmetic changes
+DISK_FORMAT = "v2"  # part of every on-disk key: bump when a technique's arithmetic changes
 ACT_QMAX = 127
 
 
@@ -145,7 +145,7 @@ def _digest(t: torch.Tensor | None) -> str | None:
 
 def _effective(choice: LayerChoice) -> tuple:
     """Give only the fields that change the weights (so equivalent choices share cache entries)."""
-    q = (choice.bits, choice.group_size, choice.symmetric, choice.quant_method) if choice.quantized else None
+    q = (choice.format, choice.quant_method) if choice.quantized else None
     if choice.quantized and choice.quant_method == "gptq":
         q = (*q, tuple(sorted(gptq.settings().items())))
     p = (choice.sparsity, choice.sparsity_pattern, choice.prune_method) if choice.pruned else None
@@ -159,7 +159,8 @@ def _changes_weight(choice: LayerChoice) -> bool:
 
 def _needs_stats(choice: LayerChoice) -> bool:
     wanda = choice.pruned and choice.prune_method == "wanda"
-    return wanda or (choice.rank_ratio is not None and choice.lowrank_method == "asvd")
+    imatrix = choice.quantized and choice.quant_method == "imatrix"  # the input's Σx² per column
+    return wanda or imatrix or (choice.rank_ratio is not None and choice.lowrank_method == "asvd")
 
 
 def _needs_hessian(choice: LayerChoice) -> bool:
@@ -219,15 +220,34 @@ def _prune_quantize(
         mask = prune_mask(w, choice.sparsity, choice.sparsity_pattern, choice.prune_method, input_sq_norm)
         w = w.masked_fill(~mask, 0.0)
     if choice.quantized:
-        if choice.quant_method == "gptq":
-            if hessian is None:
-                raise PlanError("quant_method gptq needs the calibration Hessians")
-            w = gptq.gptq_quantize(
-                w, hessian, choice.bits, choice.group_size, choice.symmetric, mask=mask, **gptq.settings()
-            )
-        else:
-            w = rtn_quantize(w, choice.bits, choice.group_size, choice.symmetric)
+        w = quantize_tensor(w, choice, input_sq_norm, hessian, mask)
     return w
+
+
+def quantize_tensor(
+    w: torch.Tensor,
+    choice: LayerChoice,
+    input_sq_norm: torch.Tensor | None = None,
+    hessian: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Give ``w`` [out, in] stored in the choice's format and read back: exactly the values the
+    runtime computes with (the format registry's dequantized codes and scales)."""
+    fmt = choice.fmt
+    if fmt.is_float:
+        return fmt.dequantize(fmt.quantize(w))
+    if choice.quant_method == "gptq":
+        if hessian is None:
+            raise PlanError("quant_method gptq needs the calibration Hessians")
+        q = formats.gptq_quantize(w, hessian, fmt, mask=mask, **gptq.settings())
+    elif choice.quant_method == "imatrix":
+        if input_sq_norm is None:
+            raise PlanError("quant_method imatrix needs activation statistics (the input's squared norms)")
+        q = fmt.quantize(w, importance=input_sq_norm)
+    else:
+        q = fmt.quantize(w)
+    out = fmt.dequantize(q)
+    return out if mask is None else out.masked_fill_(~mask, 0.0)  # pruned weights stay 0 (grids without 0)
 
 
 def _stats_norm(stats: ActivationStats | None, site: LinearSite, keep: torch.Tensor | None) -> torch.Tensor | None:
@@ -282,6 +302,20 @@ def _compressed(
         _disk_put(key, result)
     _CACHE.put(key, result, sum(t.numel() * t.element_size() for t in result))
     return result
+
+
+def _compressed_table(model_hash: str, name: str, weight: torch.Tensor, choice: LayerChoice) -> torch.Tensor:
+    """Give the token embedding / output head table in the choice's format (memory / disk cached)."""
+    key = ("table", model_hash, name, tuple(weight.shape), _effective(choice))
+    result = _CACHE.get(key) or _disk_get(key)
+    if result is None:
+        try:
+            result = (quantize_tensor(weight.detach().float(), choice),)
+        except PlanError as exc:
+            raise PlanError(f"{name}: {exc}") from None
+        _disk_put(key, result)
+    _CACHE.put(key, result, result[0].numel() * result[0].element_size())
+    return result[0]
 
 
 def _disk_file(key: tuple) -> Path | None:
@@ -402,6 +436,11 @@ def apply_plan_to(
                 _compress_site(work, anatomy.model_hash, site, choice, stats, hess, in_keep.get(site.name), struct_keys)
             if choice.act_bits < 16:
                 work.get_submodule(site.name).register_forward_pre_hook(_fake_quant_input)
+        for emb in anatomy.embeddings:
+            choice = plan.embedding_choice(emb.name)
+            if choice.quantized:
+                weight = work.get_submodule(emb.name).weight  # tied: the head's table too
+                weight.copy_(_compressed_table(anatomy.model_hash, emb.name, weight, choice))
         if dropped:
             drop_blocks(work, sorted(dropped))
     return work

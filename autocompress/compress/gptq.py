@@ -27,7 +27,8 @@ PLAN_ACT_ORDER = True
 
 
 def settings() -> dict[str, float | bool]:
-    """Give the damp / act_order that plans with quant_method gptq are applied with (part of cache keys)."""
+    """Give the damp / act_order that plans with quant_method gptq are applied with (part of cache keys;
+    ``autocompress.formats.gptq_quantize`` takes them as keywords)."""
     return {"damp": PLAN_DAMP, "act_order": PLAN_ACT_ORDER}
 
 

@@ -29,8 +29,8 @@ from autocompress.evaluate.metrics import EvaluationError, kl_to_base, output_lo
 from autocompress.plan import BlockChoice, LayerChoice, Plan
 from autocompress.space import SearchSpace, SpaceContext, layer_choice
 
-TABLE_VERSION = 1
-
+TABLE_VERSION = 2
+EMBEDDING_UNIT = "embedding."  # table key prefix of the token embedding / output head
 
 def choice_parts(c: LayerChoice) -> list[str]:
     """Split a layer choice into its independently measured parts (quantization, pruning, low-rank)."""
@@ -62,11 +62,13 @@ def plan_keys(plan: Plan, space: SearchSpace, ctx: SpaceContext) -> list[str]:
     """Give the table keys a plan switches on."""
     keys = []
     dropped = set(plan.drop_blocks)
-    for prefix, _group, names in space._units(ctx.anatomy):
+    for prefix, _group, names in space.units(ctx.anatomy):
         block = ctx.anatomy.find_linear(names[0]).block
         if block in dropped:
             continue
         keys += [f"{prefix}|{p}" for p in choice_parts(plan.choice_for(names[0]))]
+    for e in ctx.anatomy.embeddings[:1] if space.embedding_levels(ctx.anatomy) else ():
+        keys += [f"{EMBEDDING_UNIT}|{p}" for p in choice_parts(plan.embedding_choice(e.name))]
     for i, bc in plan.blocks.items():
         if i in dropped:
             continue
@@ -100,8 +102,11 @@ def unit_probes(space: SearchSpace, ctx: SpaceContext) -> Iterator[tuple[str, Pl
     """Give (key, single-unit plan) for every entry the space can switch on."""
     a = ctx.anatomy
     base = replace(space.plan_from_params({}, ctx), layers={}, blocks={}, drop_blocks=())
-    for prefix, group, names in space._units(a):
-        lv = space.levels_for(group)
+    for _lvl, choice in space.embedding_choices(a):
+        for part in choice_parts(choice):
+            yield f"{EMBEDDING_UNIT}|{part}", replace(base, layers={e.name: choice for e in a.embeddings})
+    for prefix, group, names in space.units(a):
+        lv = space.unit_levels(group, names, a)
         seen: set[str] = set()
         for combo in itertools.product(*lv.values()):
             try:
@@ -178,10 +183,10 @@ def build_sensitivity(
     probes = list(unit_probes(space, ctx))
     base_lp = output_logprobs(model, tokens)
     entries: dict[str, float] = {}
-    prefixes = {b.index: b.prefix for b in a.blocks}
+    prefixes = {f"b{b.index}.": {b.prefix} for b in a.blocks}
+    prefixes[EMBEDDING_UNIT] = {e.name for e in a.embeddings}
     for n, (key, plan) in enumerate(probes):
-        block = int(key[1 : key.index(".")])
-        work = _shared_copy(model, {prefixes[block]})
+        work = _shared_copy(model, prefixes[key[: key.index("|")]])
         try:
             kl = kl_to_base(apply(work, plan), tokens, base_lp).kl
         except EvaluationError:

@@ -1,7 +1,9 @@
 """Write a compressed model as a Hugging Face folder (safetensors) with its plan beside it.
 
 What each technique becomes is in ``autocompress.export.techniques.TECHNIQUES``. In short:
-quantized weights are stored dequantized (fp32 on the plan's grid), sparsity as zeros, dropped
+quantized weights are stored dequantized in the base model's dtype (bf16, or fp16 where the base
+was fp16; never fp32: values on a format's grid are rounded once more to that dtype, the packed
+exporters — GGUF, ONNX — hold them exactly), sparsity as zeros, dropped
 blocks and widths that are the same in every kept block go into the config (``num_hidden_layers``,
 ``intermediate_size`` / ``n_inner``, Llama ``num_attention_heads`` / ``num_key_value_heads`` /
 ``head_dim``), so plain ``transformers`` loads those folders. Low-rank factors and per-block widths
@@ -82,11 +84,21 @@ def shape_mismatches(model: nn.Module, config: Any) -> list[str]:
     return out
 
 
+def storage_dtype(model: nn.Module) -> torch.dtype:
+    """Give the dtype the base model was distributed in (fp16 where it says so, else bf16)."""
+    name = getattr(model.config, "autocompress_storage_dtype", None)
+    return torch.float16 if name == "float16" else torch.bfloat16
+
+
 def write_hf(model: nn.Module, plan: Plan, folder: Path, tokenizer: object | None = None) -> dict[str, Any]:
     """Write the HF files into an existing ``folder``; give what was written (for ``autocompress.json``)."""
     cfg = hf_config(model, plan)
     mismatches = shape_mismatches(model, cfg)
-    model.save_pretrained(str(folder), safe_serialization=True)
+    dtype = storage_dtype(model)
+    stored = copy.deepcopy(model).to(dtype)  # the caller's model keeps its exact fp32 values
+    stored.config.dtype = dtype
+    stored.save_pretrained(str(folder), safe_serialization=True)
+    cfg.dtype = dtype
     cfg.save_pretrained(str(folder))  # the compressed shapes, where a config field can say them
     if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(str(folder))
@@ -96,7 +108,8 @@ def write_hf(model: nn.Module, plan: Plan, folder: Path, tokenizer: object | Non
         blockers = [f"tensor shapes the config cannot describe ({mismatches[0]})"]
     info = {
         "plan_hash": plan.hash(),
-        "weight_hash": state_dict_hash(model),
+        "weight_hash": state_dict_hash(model),  # the plan's exact (fp32) weights, before the cast
+        "dtype": str(dtype).removeprefix("torch."),
         "base_model": plan.model.name,
         "loadable_with_plain_transformers": not blockers,
         "not_loadable_because": blockers,

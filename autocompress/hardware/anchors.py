@@ -93,10 +93,11 @@ class AnchorResult:
 def predict_anchor(profile: HardwareProfile, anchor: Anchor) -> AnchorResult:
     """Give the predicted decode tokens/s for one anchor, from the model config alone."""
     a = anchor_anatomy(anchor.model)
+    grid = {"format": anchor.format} if anchor.format else {"bits": anchor.bits, "group_size": anchor.group_size}
+    if not anchor.format:
+        grid["symmetric"] = anchor.symmetric
     choice = LayerChoice(
-        bits=anchor.bits,
-        group_size=anchor.group_size,
-        symmetric=anchor.symmetric,
+        **grid,
         sparsity=0.5 if anchor.sparsity_pattern == "2:4" else 0.0,
         sparsity_pattern="2:4" if anchor.sparsity_pattern == "2:4" else "unstructured",
     )

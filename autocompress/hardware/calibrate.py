@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from autocompress import formats
 from autocompress._io import atomic_write_text
 from autocompress.errors import ProfileError
 from autocompress.hardware.measure import ort_session, timed
@@ -44,6 +45,11 @@ from autocompress.hardware.profile import HardwareProfile, profile_from_dict
 # symmetric, in ROW_BLOCK[8]-blocks), 4-bit MatMulNBits g128, and W8A8 as dynamic int8 (MatMulInteger)
 FORMATS = ("fp32", "int8", "int4", "w8a8")
 _EXPORT_FMT = {"fp32": "fp32", "int8": "int8-row-sym", "int4": "int4-g128-asym", "w8a8": "int8-dynamic"}
+# the registry formats those MatMulNBits layouts are (their bytes price the samples)
+_REGISTRY_FMT = {"int8": "int8-g32-sym", "int4": "int4-g128-asym"}
+# what a calibrated onnxruntime profile offers the search: MatMulNBits 4-bit (blocks of 32 / 128,
+# with or without zero points) and 8-bit weight-only, all on the generic integer grids
+LOCAL_FORMATS = ("int8-ch-sym", "int8-ch-asym", "int4-g32-sym", "int4-g32-asym", "int4-g128-sym", "int4-g128-asym")
 # (K, N, linears in the chain): model-like widths (SmolLM2-135M ... TinyLlama-1.1B); chains
 # alternate K->N and N->K so every weight is distinct and the whole chain misses the cache
 # (small q/k/v/o-sized matrices too: below ~1-2 MB a GEMV does not reach streaming bandwidth, which the
@@ -124,16 +130,13 @@ def _quantized(proto: Any, fmt: str, tmp: Path) -> Any:
 
 
 def _stored_bytes(fmt: str, k: int, n: int, layers: int) -> float:
+    """Give the bytes the micro-benchmark's ``layers`` k-in, n-out linears store in ``fmt``."""
     params = k * n * layers
     if fmt == "fp32":
         return params * 4.0
     if fmt == "w8a8":
         return params * 1.0 + (k + n) / 2 * layers * 5  # fp32 scale + int8 zero per output channel
-    if fmt == "int8":
-        from autocompress.export.onnx import ROW_BLOCK
-
-        return params * (1.0 + 4 / ROW_BLOCK[8])  # fp32 scale per block (symmetric)
-    return params * 0.5 + params / 128 * 4.5  # fp32 scale + 4-bit zero per 128 weights
+    return float(formats.get(_REGISTRY_FMT[fmt]).bytes((n, k)) * layers)
 
 
 class _Flusher:
@@ -409,7 +412,9 @@ def calibrate_local(
             "sparse_2_4": False,
             "sparse_2_4_speedup": 1.0,
             "unstructured_sparse_storage": False,
+            "low_rank": True,  # onnxruntime runs the two factors as two MatMuls
         },
+        "formats": list(LOCAL_FORMATS),
         "scale_bits": 32,
         "zero_bits": 4,
         "per_kernel_overhead_us": round(per_kernel_fit, 3),

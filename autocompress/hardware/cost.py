@@ -2,8 +2,10 @@
 
 Every matmul costs ``max(flops / (peak * eta_c), bytes / (bw * eta_bw)) + its fixed overhead``
 (research/hardware.md §2.5), with the compute path and efficiencies of the format the runtime
-really stores (``Kernels.stored_bits``; scales/zeros; sparse formats only where the profile has
-the kernels). Low-rank is two matmuls, each paying its own overhead; width pruning gives smaller
+really stores: its exact bytes (codes, scales, mins) from the format registry, the profile's
+efficiencies for that format (``Q4_K``), else for its class (``int4``); a format the runtime has
+no kernel for is priced dense; sparse storage only where the profile has the kernels. The token
+embedding and output head are priced in the plan's formats for them. Low-rank is two matmuls, each paying its own overhead; width pruning gives smaller
 matmuls (misaligned widths pay the alignment penalty); dropped blocks cost nothing. Only the plan
 and the anatomy are read, never weights. Costs are cached per (effective shape, LayerChoice) and
 per (block shape, block choice), so pricing a plan is a few hundred dict lookups.
@@ -20,20 +22,15 @@ power x time dominates, hardware.md §3.2), or, where the profile has the bottom
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 from autocompress.errors import PlanError
-from autocompress.hardware.profile import HardwareProfile
+from autocompress.hardware.profile import HardwareProfile, efficiency_keys
 from autocompress.model.anatomy import BlockInfo, ModelAnatomy
 from autocompress.plan import LayerChoice, Plan
 
 MB = 1e6
 _CACHE_LIMIT = 100_000  # distinct LayerChoices kept before the linear cache is reset
-_SHRINK_OUT = frozenset({"q", "k", "v", "qkv"})  # outputs shrink with kept heads
-_SHRINK_IN = frozenset({"o"})
-_MLP_OUT = frozenset({"gate", "up", "fc1"})  # outputs shrink with kept MLP channels
-_MLP_IN = frozenset({"down", "fc2"})
 _DENSE = LayerChoice()
 _ACT_BYTES = 4  # activations/workspace are sized in fp32 (the widest any shipped runtime uses)
 
@@ -102,6 +99,7 @@ class CostModel:
         self._shape_cache: dict[tuple[int, int | None, int | None], tuple[tuple[tuple[int, int], ...], _Parts]] = {}
         self._uniform_cache: dict[tuple[tuple[int, int | None, int | None], LayerChoice], _Parts] = {}
         self._by_id: dict[int, tuple[LayerChoice, dict[tuple[int, int], _Parts]]] = {}
+        self._embedding_cache: dict[tuple[LayerChoice, ...], _Parts] = {}
         sigs: dict[tuple, int] = {}
         self._blocks: list[tuple[int, int, tuple[str, ...]]] = []
         self._block_info: dict[int, BlockInfo] = {}
@@ -130,7 +128,7 @@ class CostModel:
             self._linear_cache,
             self._by_id,
         )
-        rows: list[_Parts] = [self._fixed]
+        rows: list[_Parts] = [self._fixed, self._embedding_parts(plan)]
         append = rows.append
         for index, sig, names in self._blocks:
             if drops and index in drops:
@@ -194,16 +192,42 @@ class CostModel:
 
     # ---- pieces ----------------------------------------------------------------------
     def _fixed_parts(self) -> _Parts:
-        """Give what every plan pays: embeddings/norms storage, the dense lm_head, per-token overhead."""
+        """Give what every plan pays: norms and other small tensors, per-token overhead (and, for an
+        anatomy that does not list its embedding tables, the dense embeddings and lm_head)."""
         a, p = self.anatomy, self.profile
         tok_ms = p.per_token_overhead_ms
-        parts: _Parts = _pad((0.0, tok_ms, 0.0, tok_ms, a.other_params * p.dense_bits / 8))
-        if self._causal:
-            # lm_head: a dense vocab x hidden matmul every decode token; prefill needs only the
-            # last position's logits. Its weights are already in other_params (tied: counted once).
-            d = self._matmul(a.vocab_size, a.hidden_size, _DENSE)
-            parts = _add(parts, (d[0], d[1], d[0], d[1], 0.0, 0.0, d[6], d[6], d[8], d[8]))
+        tables = sum(e.params for e in a.embeddings)
+        parts: _Parts = _pad((0.0, tok_ms, 0.0, tok_ms, (a.other_params - tables) * p.dense_bits / 8))
+        if self._causal and not a.embeddings:
+            parts = _add(parts, self._head(a.vocab_size, a.hidden_size, _DENSE))
         return parts
+
+    def _head(self, vocab: int, hidden: int, choice: LayerChoice) -> _Parts:
+        """Give the output head's parts: a vocab x hidden matmul every decode token; prefill needs only
+        the last position's logits."""
+        d = self._matmul(vocab, hidden, choice)
+        return (d[0], d[1], d[0], d[1], d[4], 0.0, d[6], d[6], d[8], d[8])
+
+    def _embedding_parts(self, plan: Plan) -> _Parts:
+        """Give the token embedding's and output head's parts in the plan's formats: the embedding is
+        stored (a lookup reads one row per token: no time), the head (the tied table, or its own) is
+        stored and multiplied every decode token."""
+        a = self.anatomy
+        choices = tuple(plan.embedding_choice(e.name) for e in a.embeddings)
+        hit = self._embedding_cache.get(choices)
+        if hit is not None:
+            return hit
+        total = _ZERO
+        for e, choice in zip(a.embeddings, choices, strict=True):
+            if self._causal and (e.role == "head" or e.tied):
+                total = _add(total, self._head(e.rows, e.cols, choice))
+            else:
+                stored = self._matmul(e.rows, e.cols, choice)[4]
+                total = _add(total, _pad((0.0, 0.0, 0.0, 0.0, stored)))
+        if len(self._embedding_cache) > _CACHE_LIMIT:
+            self._embedding_cache.clear()
+        self._embedding_cache[choices] = total
+        return total
 
     def _block_parts(self, skey: tuple[int, int | None, int | None], choice: LayerChoice) -> _Parts:
         """Give a whole block's parts when every linear in it has the same choice."""
@@ -217,20 +241,8 @@ class CostModel:
         sig, keep_heads, keep_mlp = skey
         b = self._block_info[sig]
         p = self.profile
-        head_frac = 1.0 if keep_heads is None else keep_heads / b.num_heads
-        mlp_frac = 1.0 if keep_mlp is None else keep_mlp / b.mlp_dim
-        shapes = []
-        for site in b.linears:
-            out_f, in_f = site.out_features, site.in_features
-            if site.role in _SHRINK_OUT:
-                out_f = max(1, round(out_f * head_frac))
-            elif site.role in _SHRINK_IN:
-                in_f = max(1, round(in_f * head_frac))
-            elif site.role in _MLP_OUT:
-                out_f = max(1, round(out_f * mlp_frac))
-            elif site.role in _MLP_IN:
-                in_f = max(1, round(in_f * mlp_frac))
-            shapes.append((out_f, in_f))
+        head_frac, mlp_frac = b.fractions(keep_heads, keep_mlp)
+        shapes = [site.shape_after(head_frac, mlp_frac) for site in b.linears]
         # attention over the KV cache; whole KV groups go with their heads
         heads = b.num_heads * head_frac
         kv_heads = b.num_kv_heads * head_frac
@@ -286,16 +298,17 @@ class CostModel:
         """Give one weight matmul's roofline time and floor (decode and prefill) and its stored bytes."""
         p, k = self.profile, self.profile.kernels
         params = out_f * in_f
-        bits = k.stored_bits(choice.bits)
-        fmt = p.dense_format if bits == 16 else f"int{bits}"
+        fmt = choice.fmt
+        if fmt is not None and not fmt.is_float and not p.runs(fmt.name):
+            fmt = None  # no kernel for it on this runtime: stored and read dense, no speed-up claimed
+        if fmt is None:
+            keys = efficiency_keys(None, p.dense_bits)
+            value_bytes, bits = params * p.dense_bits / 8, 16
+        else:  # the bytes the runtime stores: codes, scales, mins, as the format registry counts them
+            keys = efficiency_keys(fmt)
+            value_bytes, bits = float(fmt.bytes((out_f, in_f))), fmt.bits
         if choice.bits == 8 and choice.act_bits == 8 and "w8a8" in p.compute_efficiency_by_format:
-            fmt = "w8a8"  # a runtime with its own int8 x int8 GEMM for W8A8 (measured by calibration)
-        value_bytes = params * (p.dense_bits if bits == 16 else bits) / 8
-        meta_bytes = 0.0
-        if bits < 16:
-            groups = 1 if choice.group_size is None else math.ceil(in_f / choice.group_size)
-            meta_bits = p.scale_bits + (0 if choice.symmetric else p.zero_bits)
-            meta_bytes = out_f * groups * meta_bits / 8
+            keys = ("w8a8", *keys)  # a runtime with its own int8 x int8 GEMM for W8A8 (measured by calibration)
         speedup = 1.0
         if choice.sparsity_pattern == "2:4" and k.sparse_2_4:
             value_bytes = value_bytes * 0.5 + params * 0.5 * 2 / 8  # kept half + 2-bit index each
@@ -303,19 +316,19 @@ class CostModel:
         elif choice.sparsity > 0 and choice.sparsity_pattern == "unstructured" and k.unstructured_sparse_storage:
             # kept values + 1-bit bitmap; an exporter keeps the dense layout when that is smaller
             value_bytes = min(value_bytes, value_bytes * (1.0 - choice.sparsity) + params / 8)
-        weight_bytes = value_bytes + meta_bytes
+        weight_bytes = value_bytes
         if bits <= 8 and k.int8_compute and p.int8_tops is not None:
             peak_raw, act_bytes = p.int8_tops * 1e12 * speedup, 1
         else:
             peak_raw, act_bytes = p.fp16_tflops * 1e12 * speedup, p.dense_bits // 8
-        peak = peak_raw * p.compute_efficiency_for(fmt)
+        peak = peak_raw * p.compute_efficiency_for(*keys)
         # the format's efficiency applies to streaming its weights (dequantisation); activations use the default
         bw_raw = p.peak_bw_GBps * 1e9
-        weight_bw = bw_raw * p.bw_efficiency_for(fmt)
+        weight_bw = bw_raw * p.bw_efficiency_for(*keys)
         act_bw = bw_raw * p.bw_efficiency
         aligned = out_f % p.alignment == 0 and in_f % p.alignment == 0
         slow = 1.0 if aligned else 1.0 / p.misaligned_penalty
-        over_ms = p.linear_overhead_us_for(fmt) * 1e-3
+        over_ms = p.linear_overhead_us_for(*keys) * 1e-3
 
         def busy_ms(tokens: int) -> float:
             flops = 2.0 * tokens * params

@@ -12,8 +12,9 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from autocompress import formats
 from autocompress._io import read_yaml
 from autocompress.errors import ProfileError
 
@@ -22,9 +23,32 @@ ENV_PROFILES_DIR = "AUTOCOMPRESS_HW_PROFILES"
 Positive = Annotated[float, Field(gt=0)]
 NonNegative = Annotated[float, Field(ge=0)]
 Efficiency = Annotated[float, Field(gt=0, le=1)]
-FormatKey = Literal["fp32", "fp16", "int8", "int6", "int5", "int4", "int3", "int2", "w8a8"]  # w8a8: int8 x int8 GEMM
+# Efficiency keys: a registry format name (``Q4_K``, ``int4-g128-asym``...) for that format alone, or a
+# class key every format of that width falls back to (w8a8: int8 x int8 GEMM).
+CLASS_KEYS = ("fp32", "fp16", "int8", "int6", "int5", "int4", "int3", "int2", "w8a8")
 DeviceClass = Literal["edge_gpu_soc", "discrete_gpu", "server_cpu", "client_cpu", "arm_sbc", "apple_soc", "mobile_soc"]
-FORMAT_KEYS: tuple[str, ...] = get_args(FormatKey)
+
+
+
+def _format_key(key: str) -> str:
+    if key in CLASS_KEYS:
+        return key
+    try:
+        return formats.get(key).name
+    except formats.FormatError as exc:
+        raise ValueError(f"{exc} (or a class key: {', '.join(CLASS_KEYS)})") from None
+
+
+FormatKey = Annotated[str, AfterValidator(_format_key)]
+
+
+def efficiency_keys(fmt: formats.Format | None, dense_bits: int = 16) -> tuple[str, ...]:
+    """Give the efficiency keys a format is looked up by: its own name, then its class (``int4``, ``fp16``)."""
+    if fmt is None:
+        return ("fp32" if dense_bits == 32 else "fp16",)
+    if fmt.is_float:
+        return (fmt.name, "fp32" if fmt.bits == 32 else "fp16")
+    return (fmt.name, f"int{min(fmt.bits, 8)}")
 DEVICE_CLASSES: tuple[str, ...] = get_args(DeviceClass)
 # Aliases that resolve to a shipped profile only when no profile in the folder claims them: a
 # calibrated ``local.yaml`` written by ``autocompress hw calibrate`` takes ``cpu`` over.
@@ -46,6 +70,9 @@ class Kernels(_Strict):
     sparse_2_4_speedup: float = Field(default=1.0, ge=1.0)
     unstructured_sparse_storage: bool = False  # runtime stores/reads unstructured-sparse weights (bitmap)
     sparse_runtime: str | None = None  # the runtime/library that does so (required with the flag above)
+    # the runtime runs a linear as two factors (low-rank): graph runtimes (onnxruntime, torch) do;
+    # llama.cpp, MLC and TensorRT-LLM build fixed model graphs from their own definitions and do not
+    low_rank: bool = False
 
     @model_validator(mode="after")
     def _sparse_named(self) -> Kernels:
@@ -65,10 +92,14 @@ class Kernels(_Strict):
 
 
 class Anchor(_Strict):
-    """A published end-to-end measurement the profile is checked against (hardware.md §1.3)."""
+    """A published end-to-end measurement the profile is checked against (hardware.md §1.3).
+
+    ``format`` names the registry format the anchor's weights are in, where it is one; else
+    ``bits`` / ``group_size`` / ``symmetric`` describe a generic grid of the same size."""
 
     model: str  # a key of ``autocompress.hardware.anchors.ANCHOR_MODELS``
     weights: str  # the published format label (q4_0, MLC q4f16_1, bf16...)
+    format: FormatKey | None = None
     bits: int = Field(ge=2, le=16)
     group_size: int | None = None
     symmetric: bool = True
@@ -102,6 +133,12 @@ class HardwareProfile(_Strict):
     display_name: str
     device_class: DeviceClass
     runtime: str
+    # the storage formats this runtime runs on this device (registry names); None: every format the
+    # registry lists for the runtime (``formats.for_runtime``). Dense weights are always possible.
+    formats: tuple[FormatKey, ...] | None = None
+    # the format the runtime's own recipes give the output head (llama.cpp: Q6_K, else by its fallback
+    # for the row width); the uniform baselines store the embedding / head so. None: dense.
+    head_format: FormatKey | None = None
     # what the runtime does to activations of quantized matmuls (compress/numerics.py): "exact" (none)
     # or "onnxruntime-cpu" (int8 rounding per weight block / per tensor); the search evaluates with it
     numerics: Literal["exact", "onnxruntime-cpu"] = "exact"
@@ -174,18 +211,35 @@ class HardwareProfile(_Strict):
     def dense_format(self) -> str:
         return "fp32" if self.dense_bits == 32 else "fp16"
 
-    def bw_efficiency_for(self, fmt: str) -> float:
-        """Give the bandwidth efficiency for a weight format key (``fp16``, ``int4``...)."""
-        return self.bw_efficiency_by_format.get(fmt, self.bw_efficiency)  # type: ignore[call-overload]
+    @property
+    def format_names(self) -> tuple[str, ...]:
+        """Give the registry formats this profile's runtime runs (``formats``, else the runtime's own)."""
+        if self.formats is not None:
+            return tuple(self.formats)
+        return tuple(f.name for f in formats.for_runtime(self.runtime))
 
-    def compute_efficiency_for(self, fmt: str) -> float:
-        """Give the compute efficiency of the matmul path for a weight format key."""
-        return self.compute_efficiency_by_format.get(fmt, self.compute_efficiency)  # type: ignore[call-overload]
+    def runs(self, fmt: str) -> bool:
+        """True when the runtime has a kernel for this registry format."""
+        return fmt in self.format_names
 
-    def linear_overhead_us_for(self, fmt: str) -> float:
+    def bw_efficiency_for(self, *keys: str) -> float:
+        """Give the bandwidth efficiency of the first key found (a format name, then its class key
+        such as ``int4`` or ``fp16``), else the profile's default."""
+        return _first(self.bw_efficiency_by_format, keys, self.bw_efficiency)
+
+    def compute_efficiency_for(self, *keys: str) -> float:
+        """Give the compute efficiency of the matmul path for the first key found (as above)."""
+        return _first(self.compute_efficiency_by_format, keys, self.compute_efficiency)
+
+    def linear_overhead_us_for(self, *keys: str) -> float:
         """Give the fixed cost (µs) of one linear stored in a format, all its kernels included."""
-        measured = self.linear_overhead_us_by_format.get(fmt)  # type: ignore[call-overload]
-        return measured if measured is not None else self.kernels_per_linear * self.per_kernel_overhead_us
+        return _first(
+            self.linear_overhead_us_by_format, keys, self.kernels_per_linear * self.per_kernel_overhead_us
+        )
+
+
+def _first(table: dict[str, float], keys: tuple[str, ...], default: float) -> float:
+    return next((table[k] for k in keys if k in table), default)
 
 
 def profiles_dir() -> Path:

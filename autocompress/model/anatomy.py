@@ -12,6 +12,10 @@ from typing import Any
 
 ATTN_ROLES = ("q", "k", "v", "qkv", "o")
 MLP_ROLES = ("gate", "up", "down", "fc1", "fc2")
+_HEADS_OUT = frozenset({"q", "k", "v", "qkv"})  # outputs shrink with kept heads
+_HEADS_IN = frozenset({"o"})
+_MLP_OUT = frozenset({"gate", "up", "fc1"})  # outputs shrink with kept MLP channels
+_MLP_IN = frozenset({"down", "fc2"})
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,39 @@ class LinearSite:
     def params(self) -> int:
         return self.in_features * self.out_features
 
+    def shape_after(self, head_frac: float = 1.0, mlp_frac: float = 1.0) -> tuple[int, int]:
+        """Give the (out, in) shape once the block keeps ``head_frac`` of its heads and ``mlp_frac``
+        of its MLP channels (whole heads and channels, so the products are integers in practice)."""
+        out_f, in_f = self.out_features, self.in_features
+        if self.role in _HEADS_OUT:
+            out_f = max(1, round(out_f * head_frac))
+        elif self.role in _HEADS_IN:
+            in_f = max(1, round(in_f * head_frac))
+        elif self.role in _MLP_OUT:
+            out_f = max(1, round(out_f * mlp_frac))
+        elif self.role in _MLP_IN:
+            in_f = max(1, round(in_f * mlp_frac))
+        return out_f, in_f
+
+
+@dataclass(frozen=True)
+class EmbeddingSite:
+    """The token embedding or the output head: a [rows, cols] table a plan may store in a format.
+
+    ``tied``: the output head is the embedding's own table, so one choice covers both (the plan
+    names it by the embedding). ``rows`` is the vocabulary, ``cols`` the hidden size.
+    """
+
+    name: str
+    role: str  # "embed" | "head"
+    rows: int
+    cols: int
+    tied: bool = False
+
+    @property
+    def params(self) -> int:
+        return self.rows * self.cols
+
 
 @dataclass(frozen=True)
 class BlockInfo:
@@ -50,6 +87,12 @@ class BlockInfo:
     def heads_per_kv(self) -> int:
         return self.num_heads // self.num_kv_heads
 
+    def fractions(self, keep_heads: int | None, keep_mlp_channels: int | None) -> tuple[float, float]:
+        """Give the kept fractions (heads, MLP channels) of a block width choice."""
+        head_frac = 1.0 if keep_heads is None else keep_heads / self.num_heads
+        mlp_frac = 1.0 if keep_mlp_channels is None else keep_mlp_channels / self.mlp_dim
+        return head_frac, mlp_frac
+
 
 @dataclass(frozen=True)
 class ModelAnatomy:
@@ -65,6 +108,15 @@ class ModelAnatomy:
     blocks: tuple[BlockInfo, ...]
     other_params: int  # embeddings, norms, untied heads: everything outside block linears
     tied_embeddings: bool
+    embeddings: tuple[EmbeddingSite, ...] = ()  # the token embedding and (untied) output head
+
+    def find_embedding(self, name: str) -> EmbeddingSite | None:
+        return next((e for e in self.embeddings if e.name == name), None)
+
+    @property
+    def tensor_names(self) -> tuple[str, ...]:
+        """Give every tensor a plan may set: block linears, then embedding / head."""
+        return (*(s.name for s in self.linears), *(e.name for e in self.embeddings))
 
     @property
     def num_blocks(self) -> int:
@@ -91,4 +143,5 @@ class ModelAnatomy:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelAnatomy:
         blocks = tuple(BlockInfo(**{**b, "linears": tuple(LinearSite(**s) for s in b["linears"])}) for b in d["blocks"])
-        return cls(**{**d, "blocks": blocks})
+        embeddings = tuple(EmbeddingSite(**e) for e in d.get("embeddings", ()))
+        return cls(**{**d, "blocks": blocks, "embeddings": embeddings})

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from autocompress.errors import ModelLoadError
-from autocompress.model.anatomy import BlockInfo, LinearSite, ModelAnatomy
+from autocompress.model.anatomy import BlockInfo, EmbeddingSite, LinearSite, ModelAnatomy
 
 # (block-list paths tried in order, {relative linear path: role}) per architecture
 _LAYOUTS: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
@@ -78,6 +78,19 @@ def weight_of(module: nn.Module) -> tuple[int, int, bool]:
     raise ModelLoadError(f"expected a linear layer, found {type(module).__name__}")
 
 
+def embedding_sites(model: nn.Module, tied: bool) -> tuple[EmbeddingSite, ...]:
+    """Give the token embedding and, when untied, the output head as plan tensors (by module name)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    sites = []
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if isinstance(emb, nn.Embedding) and id(emb) in names:
+        sites.append(EmbeddingSite(names[id(emb)], "embed", emb.num_embeddings, emb.embedding_dim, tied))
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not tied and isinstance(head, nn.Linear) and id(head) in names:
+        sites.append(EmbeddingSite(names[id(head)], "head", head.out_features, head.in_features))
+    return tuple(sites)
+
+
 def anatomy_of(model: nn.Module, name: str, model_hash: str) -> ModelAnatomy:
     """Build the anatomy of an (uncompressed) model."""
     arch = architecture_of(model)
@@ -108,6 +121,7 @@ def anatomy_of(model: nn.Module, name: str, model_hash: str) -> ModelAnatomy:
     task = "encoder" if arch == "bert" else "causal-lm"
     tied = bool(getattr(cfg, "tie_word_embeddings", False)) if task == "causal-lm" else False
     return ModelAnatomy(
+        embeddings=embedding_sites(model, tied),
         name=name,
         model_hash=model_hash,
         architecture=arch,

@@ -253,6 +253,17 @@ def _model_folder(key: str, progress: bool) -> tuple[Path, str]:
     return path, path.name
 
 
+def _distributed_dtype(path: Path) -> str:
+    """Give the dtype a model folder's weights were distributed in: its config's, except that our
+    fp32 conversion of the bundled GGUF (and any fp32 folder) counts as bf16 (what exports write)."""
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return "bfloat16"
+    name = cfg.get("dtype") or cfg.get("torch_dtype")
+    return "float16" if name == "float16" else "bfloat16"
+
+
 def _load_folder(path: Path, trust_remote_code: bool) -> tuple[nn.Module, Any]:
     from transformers import AutoTokenizer
 
@@ -263,6 +274,7 @@ def _load_folder(path: Path, trust_remote_code: bool) -> tuple[nn.Module, Any]:
         )
     except Exception as exc:
         raise ModelLoadError(f"cannot load weights from {path}: {str(exc).splitlines()[0][:200]}") from None
+    model.config.autocompress_storage_dtype = _distributed_dtype(path)
     tokenizer: Any = None
     if (path / ByteTokenizer.MARKER).is_file():
         tokenizer = ByteTokenizer()

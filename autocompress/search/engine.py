@@ -171,7 +171,9 @@ def search(
     if jobs > 1 and storage is not None and storage.startswith("sqlite:///:memory:"):
         raise StudyError("--jobs needs a storage that several processes can share (not an in-memory database)")
     profile = load_profile(hw)  # fail fast on a bad profile, before loading anything heavy
-    space_obj = SearchSpace.load(space).for_runtime(profile.runtime)  # ties q/k/v where the runtime fuses them
+    space_obj = SearchSpace.load(space).for_profile(profile)  # its formats; ties where the runtime fuses
+    for note in space_obj.removed:
+        say(f"space for {profile.id}: removed {note}")
     study_name = study or f"{space_obj.name}-{profile.id}"
     study_dir = Path(out) / study_name
     check_writable(study_dir, StudyError)

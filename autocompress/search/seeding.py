@@ -14,9 +14,9 @@ from dataclasses import replace
 from typing import Any
 
 from autocompress.errors import PlanError
-from autocompress.evaluate.sensitivity import SensitivityTable, choice_parts
+from autocompress.evaluate.sensitivity import EMBEDDING_UNIT, SensitivityTable, choice_parts
 from autocompress.hardware import CostModel
-from autocompress.space import SearchSpace, SpaceContext, layer_choice
+from autocompress.space import EMBEDDING_PARAM, SearchSpace, SpaceContext, layer_choice
 
 TARGETS = (0.3, 0.5, 0.7, 0.85, 0.95)
 
@@ -25,12 +25,21 @@ def _unit_options(
     space: SearchSpace, ctx: SpaceContext, table: SensitivityTable, cost_model: CostModel
 ) -> list[list[tuple[dict[str, Any], float, float]]]:
     """Give, per unit, the options (params, KL alone, latency saved alone) with a non-negative saving."""
-    base_params = space._uniform_params(ctx.anatomy, {})
+    base_params = space.uniform_params(ctx.anatomy, {})
     base_plan = replace(space.plan_from_params(base_params or {}, ctx), layers={}, blocks={}, drop_blocks=())
     base_latency = cost_model.predict(base_plan).latency_ms
     units = []
-    for prefix, group, names in space._units(ctx.anatomy):
-        lv = space.levels_for(group)
+    emb_options: list[tuple[dict[str, Any], float, float]] = []
+    emb_sites = [e.name for e in ctx.anatomy.embeddings]
+    for lvl, choice in space.embedding_choices(ctx.anatomy):  # the embedding / head table: one unit
+        kl = sum(table.entries.get(f"{EMBEDDING_UNIT}|{p}", math.inf) for p in choice_parts(choice))
+        saved = base_latency - cost_model.predict(replace(base_plan, layers=dict.fromkeys(emb_sites, choice))).latency_ms
+        if math.isfinite(kl) and (saved >= 0 or choice.is_identity):
+            emb_options.append(({EMBEDDING_PARAM: lvl}, kl, max(saved, 0.0)))
+    if emb_options:
+        units.append(emb_options)
+    for prefix, group, names in space.units(ctx.anatomy):
+        lv = space.unit_levels(group, names, ctx.anatomy)
         options: dict[str, tuple[dict[str, Any], float, float]] = {}
         for combo in itertools.product(*lv.values()):
             setting = dict(zip(lv, combo, strict=True))
@@ -66,7 +75,7 @@ def knapsack_seed_params(
     """Give trial parameters of the least-KL plan for each latency-saving target (fraction of the most saving)."""
     if space.granularity == "model":
         return {}
-    base = space._uniform_params(ctx.anatomy, {})
+    base = space.uniform_params(ctx.anatomy, {})
     if base is None:
         return {}
     units = _unit_options(space, ctx, table, cost_model)

@@ -42,7 +42,7 @@ def run_worker(
     if not settings or "run" not in settings:
         raise StudyError(f"study {study!r} was not created by `autocompress search`; nothing to join")
     run = settings["run"]
-    space = SearchSpace.load(run["space"]).for_runtime(load_profile(settings["profile"]).runtime)
+    space = SearchSpace.load(run["space"]).for_profile(load_profile(settings["profile"]))
     wb = Workbench.open(run["model"], DataConfig(**run["data"]), log=say)
     if wb.lm.anatomy.model_hash != settings["model_hash"] or wb.data.data_hash != settings["data_hash"]:
         raise StudyError(f"this machine's model or data differ from study {study!r}'s; refusing to join")
