@@ -1,4 +1,8 @@
-"""Atomic file output: write to a temporary name in the same folder, then rename."""
+"""Atomic file output: write to a temporary name in the same folder, then rename.
+
+Temporary names are created private (``mkstemp`` 0600, ``mkdtemp`` 0700, and safetensors writes
+0600 files); before the rename every output is given the mode a plain ``open()`` / ``mkdir`` would
+have given it under the user's umask, so the private mode never survives into the result."""
 
 from __future__ import annotations
 
@@ -19,13 +23,26 @@ def _umask() -> int:
     return mask
 
 
+def follow_umask(path: str | Path) -> None:
+    """Give ``path`` (and, for a folder, everything in it) the modes the umask gives new files:
+    0o777 & ~umask for folders and executables, 0o666 & ~umask for other files. Links are left alone."""
+    mask = _umask()
+    root = Path(path)
+    todo = [root, *root.rglob("*")] if root.is_dir() and not root.is_symlink() else [root]
+    for p in todo:
+        if p.is_symlink():
+            continue
+        executable = p.is_dir() or os.stat(p).st_mode & 0o111
+        os.chmod(p, (0o777 if executable else 0o666) & ~mask)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` so that readers see the old file or the new one, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the mode a plain open() would
+        follow_umask(tmp)  # mkstemp makes 0600; give the mode a plain open() would
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
         os.replace(tmp, path)
@@ -63,6 +80,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        follow_umask(tmp)  # mkdtemp makes 0700 and safetensors writes 0600: give what mkdir / open() would
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -78,14 +96,18 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
 def read_yaml(path: str | Path, error: type[Exception], what: str) -> Any:
     """Give the parsed content of a YAML file (``safe_load``); any problem raises ``error`` in one line."""
+    return parse_yaml(read_text(path, error, what), error, str(path))
+
+
+def read_text(path: str | Path, error: type[Exception], what: str) -> str:
+    """Give the text of a UTF-8 file; a missing or unreadable file raises ``error`` in one line."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise error(f"{what} not found: {path}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise error(f"cannot read {what} {path}: {exc.__class__.__name__}") from None
-    return parse_yaml(text, error, str(path))
 
 
 def parse_yaml(text: str, error: type[Exception], source: str) -> Any:

@@ -133,14 +133,60 @@ def test_malformed_yaml_is_a_plan_error(tmp_path):
 
 def test_truncated_plan_file_is_a_plan_error(tiny_llama, tmp_path):
     text = _mixed_plan(tiny_llama.anatomy).to_yaml()
-    for cut in (len(text) // 3, len(text) // 2, len(text) - 40):
+    lines = text.splitlines(keepends=True)
+    # every cut at a line end past the header, and inside lines: each one must fail loudly, never load
+    cuts = sorted({len("".join(lines[:i])) for i in range(2, len(lines))} | {len(text) // 3, len(text) - 40})
+    for cut in cuts:
         f = tmp_path / f"t{cut}.yaml"
         f.write_text(text[:cut])
-        try:
+        with pytest.raises(PlanError) as exc:
             Plan.load(f)
-        except PlanError:
-            continue  # a clear error is right; a silently different plan would not be
-        assert Plan.load(f) != _mixed_plan(tiny_llama.anatomy) or cut == len(text)
+        assert str(f) in str(exc.value) and "\n" not in str(exc.value)
+
+
+def _saved(tiny_llama, tmp_path):
+    plan = _mixed_plan(tiny_llama.anatomy)
+    return plan, plan.save(tmp_path / "p.yaml")
+
+
+def test_a_changed_number_is_refused_unless_forced(tiny_llama, tmp_path):
+    plan, f = _saved(tiny_llama, tmp_path)
+    text = f.read_text()
+    assert "seed: 7\n" in text and "group_size: 32\n" in text
+    for old, new in (("seed: 7\n", "seed: 8\n"), ("group_size: 32\n", "group_size: 64\n")):
+        edited = tmp_path / "edited.yaml"
+        edited.write_text(text.replace(old, new))
+        with pytest.raises(PlanError, match=r"does not match the checksum.*--force") as exc:
+            Plan.load(edited)
+        assert str(edited) in str(exc.value)
+        forced = Plan.load(edited, force=True)  # accepted as it now reads, and hashed from that content
+        assert forced != plan and forced.hash() != plan.hash()
+        assert forced.hash() == Plan.from_yaml(text.replace(old, new)).hash()
+        again = forced.save(tmp_path / "again.yaml")  # saving writes a fresh checksum: loads unforced
+        assert Plan.load(again) == forced
+
+
+def test_a_reordered_but_equal_file_is_accepted(tiny_llama, tmp_path):
+    plan, f = _saved(tiny_llama, tmp_path)
+    header = [line for line in f.read_text().splitlines(keepends=True) if line.startswith("#")]
+    body = yaml.safe_load(f.read_text())
+    reordered = dict(reversed(list(body.items())))
+    reordered["provenance"] = dict(reversed(list(body["provenance"].items())))
+    text = "".join(header) + "# a comment of mine\n" + yaml.safe_dump(reordered, sort_keys=False, indent=4)
+    assert text != f.read_text()
+    g = tmp_path / "reordered.yaml"
+    g.write_text(text)
+    assert Plan.load(g) == plan
+
+
+def test_a_plan_without_a_checksum_line_still_loads(tiny_llama, tmp_path):
+    plan, f = _saved(tiny_llama, tmp_path)
+    old = tmp_path / "old.yaml"  # as written before plans carried a checksum
+    old.write_text("".join(line for line in f.read_text().splitlines(keepends=True) if "sha256" not in line))
+    assert Plan.load(old) == plan
+    bare = tmp_path / "bare.yaml"  # written by hand, no header at all
+    bare.write_text(yaml.safe_dump(plan.to_dict()))
+    assert Plan.load(bare) == plan
 
 
 @functools.cache
