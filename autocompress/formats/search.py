@@ -1,0 +1,212 @@
+"""llama.cpp's scale searches (``ggml-quants.c``), vectorised over blocks.
+
+Every function takes x [B, n] (B blocks of n weights, float32) and searches each block's scale the
+way the C function of the same name does for one block. Loops run over the search's trials or over
+the n positions of a block (coordinate descent), never over blocks. Where the C code picks the best
+of independent trials sequentially with a strict comparison, we take the first arg-best, which is the
+same choice up to float rounding of the comparison; trials that depend on the previous acceptance
+(``make_qkx2_quants``/``make_qkx3_quants`` move the minimum) run sequentially here too.
+"""
+
+from __future__ import annotations
+
+import torch
+
+GROUP_MAX_EPS = 1e-15
+
+
+def signed_absmax(x: torch.Tensor) -> torch.Tensor:
+    """Give each row's value of largest magnitude, sign kept (the first one on ties, as the C loops)."""
+    return x.gather(1, x.abs().argmax(dim=1, keepdim=True)).squeeze(1)
+
+
+def _pick(merit: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Give each tensor [B, T, ...] at each block's first arg-max of merit [B, T]."""
+    best = merit.argmax(dim=1)
+    out = []
+    for t in tensors:
+        idx = best.view(-1, *([1] * (t.dim() - 1))).expand(-1, 1, *t.shape[2:])
+        out.append(t.gather(1, idx).squeeze(1))
+    return out
+
+
+def make_qx_quants(
+    x: torch.Tensor, nmax: int, weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Give (scale [B], L [B, n] in 0..2·nmax-1) of a symmetric grid ``scale·(L - nmax)`` (rmse_type 1).
+
+    Weights default to x² (llama.cpp's rmse_type 1 without quant weights). Trials: -nmax/max, then
+    -(nmax + 0.1·is)/max for is = -9..9; the one maximising (Σwxl)²/Σwl² wins.
+    """
+    w = x * x if weights is None else weights
+    mx = signed_absmax(x)
+    dead = mx.abs() < GROUP_MAX_EPS
+    safe = torch.where(dead, torch.ones_like(mx), mx)
+    steps = torch.tensor([0.0] + [float(i) for i in range(-9, 10) if i], dtype=torch.float32)
+    iscale = -(nmax + 0.1 * steps)[None, :] / safe[:, None]  # [B, T]
+    ell = torch.round(iscale[:, :, None] * x[:, None, :]).clamp_(-nmax, nmax - 1)  # [B, T, n]
+    wx = (w * x)[:, None, :]
+    sumlx = (wx * ell).sum(-1)
+    suml2 = (w[:, None, :] * ell * ell).sum(-1)
+    merit = torch.where(suml2 > 0, sumlx * sumlx / torch.where(suml2 > 0, suml2, 1), float("-inf"))
+    merit[:, 0] = torch.where(suml2[:, 0] > 0, merit[:, 0], 0.0)
+    slx, sl2, ell = _pick(merit, sumlx, suml2, ell)
+    scale = torch.where(sl2 > 0, slx / torch.where(sl2 > 0, sl2, 1), 0.0)
+    scale = torch.where(dead, 0.0, scale)
+    codes = torch.where(dead[:, None], 0.0, ell + nmax)
+    return scale, codes
+
+
+def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Give (scale [B], L [B, n] in 0..2·nmax-1): ``make_q3_quants`` with do_rmse (5 rounds of coordinate descent)."""
+    mx = signed_absmax(x)
+    dead = mx.abs() < GROUP_MAX_EPS
+    iscale = -nmax / torch.where(dead, torch.ones_like(mx), mx)
+    ell = torch.round(iscale[:, None] * x).clamp_(-nmax, nmax - 1)
+    w = x * x
+    wx = w * x
+    sumlx = (wx * ell).sum(1)
+    suml2 = (w * ell * ell).sum(1)
+    for _ in range(5):
+        for i in range(x.shape[1]):
+            li, wi, wxi = ell[:, i], w[:, i], wx[:, i]
+            slx = sumlx - wxi * li
+            sl2 = suml2 - wi * li * li
+            ok = slx > 0
+            new = torch.round(x[:, i] * sl2 / torch.where(ok, slx, 1)).clamp_(-nmax, nmax - 1)
+            slx2 = slx + wxi * new
+            sl22 = sl2 + wi * new * new
+            acc = ok & (new != li) & (sl22 > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
+            ell[:, i] = torch.where(acc, new, li)
+            sumlx = torch.where(acc, slx2, sumlx)
+            suml2 = torch.where(acc, sl22, suml2)
+    scale = torch.where(suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, 1), 0.0)
+    return torch.where(dead, 0.0, scale), torch.where(dead[:, None], 0.0, ell + nmax)
+
+
+def make_qkx_quants(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    nmax: int,
+    rmin: float,
+    rdelta: float,
+    nstep: int,
+    use_mad: bool,
+    guarded: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Give (scale [B], the_min [B] ≥ 0, L [B, n] in 0..nmax) of an affine grid ``scale·L - the_min``.
+
+    ``make_qkx2_quants`` (guarded False) and ``make_qkx3_quants`` (guarded True: codes of v ≤ 0 are
+    0 and v is capped at nmax before rounding). Each trial re-fits scale and min by weighted least
+    squares and is kept if its weighted error is lower; later trials start from the kept minimum.
+    """
+    mn = x.min(dim=1).values.clamp(max=0.0)
+    mx = x.max(dim=1).values
+    dead = mx <= mn
+    sum_w = weights.sum(1)
+    sum_x = (weights * x).sum(1)
+
+    def err_of(scale: torch.Tensor, lo: torch.Tensor, ell: torch.Tensor) -> torch.Tensor:
+        diff = scale[:, None] * ell + lo[:, None] - x
+        return (weights * (diff.abs() if use_mad else diff * diff)).sum(1)
+
+    rng = torch.where(dead, torch.ones_like(mx), mx - mn)
+    iscale = nmax / rng
+    scale = 1 / iscale
+    ell = torch.round(iscale[:, None] * (x - mn[:, None])).clamp_(0, nmax)
+    best = err_of(scale, mn, ell)
+    lo = mn
+    for step in range(nstep + 1):
+        isc = (rmin + rdelta * step + nmax) / (mx - lo)
+        v = isc[:, None] * (x - lo[:, None])
+        if guarded:
+            cand = torch.where(v > 0, torch.round(torch.clamp(v, max=float(nmax))), 0.0)
+        else:
+            cand = torch.round(v).clamp_(0, nmax)
+        cand = torch.nan_to_num(cand, nan=0.0)
+        sum_l = (weights * cand).sum(1)
+        sum_l2 = (weights * cand * cand).sum(1)
+        sum_xl = (weights * cand * x).sum(1)
+        d = sum_w * sum_l2 - sum_l * sum_l
+        d_safe = torch.where(d > 0, d, 1)
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / d_safe
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / d_safe
+        pos = this_min > 0
+        this_scale = torch.where(pos, sum_xl / torch.where(sum_l2 > 0, sum_l2, 1), this_scale)
+        this_min = torch.where(pos, 0.0, this_min)
+        cur = err_of(this_scale, this_min, cand)
+        acc = (d > 0) & (cur < best) & ~dead
+        ell = torch.where(acc[:, None], cand, ell)
+        best = torch.where(acc, cur, best)
+        scale = torch.where(acc, this_scale, scale)
+        lo = torch.where(acc, this_min, lo)
+    scale = torch.where(dead, 0.0, scale)
+    ell = torch.where(dead[:, None], 0.0, ell)
+    return scale, -lo, ell
+
+
+def make_qp_quants(x: torch.Tensor, nmax: int, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Give (scale [B], L [B, n] in 0..nmax) of a non-negative grid ``scale·L`` for non-negative x.
+
+    llama.cpp quantizes the sub-block scales and mins of K-quants with this when an imatrix is given:
+    a search over 9 scales by weighted MSE, then 5 rounds of coordinate descent.
+    """
+    mx = x.max(dim=1).values.clamp(min=0.0)
+    dead = mx < GROUP_MAX_EPS
+    safe = torch.where(dead, torch.ones_like(mx), mx)
+    steps = torch.tensor([0.0] + [float(i) for i in range(-4, 5) if i], dtype=torch.float32)
+    isc = (0.1 * steps + nmax)[None, :] / safe[:, None]  # [B, T]
+    ell = torch.round(isc[:, :, None] * x[:, None, :])
+    ell[:, 1:] = ell[:, 1:].clamp(max=nmax)  # the first (reference) trial is not capped in the C code
+    diff = x[:, None, :] - (1 / isc)[:, :, None] * ell
+    mse = (weights[:, None, :] * diff * diff).sum(-1)
+    (isc_best,) = _pick(-mse, isc[:, :, None])
+    ell = torch.round(isc_best * x).clamp_(max=nmax)
+    wx = weights * x
+    sumlx = (wx * ell).sum(1)
+    suml2 = (weights * ell * ell).sum(1)
+    for _ in range(5):
+        for i in range(x.shape[1]):
+            li, wi, wxi = ell[:, i], weights[:, i], wx[:, i]
+            slx = sumlx - wxi * li
+            sl2 = suml2 - wi * li * li
+            ok = (slx > 0) & (sl2 > 0)
+            new = torch.round(x[:, i] * sl2 / torch.where(ok, slx, 1)).clamp_(max=nmax)
+            slx2 = slx + wxi * new
+            sl22 = sl2 + wi * new * new
+            acc = ok & (new != li) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
+            ell[:, i] = torch.where(acc, new, li)
+            sumlx = torch.where(acc, slx2, sumlx)
+            suml2 = torch.where(acc, sl22, suml2)
+    scale = torch.where(suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, 1), 0.0)
+    return torch.where(dead, 0.0, scale), torch.where(dead[:, None], 0.0, ell)
+
+
+def nearest_level(t: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Give the index of the nearest level (ties to the upper one, as ``best_index_int8``)."""
+    return torch.bucketize(t, (levels[1:] + levels[:-1]) / 2, right=True)
+
+
+def iq4_nl_scale(x: torch.Tensor, weights: torch.Tensor, values: torch.Tensor, ntry: int = 7) -> torch.Tensor:
+    """Give each block's scale d [B] for the non-linear grid ``d·values`` (``quantize_row_iq4_nl_impl``).
+
+    Start from d = max/|values[0]| and a least-squares refit, then try 1/d = (itry + values[0])/max for
+    itry = -ntry..ntry, keeping the refit that maximises (Σwqx)²/Σwq².
+    """
+    mx = signed_absmax(x)
+    dead = mx.abs() < GROUP_MAX_EPS
+    safe = torch.where(dead, torch.ones_like(mx), mx)
+    v0 = float(values[0])
+    id0 = 1 / (-safe / v0)
+    ids = torch.cat(
+        [id0[:, None], (torch.arange(-ntry, ntry + 1, dtype=torch.float32)[None, :] + v0) / safe[:, None]], 1
+    )
+    q = values[nearest_level(ids[:, :, None] * x[:, None, :], values)]  # [B, T, n]
+    wq = weights[:, None, :] * q
+    sumqx = (wq * x[:, None, :]).sum(-1)
+    sumq2 = (wq * q).sum(-1)
+    merit = torch.where(sumq2 > 0, sumqx * sumqx / torch.where(sumq2 > 0, sumq2, 1), float("-inf"))
+    merit[:, 0] = torch.where(sumq2[:, 0] > 0, merit[:, 0], 0.0)
+    sqx, sq2 = _pick(merit, sumqx, sumq2)
+    d = torch.where(sq2 > 0, sqx / torch.where(sq2 > 0, sq2, 1), 0.0)
+    return torch.where(dead, 0.0, d)
