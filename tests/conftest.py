@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import stat
+from pathlib import Path
+
 import pytest
 
 from autocompress.calib import DataConfig
@@ -25,6 +29,26 @@ def any_tiny(request):
 @pytest.fixture
 def tiny_llama():
     return load_model("tiny-llama")
+
+
+@pytest.fixture
+def umask_027():
+    """Run the test under umask 027 (group may read, others nothing), as a cautious user would."""
+    old = os.umask(0o027)
+    yield 0o027
+    os.umask(old)
+
+
+def assert_modes_follow_umask(root: Path, mask: int) -> int:
+    """Check ``root`` and everything in it has the mode a plain mkdir / open() gives under ``mask``; give the count."""
+    paths = [root, *root.rglob("*")]
+    for p in paths:
+        if p.is_symlink():
+            continue
+        mode = stat.S_IMODE(p.stat().st_mode)
+        want = (0o777 if p.is_dir() or mode & 0o111 else 0o666) & ~mask
+        assert mode == want, f"{p} has mode {oct(mode)}, the umask {oct(mask)} gives {oct(want)}"
+    return len(paths)
 
 
 def plan_for(anatomy, **kwargs) -> Plan:

@@ -10,6 +10,7 @@ import optuna
 import pytest
 
 from autocompress.cli import main
+from tests.conftest import assert_modes_follow_umask
 
 TINY = [
     "--model",
@@ -75,7 +76,7 @@ def _weight_hash(out: str) -> str:
     return m.group(1)
 
 
-def test_search_apply_resume(capsys, tmp_path):
+def test_search_apply_resume(capsys, tmp_path, umask_027):
     studies = tmp_path / "studies"
     code, out, err = run(
         ["search", "--out", str(studies), "--study", "t", "--trials", "10", "--hw", "jetson", *TINY], capsys
@@ -107,6 +108,9 @@ def test_search_apply_resume(capsys, tmp_path):
         assert (tmp_path / name / "plan.yaml").is_file() and (tmp_path / name / "model.safetensors").is_file()
     assert hashes[0] == hashes[1]
     assert (tmp_path / "x1" / "plan.yaml").read_bytes() == Path(plan).read_bytes()
+    # the study and the applied model follow the umask, not the private modes of their temporary names
+    assert assert_modes_follow_umask(sdir, umask_027) > 10
+    assert assert_modes_follow_umask(tmp_path / "x1", umask_027) >= 4
 
     storage = f"sqlite:///{sdir / 'study.db'}"
     before = {t.number: t.values for t in optuna.load_study(study_name="t", storage=storage).trials if t.values}
@@ -144,6 +148,24 @@ def test_apply_errors(capsys, tmp_path):
     assert code == 2 and "not valid YAML" in err and not (tmp_path / "o").exists()
     code, _, err = run(["apply", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and "not found" in err
+
+
+def test_an_edited_plan_is_refused_unless_forced(capsys, tmp_path):
+    from autocompress.plan import Plan
+    from autocompress.workbench import Workbench
+    from tests.conftest import TINY_DATA, plan_for
+
+    wb = Workbench.open("tiny-llama", TINY_DATA)
+    f = plan_for(wb.lm.anatomy, drop_blocks=(1,), provenance=wb.provenance()).save(tmp_path / "p.yaml")
+    f.write_text(f.read_text().replace("- 1\n", "- 2\n"))  # drop another block, checksum unchanged
+    for command in (["apply", str(f), "--out", str(tmp_path / "o")], ["evaluate", str(f)]):
+        code, out, err = run(command, capsys)
+        assert code == 2 and not out and not (tmp_path / "o").exists()
+        assert err.count("\n") == 1 and str(f) in err and "checksum" in err and "--force" in err
+    code, out, err = run(["apply", str(f), "--out", str(tmp_path / "o"), "--force"], capsys)
+    assert code == 0, err
+    written = Plan.load(tmp_path / "o" / "plan.yaml")  # re-hashed: loads without --force
+    assert written.drop_blocks == (2,) and written == Plan.load(f, force=True)
 
 
 def test_plan_for_another_model_fails_cleanly(capsys, tmp_path):
