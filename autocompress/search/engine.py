@@ -33,6 +33,7 @@ from autocompress.plan import ModelRef, Plan
 from autocompress.search import heartbeat, hypervolume
 from autocompress.search.budget import Budget, check_fits_memory
 from autocompress.search.heartbeat import GRACE_S, HEARTBEAT_S
+from autocompress.search.interrupt import InterruptGate
 from autocompress.search.pareto import pareto_front
 from autocompress.search.report import describe_plan, write_outputs
 from autocompress.search.result import Candidate, SearchResult
@@ -354,6 +355,7 @@ class TrialRunner:
 
     def __post_init__(self) -> None:
         self.cache = self.wb.eval_cache()
+        self.interrupts = InterruptGate()
         self.ladder = Ladder(quality_limit=self.budget.quality_loss)
         self.predictor = QualityPredictor()
         self.samples: list[tuple[list[float], float, float]] = []  # (features, rung-0 sum, measured KL)
@@ -431,18 +433,23 @@ class TrialRunner:
             if why:
                 self._stop(trial, 0, f"{source}: {why}")
                 return None
-        with self.wb.evaluating(plan, self.wb.apply(plan)) as model:
+        with self.interrupts.open():  # the time goes here: Ctrl-C stops it at once
+            compressed = self.wb.apply(plan)
+        with self.wb.evaluating(plan, compressed) as model:
             rows = self.evaluator.proxy_rows
             if rows < 2:
-                fid = self.evaluator.proxy(model)
+                with self.interrupts.open():
+                    fid = self.evaluator.proxy(model)
                 return {**asdict(fid), "partial_kl": math.nan}
-            first = self.evaluator.proxy(model, slice(0, 1))
+            with self.interrupts.open():
+                first = self.evaluator.proxy(model, slice(0, 1))
             trial.set_user_attr("rung1_partial_kl", first.kl)
             why = self.ladder.blocker(self.ladder.lower_bound("partial", first.kl), lat, mem) if gate else None
             if why:
                 self._stop(trial, 1, f"first of {rows} proxy sequences: {why}")
                 return None
-            rest = self.evaluator.proxy(model, slice(1, None))
+            with self.interrupts.open():
+                rest = self.evaluator.proxy(model, slice(1, None))
         return {**asdict(merge([(first, 1), (rest, rows - 1)])), "partial_kl": first.kl}
 
     def run(self, trials: int, deadline: float | None, progress: Any = None) -> int:
@@ -470,84 +477,90 @@ class TrialRunner:
             if asks >= max_asks:
                 break
             asks += 1
-            trial = opt.ask()
-            beat.track(trial)  # mark it ours; keep its heartbeat fresh; recover stale trials now and then
-            if isinstance(opt.sampler, optuna.samplers.NSGAIISampler) and (
-                "baseline" in trial.user_attrs or "seed" in trial.user_attrs
-            ):
-                # Optuna leaves fully enqueued trials outside every generation; make the seeds generation 0.
-                opt._storage.set_trial_system_attr(trial._trial_id, "NSGAIISampler:generation", 0)
-            try:
-                plan = space.suggest(trial, ctx).with_provenance(trial=trial.number)
-                plan.validate(anatomy)
-                cost = cost_model.predict(plan)
-                phash = plan.hash()
-                trial.set_user_attr("plan_hash", phash)
-                trial.set_user_attr("plan", describe_plan(plan, anatomy))  # readable in optuna-dashboard
-                trial.set_user_attr("pid", os.getpid())
-                est = self._estimate(plan)
-                if est is not None:
-                    trial.set_user_attr("rung0_kl", est[0])
-                trial.set_user_attr("cost", cost.to_dict())
-                violations = {k: getattr(cost, k) - v for k, v in budget.cost_items().items()}
-                for k, v in violations.items():
-                    trial.set_constraint(k, v)
-                broken = [
-                    f"{k} {getattr(cost, k):.3g} > {getattr(budget, k):g}" for k, v in violations.items() if v > 0
-                ]
-                if broken:
-                    if budget.quality_loss is not None:
-                        trial.set_constraint("quality_loss", 0.0)
-                    trial.set_user_attr("screened_out", "; ".join(broken))
-                    opt.tell(trial, state=TrialState.PRUNED)
-                    continue
-                res = self.known.get(phash) or self.cache.get("proxy", phash)
-                if res is None:
-                    res = self._climb(trial, plan, cost, est)
-                    if res is None:
+            # Ctrl-C waits for a safe point (see interrupt.py): none lands between ask and claim, or mid-write
+            with self.interrupts.shut():
+                trial = opt.ask()
+                beat.track(trial)  # mark it ours; keep its heartbeat fresh; recover stale trials now and then
+                if isinstance(opt.sampler, optuna.samplers.NSGAIISampler) and (
+                    "baseline" in trial.user_attrs or "seed" in trial.user_attrs
+                ):
+                    # Optuna leaves fully enqueued trials outside every generation; make the seeds generation 0.
+                    opt._storage.set_trial_system_attr(trial._trial_id, "NSGAIISampler:generation", 0)
+                try:
+                    plan = space.suggest(trial, ctx).with_provenance(trial=trial.number)
+                    plan.validate(anatomy)
+                    cost = cost_model.predict(plan)
+                    phash = plan.hash()
+                    trial.set_user_attr("plan_hash", phash)
+                    trial.set_user_attr("plan", describe_plan(plan, anatomy))  # readable in optuna-dashboard
+                    trial.set_user_attr("pid", os.getpid())
+                    est = self._estimate(plan)
+                    if est is not None:
+                        trial.set_user_attr("rung0_kl", est[0])
+                    trial.set_user_attr("cost", cost.to_dict())
+                    violations = {k: getattr(cost, k) - v for k, v in budget.cost_items().items()}
+                    for k, v in violations.items():
+                        trial.set_constraint(k, v)
+                    broken = [
+                        f"{k} {getattr(cost, k):.3g} > {getattr(budget, k):g}" for k, v in violations.items() if v > 0
+                    ]
+                    if broken:
+                        if budget.quality_loss is not None:
+                            trial.set_constraint("quality_loss", 0.0)
+                        trial.set_user_attr("screened_out", "; ".join(broken))
+                        opt.tell(trial, state=TrialState.PRUNED)
                         continue
-                    self.cache.put("proxy", phash, res)
-                self.known[phash] = res
-                kl = res["kl"]
-                trial.set_user_attr("top1_agreement", res["top1_agreement"])
-                trial.set_user_attr("topk_kl", res["topk_kl"])
-                if math.isfinite(res.get("partial_kl", math.nan)):
-                    trial.set_user_attr("rung1_partial_kl", res["partial_kl"])
-                trial.set_user_attr("rung", 1)
-                if budget.quality_loss is not None:
-                    trial.set_constraint("quality_loss", kl - budget.quality_loss)
-                plan.save(study_dir / "plans" / f"{trial.number}.yaml")
-                hypervolume.record(opt, trial, [kl, cost.latency_ms, cost.memory_mb], cost_model, space, ctx)
-                opt.tell(trial, [kl, cost.latency_ms, cost.memory_mb])
-                self.ladder.observe(
-                    trial.number,
-                    kl,
-                    cost.latency_ms,
-                    cost.memory_mb,
-                    rung0=est[0] if est else None,
-                    partial=res.get("partial_kl"),
-                )
-                if est is not None:
-                    self.samples.append((est[1], est[0], kl))
-                    self._refit()
-                mine += 1
-                fails_in_a_row = 0
-                if progress:
-                    front = len(opt.best_trials)  # current Pareto front (feasible trials only)
-                    progress.update(
-                        task, completed=min(n_done(), trials), description=f"search · front {front} · KL {kl:.3f}"
+                    res = self.known.get(phash) or self.cache.get("proxy", phash)
+                    if res is None:
+                        res = self._climb(trial, plan, cost, est)
+                        if res is None:
+                            continue
+                        self.cache.put("proxy", phash, res)
+                    self.known[phash] = res
+                    kl = res["kl"]
+                    trial.set_user_attr("top1_agreement", res["top1_agreement"])
+                    trial.set_user_attr("topk_kl", res["topk_kl"])
+                    if math.isfinite(res.get("partial_kl", math.nan)):
+                        trial.set_user_attr("rung1_partial_kl", res["partial_kl"])
+                    trial.set_user_attr("rung", 1)
+                    if budget.quality_loss is not None:
+                        trial.set_constraint("quality_loss", kl - budget.quality_loss)
+                    plan.save(study_dir / "plans" / f"{trial.number}.yaml")
+                    hypervolume.record(opt, trial, [kl, cost.latency_ms, cost.memory_mb], cost_model, space, ctx)
+                    opt.tell(trial, [kl, cost.latency_ms, cost.memory_mb])
+                    self.ladder.observe(
+                        trial.number,
+                        kl,
+                        cost.latency_ms,
+                        cost.memory_mb,
+                        rung0=est[0] if est else None,
+                        partial=res.get("partial_kl"),
                     )
-            except KeyboardInterrupt:
-                _fail(opt, trial, "interrupted by the user")
-                raise
-            except Exception as exc:
-                last_reason = (
-                    str(exc) if isinstance(exc, AutocompressError) else f"{exc.__class__.__name__}: {str(exc)[:300]}"
-                )
-                _fail(opt, trial, last_reason)
-                fails_in_a_row += 1
-                if fails_in_a_row >= MAX_FAILS_IN_A_ROW:
-                    raise StudyError(f"{fails_in_a_row} trials in a row failed; the last with: {last_reason}") from None
+                    if est is not None:
+                        self.samples.append((est[1], est[0], kl))
+                        self._refit()
+                    mine += 1
+                    fails_in_a_row = 0
+                    if progress:
+                        front = len(opt.best_trials)  # current Pareto front (feasible trials only)
+                        progress.update(
+                            task, completed=min(n_done(), trials), description=f"search · front {front} · KL {kl:.3f}"
+                        )
+                except KeyboardInterrupt:
+                    _fail(opt, trial, "interrupted by the user")
+                    raise
+                except Exception as exc:
+                    last_reason = (
+                        str(exc)
+                        if isinstance(exc, AutocompressError)
+                        else f"{exc.__class__.__name__}: {str(exc)[:300]}"
+                    )
+                    _fail(opt, trial, last_reason)
+                    fails_in_a_row += 1
+                    if fails_in_a_row >= MAX_FAILS_IN_A_ROW:
+                        raise StudyError(
+                            f"{fails_in_a_row} trials in a row failed; the last with: {last_reason}"
+                        ) from None
         beat.stop()
         return mine
 

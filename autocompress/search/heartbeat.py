@@ -40,6 +40,48 @@ def owner_tag() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def claim_at_creation(study: optuna.Study) -> None:
+    """Make the trials this process's ``study.ask()`` starts carry their owner from the write that starts them.
+
+    ``ask`` writes a trial RUNNING, then runs the sampler, and only then returns it to be claimed: a
+    process killed in that gap left a trial with no owner, which looked like a live worker's for the
+    whole grace period (and stayed RUNNING past the end of a short resumed run). New trials are now
+    created with the owner in the same write; a queued trial ``ask`` pops is claimed by the next
+    write, before the sampler runs.
+    """
+    storage = study._storage
+    if getattr(storage, "_autocompress_claims", False):
+        return
+    create, set_state = storage.create_new_trial, storage.set_trial_state_values
+
+    def create_new_trial(study_id: int, template_trial: FrozenTrial | None = None) -> int:
+        if template_trial is None:  # a trial ask() starts (enqueue_trial passes a WAITING template)
+            template_trial = FrozenTrial(
+                number=-1,
+                state=TrialState.RUNNING,
+                value=None,
+                datetime_start=datetime.datetime.now(),
+                datetime_complete=None,
+                params={},
+                distributions={},
+                user_attrs={},
+                system_attrs={OWNER: owner_tag()},
+                intermediate_values={},
+                trial_id=-1,
+            )
+        return create(study_id, template_trial)
+
+    def set_trial_state_values(trial_id: int, state: TrialState, values: object = None) -> bool:
+        started = set_state(trial_id, state=state, values=values)
+        if started and state == TrialState.RUNNING:  # ask() popped a queued trial
+            storage.set_trial_system_attr(trial_id, OWNER, owner_tag())
+        return started
+
+    storage.create_new_trial = create_new_trial
+    storage.set_trial_state_values = set_trial_state_values
+    storage._autocompress_claims = True
+
+
 def heartbeat_enabled(storage: object) -> bool:
     """Whether a storage records Optuna heartbeats (an RDB storage opened with an interval)."""
     get = getattr(storage, "get_heartbeat_interval", None)
@@ -101,6 +143,7 @@ class Heartbeat:
 
     def __init__(self, study: optuna.Study, check_every_s: float = GRACE_S) -> None:
         self.study = study
+        claim_at_creation(study)
         self.storage = study._storage
         self.enabled = heartbeat_enabled(self.storage)
         self.check_every_s = check_every_s

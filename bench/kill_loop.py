@@ -1,0 +1,63 @@
+"""Run the two process-kill tests many times and print their failure rates (not part of CI).
+
+    python bench/kill_loop.py --runs 30            # both tests, 30 runs each
+    python bench/kill_loop.py --runs 30 --lock ~/.cache/ac-cpu.lock
+
+Each run is a fresh pytest process, so every run starts a new search from nothing. The failures
+these tests had were races with the signal's arrival, so they show only over many runs. Writes
+``bench/results/kill_loop.json`` with every run's outcome and the last failure's output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TESTS = (
+    "tests/search/test_resume.py::test_sigkill_then_resume_keeps_finished_trials",
+    "tests/test_interrupt.py::test_keyboard_interrupt_stops_cleanly_and_resumes",
+)
+
+
+def run_once(test: str, lock: str | None) -> tuple[bool, float, str]:
+    """Give (passed, seconds, output tail) of one pytest run of ``test``."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", test]
+    if lock:
+        cmd = ["flock", lock, *cmd]
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    return proc.returncode == 0, time.time() - t0, (proc.stdout + proc.stderr)[-3000:]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--lock", default=None, help="flock this file around each run (shared machines)")
+    ap.add_argument("--test", action="append", help="a pytest node id (repeatable) [default: both kill tests]")
+    ap.add_argument("--out", default="bench/results/kill_loop.json")
+    args = ap.parse_args()
+    tests = args.test or list(TESTS)
+    results: dict[str, dict] = {t: {"runs": 0, "failures": 0, "seconds": [], "last_failure": None} for t in tests}
+    for i in range(args.runs):
+        for t in tests:  # interleaved, so a slow spell on the machine hits both tests alike
+            ok, secs, tail = run_once(t, args.lock)
+            r = results[t]
+            r["runs"] += 1
+            r["seconds"].append(round(secs, 1))
+            if not ok:
+                r["failures"] += 1
+                r["last_failure"] = tail
+            print(f"run {i + 1:>2}  {'pass' if ok else 'FAIL'}  {secs:6.1f} s  {t}", flush=True)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\n{'test':<80} {'runs':>5} {'failures':>9} {'rate':>6}")
+    for t, r in results.items():
+        print(f"{t:<80} {r['runs']:>5} {r['failures']:>9} {r['failures'] / max(r['runs'], 1):>6.1%}")
+
+
+if __name__ == "__main__":
+    main()
