@@ -298,8 +298,10 @@ class SearchSpace:
         return {**self.linear, **self.overrides.get(group, {})}
 
     def unit_levels(self, group: str, names: Sequence[str], anatomy: ModelAnatomy) -> dict[str, tuple[Any, ...]]:
-        """Give a unit's levels: its group's, with only the formats that can store all its linears
-        (a K-quant needs rows that are a multiple of 256; a 576-wide row never gets one)."""
+        """Give a unit's levels: its group's, with only the formats that can store at least one of its
+        linears (a K-quant needs rows that are a multiple of 256: a unit of 576-wide rows never gets
+        one); linears of the unit that cannot hold the chosen format take the runtime's fallback for
+        their width (``plan_from_params``), as llama.cpp's ``Q4_K`` recipe stores 576-wide rows in Q5_0."""
         lv = self.levels_for(group)
         if "format" not in lv:
             return lv
@@ -417,11 +419,11 @@ class SearchSpace:
         self, choice: LayerChoice, site: LinearSite, anatomy: ModelAnatomy, blocks: Mapping[int, BlockChoice]
     ) -> LayerChoice:
         """Give ``choice`` with its format replaced by the runtime's fallback where the linear's width
-        after structure cannot hold it (dense when no fallback the runtime runs fits)."""
+        (after structure) cannot hold it (dense when no fallback the runtime runs fits)."""
         fmt = choice.fmt
-        bc = blocks.get(site.block)
-        if fmt is None or bc is None:
+        if fmt is None:
             return choice
+        bc = blocks.get(site.block, BlockChoice())
         _, in_f = site.shape_after(*anatomy.blocks[site.block].fractions(bc.keep_heads, bc.keep_mlp_channels))
         name = fmt.name
         while name is not None and formats.get(name).check((1, in_f)) is not None:
@@ -543,8 +545,8 @@ class SearchSpace:
 
 
 def _storable(levels: Sequence[str], widths: set[int]) -> tuple[str, ...]:
-    """Give the format levels that can store rows of every width in ``widths`` (dense always can)."""
-    ok = tuple(f for f in levels if f == DENSE or all(formats.get(f).check((1, w)) is None for w in widths))
+    """Give the format levels that can store rows of at least one width in ``widths`` (dense always can)."""
+    ok = tuple(f for f in levels if f == DENSE or any(formats.get(f).check((1, w)) is None for w in widths))
     return ok or (DENSE,)
 
 
@@ -585,6 +587,8 @@ def _structure_ok(knob: str, v: Any) -> bool:
 def _check_level(fail: Any, where: str, knob: str, level: Any) -> None:
     """Refuse a level that no layer could take, naming where it is."""
     setting = {knob: level, "bits": 4} if knob == "group_size" else {knob: level}
+    if knob == "format" and level == RUNTIME:
+        return  # stands for the target's formats; settled by ``for_profile``
     try:
         if knob in ("bits", "act_bits") and (not isinstance(level, int) or isinstance(level, bool)):
             raise PlanError(f"{knob} must be an integer")

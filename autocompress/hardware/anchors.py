@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from autocompress.errors import ProfileError
 from autocompress.hardware.cost import CostModel
 from autocompress.hardware.profile import Anchor, HardwareProfile
-from autocompress.model.anatomy import BlockInfo, LinearSite, ModelAnatomy
+from autocompress.model.anatomy import BlockInfo, EmbeddingSite, LinearSite, ModelAnatomy
 from autocompress.plan import LayerChoice, ModelRef, Plan
 
 # name: (blocks, hidden, heads, kv_heads, mlp, vocab, tied) from each model's public config.json
@@ -65,6 +65,8 @@ def llama_like_anatomy(
         blocks=blocks,
         other_params=vocab * hidden * (1 if tied else 2) + (2 * n_blocks + 1) * hidden,
         tied_embeddings=tied,
+        embeddings=(EmbeddingSite("embed_tokens", "embed", vocab, hidden, tied),)
+        + (() if tied else (EmbeddingSite("lm_head", "head", vocab, hidden),)),
     )
 
 

@@ -4,7 +4,8 @@ Every matmul costs ``max(flops / (peak * eta_c), bytes / (bw * eta_bw)) + its fi
 (research/hardware.md §2.5), with the compute path and efficiencies of the format the runtime
 really stores: its exact bytes (codes, scales, mins) from the format registry, the profile's
 efficiencies for that format (``Q4_K``), else for its class (``int4``); a format the runtime has
-no kernel for is priced dense; sparse storage only where the profile has the kernels. The token
+no kernel for (a plan retargeted from another runtime) is priced as the smallest of the runtime's
+own formats that holds at least as many bits, dense if none does; sparse storage only where the profile has the kernels. The token
 embedding and output head are priced in the plan's formats for them. Low-rank is two matmuls, each paying its own overhead; width pruning gives smaller
 matmuls (misaligned widths pay the alignment penalty); dropped blocks cost nothing. Only the plan
 and the anatomy are read, never weights. Costs are cached per (effective shape, LayerChoice) and
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from autocompress import formats
 from autocompress.errors import PlanError
 from autocompress.hardware.profile import HardwareProfile, efficiency_keys
 from autocompress.model.anatomy import BlockInfo, ModelAnatomy
@@ -100,6 +102,7 @@ class CostModel:
         self._uniform_cache: dict[tuple[tuple[int, int | None, int | None], LayerChoice], _Parts] = {}
         self._by_id: dict[int, tuple[LayerChoice, dict[tuple[int, int], _Parts]]] = {}
         self._embedding_cache: dict[tuple[LayerChoice, ...], _Parts] = {}
+        self._stand_ins: dict[tuple[str, tuple[int, int]], formats.Format | None] = {}
         sigs: dict[tuple, int] = {}
         self._blocks: list[tuple[int, int, tuple[str, ...]]] = []
         self._block_info: dict[int, BlockInfo] = {}
@@ -294,13 +297,25 @@ class CostModel:
         by_shape[shape] = parts
         return parts
 
+    def _stand_in(self, fmt: formats.Format, shape: tuple[int, int]) -> formats.Format | None:
+        """Give the format a runtime that lacks ``fmt`` would store this tensor in: the smallest of its
+        own formats holding at least as many bits per weight (deploying it means re-quantizing; a
+        study searched for this runtime never needs it), or None (dense) when it has none."""
+        key = (fmt.name, shape)
+        if key not in self._stand_ins:
+            need = fmt.bytes(shape)
+            own = [formats.get(n) for n in self.profile.format_names]
+            fits = [f for f in own if not f.is_float and f.check(shape) is None and f.bytes(shape) >= need]
+            self._stand_ins[key] = min(fits, key=lambda f: f.bytes(shape), default=None)
+        return self._stand_ins[key]
+
     def _matmul(self, out_f: int, in_f: int, choice: LayerChoice) -> _Parts:
         """Give one weight matmul's roofline time and floor (decode and prefill) and its stored bytes."""
         p, k = self.profile, self.profile.kernels
         params = out_f * in_f
         fmt = choice.fmt
         if fmt is not None and not fmt.is_float and not p.runs(fmt.name):
-            fmt = None  # no kernel for it on this runtime: stored and read dense, no speed-up claimed
+            fmt = self._stand_in(fmt, (out_f, in_f))
         if fmt is None:
             keys = efficiency_keys(None, p.dense_bits)
             value_bytes, bits = params * p.dense_bits / 8, 16

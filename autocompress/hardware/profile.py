@@ -216,7 +216,10 @@ class HardwareProfile(_Strict):
         """Give the registry formats this profile's runtime runs (``formats``, else the runtime's own)."""
         if self.formats is not None:
             return tuple(self.formats)
-        return tuple(f.name for f in formats.for_runtime(self.runtime))
+        try:
+            return tuple(f.name for f in formats.for_runtime(self.runtime))
+        except formats.FormatError:  # a runtime the registry does not know: dense only
+            return ()
 
     def runs(self, fmt: str) -> bool:
         """True when the runtime has a kernel for this registry format."""

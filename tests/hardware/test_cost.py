@@ -9,9 +9,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from autocompress import formats
 from autocompress.errors import PlanError
 from autocompress.hardware import Cost, CostModel, HardwareProfile, list_profiles, load_profile
-from autocompress.hardware.anchors import check_anchors, llama_like_anatomy
+from autocompress.hardware.profile import efficiency_keys
+from autocompress.hardware.anchors import anchor_anatomy, check_anchors, llama_like_anatomy
 from autocompress.model import load_model
 from autocompress.model.anatomy import ModelAnatomy
 from autocompress.plan import BlockChoice, LayerChoice, ModelRef, Plan
@@ -63,15 +65,24 @@ def one_b() -> ModelAnatomy:
 @pytest.mark.parametrize("model", (*TINY, "synthetic"))
 def test_fewer_bits_never_cost_more(profile_id: str, model: str, tiny: dict[str, ModelAnatomy]) -> None:
     a = tiny[model] if model in tiny else llama_anatomy(n_blocks=4)
-    cm = CostModel(PROFILES[profile_id], a)
-    costs = [
-        cm.predict(plan_for(a, default=LayerChoice(bits=b, group_size=32 if b < 8 else None))) for b in (16, 8, 4, 3)
-    ]
-    for hi, lo in itertools.pairwise(costs):
-        assert lo.latency_ms <= hi.latency_ms + 1e-12
-        assert lo.memory_mb <= hi.memory_mb + 1e-12
-        assert lo.energy_mj <= hi.energy_mj + 1e-12
-    assert costs[-1].weights_mb < costs[0].weights_mb  # every runtime stores something below fp16
+    profile = PROFILES[profile_id]
+    cm = CostModel(profile, a)
+    widths = {s.in_features for s in a.linears}
+    runs = [formats.get(f) for f in profile.format_names]
+    storable = [f for f in runs if not f.is_float and all(f.check((1, w)) is None for w in widths)]
+    assert storable, f"{profile_id} runs no format that stores {model}"
+    dense = cm.predict(plan_for(a))
+    by_class: dict[tuple[str, ...], list[Cost]] = {}
+    for f in storable:  # within one efficiency class, fewer stored bytes never cost more
+        c = cm.predict(plan_for(a, default=LayerChoice(format=f.name)))
+        assert c.weights_mb < dense.weights_mb and c.memory_mb < dense.memory_mb  # below fp16
+        by_class.setdefault(efficiency_keys(f)[1:], []).append(c)
+    for costs in by_class.values():
+        costs.sort(key=lambda c: -c.weights_mb)
+        for hi, lo in itertools.pairwise(costs):
+            assert lo.latency_ms <= hi.latency_ms + 1e-12
+            assert lo.memory_mb <= hi.memory_mb + 1e-12
+            assert lo.energy_mj <= hi.energy_mj + 1e-12
 
 
 @pytest.mark.parametrize("model", TINY)
@@ -170,22 +181,40 @@ def test_w8a8_uses_its_own_measured_kernel_only_where_profiled(one_b: ModelAnato
     assert split.predict(wo).prefill_ms > 2 * split.predict(w8a8).prefill_ms
 
 
-def test_missing_weight_only_kernel_rounds_up(one_b: ModelAnatomy) -> None:
-    cm = CostModel(PROFILES["nvidia-a100-80gb"], one_b)  # torchao: int4 and int8 only
-    three, four = (cm.predict(plan_for(one_b, default=LayerChoice(bits=b, group_size=64))) for b in (3, 4))
-    five, eight = (cm.predict(plan_for(one_b, default=LayerChoice(bits=b, group_size=64))) for b in (5, 8))
-    assert three == four and five == eight
+def test_a_format_the_runtime_lacks_is_priced_as_its_nearest_own_format(one_b: ModelAnatomy) -> None:
+    cm = CostModel(PROFILES["nvidia-a100-80gb"], one_b)  # torchao: int8 per channel and int4 g64 / g128 only
+    dense = cm.predict(plan_for(one_b))
+    q4_k, q6_k = (cm.predict(plan_for(one_b, default=LayerChoice(format=f))) for f in ("Q4_K", "Q6_K"))
+    as_g64 = cm.predict(plan_for(one_b, default=LayerChoice(format="int4-g64-asym")))
+    as_ch8 = cm.predict(plan_for(one_b, default=LayerChoice(format="int8-ch-sym")))
+    assert q4_k == as_g64  # 4.5 bpw: g64 with fp16 scale and zero is the smallest that holds as many
+    assert q6_k == as_ch8  # 6.56 bpw: only the 8-bit grid holds that many
+    q2_ch = cm.predict(plan_for(one_b, default=LayerChoice(format="int2-ch-sym")))
+    assert q2_ch.weights_mb < q4_k.weights_mb < dense.weights_mb
 
 
-def test_quantization_metadata_counts(one_b: ModelAnatomy) -> None:
-    cm = CostModel(PROFILES["jetson-orin-nano-25w"], one_b)
-    p = one_b.block_linear_params
-    sym = cm.predict(plan_for(one_b, default=LayerChoice(bits=4, group_size=128)))
-    asym = cm.predict(plan_for(one_b, default=LayerChoice(bits=4, group_size=128, symmetric=False)))
-    fp16 = cm.predict(plan_for(one_b))
-    other_mb = fp16.weights_mb - p * 2 / 1e6
-    assert sym.weights_mb - other_mb == pytest.approx(p * 4.125 / 8 / 1e6)  # hardware.md §2.5 table
-    assert asym.weights_mb - other_mb == pytest.approx(p * 4.25 / 8 / 1e6)
+def test_uniform_q4_0_is_priced_at_ggml_block_bytes() -> None:
+    """SmolLM2 in Q4_0: 18 bytes per 32 weights on every block linear (ggml-common.h block_q4_0)."""
+    a = anchor_anatomy("smollm2-135m")
+    cm = CostModel(PROFILES["jetson-orin-nano-25w"], a)
+    dense = cm.predict(plan_for(a))
+    q4 = cm.predict(plan_for(a, default=LayerChoice(format="Q4_0")))
+    p = a.block_linear_params
+    assert (dense.weights_mb - q4.weights_mb) * 1e6 == pytest.approx(p * 2 - p * 18 / 32, abs=1e-3)
+    # the tied 49152 x 576 table in Q8_0: 34 bytes per 32 weights instead of 2 per weight
+    emb = a.embeddings[0]
+    q8 = cm.predict(plan_for(a, layers={emb.name: LayerChoice(format="Q8_0")}))
+    assert (dense.weights_mb - q8.weights_mb) * 1e6 == pytest.approx(emb.params * (2 - 34 / 32), abs=1e-3)
+    assert q8.latency_ms < dense.latency_ms  # the head is read every decode token
+
+
+def test_k_quant_on_a_576_wide_row_is_refused_naming_the_fallback() -> None:
+    a = anchor_anatomy("smollm2-135m")
+    q = a.blocks[0].linears[0]
+    with pytest.raises(PlanError, match=rf"{q.name}.*576.*256.*fallback is Q5_0"):
+        plan_for(a, layers={q.name: LayerChoice(format="Q4_K")}).validate(a)
+    down = a.blocks[0].linears[-1]  # 1536 wide: a multiple of 256
+    plan_for(a, layers={down.name: LayerChoice(format="Q4_K")}).validate(a)
 
 
 def test_low_rank_halves_params_at_half_ratio() -> None:
@@ -260,7 +289,7 @@ def test_memory_budget_and_parts(one_b: ModelAnatomy) -> None:
 def test_long_context_breaks_memory_feasibility() -> None:
     """Llama-3.2-3B int4 fits the Orin Nano's ~5.2 GB usable at 1 k context; its KV cache at 32 k does not."""
     a = llama_anatomy(n_blocks=28, hidden=3072, heads=24, kv=8, mlp=8192, vocab=128256, tied=True)
-    plan = plan_for(a, default=LayerChoice(bits=4, group_size=32))
+    plan = plan_for(a, default=LayerChoice(format="q4f16_1"))
     jetson = load_profile("jetson-orin-nano-25w-mlc")
     short, long = (CostModel(jetson, a, context_tokens=n).predict(plan) for n in (1024, 32768))
     assert short.fits_memory and not long.fits_memory
@@ -340,7 +369,7 @@ def test_lowering_one_layer_bits_never_costs_more(data: st.DataObject, tiny: dic
     name = data.draw(st.sampled_from(sorted(layers)))
     before = cm.predict(plan_for(a, layers=layers))
     fewer = max(2, layers[name].bits // 2)
-    after = cm.predict(plan_for(a, layers={**layers, name: replace(layers[name], bits=fewer)}))
+    after = cm.predict(plan_for(a, layers={**layers, name: replace(layers[name], format=None, bits=fewer)}))
     assert after.latency_ms <= before.latency_ms + 1e-12
     assert after.weights_mb <= before.weights_mb + 1e-12
     assert before.latency_ms > 0 and before.energy_mj > 0 and before.memory_mb >= before.weights_mb
