@@ -203,6 +203,20 @@ class LayerChoice:
             if f.name not in _FORMAT_FACTS and getattr(self, f.name) != getattr(default, f.name)
         }
 
+    def hash_dict(self) -> dict[str, Any]:
+        """Give what the plan hash covers of this choice: ``to_dict``, except that a generic integer
+        grid is written as the bits / group_size / symmetric it was named by before formats existed,
+        so plans written then keep their hash (and their cached evaluations)."""
+        d = self.to_dict()
+        if self.format is not None and self.format.startswith("int"):
+            from autocompress import formats
+
+            if formats.generic(self.bits, self.group_size, self.symmetric).name == self.format:
+                d.pop("format")
+                d.update({"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric})
+                d = {k: v for k, v in d.items() if v != getattr(LayerChoice(), k) or k == "bits"}
+        return d
+
     @classmethod
     def from_dict(cls, data: Any, where: str) -> LayerChoice:
         _require(isinstance(data, Mapping), where, f"expected a mapping, got {type(data).__name__}")
@@ -517,10 +531,12 @@ class Plan:
         model and data give the same weights on any target, so quality caches by this hash.
         """
         d = self.to_dict()
+        default = self.default.hash_dict()
+        layers = {k: self.layers[k].hash_dict() for k in sorted(self.layers)}
         key = {
             "model": d["model"]["hash"],
-            "default": d["default"],
-            "layers": {k: v for k, v in d["layers"].items() if v != d["default"]},
+            "default": default,
+            "layers": {k: v for k, v in layers.items() if v != default},
             "blocks": {str(k): v for k, v in d["blocks"].items() if v},
             "drop_blocks": d["drop_blocks"],
             "data_hash": self.provenance.data_hash,

@@ -234,7 +234,9 @@ class SearchSpace:
 
         def formats_of(vals: tuple[str, ...], knob: str) -> tuple[str, ...]:
             lv = [f for v in vals for f in (quantized if v == RUNTIME else [v])]
-            ok = keep(knob, tuple(dict.fromkeys(lv)), lambda v: v == DENSE or v in runs, f"{profile.runtime} does not run it")
+            ok = keep(
+                knob, tuple(dict.fromkeys(lv)), lambda v: v == DENSE or v in runs, f"{profile.runtime} does not run it"
+            )
             return ok
 
         def settle(section: Mapping[str, tuple[Any, ...]]) -> dict[str, tuple[Any, ...]]:
@@ -262,12 +264,17 @@ class SearchSpace:
                 out["sparsity"] = keep(
                     "sparsity",
                     out["sparsity"],
-                    lambda v: v == 0.0 or (v == "2:4" and k.sparse_2_4) or (v != "2:4" and k.unstructured_sparse_storage),
+                    lambda v: (
+                        v == 0.0 or (v == "2:4" and k.sparse_2_4) or (v != "2:4" and k.unstructured_sparse_storage)
+                    ),
                     f"{profile.runtime} has no sparse kernel: zeros cost the same bytes and time",
                 )
             if "rank_ratio" in out and not k.low_rank:
                 out["rank_ratio"] = keep(
-                    "rank_ratio", out["rank_ratio"], lambda v: v is None, f"{profile.runtime} cannot run factorized linears"
+                    "rank_ratio",
+                    out["rank_ratio"],
+                    lambda v: v is None,
+                    f"{profile.runtime} cannot run factorized linears",
                 )
             return out
 
@@ -295,7 +302,11 @@ class SearchSpace:
         return repr(sorted((k, repr(v)) for k, v in fields.items()))
 
     def levels_for(self, group: str) -> dict[str, tuple[Any, ...]]:
-        return {**self.linear, **self.overrides.get(group, {})}
+        """Give a group's knob levels (``runtime`` formats count only once ``for_profile`` settled them)."""
+        lv = {**self.linear, **self.overrides.get(group, {})}
+        if RUNTIME in lv.get("format", ()):
+            lv["format"] = tuple(v for v in lv["format"] if v != RUNTIME) or (DENSE,)
+        return lv
 
     def unit_levels(self, group: str, names: Sequence[str], anatomy: ModelAnatomy) -> dict[str, tuple[Any, ...]]:
         """Give a unit's levels: its group's, with only the formats that can store at least one of its
@@ -314,9 +325,10 @@ class SearchSpace:
 
     def embedding_levels(self, anatomy: ModelAnatomy) -> tuple[str, ...]:
         """Give the formats offered for the embedding / head table(s) (empty: the knob is closed)."""
-        if not self.embedding_format or not anatomy.embeddings:
+        levels = tuple(v for v in self.embedding_format if v != RUNTIME)  # unsettled: no runtime formats
+        if not levels or not anatomy.embeddings:
             return ()
-        return _storable(self.embedding_format, {e.cols for e in anatomy.embeddings})
+        return _storable(levels, {e.cols for e in anatomy.embeddings})
 
     # ---- parameters -> plan ----------------------------------------------------------
     def units(self, anatomy: ModelAnatomy) -> list[tuple[str, str, list[str]]]:
@@ -520,6 +532,8 @@ class SearchSpace:
         for g in GROUPS:
             for k, v in self.overrides.get(g, {}).items():
                 levels[k] = tuple(dict.fromkeys((*levels.get(k, ()), *v)))
+        if "format" in levels:  # unsettled ``runtime`` levels stand for no format yet
+            levels["format"] = tuple(v for v in levels["format"] if v != RUNTIME) or (DENSE,)
         emb = self.embedding_levels(ctx.anatomy)
         if emb:
             levels[EMBEDDING_PARAM] = emb

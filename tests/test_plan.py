@@ -152,8 +152,8 @@ def _saved(tiny_llama, tmp_path):
 def test_a_changed_number_is_refused_unless_forced(tiny_llama, tmp_path):
     plan, f = _saved(tiny_llama, tmp_path)
     text = f.read_text()
-    assert "seed: 7\n" in text and "group_size: 32\n" in text
-    for old, new in (("seed: 7\n", "seed: 8\n"), ("group_size: 32\n", "group_size: 64\n")):
+    assert "seed: 7\n" in text and "format: int4-g32-" in text
+    for old, new in (("seed: 7\n", "seed: 8\n"), ("format: int4-g32-", "format: int4-g64-")):
         edited = tmp_path / "edited.yaml"
         edited.write_text(text.replace(old, new))
         with pytest.raises(PlanError, match=r"does not match the checksum.*--force") as exc:

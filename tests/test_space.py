@@ -4,9 +4,11 @@ import optuna
 import pytest
 import yaml
 
+from autocompress import formats
 from autocompress.errors import SpaceError
+from autocompress.hardware import load_profile
 from autocompress.plan import Provenance
-from autocompress.space import SearchSpace, SpaceContext, list_spaces
+from autocompress.space import SearchSpace, SpaceContext, _fall_back, list_spaces
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -20,7 +22,7 @@ def _ctx(lm):
     "name", ["default", "quant-only", "prune-only", "lowrank-only", "structure-only", "joint-full"]
 )
 def test_shipped_spaces_give_valid_plans(name, any_tiny):
-    sp = SearchSpace.load(name)
+    sp = SearchSpace.load(name).for_profile(load_profile("rpi"))  # llama.cpp's formats
     study = optuna.create_study(directions=["minimize"], sampler=optuna.samplers.RandomSampler(seed=1))
     for _ in range(15):
         trial = study.ask()
@@ -35,17 +37,20 @@ def test_listed_spaces():
 
 
 def test_baselines_are_uniform(tiny_llama):
-    sp = SearchSpace.load("default")
+    sp = SearchSpace.load("default").for_profile(load_profile("x86-avx2-laptop"))  # llama.cpp
     ctx = _ctx(tiny_llama)
     params = sp.baseline_params(tiny_llama.anatomy)
-    assert {"uncompressed", "int8", "int4-g128", "2:4-50%", "drop-2-blocks"} <= set(params)
+    assert {"uncompressed", "Q8_0", "Q4_0", "drop-2-blocks"} <= set(params)
+    assert "2:4-50%" not in params  # llama.cpp has no sparse kernel: the level left the space
     plans = {k: sp.plan_from_params(v, ctx) for k, v in params.items()}
     assert (
         not plans["uncompressed"].layers and not plans["uncompressed"].blocks and not plans["uncompressed"].drop_blocks
     )
-    int4 = plans["int4-g128"]
-    assert {(c.bits, c.group_size) for c in int4.layers.values()} == {(4, 128)}
-    assert len(int4.layers) == len(tiny_llama.anatomy.linears)
+    q4 = plans["Q4_0"]
+    emb = tiny_llama.anatomy.embeddings[0].name
+    assert {c.format for n, c in q4.layers.items() if n != emb} == {"Q4_0"}
+    assert len(q4.layers) == len(tiny_llama.anatomy.linears) + 1
+    assert q4.layers[emb].format == "Q8_0"  # the tied table as llama.cpp stores it: Q6_K -> Q8_0 on 64-wide rows
     assert plans["drop-2-blocks"].drop_blocks == (1, 3)  # the two most redundant blocks, by measured distance
     mlp = plans["mlp-75%"]
     assert all(b.keep_mlp_channels == 96 for b in mlp.blocks.values()) and len(mlp.blocks) == 4
@@ -58,10 +63,10 @@ def test_mlp_width_is_aligned(tiny_llama):
 
 
 def test_extreme_plans_cover_every_linear_level(tiny_llama):
-    sp = SearchSpace.load("default")
+    sp = SearchSpace.load("default").for_profile(load_profile("x86-avx2-laptop"))
     plans = sp.extreme_plans(_ctx(tiny_llama))
-    bits = {c.bits for p in plans for c in p.layers.values()}
-    assert {8, 4, 3} <= bits
+    used = {c.format for p in plans for c in p.layers.values()}
+    assert {"Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "IQ4_NL"} <= used  # every format 64-wide rows can hold
     assert all(len(p.drop_blocks) == 3 for p in plans)
 
 
@@ -100,13 +105,17 @@ def test_unknown_space_lists_the_available_ones():
 
 
 def test_mixed_seeds_keep_the_most_sensitive_blocks_finer(tiny_llama):
-    sp = SearchSpace.load("default")
+    sp = SearchSpace.load("quant-only").for_profile(load_profile("x86-avx2-laptop"))
     ctx = _ctx(tiny_llama)
     seeds = sp.mixed_seed_params(tiny_llama.anatomy, sensitivity_order=[2, 0, 1, 3])
-    assert "int4-g128+50% int8" in seeds
-    plan = sp.plan_from_params(seeds["int4-g128+50% int8"], ctx)
-    bits = {s.block: plan.choice_for(s.name).bits for s in tiny_llama.anatomy.linears}
-    assert bits == {0: 8, 1: 4, 2: 8, 3: 4}
+    halves = [k for k in seeds if "+50% " in k]
+    assert halves
+    for name in halves:
+        coarse, fine = name.split("+50% ")
+        plan = sp.plan_from_params(seeds[name], ctx)
+        got = {s.block: plan.choice_for(s.name).format for s in tiny_llama.anatomy.linears}
+        want = {f: _fall_back(f, formats.names(), 64) for f in (coarse, fine)}  # as stored on 64-wide rows
+        assert got == {0: want[fine], 1: want[coarse], 2: want[fine], 3: want[coarse]}, name
     assert (
         SearchSpace.from_dict({"name": "m", "granularity": "model", "linear": {"bits": [8, 4]}}).mixed_seed_params(
             tiny_llama.anatomy, [0, 1, 2, 3]

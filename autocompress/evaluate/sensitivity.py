@@ -32,6 +32,7 @@ from autocompress.space import SearchSpace, SpaceContext, layer_choice
 TABLE_VERSION = 2
 EMBEDDING_UNIT = "embedding."  # table key prefix of the token embedding / output head
 
+
 def choice_parts(c: LayerChoice) -> list[str]:
     """Split a layer choice into its independently measured parts (quantization, pruning, low-rank)."""
     parts = []
@@ -183,10 +184,11 @@ def build_sensitivity(
     probes = list(unit_probes(space, ctx))
     base_lp = output_logprobs(model, tokens)
     entries: dict[str, float] = {}
-    prefixes = {f"b{b.index}.": {b.prefix} for b in a.blocks}
-    prefixes[EMBEDDING_UNIT] = {e.name for e in a.embeddings}
+    prefixes = {b.index: {b.prefix} for b in a.blocks}
+    tables = {e.name for e in a.embeddings}
     for n, (key, plan) in enumerate(probes):
-        work = _shared_copy(model, prefixes[key[: key.index("|")]])
+        own = tables if key.startswith(EMBEDDING_UNIT) else prefixes[int(key[1 : key.index(".")])]
+        work = _shared_copy(model, own)
         try:
             kl = kl_to_base(apply(work, plan), tokens, base_lp).kl
         except EvaluationError:

@@ -29,7 +29,6 @@ CLASS_KEYS = ("fp32", "fp16", "int8", "int6", "int5", "int4", "int3", "int2", "w
 DeviceClass = Literal["edge_gpu_soc", "discrete_gpu", "server_cpu", "client_cpu", "arm_sbc", "apple_soc", "mobile_soc"]
 
 
-
 def _format_key(key: str) -> str:
     if key in CLASS_KEYS:
         return key
@@ -49,6 +48,8 @@ def efficiency_keys(fmt: formats.Format | None, dense_bits: int = 16) -> tuple[s
     if fmt.is_float:
         return (fmt.name, "fp32" if fmt.bits == 32 else "fp16")
     return (fmt.name, f"int{min(fmt.bits, 8)}")
+
+
 DEVICE_CLASSES: tuple[str, ...] = get_args(DeviceClass)
 # Aliases that resolve to a shipped profile only when no profile in the folder claims them: a
 # calibrated ``local.yaml`` written by ``autocompress hw calibrate`` takes ``cpu`` over.
@@ -236,9 +237,7 @@ class HardwareProfile(_Strict):
 
     def linear_overhead_us_for(self, *keys: str) -> float:
         """Give the fixed cost (µs) of one linear stored in a format, all its kernels included."""
-        return _first(
-            self.linear_overhead_us_by_format, keys, self.kernels_per_linear * self.per_kernel_overhead_us
-        )
+        return _first(self.linear_overhead_us_by_format, keys, self.kernels_per_linear * self.per_kernel_overhead_us)
 
 
 def _first(table: dict[str, float], keys: tuple[str, ...], default: float) -> float:
