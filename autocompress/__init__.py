@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from autocompress._version import __version__ as __version__
 
 if TYPE_CHECKING:
     from torch import nn
@@ -50,10 +50,11 @@ def __getattr__(name: str) -> Any:
 def apply_plan(plan: Plan | str | Path, model: str | Path | None = None) -> nn.Module:
     """Give the compressed model a plan describes, rebuilt from its base model (bit-identical)."""
     from autocompress.plan import Plan
+    from autocompress.recover import rebuild
     from autocompress.workbench import Workbench
 
     p = plan if isinstance(plan, Plan) else Plan.load(plan)
-    return Workbench.for_plan(p, model).apply(p)
+    return rebuild(Workbench.for_plan(p, model), p)
 
 
 __all__ = [*sorted(_LAZY), "apply_plan"]

@@ -23,6 +23,12 @@ def _umask() -> int:
     return mask
 
 
+def cache_dir() -> Path:
+    """Give the folder for converted models and cached statistics (``$AUTOCOMPRESS_CACHE`` overrides)."""
+    root = os.environ.get("AUTOCOMPRESS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "autocompress")
+    return Path(root)
+
+
 def follow_umask(path: str | Path) -> None:
     """Give ``path`` (and, for a folder, everything in it) the modes the umask gives new files:
     0o777 & ~umask for folders and executables, 0o666 & ~umask for other files. Links are left alone."""

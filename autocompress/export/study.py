@@ -10,6 +10,7 @@ and the measured-vs-predicted latency.
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,9 +19,11 @@ from typing import Any
 
 from autocompress._io import atomic_dir, atomic_write_text
 from autocompress.errors import StudyError
+from autocompress.export import verify
 from autocompress.model.anatomy import ModelAnatomy
 from autocompress.plan import Plan
-from autocompress.search.result import Candidate
+from autocompress.recover import rebuild
+from autocompress.search.result import Candidate, SearchResult
 
 
 @dataclass
@@ -100,8 +103,6 @@ def export_trials(
     every record says whether the point is measured faster than the base model. ``out/exports.json``
     and ``out/README.md`` index the whole set.
     """
-    from autocompress.export import verify
-
     say = log or (lambda _m: None)
     out = Path(out)
     cands = [view.candidate(t) for t in trials]
@@ -117,7 +118,7 @@ def export_trials(
     for c in cands:
         t0 = time.time()
         say(f"trial {c.trial}: rebuilding the plan ({c.description})")
-        model = wb.apply(c.plan)
+        model = rebuild(wb, c.plan)
         with atomic_dir(out / f"trial-{c.trial}") as tmp:
             rec = verify.export_point(model, wb, view, c, tmp, pred, onnx=onnx, threads=threads, base=base)
             rec["seconds"] = round(time.time() - t0, 1)
@@ -135,4 +136,60 @@ def export_trials(
     index = {"study": view.name, "profile_for_prediction": pred.describe(), "baseline": base, "exports": records}
     atomic_write_text(out / "exports.json", json.dumps(index, indent=2, default=str) + "\n")
     atomic_write_text(out / "README.md", verify.index_markdown(index))
+    return records
+
+
+def _spread(front: list[Any], k: int) -> list[Any]:
+    if len(front) <= k:
+        return list(front)
+    idx = sorted({round(i * (len(front) - 1) / (k - 1)) for i in range(k)}) if k > 1 else [0]
+    return [front[i] for i in idx]
+
+
+def verify_front(
+    study_dir_or_result: str | Path | SearchResult, k: int, log: Callable[[str], None] | None = None
+) -> list[dict[str, Any]]:
+    """Export K front points (spread along the latency axis) to ONNX, check and measure them here.
+
+    Writes ``verify.json`` and ``verify.md`` in the study folder and gives one record per point
+    (``latency.slower_than_uncompressed`` flags "compressed but not faster"). The ONNX files are
+    temporary; ``autocompress export`` keeps them.
+    """
+    say = log or (lambda _m: None)
+    if isinstance(study_dir_or_result, (str, Path)):
+        study_dir = Path(study_dir_or_result)
+        stored = study_dir / "storage.txt"
+        storage = stored.read_text().strip() if stored.is_file() else None
+        view = open_study(study_dir.name, study_dir.parent, storage)
+    else:
+        r = study_dir_or_result
+        view = open_study(r.study_name, Path(r.study_dir).parent, r.storage)
+    if k < 1 or not view.front:
+        return []
+    points = _spread(view.front, k)
+    pred = verify.Predictor.for_hw("local", view.anatomy)
+    if pred.note:
+        say(pred.note)
+    wb = workbench_for(view, points[0].plan, log=say)
+    records = []
+    with tempfile.TemporaryDirectory(dir=view.dir, prefix=".verify.") as tmp:
+        say(f"verify: exporting and measuring the uncompressed model ({pred.threads} thread(s))")
+        base = verify.baseline_record(wb, view.anatomy, pred, Path(tmp), pred.threads)
+        for c in points:
+            folder = Path(tmp) / f"trial-{c.trial}"
+            folder.mkdir()
+            rec = verify.export_point(
+                rebuild(wb, c.plan), wb, view, c, folder, pred, hf=False, threads=pred.threads, base=base
+            )
+            lat = rec["latency"]
+            say(
+                f"verify trial {c.trial}: decode {lat['measured_decode_ms']:.3g} ms measured, "
+                f"{lat['predicted_decode_ms']:.3g} predicted ({lat['speedup_vs_uncompressed']:.2f}x vs uncompressed)"
+                + (" — SLOWER than uncompressed" if lat["slower_than_uncompressed"] else "")
+                + (f" — {verify.ROUNDING_WARNING}" if rec["onnx"]["runtime_rounding"].get("runtime_dominates") else "")
+            )
+            records.append(rec)
+    index = {"study": view.name, "profile_for_prediction": pred.describe(), "baseline": base, "exports": records}
+    atomic_write_text(view.dir / "verify.json", json.dumps(index, indent=2, default=str) + "\n")
+    atomic_write_text(view.dir / "verify.md", verify.index_markdown(index))
     return records

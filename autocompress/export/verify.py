@@ -13,16 +13,15 @@ calibrated profile (the record says which); (4) a flag when the point is
 measured more than ``NOISE`` slower than the uncompressed model exported the same way (fp32 ONNX):
 compressed but not faster.
 
-``verify_front`` does this for K front points at the end of a search (``search --verify K``).
+``autocompress.export.study.verify_front`` does this for K front points at the end of a search
+(``search --verify K``); this module knows records and checks, not studies.
 """
 
 from __future__ import annotations
 
-import json
 import statistics
 import tempfile
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,7 +29,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from autocompress._io import atomic_write_text
 from autocompress.errors import ProfileError
 from autocompress.export.techniques import TECHNIQUES, techniques_used
 from autocompress.hardware import CostModel, load_profile
@@ -40,7 +38,7 @@ from autocompress.plan import ModelRef, Plan
 
 if TYPE_CHECKING:
     from autocompress.export.study import StudyView
-    from autocompress.search.result import Candidate, SearchResult
+    from autocompress.search.result import Candidate
 
 PROMPT = 64  # prefill tokens measured and predicted
 CHECK_SHAPE = (2, 16)  # fixed inputs of the output check
@@ -503,59 +501,3 @@ def point_readme(rec: dict[str, Any]) -> str:
     lines += [f"- **{t}**: HF: {v['hf']}. ONNX: {v['onnx']}." for t, v in rec["techniques"].items()] or ["- nothing"]
     lines += ["", "## Reproduce", "", "```sh", *rec["reproduce"], "```", ""]
     return "\n".join(lines)
-
-
-def _spread(front: list[Any], k: int) -> list[Any]:
-    if len(front) <= k:
-        return list(front)
-    idx = sorted({round(i * (len(front) - 1) / (k - 1)) for i in range(k)}) if k > 1 else [0]
-    return [front[i] for i in idx]
-
-
-def verify_front(
-    study_dir_or_result: str | Path | SearchResult, k: int, log: Callable[[str], None] | None = None
-) -> list[dict[str, Any]]:
-    """Export K front points (spread along the latency axis) to ONNX, check and measure them here.
-
-    Writes ``verify.json`` and ``verify.md`` in the study folder and gives one record per point
-    (``latency.slower_than_uncompressed`` flags "compressed but not faster"). The ONNX files are
-    temporary; ``autocompress export`` keeps them.
-    """
-    from autocompress.export.study import open_study, workbench_for
-
-    say = log or (lambda _m: None)
-    if isinstance(study_dir_or_result, (str, Path)):
-        study_dir = Path(study_dir_or_result)
-        stored = study_dir / "storage.txt"
-        storage = stored.read_text().strip() if stored.is_file() else None
-        view = open_study(study_dir.name, study_dir.parent, storage)
-    else:
-        r = study_dir_or_result
-        view = open_study(r.study_name, Path(r.study_dir).parent, r.storage)
-    if k < 1 or not view.front:
-        return []
-    points = _spread(view.front, k)
-    pred = Predictor.for_hw("local", view.anatomy)
-    if pred.note:
-        say(pred.note)
-    wb = workbench_for(view, points[0].plan, log=say)
-    records = []
-    with tempfile.TemporaryDirectory(dir=view.dir, prefix=".verify.") as tmp:
-        say(f"verify: exporting and measuring the uncompressed model ({pred.threads} thread(s))")
-        base = baseline_record(wb, view.anatomy, pred, Path(tmp), pred.threads)
-        for c in points:
-            folder = Path(tmp) / f"trial-{c.trial}"
-            folder.mkdir()
-            rec = export_point(wb.apply(c.plan), wb, view, c, folder, pred, hf=False, threads=pred.threads, base=base)
-            lat = rec["latency"]
-            say(
-                f"verify trial {c.trial}: decode {lat['measured_decode_ms']:.3g} ms measured, "
-                f"{lat['predicted_decode_ms']:.3g} predicted ({lat['speedup_vs_uncompressed']:.2f}x vs uncompressed)"
-                + (" — SLOWER than uncompressed" if lat["slower_than_uncompressed"] else "")
-                + (f" — {ROUNDING_WARNING}" if rec["onnx"]["runtime_rounding"].get("runtime_dominates") else "")
-            )
-            records.append(rec)
-    index = {"study": view.name, "profile_for_prediction": pred.describe(), "baseline": base, "exports": records}
-    atomic_write_text(view.dir / "verify.json", json.dumps(index, indent=2, default=str) + "\n")
-    atomic_write_text(view.dir / "verify.md", index_markdown(index))
-    return records

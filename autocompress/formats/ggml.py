@@ -86,8 +86,13 @@ class GGUFFormat(Format):
         return out * (in_f // self.block_size) * self.type_size
 
     # subclasses ------------------------------------------------------------------------------
-    def _fit(self, w: torch.Tensor, qw: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def _fit(self, w: torch.Tensor, qw: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """Give (stored scale data, the reference quantizer's own codes [out, in] or None)."""
         raise NotImplementedError
+
+    def _reference_codes(self, nearest: torch.Tensor, ref: torch.Tensor, grid: Grid) -> torch.Tensor:
+        """Give the codes llama.cpp stores, from the nearest codes and its search's codes."""
+        return ref
 
     def _scale_offset(self, p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError
@@ -102,7 +107,17 @@ class GGUFFormat(Format):
     def fit_grid(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> Grid:
         w = as_weight(w)
         self._require(tuple(w.shape))
-        return self._grid(self._fit(w, importance_matrix(importance, w)))
+        return self._grid(self._fit(w, importance_matrix(importance, w))[0])
+
+    def quantize(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> QuantizedTensor:
+        w = as_weight(w)
+        self._require(tuple(w.shape))
+        params, ref = self._fit(w, importance_matrix(importance, w))
+        grid = self._grid(params)
+        codes, _ = grid.round(w, 0)
+        if ref is not None:
+            codes = self._reference_codes(codes, ref.long().reshape(w.shape), grid)
+        return self.from_codes(grid, codes)
 
     def _grid(self, params: dict[str, torch.Tensor]) -> Grid:
         scale, offset = self._scale_offset(params)

@@ -2,11 +2,11 @@
 
 Scales are searched as llama.cpp's ``quantize_row_q*_K_ref`` (no importance) or
 ``quantize_row_q*_K_impl`` (with an imatrix: weights ``qw·sqrt(σ² + x²)``, sub-block scales and mins
-quantized by ``make_qp_quants``/``make_qx_quants``); the stored scale data is then fixed and every
-code is the nearest level under it, which is llama.cpp's final requantization
-``nearest_int((x + dm) / d)`` (so our bytes can differ from llama.cpp's only through float-rounding
-details of the searches, and in sub-blocks whose scale is 0, where llama.cpp keeps the search's
-codes and we store the level nearest 0: same values).
+quantized by ``make_qp_quants``/``make_qx_quants``); then every code is llama.cpp's requantization
+``nearest_int((x + dm) / d)`` under the stored scales, except in sub-blocks whose scale is 0, where
+the search's codes stay (``if (!d) continue``). The searches add in C order and divide and take
+square roots correctly rounded (``search``), so the bytes equal llama.cpp's C code (built without
+FMA contraction) on every tensor we compared, with and without an imatrix.
 
 Stored parameters (``QuantizedTensor.params``), per tensor of ``nb = in / 256`` super-blocks per row:
 
@@ -31,7 +31,10 @@ from autocompress.formats.search import (
     make_qkx_quants,
     make_qp_quants,
     make_qx_quants,
+    rdiv,
+    seqsum,
     signed_absmax,
+    sqrtf,
 )
 
 QK_K = 256
@@ -49,19 +52,29 @@ def _per_sub(d: torch.Tensor, subs: int, sc: torch.Tensor) -> torch.Tensor:
 def _sub_weights(w: torch.Tensor, qw: torch.Tensor, sub: int, sigma_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Give (x, weights) as [sub-blocks, sub]: qw·sqrt(σ² + x²), σ² = sigma_factor · the super-block's mean square."""
     x = w.reshape(-1, QK_K)
-    sigma2 = sigma_factor * (x * x).sum(1, keepdim=True) / QK_K
-    wt = qw.reshape(-1, QK_K) * torch.sqrt(sigma2 + x * x)
+    sigma2 = sigma_factor * seqsum(x * x)[:, None] / QK_K
+    wt = qw.reshape(-1, QK_K) * sqrtf(sigma2 + x * x)
     return x.reshape(-1, sub), wt.reshape(-1, sub)
 
 
 def _quantize_scales(values: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Give (integer scales 0..top [B, subs], super-scale [B]) as the _ref quantizers do: top / max."""
-    mx = values.max(1).values.clamp(min=0.0)
-    inv = torch.where(mx > 0, top / torch.where(mx > 0, mx, 1), 0.0)
+    mx = values.max(1).values
+    mx = torch.where(mx > 0, mx, 0.0)  # C starts from +0 and keeps only larger values (never -0)
+    inv = torch.where(mx > 0, rdiv(top, torch.where(mx > 0, mx, 1)), 0.0)
     return torch.round(inv[:, None] * values).clamp_(0, top), mx / top
 
 
-class _Affine(GGUFFormat):
+class _KQuant(GGUFFormat):
+    """Codes are llama.cpp's requantization (nearest under the stored scales), except in sub-blocks
+    whose scale d·sc is 0, where it keeps its search's codes (``if (!d) continue``)."""
+
+    def _reference_codes(self, nearest, ref, grid):
+        dead = (grid.scale == 0).repeat_interleave(self.group_size, dim=1)
+        return torch.where(dead, ref, nearest)
+
+
+class _Affine(_KQuant):
     """Q5_K / Q4_K / Q2_K: d·sc·q - dmin·m per sub-block."""
 
     symmetric = False
@@ -80,15 +93,17 @@ class _Affine(GGUFFormat):
         if qw is None:
             x = w.reshape(-1, sub)
             # Q4_K / Q5_K weigh by av_x + |x| (av_x the sub-block's rms), Q2_K by |x|
-            wt = torch.sqrt((x * x).sum(1, keepdim=True) / 32) + x.abs() if sub == 32 else x.abs()
+            wt = sqrtf(seqsum(x * x)[:, None] / 32) + x.abs() if sub == 32 else x.abs()
             rmin, rdelta, nstep, mad = self.ref
-            sc, mn, _ = over_chunks(lambda a, b: make_qkx_quants(a, b, nmax, rmin, rdelta, nstep, mad, False), x, wt)
+            sc, mn, codes = over_chunks(
+                lambda a, b: make_qkx_quants(a, b, nmax, rmin, rdelta, nstep, mad, False), x, wt
+            )
             ls, d = _quantize_scales(sc.reshape(-1, subs), top)
             lm, dmin = _quantize_scales(mn.reshape(-1, subs), top)
         else:
             x, wt = _sub_weights(w, qw, sub, 2.0 if sub == 32 else 1.0)
-            sc, mn, _ = over_chunks(lambda a, b: make_qkx_quants(a, b, nmax, -0.9, 0.05, 36, False, True), x, wt)
-            sw = wt.sum(1).reshape(-1, subs)
+            sc, mn, codes = over_chunks(lambda a, b: make_qkx_quants(a, b, nmax, -0.9, 0.05, 36, False, True), x, wt)
+            sw = seqsum(wt).reshape(-1, subs)
             d, ls = make_qp_quants(sc.reshape(-1, subs), top, sw)
             dmin, lm = make_qp_quants(mn.reshape(-1, subs), top, sw)
         out = w.shape[0]
@@ -97,7 +112,7 @@ class _Affine(GGUFFormat):
             "dmin": f16(dmin).reshape(out, -1),
             "scales": ls.to(torch.uint8).reshape(out, -1),
             "mins": lm.to(torch.uint8).reshape(out, -1),
-        }
+        }, codes
 
     def _scale_offset(self, p):
         subs = QK_K // self.group_size
@@ -144,7 +159,7 @@ class _Affine(GGUFFormat):
         return c, {"d": d, "dmin": dmin, "scales": torch.from_numpy(ls.copy()), "mins": torch.from_numpy(lm.copy())}
 
 
-class Q6_KFormat(GGUFFormat):
+class Q6_KFormat(_KQuant):
     """Q6_K: d·sc·q, q -32..31, 16 int8 sub-block scales per 256 weights."""
 
     gguf_type = T.Q6_K
@@ -156,16 +171,17 @@ class Q6_KFormat(GGUFFormat):
     def _fit(self, w, qw):
         x = w.reshape(-1, 16)
         q = None if qw is None else qw.reshape(-1, 16)
-        (sc,) = over_chunks(lambda a, b: (make_qx_quants(a, 32, b)[0],), x, q)
+        sc, codes = over_chunks(lambda a, b: make_qx_quants(a, 32, b), x, q)
         sc = sc.reshape(-1, 16)
         mx = signed_absmax(sc)
         dead = mx.abs() < 1e-15
-        iscale = -128 / torch.where(dead, torch.ones_like(mx), mx)
+        iscale = rdiv(-128, torch.where(dead, torch.ones_like(mx), mx))
         ls = torch.round(iscale[:, None] * sc).clamp_(-128, 127)
         d = torch.where(dead, 0.0, 1 / iscale)
         ls = torch.where(dead[:, None], 0.0, ls)
+        codes = torch.where(dead.repeat_interleave(16)[:, None], 0.0, codes)  # llama.cpp zeroes such blocks
         out = w.shape[0]
-        return {"d": f16(d).reshape(out, -1), "scales": ls.to(torch.int8).reshape(out, -1)}
+        return {"d": f16(d).reshape(out, -1), "scales": ls.to(torch.int8).reshape(out, -1)}, codes
 
     def _scale_offset(self, p):
         return _per_sub(p["d"], 16, p["scales"]), None
@@ -190,7 +206,7 @@ class Q6_KFormat(GGUFFormat):
         return c, {"d": fp16_from(b[:, 208:210]), "scales": sc}
 
 
-class Q3_KFormat(GGUFFormat):
+class Q3_KFormat(_KQuant):
     """Q3_K: d·sc·q, q -4..3 (2 low bits + a high-bit mask), 16 signed 6-bit scales per 256 weights."""
 
     gguf_type = T.Q3_K
@@ -201,21 +217,21 @@ class Q3_KFormat(GGUFFormat):
 
     def _fit(self, w, qw):
         if qw is None:
-            (sc,) = over_chunks(lambda a: (make_q3_quants(a, 4)[0],), w.reshape(-1, 16))
+            sc, codes = over_chunks(lambda a: make_q3_quants(a, 4), w.reshape(-1, 16))
             sc = sc.reshape(-1, 16)
             mx = signed_absmax(sc)
             dead = mx == 0
-            iscale = -32 / torch.where(dead, torch.ones_like(mx), mx)
+            iscale = rdiv(-32, torch.where(dead, torch.ones_like(mx), mx))
             ls = torch.round(iscale[:, None] * sc).clamp_(-32, 31)
             d = torch.where(dead, 0.0, 1 / iscale)
             ls = torch.where(dead[:, None], -32.0, ls)  # llama.cpp leaves the scale bytes 0 (= -32)
         else:
             x, wt = _sub_weights(w, qw, 16, 2.0)
-            (sc,) = over_chunks(lambda a, b: (make_qx_quants(a, 4, b)[0],), x, wt)
-            d, ls = make_qx_quants(sc.reshape(-1, 16), 32, wt.sum(1).reshape(-1, 16))
+            sc, codes = over_chunks(lambda a, b: make_qx_quants(a, 4, b), x, wt)
+            d, ls = make_qx_quants(sc.reshape(-1, 16), 32, seqsum(wt).reshape(-1, 16))
             ls = ls - 32
         out = w.shape[0]
-        return {"d": f16(d).reshape(out, -1), "scales": ls.to(torch.int8).reshape(out, -1)}
+        return {"d": f16(d).reshape(out, -1), "scales": ls.to(torch.int8).reshape(out, -1)}, codes
 
     def _scale_offset(self, p):
         return _per_sub(p["d"], 16, p["scales"]), None

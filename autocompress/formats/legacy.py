@@ -1,17 +1,19 @@
 """GGUF's 32-weight block types: Q8_0, Q5_1, Q5_0, Q4_1, Q4_0 and IQ4_NL.
 
-Without an importance vector, ``quantize`` follows ``quantize_row_*_ref`` exactly as the ``gguf``
-package implements it (``gguf.quants``: codes from the fp32 scale's inverse, truncation ``x·id +
-8.5`` for Q4_0/Q5_0, ``roundf`` for Q8_0), so the bytes are gguf-py's; gguf-py's Q4_0/Q8_0 bytes
-are llama-quantize's (research/runtimes.md §7). With importance (an imatrix), the scale search is
-llama.cpp's ``quantize_row_*_impl`` (``make_qx_quants`` / ``make_qkx3_quants`` on weights
-``qw·sqrt(σ² + x²)``, σ² the row's mean square) and codes are the nearest levels under the stored
-fp16 scale (llama.cpp keeps the search's codes, found with the fp32 scale; ours are never worse).
-Q8_0 has no weighted variant in llama.cpp and ignores importance.
+``quantize`` is what llama-quantize writes: without importance the reference quantizers
+``quantize_row_*_ref`` (codes from the fp32 scale's inverse: truncation of ``x·id + 8.5`` for Q4_0,
+``roundf`` for Q8_0, ...), with importance (an imatrix) ``quantize_row_*_impl``: ``make_qx_quants``
+(Q4_0/Q5_0) or ``make_qkx3_quants`` (Q4_1/Q5_1) on weights ``qw·sqrt(σ² + x²)``, σ² the row's mean
+square, keeping the search's codes. Q8_0 has no weighted variant and ignores importance. IQ4_NL: 16
+non-linear levels (``kvalues_iq4nl``) times an fp16 scale per 32 weights, ``quantize_iq4_nl`` (15
+trial scales; weights x² without an imatrix), codes from the fp32 scale as llama.cpp does.
 
-IQ4_NL: 16 non-linear levels (``kvalues_iq4nl``) times an fp16 scale per 32 weights, searched as
-``quantize_iq4_nl`` does (what llama-quantize calls: 15 trial scales, weights x² without an imatrix);
-codes are the nearest levels under the stored fp16 scale (llama.cpp uses the fp32 scale there).
+Measured (tests/formats and a ctypes harness around llama.cpp's ggml-quants.c built with
+``-ffp-contract=off``): our bytes equal the C code's on Gaussian, heavy-tailed, positive, tiny,
+on-grid and sparse tensors, with and without an imatrix, and equal gguf-py's ``quantize``. The one
+known gguf-py deviation is a block of only ±0 that starts with -0: its fp16 d is -0 in C (what we
+write) and +0 in gguf-py; the values are the same. ``fit_grid`` + ``Grid.round`` (what GPTQ uses)
+take the nearest level under the stored fp16 scale instead.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import numpy as np
 import torch
 from gguf.constants import GGMLQuantizationType as T
 
-from autocompress.formats.base import QuantizedTensor, as_weight
 from autocompress.formats.ggml import (
     GGUFFormat,
     f16,
@@ -30,7 +31,15 @@ from autocompress.formats.ggml import (
     nibbles,
     over_chunks,
 )
-from autocompress.formats.search import iq4_nl_scale, make_qkx_quants, make_qx_quants, signed_absmax
+from autocompress.formats.search import (
+    iq4_nl_scale,
+    make_qkx_quants,
+    make_qx_quants,
+    nearest_level,
+    seqsum,
+    signed_absmax,
+    sqrtf,
+)
 
 IQ4_NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
@@ -41,8 +50,8 @@ def _levels(lo: int, hi: int) -> torch.Tensor:
 
 def _row_weights(w: torch.Tensor, qw: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Give (x, weights) as [blocks, block]: llama.cpp's qw·sqrt(σ² + x²), σ² = the row's mean square."""
-    sigma2 = (w * w).sum(1, keepdim=True) / w.shape[1]
-    return w.reshape(-1, block), (qw * torch.sqrt(sigma2 + w * w)).reshape(-1, block)
+    sigma2 = seqsum(w * w)[:, None] / w.shape[1]
+    return w.reshape(-1, block), (qw * sqrtf(sigma2 + w * w)).reshape(-1, block)
 
 
 def _qh_bytes(c: np.ndarray) -> np.ndarray:
@@ -72,29 +81,21 @@ class _Symmetric32(GGUFFormat):
         self.bits = bits
         self.levels = _levels(-(1 << (bits - 1)), (1 << (bits - 1)) - 1)
 
-    def _fit(self, w: torch.Tensor, qw: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def _fit(self, w, qw):
         half = 1 << (self.bits - 1)
         if qw is None:
-            d = signed_absmax(w.reshape(-1, 32)) / -half
+            x = w.reshape(-1, 32)
+            mx = signed_absmax(x)
+            d = torch.where(mx == 0, 0.0, mx) / -half  # C's max starts at +0: a block of ±0 gives d = -0
+            inv = torch.where(d == 0, 0.0, 1 / d)
+            codes = torch.trunc(x * inv[:, None] + (half + 0.5)).clamp_(0, 2 * half - 1)
         else:
             x, wt = _row_weights(w, qw, 32)
-            d = over_chunks(lambda a, b: make_qx_quants(a, half, b), x, wt)[0]
-        return {"d": f16(d).reshape(w.shape[0], -1)}
+            d, codes = over_chunks(lambda a, b: make_qx_quants(a, half, b), x, wt)
+        return {"d": f16(d).reshape(w.shape[0], -1)}, codes
 
     def _scale_offset(self, p):
         return p["d"].float(), None
-
-    def quantize(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> QuantizedTensor:
-        if importance is not None:
-            return super().quantize(w, importance)
-        w = as_weight(w)
-        grid = self.fit_grid(w)
-        half = 1 << (self.bits - 1)
-        x = w.reshape(-1, 32)
-        d = signed_absmax(x) / -half
-        inv = torch.where(d == 0, 0.0, 1 / d)
-        codes = torch.trunc(x * inv[:, None] + (half + 0.5)).clamp_(0, 2 * half - 1)
-        return self.from_codes(grid, codes.long().reshape(w.shape))
 
     def _pack_blocks(self, c, p):
         parts = [fp16_bytes(p["d"])]
@@ -122,34 +123,25 @@ class _Affine32(GGUFFormat):
         self.bits = bits
         self.levels = _levels(0, (1 << bits) - 1)
 
-    def _fit(self, w: torch.Tensor, qw: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def _fit(self, w, qw):
         nmax = (1 << self.bits) - 1
         if qw is None:
             x = w.reshape(-1, 32)
             lo, hi = x.min(1).values, x.max(1).values
             d, m = (hi - lo) / nmax, lo
+            inv = torch.where(d == 0, 0.0, 1 / d)
+            codes = torch.trunc((x - lo[:, None]) * inv[:, None] + 0.5).clamp_(0, nmax)
         else:
             x, wt = _row_weights(w, qw, 32)
-            d, the_min, _ = over_chunks(lambda a, b: make_qkx_quants(a, b, nmax, -0.9, 0.05, 36, False, True), x, wt)
+            d, the_min, codes = over_chunks(
+                lambda a, b: make_qkx_quants(a, b, nmax, -0.9, 0.05, 36, False, True), x, wt
+            )
             m = -the_min
         out = w.shape[0]
-        return {"d": f16(d).reshape(out, -1), "m": f16(m).reshape(out, -1)}
+        return {"d": f16(d).reshape(out, -1), "m": f16(m).reshape(out, -1)}, codes
 
     def _scale_offset(self, p):
         return p["d"].float(), p["m"].float()
-
-    def quantize(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> QuantizedTensor:
-        if importance is not None:
-            return super().quantize(w, importance)
-        w = as_weight(w)
-        grid = self.fit_grid(w)
-        nmax = (1 << self.bits) - 1
-        x = w.reshape(-1, 32)
-        lo, hi = x.min(1).values, x.max(1).values
-        d = (hi - lo) / nmax
-        inv = torch.where(d == 0, 0.0, 1 / d)
-        codes = torch.trunc((x - lo[:, None]) * inv[:, None] + 0.5).clamp_(0, nmax)
-        return self.from_codes(grid, codes.long().reshape(w.shape))
 
     def _pack_blocks(self, c, p):
         parts = [fp16_bytes(p["d"]), fp16_bytes(p["m"])]
@@ -176,20 +168,14 @@ class Q8_0Format(GGUFFormat):
     levels = _levels(-128, 127)
 
     def _fit(self, w, qw):
-        d = w.reshape(-1, 32).abs().amax(1) / 127
-        return {"d": f16(d).reshape(w.shape[0], -1)}
-
-    def _scale_offset(self, p):
-        return p["d"].float(), None
-
-    def quantize(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> QuantizedTensor:
-        w = as_weight(w)
-        grid = self.fit_grid(w)
         x = w.reshape(-1, 32)
         d = x.abs().amax(1) / 127
         inv = torch.where(d == 0, 0.0, 1 / d)
         q = np_roundf(x * inv[:, None]).clamp_(-128, 127)
-        return self.from_codes(grid, (q + 128).long().reshape(w.shape))
+        return {"d": f16(d).reshape(w.shape[0], -1)}, q + 128
+
+    def _scale_offset(self, p):
+        return p["d"].float(), None
 
     def _pack_blocks(self, c, p):
         return np.concatenate([fp16_bytes(p["d"]), (c.astype(np.int16) - 128).astype(np.int8).view(np.uint8)], axis=1)
@@ -209,10 +195,12 @@ class IQ4_NLFormat(GGUFFormat):
 
     def _fit(self, w, qw):
         x = w.reshape(-1, 32)
-        sigma2 = 2 * (x * x).sum(1, keepdim=True) / 32  # per block: the 32-block is its own super-block
-        wt = x * x if qw is None else qw.reshape(-1, 32) * torch.sqrt(sigma2 + x * x)
+        sigma2 = 2 * seqsum(x * x)[:, None] / 32  # per block: the 32-block is its own super-block
+        wt = x * x if qw is None else qw.reshape(-1, 32) * sqrtf(sigma2 + x * x)
         (d,) = over_chunks(lambda a, b: (iq4_nl_scale(a, b, self.levels),), x, wt)
-        return {"d": f16(d).reshape(w.shape[0], -1)}
+        inv = torch.where(d == 0, 0.0, 1 / torch.where(d == 0, 1.0, d))
+        codes = nearest_level(inv[:, None] * x, self.levels)  # llama.cpp codes with the fp32 scale
+        return {"d": f16(d).reshape(w.shape[0], -1)}, codes
 
     def _scale_offset(self, p):
         return p["d"].float(), None

@@ -10,9 +10,32 @@ same choice up to float rounding of the comparison; trials that depend on the pr
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 GROUP_MAX_EPS = 1e-15
+
+
+def seqsum(t: torch.Tensor) -> torch.Tensor:
+    """Give the sum over the last dim added left to right in float32, as the C loops do.
+
+    torch's vectorised sums add in another order; the searches compare near-equal candidates
+    (least-squares fits with cancellation), so the order decides some choices.
+    """
+    acc = t[..., 0].clone()
+    for i in range(1, t.shape[-1]):
+        acc += t[..., i]
+    return acc
+
+
+def rdiv(c: float, t: torch.Tensor) -> torch.Tensor:
+    """Give c / t correctly rounded (torch computes ``scalar / tensor`` as c · (1/t), off by an ulp at times)."""
+    return torch.div(torch.tensor(c, dtype=t.dtype), t)
+
+
+def sqrtf(x: torch.Tensor) -> torch.Tensor:
+    """Give the correctly rounded float32 square root (C ``sqrtf``; torch's vectorised float32 sqrt is not)."""
+    return torch.sqrt(x.double()).float()
 
 
 def signed_absmax(x: torch.Tensor) -> torch.Tensor:
@@ -20,14 +43,32 @@ def signed_absmax(x: torch.Tensor) -> torch.Tensor:
     return x.gather(1, x.abs().argmax(dim=1, keepdim=True)).squeeze(1)
 
 
-def _pick(merit: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
-    """Give each tensor [B, T, ...] at each block's first arg-max of merit [B, T]."""
-    best = merit.argmax(dim=1)
+def _take(chosen: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Give each tensor [B, T, ...] at trial ``chosen`` [B] of each block."""
     out = []
     for t in tensors:
-        idx = best.view(-1, *([1] * (t.dim() - 1))).expand(-1, 1, *t.shape[2:])
+        idx = chosen.view(-1, *([1] * (t.dim() - 1))).expand(-1, 1, *t.shape[2:])
         out.append(t.gather(1, idx).squeeze(1))
     return out
+
+
+def _sequential_best(sumlx: torch.Tensor, suml2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Give (scale, chosen trial) [B] of trials [B, T] as the C loops pick them.
+
+    Trial 0 gives scale = Σlx/Σl² (0 if Σl² = 0) and best = scale·Σlx; a later trial replaces it
+    when Σl² > 0 and (Σlx)² > best·Σl², in this order, with the same float32 operations.
+    """
+    s0, l0 = sumlx[:, 0], suml2[:, 0]
+    scale = torch.where(l0 > 0, s0 / torch.where(l0 > 0, l0, 1), 0.0)
+    best = scale * s0
+    chosen = torch.zeros_like(s0, dtype=torch.long)
+    for t in range(1, sumlx.shape[1]):
+        st, lt = sumlx[:, t], suml2[:, t]
+        acc = (lt > 0) & (st * st > best * lt)
+        scale = torch.where(acc, st / torch.where(lt > 0, lt, 1), scale)
+        best = torch.where(acc, scale * st, best)
+        chosen = torch.where(acc, t, chosen)
+    return scale, chosen
 
 
 def make_qx_quants(
@@ -46,12 +87,10 @@ def make_qx_quants(
     iscale = -(nmax + 0.1 * steps)[None, :] / safe[:, None]  # [B, T]
     ell = torch.round(iscale[:, :, None] * x[:, None, :]).clamp_(-nmax, nmax - 1)  # [B, T, n]
     wx = (w * x)[:, None, :]
-    sumlx = (wx * ell).sum(-1)
-    suml2 = (w[:, None, :] * ell * ell).sum(-1)
-    merit = torch.where(suml2 > 0, sumlx * sumlx / torch.where(suml2 > 0, suml2, 1), float("-inf"))
-    merit[:, 0] = torch.where(suml2[:, 0] > 0, merit[:, 0], 0.0)
-    slx, sl2, ell = _pick(merit, sumlx, suml2, ell)
-    scale = torch.where(sl2 > 0, slx / torch.where(sl2 > 0, sl2, 1), 0.0)
+    sumlx = seqsum(wx * ell)
+    suml2 = seqsum(w[:, None, :] * ell * ell)
+    scale, chosen = _sequential_best(sumlx, suml2)
+    (ell,) = _take(chosen, ell)
     scale = torch.where(dead, 0.0, scale)
     codes = torch.where(dead[:, None], 0.0, ell + nmax)
     return scale, codes
@@ -61,12 +100,12 @@ def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
     """Give (scale [B], L [B, n] in 0..2·nmax-1): ``make_q3_quants`` with do_rmse (5 rounds of coordinate descent)."""
     mx = signed_absmax(x)
     dead = mx.abs() < GROUP_MAX_EPS
-    iscale = -nmax / torch.where(dead, torch.ones_like(mx), mx)
+    iscale = rdiv(-nmax, torch.where(dead, torch.ones_like(mx), mx))
     ell = torch.round(iscale[:, None] * x).clamp_(-nmax, nmax - 1)
     w = x * x
     wx = w * x
-    sumlx = (wx * ell).sum(1)
-    suml2 = (w * ell * ell).sum(1)
+    sumlx = seqsum(wx * ell)
+    suml2 = seqsum(w * ell * ell)
     for _ in range(5):
         for i in range(x.shape[1]):
             li, wi, wxi = ell[:, i], w[:, i], wx[:, i]
@@ -103,30 +142,30 @@ def make_qkx_quants(
     mn = x.min(dim=1).values.clamp(max=0.0)
     mx = x.max(dim=1).values
     dead = mx <= mn
-    sum_w = weights.sum(1)
-    sum_x = (weights * x).sum(1)
+    sum_w = seqsum(weights)
+    sum_x = seqsum(weights * x)
 
     def err_of(scale: torch.Tensor, lo: torch.Tensor, ell: torch.Tensor) -> torch.Tensor:
         diff = scale[:, None] * ell + lo[:, None] - x
-        return (weights * (diff.abs() if use_mad else diff * diff)).sum(1)
+        return seqsum(weights * (diff.abs() if use_mad else diff * diff))
 
     rng = torch.where(dead, torch.ones_like(mx), mx - mn)
-    iscale = nmax / rng
+    iscale = rdiv(nmax, rng)
     scale = 1 / iscale
     ell = torch.round(iscale[:, None] * (x - mn[:, None])).clamp_(0, nmax)
     best = err_of(scale, mn, ell)
     lo = mn
     for step in range(nstep + 1):
-        isc = (rmin + rdelta * step + nmax) / (mx - lo)
+        isc = rdiv(float(np.float32(rmin) + np.float32(rdelta) * np.float32(step) + np.float32(nmax)), mx - lo)
         v = isc[:, None] * (x - lo[:, None])
         if guarded:
             cand = torch.where(v > 0, torch.round(torch.clamp(v, max=float(nmax))), 0.0)
         else:
             cand = torch.round(v).clamp_(0, nmax)
         cand = torch.nan_to_num(cand, nan=0.0)
-        sum_l = (weights * cand).sum(1)
-        sum_l2 = (weights * cand * cand).sum(1)
-        sum_xl = (weights * cand * x).sum(1)
+        sum_l = seqsum(weights * cand)
+        sum_l2 = seqsum(weights * cand * cand)
+        sum_xl = seqsum(weights * cand * x)
         d = sum_w * sum_l2 - sum_l * sum_l
         d_safe = torch.where(d > 0, d, 1)
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / d_safe
@@ -159,12 +198,12 @@ def make_qp_quants(x: torch.Tensor, nmax: int, weights: torch.Tensor) -> tuple[t
     ell = torch.round(isc[:, :, None] * x[:, None, :])
     ell[:, 1:] = ell[:, 1:].clamp(max=nmax)  # the first (reference) trial is not capped in the C code
     diff = x[:, None, :] - (1 / isc)[:, :, None] * ell
-    mse = (weights[:, None, :] * diff * diff).sum(-1)
-    (isc_best,) = _pick(-mse, isc[:, :, None])
+    mse = seqsum(weights[:, None, :] * diff * diff)
+    (isc_best,) = _take(mse.argmin(dim=1), isc[:, :, None])  # C keeps the first strictly smaller
     ell = torch.round(isc_best * x).clamp_(max=nmax)
     wx = weights * x
-    sumlx = (wx * ell).sum(1)
-    suml2 = (weights * ell * ell).sum(1)
+    sumlx = seqsum(wx * ell)
+    suml2 = seqsum(weights * ell * ell)
     for _ in range(5):
         for i in range(x.shape[1]):
             li, wi, wxi = ell[:, i], weights[:, i], wx[:, i]
@@ -203,10 +242,7 @@ def iq4_nl_scale(x: torch.Tensor, weights: torch.Tensor, values: torch.Tensor, n
     )
     q = values[nearest_level(ids[:, :, None] * x[:, None, :], values)]  # [B, T, n]
     wq = weights[:, None, :] * q
-    sumqx = (wq * x[:, None, :]).sum(-1)
-    sumq2 = (wq * q).sum(-1)
-    merit = torch.where(sumq2 > 0, sumqx * sumqx / torch.where(sumq2 > 0, sumq2, 1), float("-inf"))
-    merit[:, 0] = torch.where(sumq2[:, 0] > 0, merit[:, 0], 0.0)
-    sqx, sq2 = _pick(merit, sumqx, sumq2)
-    d = torch.where(sq2 > 0, sqx / torch.where(sq2 > 0, sq2, 1), 0.0)
+    sumqx = seqsum(wq * x[:, None, :])
+    sumq2 = seqsum(wq * q)
+    d, _ = _sequential_best(sumqx, sumq2)
     return torch.where(dead, 0.0, d)

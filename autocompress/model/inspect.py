@@ -7,6 +7,8 @@ from torch import nn
 from autocompress.errors import ModelLoadError
 from autocompress.model.anatomy import BlockInfo, EmbeddingSite, LinearSite, ModelAnatomy
 
+LLAMA_FAMILY = ("llama", "qwen2", "mistral", "gemma", "gemma2", "smollm3", "qwen3")  # laid out as Llama is
+
 # (block-list paths tried in order, {relative linear path: role}) per architecture
 _LAYOUTS: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
     "llama": (
@@ -41,8 +43,6 @@ _LAYOUTS: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
 
 def architecture_of(model: nn.Module) -> str:
     """Give the layout family ("llama", "gpt2" or "bert") of a transformers model."""
-    from autocompress.model.loading import LLAMA_FAMILY
-
     mtype = getattr(getattr(model, "config", None), "model_type", None)
     if mtype in LLAMA_FAMILY:
         return "llama"

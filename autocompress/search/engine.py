@@ -19,7 +19,7 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from autocompress._io import atomic_write_text, check_writable
+from autocompress._io import atomic_write_text, cache_dir, check_writable
 from autocompress.calib import DataConfig
 from autocompress.compress.numerics import attach
 from autocompress.errors import AutocompressError, BudgetError, StudyError
@@ -30,6 +30,7 @@ from autocompress.evaluate.sensitivity import SensitivityTable, build_sensitivit
 from autocompress.hardware import CostModel, load_profile
 from autocompress.model.loading import anatomy_from_config
 from autocompress.plan import ModelRef, Plan
+from autocompress.recover.run import rebuild
 from autocompress.search import heartbeat, hypervolume
 from autocompress.search.budget import Budget, check_fits_memory
 from autocompress.search.heartbeat import GRACE_S, HEARTBEAT_S
@@ -307,7 +308,6 @@ def _sensitivity(
             progress.update(task, completed=done, total=total)
 
     say(f"sensitivity table: each knob level on each unit alone, KL on {int(tokens.numel())} held-out tokens")
-    from autocompress.model.loading import cache_dir
 
     def probe(m: Any, p: Plan) -> Any:  # a probe is discarded after its forward, hooks and all
         model = wb.apply(p, into=m)
@@ -642,7 +642,7 @@ def _finish(
         cache = wb.eval_cache()
 
         def full_metric(plan: Plan) -> dict[str, float]:
-            with wb.evaluating(plan, wb.apply(plan)) as model:
+            with wb.evaluating(plan, rebuild(wb, plan)) as model:  # a recovered candidate: its recovery too
                 return evaluator.full(model).metrics()  # ppl, bpc; or accuracy, macro_f1, ece
 
         for h, c in todo.items():

@@ -33,7 +33,9 @@ def _unit_options(
     emb_sites = [e.name for e in ctx.anatomy.embeddings]
     for lvl, choice in space.embedding_choices(ctx.anatomy):  # the embedding / head table: one unit
         kl = sum(table.entries.get(f"{EMBEDDING_UNIT}|{p}", math.inf) for p in choice_parts(choice))
-        saved = base_latency - cost_model.predict(replace(base_plan, layers=dict.fromkeys(emb_sites, choice))).latency_ms
+        saved = (
+            base_latency - cost_model.predict(replace(base_plan, layers=dict.fromkeys(emb_sites, choice))).latency_ms
+        )
         if math.isfinite(kl) and (saved >= 0 or choice.is_identity):
             emb_options.append(({EMBEDDING_PARAM: lvl}, kl, max(saved, 0.0)))
     if emb_options:

@@ -9,8 +9,8 @@ import torch
 
 from autocompress.errors import ProfileError
 from autocompress.export import load_compressed, verify
-from autocompress.export.study import open_study
-from autocompress.export.verify import GENERIC_PROFILE, Predictor, slower_than, verify_front
+from autocompress.export.study import open_study, verify_front
+from autocompress.export.verify import GENERIC_PROFILE, Predictor, slower_than
 from tests.export.study_fixture import STUDY
 from tests.test_cli import run
 

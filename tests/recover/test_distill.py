@@ -10,9 +10,10 @@ import torch
 
 import autocompress.recover.train as train_mod
 from autocompress.calib import DataConfig, split_documents
+from autocompress.errors import PlanError
 from autocompress.hardware import CostModel, load_profile
 from autocompress.plan import LayerChoice, ModelRef, Plan
-from autocompress.recover import RecoveryError, RecoverySettings, recover
+from autocompress.recover import RecoveryError, RecoverySettings, rebuild, recover
 from autocompress.recover.data import training_sequences
 from autocompress.workbench import Workbench
 from tests.conftest import TINY_DATA
@@ -57,7 +58,9 @@ def test_deterministic_and_reapplied_bit_for_bit(name):
         runs.append((_weights_hash(model), recovered))
     assert runs[0] == runs[1]
     assert runs[0][0] != _weights_hash(wb.apply(plan))
-    assert _weights_hash(wb.apply(runs[0][1])) == runs[0][0]  # apply of the recovered plan replays it
+    assert _weights_hash(rebuild(wb, runs[0][1])) == runs[0][0]  # rebuilding the recovered plan replays it
+    with pytest.raises(PlanError, match="records a recovery"):  # the workbench alone never half-rebuilds it
+        wb.apply(runs[0][1])
     other = recover(wb, plan, wb.apply(plan), replace(FAST, seed=1))
     assert other.hash() != runs[0][1].hash()
 
@@ -67,7 +70,7 @@ def test_minutes_budget_records_steps_that_replay(wb_llama):
     model = wb_llama.apply(plan)
     recovered = recover(wb_llama, plan, model, replace(FAST, tokens=None, minutes=0.02))
     assert recovered.recovery.steps >= 1
-    assert _weights_hash(wb_llama.apply(recovered)) == _weights_hash(model)
+    assert _weights_hash(rebuild(wb_llama, recovered)) == _weights_hash(model)
 
 
 def test_training_sees_calibration_documents_only(tmp_path, monkeypatch):

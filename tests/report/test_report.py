@@ -86,7 +86,7 @@ def test_report_cli_and_its_errors(tiny_study, tmp_path, capsys) -> None:
 
 
 def test_report_shows_measured_latency_once_the_front_was_verified(tiny_study, tmp_path) -> None:
-    from autocompress.export.verify import verify_front
+    from autocompress.export.study import verify_front
 
     records = verify_front(tiny_study, 1)
     write_report(open_study(STUDY, tiny_study.parent), tmp_path)
