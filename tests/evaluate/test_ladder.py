@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import optuna
@@ -14,6 +16,7 @@ from autocompress.evaluate.ladder import Ladder, merge
 from autocompress.evaluate.metrics import Fidelity, topk_kl
 from autocompress.evaluate.predictor import FEATURE_NAMES, QualityPredictor, plan_features
 from autocompress.plan import LayerChoice
+from autocompress.search.pareto import pareto_front
 from tests.conftest import TINY_DATA, plan_for
 
 
@@ -155,3 +158,41 @@ def test_agreement_below_threshold_warns_and_names_the_fix():
     assert "misleading" in low[0] and "--proxy-tokens" in low[0]
     assert not any("misleading" in line for line in high)
     assert "not enough trials" in low[1]  # rung 1 -> 2 absent
+
+
+# ---- the gate replayed on stored evaluated plans: how often it stops a plan that was on the front ----
+LADDER_PLANS = Path(__file__).parent / "data" / "ladder_plans.json"  # written by bench/ladder_dataset.py
+
+
+def _replay(ladder: Ladder) -> tuple[set[int], set[int], int]:
+    """Give (trials the gate stops, trials on the front of every measured plan, gated proposals).
+
+    The plans come in trial order, as in the search that measured them all (gate off); a stopped plan
+    is not observed, as in the search; seeds are never gated.
+    """
+    plans = json.loads(LADDER_PLANS.read_text())["plans"]
+    front = {plans[i]["trial"] for i in pareto_front([(p["kl"], p["latency_ms"], p["memory_mb"]) for p in plans])}
+    stopped: set[int] = set()
+    for p in plans:
+        if not p["seeded"]:
+            why = ladder.blocker(ladder.lower_bound("rung0", p["rung0"]), p["latency_ms"], p["memory_mb"])
+            why = why or ladder.blocker(ladder.lower_bound("partial", p["partial"]), p["latency_ms"], p["memory_mb"])
+            if why:
+                stopped.add(p["trial"])
+                continue
+        ladder.observe(p["trial"], p["kl"], p["latency_ms"], p["memory_mb"], rung0=p["rung0"], partial=p["partial"])
+    return stopped, front, sum(not p["seeded"] for p in plans)
+
+
+def test_the_gate_rarely_stops_a_plan_that_would_have_reached_the_front():
+    stopped, front, gated = _replay(Ladder())
+    assert len(front) >= 10 and gated >= 60  # enough plans for a rate to mean something
+    false_stop_rate = len(stopped & front) / len(front)
+    assert false_stop_rate <= 0.05, sorted(stopped & front)
+    assert len(stopped) >= 0.25 * gated  # and it does save work: a quarter of the proposals stop early
+
+
+def test_an_over_eager_gate_shows_up_as_false_stops():
+    """The replay can fail: trusting the median ratio (and doubling it) stops front plans."""
+    stopped, front, _ = _replay(Ladder(quantile=0.5, safety=2.0))
+    assert len(stopped & front) / len(front) > 0.05
