@@ -22,9 +22,10 @@ def seqsum(t: torch.Tensor) -> torch.Tensor:
     torch's vectorised sums add in another order; the searches compare near-equal candidates
     (least-squares fits with cancellation), so the order decides some choices.
     """
-    acc = t[..., 0].clone()
-    for i in range(1, t.shape[-1]):
-        acc += t[..., i]
+    cols = t.movedim(-1, 0).contiguous()  # contiguous slices: each add is one fast vector op
+    acc = cols[0].clone()
+    for i in range(1, cols.shape[0]):
+        acc += cols[i]
     return acc
 
 
@@ -222,8 +223,18 @@ def make_qp_quants(x: torch.Tensor, nmax: int, weights: torch.Tensor) -> tuple[t
 
 
 def nearest_level(t: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-    """Give the index of the nearest level (ties to the upper one, as ``best_index_int8``)."""
-    return torch.bucketize(t, (levels[1:] + levels[:-1]) / 2, right=True)
+    """Give the index of the nearest level (ties to the upper one, as ``best_index_int8``).
+
+    For integer levels (IQ4_NL's table) every midpoint is a multiple of 1/2, so the index is a
+    table lookup on floor(2t); other levels use a binary search.
+    """
+    if not torch.equal(levels, levels.round()):
+        return torch.bucketize(t, (levels[1:] + levels[:-1]) / 2, right=True)
+    twice_mid = (levels[1:] + levels[:-1]).long()  # 2 · midpoints, integers
+    lo, hi = int(twice_mid[0]) - 1, int(twice_mid[-1])
+    table = torch.searchsorted(twice_mid, torch.arange(lo, hi + 1), right=True)
+    m = torch.floor(2 * t).nan_to_num_(0.0).clamp_(lo, hi).long() - lo
+    return table[m]
 
 
 def iq4_nl_scale(x: torch.Tensor, weights: torch.Tensor, values: torch.Tensor, ntry: int = 7) -> torch.Tensor:
