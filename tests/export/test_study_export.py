@@ -9,8 +9,9 @@ import torch
 
 from autocompress.errors import ProfileError
 from autocompress.export import load_compressed, verify
-from autocompress.export.study import open_study, verify_front
+from autocompress.export.study import open_study, verify_front, workbench_for
 from autocompress.export.verify import GENERIC_PROFILE, Predictor, slower_than
+from autocompress.recover import rebuild
 from tests.export.study_fixture import STUDY
 from tests.test_cli import run
 
@@ -33,19 +34,26 @@ def test_export_one_trial_writes_hf_onnx_and_a_checked_measured_record(tiny_stud
     lat = rec["latency"]
     assert lat["measured_decode_ms"] > 0 and lat["predicted_decode_ms"] > 0 and lat["threads"] >= 1
     assert lat["measured_prefill_ms"] > lat["measured_decode_ms"] * 0.5  # 64 tokens are not free
-    assert isinstance(lat["slower_than_uncompressed"], bool)
+    base = json.loads((out / "baseline.json").read_text())
+    # the flags agree with the two measurements they summarise (and with the noise rule)
+    assert lat["slower_than_uncompressed"] is slower_than(lat["measured_decode_ms"], base["measured_decode_ms"])
+    assert lat["speedup_vs_uncompressed"] == pytest.approx(base["measured_decode_ms"] / lat["measured_decode_ms"])
     assert set(rec["techniques"]) <= set(verify.TECHNIQUES)
     assert any(cmd.startswith("autocompress search") and "--trials 8" in cmd for cmd in rec["reproduce"])
-    base = json.loads((out / "baseline.json").read_text())
     assert base["measured_decode_ms"] > 0
     index = json.loads((out / "exports.json").read_text())
     assert [r["trial"] for r in index["exports"]] == [c.trial]
     assert f"| {c.trial} |" in stdout and (out / "README.md").is_file() and (folder / "README.md").is_file()
     ids = torch.tensor([[3, 4, 5]])
     ours = load_compressed(folder)
+    # the folder holds the plan's model: the same logits as rebuilding the plan from the base model
+    rebuilt = rebuild(workbench_for(view, c.plan), c.plan)
+    torch.testing.assert_close(ours(ids).logits, rebuilt(ids).logits)
+    # and the loadability claim is true either way: plain transformers gives the same model, or a reason is named
     if rec["hf"]["loadable_with_plain_transformers"]:
         torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(folder)(ids).logits, ours(ids).logits)
-    assert torch.isfinite(ours(ids).logits).all()
+    else:
+        assert rec["hf"]["not_loadable_because"]
 
 
 def test_export_needs_exactly_one_selection(tiny_study, tmp_path, capsys) -> None:
