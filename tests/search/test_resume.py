@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
@@ -27,14 +28,17 @@ def _load(storage):
     return optuna.load_study(study_name="k", storage=storage)
 
 
-def _kill_after(cmd, storage, n_complete, env):
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+def _kill_after(cmd, storage, n_complete, env, log=None):
+    """Run ``cmd`` and SIGKILL it once the study holds ``n_complete`` finished trials; its stderr goes to ``log``."""
+    err = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 (closed below, after the kill)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env)
     deadline = time.time() + 300
     try:
         while time.time() < deadline:
             time.sleep(0.5)
-            if proc.poll() is not None:
-                raise AssertionError("the search finished before it could be killed")
+            if proc.poll() is not None:  # say why: an early exit once went unexplained (stderr was discarded)
+                tail = Path(log).read_text()[-2000:] if log else ""
+                raise AssertionError(f"the search ended (exit {proc.returncode}) before it could be killed:\n{tail}")
             try:
                 done = [t for t in _load(storage).trials if t.state == TrialState.COMPLETE]
             except Exception:  # the study may not exist yet
@@ -44,12 +48,14 @@ def _kill_after(cmd, storage, n_complete, env):
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        if log:
+            err.close()
 
 
 def test_sigkill_then_resume_keeps_finished_trials(tmp_path):
     env = {**os.environ, "AUTOCOMPRESS_THREADS": "1"}
     storage = f"sqlite:///{tmp_path / 'k' / 'study.db'}"
-    _kill_after(_cmd(tmp_path, 40), storage, 6, env)
+    _kill_after(_cmd(tmp_path, 40), storage, 6, env, log=tmp_path / "killed.stderr")
     before = {t.number: (t.values, t.params) for t in _load(storage).trials if t.state == TrialState.COMPLETE}
     assert len(before) >= 6
     subprocess.run(_cmd(tmp_path, 40), check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
