@@ -29,6 +29,14 @@ def seqsum(t: torch.Tensor) -> torch.Tensor:
     return acc
 
 
+def _sum_first(t: torch.Tensor) -> torch.Tensor:
+    """Give the sum over dim 0 added in order (``seqsum`` for tensors already laid out [n, ...])."""
+    acc = t[0].clone()
+    for i in range(1, t.shape[0]):
+        acc += t[i]
+    return acc
+
+
 def rdiv(c: float, t: torch.Tensor) -> torch.Tensor:
     """Give c / t correctly rounded (torch computes ``scalar / tensor`` as c · (1/t), off by an ulp at times)."""
     return torch.div(torch.tensor(c, dtype=t.dtype), t)
@@ -251,9 +259,10 @@ def iq4_nl_scale(x: torch.Tensor, weights: torch.Tensor, values: torch.Tensor, n
     ids = torch.cat(
         [id0[:, None], (torch.arange(-ntry, ntry + 1, dtype=torch.float32)[None, :] + v0) / safe[:, None]], 1
     )
-    q = values[nearest_level(ids[:, :, None] * x[:, None, :], values)]  # [B, T, n]
-    wq = weights[:, None, :] * q
-    sumqx = seqsum(wq * x[:, None, :])
-    sumq2 = seqsum(wq * q)
+    # laid out [n, B, T] so the C-order sums over n run on contiguous slices without a copy
+    xt = x.T.contiguous()[:, :, None]
+    q = values[nearest_level(ids[None] * xt, values)]
+    wq = weights.T.contiguous()[:, :, None] * q
+    sumqx, sumq2 = _sum_first(wq * xt), _sum_first(wq * q)
     d, _ = _sequential_best(sumqx, sumq2)
     return torch.where(dead, 0.0, d)
