@@ -261,7 +261,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case: str, tmp_path: Pa
     assert "Traceback" not in out + err
     assert _snapshot(tmp_path) == before  # nothing written, nothing touched
     assert not (tmp_path / "UNPICKLED").exists()  # the pickle was refused, never executed
-    if argv[0] == "search" and case != "study-clash-other-space":
+    if argv[0] == "search" and case != "search/study-clash-other-space":
         assert not (tmp_path / "studies").exists()
 
 
