@@ -427,6 +427,11 @@ class SearchSpace:
         model = ModelRef.of(a)
         return Plan(model=model, layers=layers, blocks=blocks, drop_blocks=drops, provenance=ctx.provenance)
 
+    def unit_layers(self, choice: LayerChoice, names: Sequence[str], anatomy: ModelAnatomy) -> dict[str, LayerChoice]:
+        """Give the layers of a plan that sets one unit to ``choice`` (full widths): each linear in the
+        choice's format, or the runtime's fallback for its row width."""
+        return {n: self._fitted(choice, anatomy.find_linear(n), anatomy, {}) for n in names}
+
     def _fitted(
         self, choice: LayerChoice, site: LinearSite, anatomy: ModelAnatomy, blocks: Mapping[int, BlockChoice]
     ) -> LayerChoice:
@@ -448,12 +453,16 @@ class SearchSpace:
 
     # ---- baselines and extremes -----------------------------------------------------------
     def baseline_params(self, anatomy: ModelAnatomy) -> dict[str, dict[str, Any]]:
-        """Give Optuna parameters for each baseline the space can express (others are skipped)."""
-        out = {}
+        """Give Optuna parameters for each baseline the space can express (others are skipped, and so is
+        one that comes out as an earlier baseline's plan: on rows no K-quant fits, ``Q4_K`` is ``Q5_0``)."""
+        out: dict[str, dict[str, Any]] = {}
         for bname, setting in self.baselines.items():
             params = self.uniform_params(anatomy, setting)
-            if params is not None:
-                out[bname] = params
+            if params is None or params in out.values():
+                continue
+            if "format" in setting and setting["format"] not in params.values():
+                continue  # every tensor fell back to another format: that format's own baseline covers it
+            out[bname] = params
         return out
 
     def uniform_params(

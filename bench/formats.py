@@ -124,7 +124,9 @@ def main() -> None:
                 RESULTS.parent.mkdir(parents=True, exist_ok=True)
                 RESULTS.write_text(json.dumps(out, indent=1) + "\n")
     print(f"\nbase perplexity {base_ppl:.3f}")
-    print(f"{'target':15s} {'format':15s} {'bpw':>6s} " + " ".join(f"{m + ' KL':>11s} {m + ' ppl':>10s}" for m in METHODS))
+    print(
+        f"{'target':15s} {'format':15s} {'bpw':>6s} " + " ".join(f"{m + ' KL':>11s} {m + ' ppl':>10s}" for m in METHODS)
+    )
     for r in rows.values():
         cells = []
         for m in METHODS:

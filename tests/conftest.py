@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import stat
 from pathlib import Path
@@ -49,6 +50,18 @@ def assert_modes_follow_umask(root: Path, mask: int) -> int:
         want = (0o777 if p.is_dir() or mode & 0o111 else 0o666) & ~mask
         assert mode == want, f"{p} has mode {oct(mode)}, the umask {oct(mask)} gives {oct(want)}"
     return len(paths)
+
+
+def as_stored(model):
+    """Give the model as the HF export stores it, read back in fp32: every weight rounded to the base
+    dtype (bf16 / fp16) and widened again (exact)."""
+    from autocompress.export.hf import storage_dtype
+
+    out = copy.deepcopy(model)
+    dtype = storage_dtype(model)
+    for p in out.parameters():
+        p.data = p.data.to(dtype).float()
+    return out
 
 
 def plan_for(anatomy, **kwargs) -> Plan:

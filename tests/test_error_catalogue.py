@@ -51,8 +51,8 @@ def _apply(tmp: Path, change: Callable[[dict], None] | None = None, text: str | 
 
 
 def _truncated_plan(tmp: Path) -> list[str]:
-    text = yaml.safe_dump(_plan_dict())
-    return _apply(tmp, text=text[: len(text) // 2])
+    lines = yaml.safe_dump(_plan_dict()).splitlines(keepends=True)
+    return _apply(tmp, text="".join(lines[: len(lines) // 2]))  # cut at a line: still YAML, fields missing
 
 
 def _layer(name: str, **choice) -> Callable[[dict], None]:
@@ -120,12 +120,12 @@ def _data(tmp: Path, name: str, content: str | bytes, *extra: str) -> list[str]:
     return _search(tmp, "--data", str(_write(tmp, name, content)), *extra)
 
 
-SPACE_A = "name: tiny-a\ngranularity: model\nlinear: {bits: [16, 8]}\nbaselines: {uncompressed: {}}\n"
+SPACE_A = "name: tiny-a\ngranularity: model\nlinear: {format: [dense, Q8_0]}\nbaselines: {uncompressed: {}}\n"
 
 
 def _study_clash(tmp: Path) -> list[str]:
     space_a = _write(tmp, "a.yaml", SPACE_A)
-    space_b = _write(tmp, "b.yaml", SPACE_A.replace("[16, 8]", "[16, 4]").replace("tiny-a", "tiny-b"))
+    space_b = _write(tmp, "b.yaml", SPACE_A.replace("Q8_0]", "Q4_0]").replace("tiny-a", "tiny-b"))
     main([*_search(tmp, "--space", str(space_a), "--full-eval", "0"), "--trials", "1"])  # returns on success
     return _search(tmp, "--space", str(space_b))
 

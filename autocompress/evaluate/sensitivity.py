@@ -119,7 +119,7 @@ def unit_probes(space: SearchSpace, ctx: SpaceContext) -> Iterator[tuple[str, Pl
                     continue
                 seen.add(part)
                 single = LayerChoice.from_dict(json.loads(part.split(":", 1)[1]), "probe")
-                yield f"{prefix}|{part}", replace(base, layers=dict.fromkeys(names, single))
+                yield f"{prefix}|{part}", replace(base, layers=space.unit_layers(single, names, a))
     for b in a.blocks:
         for knob, field, label in (
             ("keep_heads_ratio", "keep_heads", "heads"),

@@ -1,9 +1,10 @@
 """Write a compressed model as a Hugging Face folder (safetensors) with its plan beside it.
 
 What each technique becomes is in ``autocompress.export.techniques.TECHNIQUES``. In short:
-quantized weights are stored dequantized in the base model's dtype (bf16, or fp16 where the base
-was fp16; never fp32: values on a format's grid are rounded once more to that dtype, the packed
-exporters — GGUF, ONNX — hold them exactly), sparsity as zeros, dropped
+quantized weights are stored dequantized in the dtype the base model was distributed in (bf16 for
+the bundled SmolLM2 and most checkpoints; fp32 only for a base that was itself fp32): values on a
+format's grid are rounded once more to that dtype, the packed exporters (ONNX; GGUF to come) hold
+them exactly; sparsity as zeros, dropped
 blocks and widths that are the same in every kept block go into the config (``num_hidden_layers``,
 ``intermediate_size`` / ``n_inner``, Llama ``num_attention_heads`` / ``num_key_value_heads`` /
 ``head_dim``), so plain ``transformers`` loads those folders. Low-rank factors and per-block widths
@@ -85,9 +86,10 @@ def shape_mismatches(model: nn.Module, config: Any) -> list[str]:
 
 
 def storage_dtype(model: nn.Module) -> torch.dtype:
-    """Give the dtype the base model was distributed in (fp16 where it says so, else bf16)."""
+    """Give the dtype the base model was distributed in (its config's; bf16 for the bundled model and
+    for models built in memory): an export is never wider than the model it came from."""
     name = getattr(model.config, "autocompress_storage_dtype", None)
-    return torch.float16 if name == "float16" else torch.bfloat16
+    return {"float16": torch.float16, "float32": torch.float32}.get(name, torch.bfloat16)
 
 
 def write_hf(model: nn.Module, plan: Plan, folder: Path, tokenizer: object | None = None) -> dict[str, Any]:

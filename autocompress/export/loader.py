@@ -60,7 +60,7 @@ def load_compressed(folder: str | Path) -> nn.Module:
     if cls is None:
         raise ModelLoadError(f"{folder}/config.json names no transformers model class ({arch!r})")
     torch.manual_seed(0)  # the skeleton's values are all overwritten; keep its construction deterministic
-    model = cls(config)
+    model = cls(config).float()  # the stored bf16 / fp16 values, read back exactly in fp32
     renum = _renumbered(plan)
     for old, new in renum.items():
         bc = plan.block_choice(old)
@@ -68,7 +68,7 @@ def load_compressed(folder: str | Path) -> nn.Module:
             shrink_heads(model, new, bc.keep_heads)  # shapes only: the stored weights replace these values
         if bc.keep_mlp_channels is not None:
             shrink_mlp(model, new, bc.keep_mlp_channels)
-    stored = _stored_tensors(folder)
+    stored = {k: v.float() if v.is_floating_point() else v for k, v in _stored_tensors(folder).items()}
     bpath = block_path(model)
     for old, new in renum.items():
         for rel in linear_roles(model):

@@ -245,14 +245,16 @@ def _model_folder(key: str, progress: bool) -> tuple[Path, str]:
 
 
 def _distributed_dtype(path: Path) -> str:
-    """Give the dtype a model folder's weights were distributed in: its config's, except that our
-    fp32 conversion of the bundled GGUF (and any fp32 folder) counts as bf16 (what exports write)."""
+    """Give the dtype a model folder's weights were distributed in: its config's (bf16 when it names
+    none). Our fp32 conversion of the bundled GGUF counts as bf16, SmolLM2's release dtype."""
+    if (path / "autocompress-source.json").is_file():
+        return "bfloat16"
     try:
         cfg = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
         return "bfloat16"
     name = cfg.get("dtype") or cfg.get("torch_dtype")
-    return "float16" if name == "float16" else "bfloat16"
+    return name if name in ("float16", "bfloat16", "float32") else "bfloat16"
 
 
 def _load_folder(path: Path, trust_remote_code: bool) -> tuple[nn.Module, Any]:

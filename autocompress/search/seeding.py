@@ -54,7 +54,10 @@ def _unit_options(
                 continue  # e.g. group sizes that do not apply to 8-bit
             kl = sum(table.entries.get(f"{prefix}|{p}", math.inf) for p in choice_parts(choice))
             saved = (
-                base_latency - cost_model.predict(replace(base_plan, layers=dict.fromkeys(names, choice))).latency_ms
+                base_latency
+                - cost_model.predict(
+                    replace(base_plan, layers=space.unit_layers(choice, names, ctx.anatomy))
+                ).latency_ms
             )
             if not math.isfinite(kl) or (saved < 0 and not choice.is_identity):
                 continue

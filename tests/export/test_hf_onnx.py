@@ -18,7 +18,7 @@ from autocompress.export.onnx import export_onnx, grid_codes
 from autocompress.export.verify import TOLERANCE, check_onnx, runtime_rounding
 from autocompress.model import load_model
 from autocompress.plan import BlockChoice, LayerChoice
-from tests.conftest import plan_for
+from tests.conftest import as_stored, plan_for
 
 IDS = torch.tensor([[1, 5, 6, 7, 8, 30, 2]])
 
@@ -69,7 +69,12 @@ def test_plain_transformers_loads_what_a_config_describes(llama, tmp_path, kind,
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert cfg[config_field] == value
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
-    torch.testing.assert_close(_logits(plain), _logits(model))
+    assert plain.dtype == torch.bfloat16  # the base dtype, never fp32
+    want = as_stored(model).state_dict()
+    got = plain.state_dict()
+    assert set(got) == set(want)
+    assert all(torch.equal(got[k].float(), want[k]) for k in want)  # exactly the plan's weights, in bf16
+    torch.testing.assert_close(_logits(plain.float()), _logits(as_stored(model)), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -93,7 +98,7 @@ def test_load_compressed_rebuilds_what_no_config_can_say(llama, gpt2, tmp_path, 
     assert "low-rank (rank_ratio)" in info["not_loadable_because"]
     assert info["load_with"] == "autocompress.export.load_compressed(dir)"
     back = load_compressed(tmp_path / "hf")
-    torch.testing.assert_close(_logits(back), _logits(model), rtol=0, atol=0)
+    torch.testing.assert_close(_logits(back), _logits(as_stored(model)), rtol=0, atol=0)
     with pytest.raises(Exception, match="(?i)size|shape|mismatch|unexpected|missing"):  # the claim holds
         AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
 

@@ -12,6 +12,7 @@ from autocompress.export import load_compressed, verify
 from autocompress.export.study import open_study, verify_front, workbench_for
 from autocompress.export.verify import GENERIC_PROFILE, Predictor, slower_than
 from autocompress.recover import rebuild
+from tests.conftest import as_stored
 from tests.export.study_fixture import STUDY
 from tests.test_cli import run
 
@@ -46,12 +47,13 @@ def test_export_one_trial_writes_hf_onnx_and_a_checked_measured_record(tiny_stud
     assert f"| {c.trial} |" in stdout and (out / "README.md").is_file() and (folder / "README.md").is_file()
     ids = torch.tensor([[3, 4, 5]])
     ours = load_compressed(folder)
-    # the folder holds the plan's model: the same logits as rebuilding the plan from the base model
-    rebuilt = rebuild(workbench_for(view, c.plan), c.plan)
+    # the folder holds the plan's model in bf16: the same logits as rebuilding the plan from the base
+    # model and rounding its weights to bf16
+    rebuilt = as_stored(rebuild(workbench_for(view, c.plan), c.plan))
     torch.testing.assert_close(ours(ids).logits, rebuilt(ids).logits)
     # and the loadability claim is true either way: plain transformers gives the same model, or a reason is named
     if rec["hf"]["loadable_with_plain_transformers"]:
-        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(folder)(ids).logits, ours(ids).logits)
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(folder).float()(ids).logits, ours(ids).logits)
     else:
         assert rec["hf"]["not_loadable_because"]
 

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from autocompress import formats
 from autocompress.errors import PlanError
 from autocompress.hardware import Cost, CostModel, HardwareProfile, list_profiles, load_profile
-from autocompress.hardware.profile import efficiency_keys
 from autocompress.hardware.anchors import anchor_anatomy, check_anchors, llama_like_anatomy
+from autocompress.hardware.profile import efficiency_keys
 from autocompress.model import load_model
 from autocompress.model.anatomy import ModelAnatomy
 from autocompress.plan import BlockChoice, LayerChoice, ModelRef, Plan

@@ -12,7 +12,7 @@ from autocompress.cli import main
 from autocompress.export.study import open_study
 from autocompress.report import write_report
 from autocompress.report.build import roofline_pct
-from tests.export.study_fixture import STUDY
+from tests.export.study_fixture import LATENCY_BUDGET, STUDY
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def test_report_lists_the_front_baselines_screened_trials_and_commands(tiny_stud
     screened = [t.number for t in view.trials if "screened_out" in t.user_attrs]
     assert screened and f"Screened out by the cost model ({len(screened)} trials" in md
     assert "## Uniform baselines" in md and "Spearman" in md
-    assert "--budget latency_ms=0.994" in md  # the search command reproduces the study's settings
+    assert f"--budget latency_ms={LATENCY_BUDGET:g}" in md  # the search command reproduces the study's settings
     pct = roofline_pct(view.front[0].cost)
     assert pct is not None and 0 < pct <= 100 and f"{pct:.3g}" in md
     for img in re.findall(r"!\[[^]]*\]\(([^)]+)\)", md):
