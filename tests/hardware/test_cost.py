@@ -364,12 +364,21 @@ def test_per_layer_and_uniform_paths_agree(data: st.DataObject, profile_id: str,
 @given(data=st.data())
 def test_lowering_one_layer_bits_never_costs_more(data: st.DataObject, tiny: dict) -> None:
     a = tiny["tiny-gpt2"]
-    cm = CostModel(PROFILES[data.draw(st.sampled_from(sorted(PROFILES)))], a)
+    profile = PROFILES[data.draw(st.sampled_from(sorted(PROFILES)))]
+    cm = CostModel(profile, a)
     layers = {s.name: data.draw(CHOICES) for s in a.linears}
     name = data.draw(st.sampled_from(sorted(layers)))
     before = cm.predict(plan_for(a, layers=layers))
     fewer = max(2, layers[name].bits // 2)
     after = cm.predict(plan_for(a, layers={**layers, name: replace(layers[name], format=None, bits=fewer)}))
-    assert after.latency_ms <= before.latency_ms + 1e-12
-    assert after.weights_mb <= before.weights_mb + 1e-12
+    assert after.weights_mb <= before.weights_mb + 1e-12  # fewer bits never store more (stand-ins included)
+    tables = (
+        profile.bw_efficiency_by_format,
+        profile.compute_efficiency_by_format,
+        profile.linear_overhead_us_by_format,
+    )
+    if not any(k.startswith("int") or k == "w8a8" for t in tables for k in t):
+        # where no integer format has its own efficiency, fewer bytes are never slower; elsewhere a
+        # narrower format may run a less efficient kernel (A100 int4: bw efficiency 0.5)
+        assert after.latency_ms <= before.latency_ms + 1e-12
     assert before.latency_ms > 0 and before.energy_mj > 0 and before.memory_mb >= before.weights_mb
