@@ -311,16 +311,13 @@ def test_plan_for_another_model_is_refused(tiny: dict[str, ModelAnatomy]) -> Non
 # ---- anchors -------------------------------------------------------------------------
 
 
-def test_every_published_anchor_is_predicted_within_25_percent() -> None:
-    """hardware.md §1.3 anchors, predicted from model configs alone (fit and held-out ones alike).
-
-    ±25 %, not ±20 %: the two llama.cpp anchors on the Orin Nano disagree with each other by ~1.45x
-    in implied bandwidth, and the fit splits the difference (see bench/cost_anchors.py)."""
-    results = check_anchors(list(PROFILES.values()))
-    assert len(results) >= 12
-    assert {r.anchor.role for r in results} == {"fit", "holdout"}
+def test_held_out_anchors_are_predicted_within_20_percent() -> None:
+    """hardware.md §1.3: the anchors no profile was fitted on, predicted from model configs alone, at
+    the README's ±20 % (the fit anchors set the profiles' numbers, so they test nothing)."""
+    results = [r for r in check_anchors(list(PROFILES.values())) if r.anchor.role == "holdout"]
+    assert {r.profile for r in results} >= {"raspberry-pi-5", "apple-m3-max-gpu", "nvidia-a100-80gb"}
     for r in results:
-        assert 0.75 <= r.ratio <= 1.25, (r.profile, r.anchor.model, r.anchor.weights, r.ratio)
+        assert 0.8 <= r.ratio <= 1.2, (r.profile, r.anchor.model, r.anchor.weights, r.ratio)
 
 
 def test_jetson_25w_beats_15w_by_the_measured_margin(smollm: ModelAnatomy) -> None:
