@@ -442,9 +442,7 @@ class SearchSpace:
             return choice
         bc = blocks.get(site.block, BlockChoice())
         _, in_f = site.shape_after(*anatomy.blocks[site.block].fractions(bc.keep_heads, bc.keep_mlp_channels))
-        name = fmt.name
-        while name is not None and formats.get(name).check((1, in_f)) is not None:
-            name = formats.fallback(name, in_f)
+        name: str | None = formats.fallback(fmt.name, in_f) or fmt.name  # the type llama.cpp stores there
         if name == fmt.name:
             return choice
         if name is not None and self.runtime_formats is not None and name not in self.runtime_formats:

@@ -44,12 +44,9 @@ METHODS = ("rtn", "imatrix", "gptq")
 HOLDS_BASE_GRID = ("Q4_1", "Q5_1")
 
 
-def _fitted(name: str, in_features: int) -> str | None:
-    """Give the format a row of this width is stored in: ``name``, else llama.cpp's fallback chain."""
-    fmt: str | None = name
-    while fmt is not None and formats.get(fmt).check((1, in_features)) is not None:
-        fmt = formats.fallback(fmt, in_features)
-    return fmt
+def _fitted(name: str, in_features: int) -> str:
+    """Give the format a row of this width is stored in: ``name``, else llama.cpp's fallback for it."""
+    return formats.fallback(name, in_features) or name
 
 
 def block_plan(wb: Workbench, name: str, method: str) -> tuple[Plan, float, float]:
