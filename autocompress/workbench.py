@@ -101,14 +101,17 @@ class Workbench:
             **extra,
         )
 
-    def apply(self, plan: Plan, into: nn.Module | None = None, *, skip_recovery: bool = False) -> nn.Module:
+    def apply(
+        self, plan: Plan, into: nn.Module | None = None, *, skip_recovery: bool = False, stored: dict | None = None
+    ) -> nn.Module:
         """Give a compressed copy of the base model (the base is left untouched), or compress
         ``into`` in place — a copy of the base model whose touched parts are its own.
 
         The distillation a plan may record (``plan.recovery``) is not replayed here: the caller
         replays it (``autocompress.recover.rebuild(wb, plan)`` does both), so the workbench needs
         nothing of the later stages. A plan with recovery is refused unless ``skip_recovery`` says
-        the caller wants the compressed model before its recovery.
+        the caller wants the compressed model before its recovery. ``stored`` (a dict) receives every
+        quantized tensor as its format stores it (codes and scales), for the packed exporters.
         """
         if plan.recovery is not None and not skip_recovery:
             raise PlanError(
@@ -122,9 +125,11 @@ class Workbench:
         # GPTQ / SVD-LLM need X^T X of the calibration data: collected once, then cached on disk.
         hessians = calibration_hessians(self.lm.model, self.lm.anatomy, self.data) if needs_hessians(plan) else None
         if into is not None:
-            model = apply_plan_to(into, self.lm.anatomy, plan, self.stats, hessians=hessians, inplace=True)
+            model = apply_plan_to(
+                into, self.lm.anatomy, plan, self.stats, hessians=hessians, inplace=True, stored=stored
+            )
         else:
-            model = apply_plan_to(self.lm.model, self.lm.anatomy, plan, self.stats, hessians=hessians)
+            model = apply_plan_to(self.lm.model, self.lm.anatomy, plan, self.stats, hessians=hessians, stored=stored)
         return model
 
 

@@ -191,16 +191,20 @@ def compress_weight(
     input_sq_norm: torch.Tensor | None = None,
     svd: SVD | None = None,
     hessian: torch.Tensor | None = None,
+    record: Callable[[formats.QuantizedTensor], None] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Give the compressed fp32 weight (1-tuple) or low-rank factors (A, B) of one [out, in] weight.
 
     Applies low-rank, then prune, then quantize. ``svd`` may be passed to reuse a cached
     decomposition; ``hessian`` (Σ x xᵀ of the layer's input) is needed by GPTQ and SVD-LLM.
+    ``record`` receives the stored tensor (codes and scales) of a quantized, not factorized weight.
     """
     out_f, in_f = weight.shape
     rank = choice.rank_for(out_f, in_f)
     if rank is None:
-        return (_prune_quantize(weight.detach().float(), choice, input_sq_norm, hessian),)
+        return (_prune_quantize(weight.detach().float(), choice, input_sq_norm, hessian, record),)
+    if record is not None:
+        raise PlanError("a low-rank linear is two stored tensors, not one: no packed exporter takes it")
     if svd is None:
         svd = decompose(weight, choice.lowrank_method, input_sq_norm, hessian)
     A, B = factors_from_svd(svd, min(rank, out_f, in_f))
@@ -213,15 +217,52 @@ def compress_weight(
 
 
 def _prune_quantize(
-    w: torch.Tensor, choice: LayerChoice, input_sq_norm: torch.Tensor | None, hessian: torch.Tensor | None = None
+    w: torch.Tensor,
+    choice: LayerChoice,
+    input_sq_norm: torch.Tensor | None,
+    hessian: torch.Tensor | None = None,
+    record: Callable[[formats.QuantizedTensor], None] | None = None,
 ) -> torch.Tensor:
     mask = None
     if choice.pruned:
         mask = prune_mask(w, choice.sparsity, choice.sparsity_pattern, choice.prune_method, input_sq_norm)
         w = w.masked_fill(~mask, 0.0)
     if choice.quantized:
-        w = quantize_tensor(w, choice, input_sq_norm, hessian, mask)
+        q = stored_tensor(w, choice, input_sq_norm, hessian, mask)
+        if record is not None:
+            record(q)
+        w = _read_back(q, choice, mask)
     return w
+
+
+def _read_back(q: formats.QuantizedTensor, choice: LayerChoice, mask: torch.Tensor | None) -> torch.Tensor:
+    out = choice.fmt.dequantize(q)
+    if mask is None or choice.fmt.is_float:
+        return out
+    return out.masked_fill_(~mask, 0.0)  # pruned weights stay 0 (grids without 0)
+
+
+def stored_tensor(
+    w: torch.Tensor,
+    choice: LayerChoice,
+    input_sq_norm: torch.Tensor | None = None,
+    hessian: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+) -> formats.QuantizedTensor:
+    """Give ``w`` [out, in] as the choice's format stores it: codes and scale data (what a packed
+    exporter writes; ``quantize_tensor`` is its dequantized value)."""
+    fmt = choice.fmt
+    if fmt.is_float:
+        return fmt.quantize(w)
+    if choice.quant_method == "gptq":
+        if hessian is None:
+            raise PlanError("quant_method gptq needs the calibration Hessians")
+        return formats.gptq_quantize(w, hessian, fmt, mask=mask, **gptq.settings())
+    if choice.quant_method == "imatrix":
+        if input_sq_norm is None:
+            raise PlanError("quant_method imatrix needs activation statistics (the input's squared norms)")
+        return fmt.quantize(w, importance=input_sq_norm)
+    return fmt.quantize(w)
 
 
 def quantize_tensor(
@@ -233,21 +274,7 @@ def quantize_tensor(
 ) -> torch.Tensor:
     """Give ``w`` [out, in] stored in the choice's format and read back: exactly the values the
     runtime computes with (the format registry's dequantized codes and scales)."""
-    fmt = choice.fmt
-    if fmt.is_float:
-        return fmt.dequantize(fmt.quantize(w))
-    if choice.quant_method == "gptq":
-        if hessian is None:
-            raise PlanError("quant_method gptq needs the calibration Hessians")
-        q = formats.gptq_quantize(w, hessian, fmt, mask=mask, **gptq.settings())
-    elif choice.quant_method == "imatrix":
-        if input_sq_norm is None:
-            raise PlanError("quant_method imatrix needs activation statistics (the input's squared norms)")
-        q = fmt.quantize(w, importance=input_sq_norm)
-    else:
-        q = fmt.quantize(w)
-    out = fmt.dequantize(q)
-    return out if mask is None else out.masked_fill_(~mask, 0.0)  # pruned weights stay 0 (grids without 0)
+    return _read_back(stored_tensor(w, choice, input_sq_norm, hessian, mask), choice, mask)
 
 
 def _stats_norm(stats: ActivationStats | None, site: LinearSite, keep: torch.Tensor | None) -> torch.Tensor | None:
@@ -404,12 +431,15 @@ def apply_plan_to(
     *,
     inplace: bool = False,
     hessians: Hessians | None = None,
+    stored: dict[str, formats.QuantizedTensor] | None = None,
 ) -> nn.Module:
     """Give the model compressed as the plan says (a deep copy unless ``inplace``); see the module doc for the order.
 
     ``model`` must be the uncompressed model ``anatomy`` describes (its hash keys the cache);
     ``stats`` are activation statistics of that model, needed for Wanda / ASVD and used for
     structure; ``hessians`` (else found by the plan's data hash) are needed for GPTQ / SVD-LLM.
+    ``stored``, when given, receives every quantized tensor as its format stores it (codes and
+    scales, by linear / table name) for the packed exporters; those tensors skip the caches.
     """
     plan.validate(anatomy)
     _check_stats_present(anatomy, plan, stats)
@@ -433,14 +463,20 @@ def apply_plan_to(
             if site.block in dropped:
                 continue
             if _changes_weight(choice):
-                _compress_site(work, anatomy.model_hash, site, choice, stats, hess, in_keep.get(site.name), struct_keys)
+                _compress_site(
+                    work, anatomy.model_hash, site, choice, stats, hess, in_keep.get(site.name), struct_keys, stored
+                )
             if choice.act_bits < 16:
                 work.get_submodule(site.name).register_forward_pre_hook(_fake_quant_input)
         for emb in anatomy.embeddings:
             choice = plan.embedding_choice(emb.name)
             if choice.quantized:
                 weight = work.get_submodule(emb.name).weight  # tied: the head's table too
-                weight.copy_(_compressed_table(anatomy.model_hash, emb.name, weight, choice))
+                if stored is not None:
+                    stored[emb.name] = stored_tensor(weight.detach().float(), choice)
+                    weight.copy_(choice.fmt.dequantize(stored[emb.name]))
+                else:
+                    weight.copy_(_compressed_table(anatomy.model_hash, emb.name, weight, choice))
         if dropped:
             drop_blocks(work, sorted(dropped))
     return work
@@ -455,6 +491,7 @@ def _compress_site(
     hess: Hessians | None,
     keep: torch.Tensor | None,
     struct_keys: dict[str, str],
+    stored: dict[str, formats.QuantizedTensor] | None = None,
 ) -> None:
     module = work.get_submodule(site.name)
     weight = dense_weight(module)
@@ -467,7 +504,15 @@ def _compress_site(
             return h if keep is None else h.index_select(0, keep).index_select(1, keep)
 
         hessian = (hess.data_hash, load)
-    result = _compressed(model_hash, site, struct_keys.get(site.name), weight, choice, norm, hessian)
+    if stored is not None and choice.quantized:  # the stored tensor is wanted: computed afresh, not cached
+        h = hessian[1]() if hessian is not None and _needs_hessian(choice) else None
+        try:
+            n = norm if _needs_stats(choice) else None
+            result = compress_weight(weight, choice, n, None, h, lambda q: stored.__setitem__(site.name, q))
+        except PlanError as exc:
+            raise PlanError(f"{site.name}: {exc}") from None
+    else:
+        result = _compressed(model_hash, site, struct_keys.get(site.name), weight, choice, norm, hessian)
     if len(result) == 1:
         weight.copy_(result[0])
     else:
