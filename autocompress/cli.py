@@ -36,6 +36,8 @@ app = typer.Typer(
 )
 hw_app = typer.Typer(no_args_is_help=True, help="Hardware profiles: list and inspect.")
 app.add_typer(hw_app, name="hw")
+llamacpp_app = typer.Typer(no_args_is_help=True, help="llama.cpp's own tools: build them once, show where they are.")
+app.add_typer(llamacpp_app, name="llamacpp")
 console = Console(width=None if sys.stdout.isatty() else 140)
 err_console = Console(stderr=True)
 
@@ -576,6 +578,29 @@ def hw_calibrate(
         f"fit error {c.fit_mape:.1%} on {c.samples} timings"
     )
     return {"out": out, "profile": p.model_dump(mode="json")}
+
+
+@llamacpp_app.command(
+    "build", epilog=_examples("autocompress llamacpp build          # once, ~4 min on 2 cores", "make setup")
+)
+def llamacpp_build(
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even if this version is already built")] = False,
+) -> dict[str, Any]:
+    """Build llama.cpp's tools from the llama-cpp-python sdist into a versioned cache (once)."""
+    from autocompress.runtime import llamacpp
+
+    tools = llamacpp.build(force=force, log=_log)
+    return {"bin": tools.bin, "source": tools.source, "version": llamacpp.LLAMA_CPP_PYTHON}
+
+
+@llamacpp_app.command("where", epilog=_examples("autocompress llamacpp where"))
+def llamacpp_where() -> dict[str, Any]:
+    """Print the folder of the llama.cpp tools autocompress uses (error if none are built)."""
+    from autocompress.runtime import llamacpp
+
+    tools = llamacpp.require()
+    console.print(str(tools.bin))
+    return {"bin": tools.bin, "source": tools.source}
 
 
 @app.command(

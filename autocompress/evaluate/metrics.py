@@ -179,3 +179,25 @@ def classification_metrics(
         top1_agreement=agreement,
         n=int(labels.numel()),
     )
+
+
+def chunked_perplexity(model: nn.Module, ids: torch.Tensor, ctx: int, bos: int | None = None) -> float:
+    """Give perplexity computed the way ``llama-perplexity`` does: ``ids`` (1-D) cut into whole chunks
+    of ``ctx`` tokens (the first replaced by ``bos`` when the vocabulary adds one), each chunk scored
+    on its second half only (positions ctx/2 .. ctx-2 predicting the next token)."""
+    n = ids.numel() // ctx
+    if n < 1:
+        raise EvaluationError(f"{ids.numel()} tokens make no chunk of {ctx}")
+    chunks = ids[: n * ctx].reshape(n, ctx).clone()
+    if bos is not None:
+        chunks[:, 0] = bos
+    first = ctx // 2
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for row in chunks:
+            logp = torch.log_softmax(_logits(model, row[None])[0, first : ctx - 1].double(), dim=-1)
+            _check_finite(logp, "log-probabilities")
+            target = row[first + 1 :]
+            nll -= float(logp.gather(1, target[:, None]).sum())
+            count += target.numel()
+    return math.exp(nll / count)
