@@ -1,72 +1,261 @@
-"""Seeding the search: a multiple-choice knapsack over the sensitivity table.
+"""Seeding the search: an exact multiple-choice knapsack over the sensitivity table.
 
-Each unit of the space (a block's attention or MLP linears) picks one combination of its knob
-levels; the table gives the KL each costs alone, the cost model the latency it saves alone. For a
-range of latency-saving targets, an exact dynamic programme (on a 1/``bins`` grid of the largest
-possible saving) finds the assignment with the smallest summed KL; each becomes an enqueued trial.
+Each unit of the space (the token embedding / head table, a block's attention or MLP linears)
+picks one combination of its knob levels; the table gives the KL each costs alone, the cost model
+the latency and memory it saves alone. The knapsack keeps every assignment that no other beats on
+all three of summed KL, summed latency saving and summed memory saving (an exact Pareto-set
+dynamic programme on the savings themselves: nothing is rounded to bins, so two levels that save
+different amounts stay different). A latency-saving target then reads the least-KL assignment off
+that set; with a memory budget only assignments that meet it count.
 """
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any
+
+import numpy as np
 
 from autocompress.errors import PlanError
 from autocompress.evaluate.sensitivity import EMBEDDING_UNIT, SensitivityTable, choice_parts
 from autocompress.hardware import CostModel
+from autocompress.search.budget import Budget
 from autocompress.space import EMBEDDING_PARAM, SearchSpace, SpaceContext, layer_choice
 
-TARGETS = (0.3, 0.5, 0.7, 0.85, 0.95)
+TARGETS = (0.3, 0.5, 0.7, 0.85, 0.95)  # fractions of the largest latency saving, enqueued as seeds
+DENSE_TARGETS = 32  # targets the evolutionary proposer and the benchmark's knapsack arm spread along the front
 
 
-def _unit_options(
+@dataclass(frozen=True)
+class Option:
+    """One level of one unit: its trial parameters, KL alone, and what it saves alone."""
+
+    params: dict[str, Any] = field(hash=False)
+    kl: float
+    latency_saved_ms: float
+    memory_saved_mb: float
+    label: str  # the layer choice it stands for (readable; distinct within a unit)
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """One assignment of an option to every unit, with its summed KL and savings."""
+
+    kl: float
+    latency_saved_ms: float
+    memory_saved_mb: float
+    choice: tuple[int, ...]  # option index per unit
+
+
+def unit_options(
     space: SearchSpace, ctx: SpaceContext, table: SensitivityTable, cost_model: CostModel
-) -> list[list[tuple[dict[str, Any], float, float]]]:
-    """Give, per unit, the options (params, KL alone, latency saved alone) with a non-negative saving."""
+) -> list[list[Option]]:
+    """Give, per unit, its measured options that save latency and memory (the unit's no-op always)."""
     base_params = space.uniform_params(ctx.anatomy, {})
     base_plan = replace(space.plan_from_params(base_params or {}, ctx), layers={}, blocks={}, drop_blocks=())
-    base_latency = cost_model.predict(base_plan).latency_ms
-    units = []
-    emb_options: list[tuple[dict[str, Any], float, float]] = []
+    base = cost_model.predict(base_plan)
+
+    def option(params: dict[str, Any], choice: Any, kl: float, layers: dict[str, Any]) -> Option | None:
+        cost = cost_model.predict(replace(base_plan, layers=layers))
+        saved_ms, saved_mb = base.latency_ms - cost.latency_ms, base.memory_mb - cost.memory_mb
+        if choice.is_identity:
+            return Option(params, kl, 0.0, 0.0, repr(choice))
+        if not math.isfinite(kl) or saved_ms < 0 or saved_mb < 0:
+            return None  # a level that costs more than the base is no saving to allocate
+        return Option(params, kl, saved_ms, saved_mb, repr(choice))
+
+    units: list[list[Option]] = []
     emb_sites = [e.name for e in ctx.anatomy.embeddings]
+    emb: list[Option] = []
     for lvl, choice in space.embedding_choices(ctx.anatomy):  # the embedding / head table: one unit
         kl = sum(table.entries.get(f"{EMBEDDING_UNIT}|{p}", math.inf) for p in choice_parts(choice))
-        saved = (
-            base_latency - cost_model.predict(replace(base_plan, layers=dict.fromkeys(emb_sites, choice))).latency_ms
-        )
-        if math.isfinite(kl) and (saved >= 0 or choice.is_identity):
-            emb_options.append(({EMBEDDING_PARAM: lvl}, kl, max(saved, 0.0)))
-    if emb_options:
-        units.append(emb_options)
+        opt = option({EMBEDDING_PARAM: lvl}, choice, kl, dict.fromkeys(emb_sites, choice))
+        if opt is not None:
+            emb.append(opt)
+    if len(emb) > 1:
+        units.append(emb)
     for prefix, group, names in space.units(ctx.anatomy):
         lv = space.unit_levels(group, names, ctx.anatomy)
-        options: dict[str, tuple[dict[str, Any], float, float]] = {}
+        options: dict[str, Option] = {}
         for combo in itertools.product(*lv.values()):
             setting = dict(zip(lv, combo, strict=True))
             try:
                 choice = layer_choice(setting)
             except PlanError:
                 continue
-            key = repr(choice)
-            if key in options:
+            if repr(choice) in options:
                 continue  # e.g. group sizes that do not apply to 8-bit
             kl = sum(table.entries.get(f"{prefix}|{p}", math.inf) for p in choice_parts(choice))
-            saved = (
-                base_latency
-                - cost_model.predict(
-                    replace(base_plan, layers=space.unit_layers(choice, names, ctx.anatomy))
-                ).latency_ms
-            )
-            if not math.isfinite(kl) or (saved < 0 and not choice.is_identity):
-                continue
             params = {prefix + k: v for k, v in setting.items() if len(lv[k]) > 1}
             if choice.bits > 4:
                 params.pop(prefix + "group_size", None)
-            options[key] = (params, kl, max(saved, 0.0))
-        units.append(list(options.values()))
+            opt = option(params, choice, kl, space.unit_layers(choice, names, ctx.anatomy))
+            if opt is not None:
+                options[opt.label] = opt
+        if len(options) > 1:
+            units.append(list(options.values()))
     return units
+
+
+def undominated(options: list[Option]) -> list[int]:
+    """Give the indices of a unit's options that no other option of the unit beats (no more KL, no
+    less saving of either kind, better on one); only these can be in a least-KL allocation."""
+    keep = []
+    for i, a in enumerate(options):
+        beaten = any(
+            b.kl <= a.kl
+            and b.latency_saved_ms >= a.latency_saved_ms
+            and b.memory_saved_mb >= a.memory_saved_mb
+            and (b.kl, -b.latency_saved_ms, -b.memory_saved_mb, j) < (a.kl, -a.latency_saved_ms, -a.memory_saved_mb, i)
+            for j, b in enumerate(options)
+            if j != i
+        )
+        if not beaten:
+            keep.append(i)
+    return keep
+
+
+def allocations(units: list[list[Option]], memory_saved_needed_mb: float | None = None) -> list[Allocation]:
+    """Give every allocation not beaten by another on summed KL and latency saving (and, when
+    ``memory_saved_needed_mb`` is given, on memory saving up to that need; allocations that cannot
+    reach it are left out). Exact: savings are summed as they are, never rounded to a grid."""
+    lat = np.zeros(1)
+    mem = np.zeros(1)
+    kl = np.zeros(1)
+    choice = np.zeros((1, 0), dtype=np.int32)
+    tails = _remaining_memory(units)
+    for u, opts in enumerate(units):
+        idx = undominated(opts)
+        o_lat = np.array([opts[i].latency_saved_ms for i in idx])
+        o_mem = np.array([opts[i].memory_saved_mb for i in idx])
+        o_kl = np.array([opts[i].kl for i in idx])
+        lat = (lat[:, None] + o_lat[None, :]).ravel()
+        mem = (mem[:, None] + o_mem[None, :]).ravel()
+        kl = (kl[:, None] + o_kl[None, :]).ravel()
+        parent = np.repeat(np.arange(len(choice)), len(idx))
+        picked = np.tile(np.array(idx, dtype=np.int32), len(choice))
+        choice = np.concatenate([choice[parent], picked[:, None]], axis=1)
+        if memory_saved_needed_mb is None:
+            keep = _front_2d(lat, kl)
+        else:
+            ok = mem + tails[u + 1] >= memory_saved_needed_mb - 1e-9  # can still meet the memory budget
+            # savings beyond the need buy nothing: cap them, so only the shortfall separates allocations
+            capped = np.minimum(mem, memory_saved_needed_mb)
+            keep = np.flatnonzero(ok)[_front_3d(lat[ok], capped[ok], kl[ok])]
+        lat, mem, kl, choice = lat[keep], mem[keep], kl[keep], choice[keep]
+    order = np.lexsort((kl, -lat))
+    return [
+        Allocation(float(kl[i]), float(lat[i]), float(mem[i]), tuple(int(c) for c in choice[i]))
+        for i in order
+        if memory_saved_needed_mb is None or mem[i] >= memory_saved_needed_mb - 1e-9
+    ]
+
+
+def _remaining_memory(units: list[list[Option]]) -> list[float]:
+    """Give, for each position, the most memory the units from there on can still save."""
+    tails = [0.0] * (len(units) + 1)
+    for u in range(len(units) - 1, -1, -1):
+        tails[u] = tails[u + 1] + max(o.memory_saved_mb for o in units[u])
+    return tails
+
+
+def _front_2d(lat: np.ndarray, kl: np.ndarray) -> np.ndarray:
+    """Give the indices of points no other beats (more or equal saving, less KL; ties kept once)."""
+    order = np.lexsort((kl, -lat))  # most saving first; equal saving: least KL first
+    best = np.minimum.accumulate(kl[order])
+    prev = np.concatenate([[np.inf], best[:-1]])
+    return order[kl[order] < prev]
+
+
+def _front_3d(lat: np.ndarray, mem: np.ndarray, kl: np.ndarray) -> np.ndarray:
+    """Give the indices of points no other beats on (latency saving, memory saving: more; KL: less)."""
+    order = np.lexsort((-mem, -lat, kl))  # least KL first, so a point can only be beaten by earlier ones
+    kept: list[int] = []
+    stair_lat: list[float] = []  # kept points' staircase: latency ascending, memory descending
+    stair_mem: list[float] = []
+    for i in order:
+        x, y = lat[i], mem[i]
+        j = bisect.bisect_left(stair_lat, x)
+        if j < len(stair_lat) and stair_mem[j] >= y:
+            continue  # an earlier point saves at least as much of both for no more KL
+        k = j
+        while k > 0 and stair_mem[k - 1] <= y:
+            k -= 1
+        del stair_lat[k:j]
+        del stair_mem[k:j]
+        stair_lat.insert(k, x)
+        stair_mem.insert(k, y)
+        kept.append(int(i))
+    return np.array(sorted(kept), dtype=np.int64)
+
+
+def pick(front: list[Allocation], latency_saved_ms: float) -> Allocation | None:
+    """Give the least-KL allocation saving at least ``latency_saved_ms`` (the most saving on ties)."""
+    ok = [a for a in front if a.latency_saved_ms >= latency_saved_ms]
+    return min(ok, key=lambda a: (a.kl, -a.latency_saved_ms)) if ok else None
+
+
+@dataclass
+class Knapsack:
+    """The exact least-KL allocations of a space's units, ready to be read at latency targets."""
+
+    units: list[list[Option]]
+    front: list[Allocation]
+    base_params: dict[str, Any]
+    max_saving_ms: float
+    min_saving_ms: float  # what a latency budget requires (0 without one)
+
+    def params(self, a: Allocation) -> dict[str, Any]:
+        """Give the trial parameters of an allocation (the base's no-op levels elsewhere)."""
+        out = dict(self.base_params)
+        for opts, k in zip(self.units, a.choice, strict=True):
+            out.update(opts[k].params)
+        return out
+
+    def at(self, fraction: float) -> Allocation | None:
+        """Give the least-KL allocation saving ``fraction`` of the largest saving (and what budgets need)."""
+        return pick(self.front, max(fraction * self.max_saving_ms, self.min_saving_ms))
+
+    def spread(self, n: int = DENSE_TARGETS) -> dict[str, Allocation]:
+        """Give the allocations at ``n`` targets evenly spread over the savings (distinct ones, named)."""
+        out: dict[str, Allocation] = {}
+        for i in range(1, n + 1):
+            a = self.at(i / n)
+            if a is not None and a not in out.values():
+                out[f"knapsack {100 * i / n:.0f}% of max saving"] = a
+        return out
+
+
+def build_knapsack(
+    space: SearchSpace,
+    ctx: SpaceContext,
+    table: SensitivityTable,
+    cost_model: CostModel,
+    budget: Budget | None = None,
+) -> Knapsack | None:
+    """Give the space's exact knapsack (None for model-wide spaces or when nothing saves anything)."""
+    if space.granularity == "model":
+        return None
+    base = space.uniform_params(ctx.anatomy, {})
+    if base is None:
+        return None
+    units = unit_options(space, ctx, table, cost_model)
+    top = sum(max(o.latency_saved_ms for o in opts) for opts in units)
+    if top <= 0:
+        return None
+    need_ms, need_mb = 0.0, None
+    if budget is not None and (budget.latency_ms is not None or budget.memory_mb is not None):
+        plan = replace(space.plan_from_params(base, ctx), layers={}, blocks={}, drop_blocks=())
+        cost = cost_model.predict(plan)
+        if budget.latency_ms is not None:
+            need_ms = max(0.0, cost.latency_ms - budget.latency_ms)
+        if budget.memory_mb is not None:
+            need_mb = max(0.0, cost.memory_mb - budget.memory_mb)
+    front = allocations(units, need_mb)
+    return Knapsack(units=units, front=front, base_params=base, max_saving_ms=top, min_saving_ms=need_ms)
 
 
 def knapsack_seed_params(
@@ -75,45 +264,20 @@ def knapsack_seed_params(
     table: SensitivityTable,
     cost_model: CostModel,
     targets: tuple[float, ...] = TARGETS,
-    bins: int = 400,
+    budget: Budget | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Give trial parameters of the least-KL plan for each latency-saving target (fraction of the most saving)."""
-    if space.granularity == "model":
+    """Give trial parameters of the least-KL plan for each latency-saving target (fraction of the
+    most saving); with budgets, only plans predicted to meet them (allocations are summed per unit,
+    so a plan's own prediction can differ slightly)."""
+    ks = build_knapsack(space, ctx, table, cost_model, budget)
+    if ks is None:
         return {}
-    base = space.uniform_params(ctx.anatomy, {})
-    if base is None:
-        return {}
-    units = _unit_options(space, ctx, table, cost_model)
-    top = sum(max(o[2] for o in opts) for opts in units if opts)
-    if top <= 0:
-        return {}
-    q = top / bins
-    inf = math.inf
-    dp = [0.0] + [inf] * bins  # dp[j]: least KL with saving >= j*q (capped at bins)
-    back: list[list[tuple[int, int]]] = []
-    for opts in units:
-        new = [inf] * (bins + 1)
-        arg = [(-1, -1)] * (bins + 1)
-        for j, v in enumerate(dp):
-            if v == inf:
-                continue
-            for k, (_p, kl, saved) in enumerate(opts):
-                jj = min(bins, j + int(saved / q))
-                if v + kl < new[jj]:
-                    new[jj] = v + kl
-                    arg[jj] = (j, k)
-        dp = new
-        back.append(arg)
     seeds: dict[str, dict[str, Any]] = {}
+    chosen: list[Allocation] = []
     for t in targets:
-        lo = math.ceil(t * bins)
-        j = min(range(lo, bins + 1), key=lambda i: (dp[i], i), default=None)
-        if j is None or dp[j] == inf:
+        a = ks.at(t)
+        if a is None or a in chosen:
             continue
-        params = dict(base)
-        for u in range(len(units) - 1, -1, -1):
-            j_prev, k = back[u][j]
-            params.update(units[u][k][0])
-            j = j_prev
-        seeds[f"knapsack {round(t * 100)}% of max saving"] = params
+        chosen.append(a)
+        seeds[f"knapsack {round(t * 100)}% of max saving"] = ks.params(a)
     return seeds

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import itertools
-import math
 import random
 from dataclasses import replace
 
@@ -9,10 +7,8 @@ import pytest
 
 from autocompress.calib import DataConfig
 from autocompress.evaluate import Evaluator
-from autocompress.evaluate.sensitivity import SensitivityTable, build_sensitivity, plan_keys, unit_probes
-from autocompress.hardware import CostModel, load_profile
+from autocompress.evaluate.sensitivity import build_sensitivity, plan_keys, unit_probes
 from autocompress.model import state_dict_hash
-from autocompress.search.seeding import _unit_options, knapsack_seed_params
 from autocompress.space import SearchSpace, SpaceContext
 from autocompress.workbench import Workbench
 
@@ -61,26 +57,3 @@ def test_table_is_read_from_the_cache(wb, tmp_path, monkeypatch):
     monkeypatch.setattr("autocompress.evaluate.sensitivity.kl_to_base", boom)
     again = build_sensitivity(wb.lm.model, lambda m, p: wb.apply(p, into=m), space, ctx, wb.data.proxy, tmp_path)
     assert again.entries == first.entries
-
-
-def test_knapsack_matches_brute_force(wb):
-    space = SearchSpace.from_dict({"name": "k", "linear": {"bits": [16, 8, 4], "group_size": [32]}})
-    ctx = _ctx(wb)
-    rng = random.Random(1)
-    probes = dict(unit_probes(space, ctx))
-    table = SensitivityTable(entries={k: rng.uniform(0, 1) for k in probes}, tokens=0)
-    cm = CostModel(load_profile("jetson"), wb.lm.anatomy)
-    bins = 400
-    seeds = knapsack_seed_params(space, ctx, table, cm, targets=(0.5,), bins=bins)
-    (params,) = seeds.values()
-    units = _unit_options(space, ctx, table, cm)
-    top = sum(max(o[2] for o in opts) for opts in units)
-    q = top / bins
-    best = math.inf
-    for combo in itertools.product(*units):  # 3^8 assignments
-        if sum(int(o[2] / q) for o in combo) >= math.ceil(0.5 * bins):
-            best = min(best, sum(o[1] for o in combo))
-    plan = space.plan_from_params(params, ctx)
-    assert table.predict(plan, space, ctx) == pytest.approx(best)
-    base = cm.predict(space.plan_from_params({}, ctx)).latency_ms
-    assert base - cm.predict(plan).latency_ms >= 0.5 * top - len(units) * q

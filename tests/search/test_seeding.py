@@ -1,0 +1,186 @@
+"""The knapsack seeding is exact: checked against brute force over whole plans (the space builds
+them, the cost model and the table score them), on a tiny model and on the default model's real
+sensitivity table, where every level of every unit must be reachable."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+
+import pytest
+
+from autocompress.calib import DataConfig
+from autocompress.evaluate.sensitivity import SensitivityTable, unit_probes
+from autocompress.hardware import CostModel, load_profile
+from autocompress.search import seeding
+from autocompress.search.budget import Budget
+from autocompress.space import EMBEDDING_PARAM, SearchSpace, SpaceContext
+from autocompress.workbench import Workbench
+
+DATA = DataConfig(seq_len=64, calib_tokens=512, proxy_tokens=128, eval_tokens=256)
+
+
+def _setting(ctx):
+    prof = load_profile("jetson")
+    return SearchSpace.load("default").for_profile(prof), CostModel(prof, ctx.anatomy)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    wb = Workbench.open("tiny-llama", DATA)
+    ctx = SpaceContext(wb.lm.anatomy, wb.stats.drop_order(), wb.provenance())
+    space, cm = _setting(ctx)
+    rng = random.Random(1)  # a table with no order to exploit: every level is worth trying
+    table = SensitivityTable(entries={k: rng.uniform(0, 1) for k, _ in unit_probes(space, ctx)}, tokens=0)
+    return space, ctx, table, cm
+
+
+def _brute(space, ctx, table, cm, prefixes):
+    """Give (latency saved, memory saved, KL) of every plan that varies only the units ``prefixes``,
+    each built by the space and scored by the cost model and the table on the whole plan."""
+    base_params = space.uniform_params(ctx.anatomy, {})
+    base = cm.predict(space.plan_from_params(base_params, ctx))
+    axes = []
+    for prefix in prefixes:
+        if prefix == EMBEDDING_PARAM:
+            axes.append([{EMBEDDING_PARAM: lvl} for lvl in space.embedding_levels(ctx.anatomy)])
+            continue
+        group, names = next((g, n) for p, g, n in space.units(ctx.anatomy) if p == prefix)
+        lv = {k: v for k, v in space.unit_levels(group, names, ctx.anatomy).items() if len(v) > 1}
+        axes.append(
+            [{prefix + k: v for k, v in zip(lv, combo, strict=True)} for combo in itertools.product(*lv.values())]
+        )
+    out = []
+    for combo in itertools.product(*axes):
+        params = dict(base_params)
+        for part in combo:
+            params.update(part)
+        plan = space.plan_from_params(params, ctx)
+        kl = table.predict(plan, space, ctx)
+        if not math.isfinite(kl):
+            continue
+        cost = cm.predict(plan)
+        out.append((base.latency_ms - cost.latency_ms, base.memory_mb - cost.memory_mb, kl))
+    return out
+
+
+def _units_of(space, ctx, table, cm, prefixes):
+    units = seeding.unit_options(space, ctx, table, cm)
+    return [u for u in units if any(k.startswith(p) for p in prefixes for o in u for k in o.params)]
+
+
+def _check_against_brute(space, ctx, table, cm, prefixes, need_mb=None, n_targets=40):
+    plans = _brute(space, ctx, table, cm, prefixes)
+    units = _units_of(space, ctx, table, cm, prefixes)
+    assert len(units) == len(prefixes)
+    front = seeding.allocations(units, need_mb)
+    top = max(p[0] for p in plans)
+    eps = 1e-9 * top
+
+    def best(t):  # least KL over plans saving at least t (and the memory asked for)
+        ok = [kl for lat, mem, kl in plans if lat >= t and (need_mb is None or mem >= need_mb - eps)]
+        return min(ok, default=math.inf)
+
+    savings = sorted({p[0] for p in plans})
+    rng = random.Random(0)
+    targets = rng.sample(savings, min(n_targets, len(savings)))  # exactly on a plan's saving: the hard case
+    targets += [rng.uniform(0, top) for _ in range(n_targets)]
+    for t in targets:
+        a = seeding.pick(front, t)
+        if a is None:
+            assert best(t - eps) == math.inf
+            continue
+        assert best(t - eps) - 1e-12 <= a.kl <= best(t + eps) + 1e-12, t
+        assert a.latency_saved_ms >= t - eps
+        if need_mb is not None:
+            assert a.memory_saved_mb >= need_mb - eps
+    return front
+
+
+def test_knapsack_matches_brute_force_on_whole_plans(tiny):
+    space, ctx, table, cm = tiny
+    prefixes = [EMBEDDING_PARAM, "b0.attn.", "b0.mlp.", "b1.mlp."]
+    front = _check_against_brute(space, ctx, table, cm, prefixes)
+    assert len(front) > 8  # not a degenerate table: many distinct trade-offs
+
+
+def test_knapsack_with_a_memory_need_matches_brute_force(tiny):
+    space, ctx, table, cm = tiny
+    prefixes = [EMBEDDING_PARAM, "b0.attn.", "b1.mlp."]
+    most = max(p[1] for p in _brute(space, ctx, table, cm, prefixes))
+    for frac in (0.3, 0.7, 0.95):
+        _check_against_brute(space, ctx, table, cm, prefixes, need_mb=frac * most, n_targets=15)
+
+
+def test_seeds_meet_the_budgets_and_every_target_gives_one(tiny):
+    space, ctx, table, cm = tiny
+    free = seeding.knapsack_seed_params(space, ctx, table, cm)
+    assert len(free) == len(seeding.TARGETS)  # none dropped, the 95 % one included
+    base = cm.predict(space.plan_from_params(space.uniform_params(ctx.anatomy, {}), ctx))
+    costs = [cm.predict(space.plan_from_params(p, ctx)) for p in free.values()]
+    budget = Budget(
+        memory_mb=base.memory_mb - 0.5 * (base.memory_mb - min(c.memory_mb for c in costs)),
+        latency_ms=base.latency_ms - 0.6 * (base.latency_ms - min(c.latency_ms for c in costs)),
+    )
+    bound = seeding.knapsack_seed_params(space, ctx, table, cm, budget=budget)
+    assert bound
+    for params in bound.values():
+        cost = cm.predict(space.plan_from_params(params, ctx))
+        assert cost.memory_mb <= budget.memory_mb + 1e-6 and cost.latency_ms <= budget.latency_ms + 1e-9
+    # the unconstrained seeds at low targets break these budgets: the budgets did steer the choice
+    assert any(c.memory_mb > budget.memory_mb or c.latency_ms > budget.latency_ms for c in costs)
+
+
+def test_dense_targets_give_distinct_allocations(tiny):
+    space, ctx, table, cm = tiny
+    ks = seeding.build_knapsack(space, ctx, table, cm)
+    dense = ks.spread(seeding.DENSE_TARGETS)
+    assert len(dense) > 3 * len(seeding.TARGETS)  # 9 units: fewer distinct allocations than targets
+    kls = [a.kl for a in dense.values()]
+    savings = [a.latency_saved_ms for a in dense.values()]
+    assert savings == sorted(savings) and kls == sorted(kls)  # along the front: more saving costs more KL
+
+
+# ---- the default model's real table ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real():
+    """The default model, the default space on the Jetson, and its sensitivity table (cached on disk
+    by the first search or test that needs it; ~10 min cold on 2 cores, seconds warm)."""
+    from autocompress.search.engine import _sensitivity
+
+    wb = Workbench.open(None, DataConfig())
+    prof = load_profile("jetson")
+    space = SearchSpace.load("default").for_profile(prof)
+    wb.numerics = prof.numerics
+    prov = wb.provenance(profile=prof.id, space=space.name)
+    ctx = SpaceContext(wb.lm.anatomy, wb.stats.drop_order(), prov)
+    table = _sensitivity(wb, space, ctx, None, lambda _m: None)
+    return space, ctx, table, CostModel(prof, wb.lm.anatomy)
+
+
+@pytest.mark.slow
+def test_every_level_of_every_unit_is_reachable_on_the_real_table(real):
+    space, ctx, table, cm = real
+    ks = seeding.build_knapsack(space, ctx, table, cm)
+    used = [set() for _ in ks.units]
+    for a in ks.front:
+        for u, k in enumerate(a.choice):
+            used[u].add(k)
+    missing = []
+    for u, opts in enumerate(ks.units):
+        for k in seeding.undominated(opts):  # a level beaten inside its own unit can never be optimal
+            if k not in used[u]:
+                missing.append((sorted(opts[0].params)[0] if opts[0].params else u, opts[k].label[:60]))
+    assert not missing, missing
+    assert sum(len(seeding.undominated(o)) for o in ks.units) > 3 * len(ks.units)  # real choices, not a formality
+    assert len(seeding.knapsack_seed_params(space, ctx, table, cm)) == len(seeding.TARGETS)
+    assert len(ks.spread(seeding.DENSE_TARGETS)) == seeding.DENSE_TARGETS
+
+
+@pytest.mark.slow
+def test_knapsack_matches_brute_force_on_real_units(real):
+    space, ctx, table, cm = real
+    _check_against_brute(space, ctx, table, cm, [EMBEDDING_PARAM, "b3.attn.", "b7.mlp.", "b21.mlp."])
