@@ -34,9 +34,16 @@ def _cli(args: list[str]) -> str:
 
 def _trials(out: Path, name: str) -> list[tuple]:
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{out / name / 'study.db'}")
-    # enqueued: a seed or baseline the search queued itself; the rest are the sampler's own proposals
+    # seeded: a seed or baseline the search served first; the rest are the sampler's own proposals
     return [
-        (t.number, t.state.name, t.params, t.values, t.user_attrs.get("plan_hash"), "fixed_params" in t.system_attrs)
+        (
+            t.number,
+            t.state.name,
+            t.params,
+            t.values,
+            t.user_attrs.get("plan_hash"),
+            bool({"baseline", "seed"} & set(t.user_attrs)),
+        )
         for t in study.trials
     ]
 
@@ -53,7 +60,7 @@ def test_same_seed_gives_the_same_front_in_a_fresh_study_and_process(tmp_path: P
     _cli([*args, "--out", str(tmp_path / "b"), "--study", "d"])  # in a fresh one
     first, second = _trials(tmp_path / "a", "d"), _trials(tmp_path / "b", "d")
     assert len([t for t in first if t[1] == "COMPLETE"]) == 40
-    # the search really moved: NSGA-II's own offspring, not only the enqueued seeds, are compared
+    # the search really moved: NSGA-II's own offspring, not only the seeds, are compared
     seeds = {json.dumps(t[2], sort_keys=True) for t in first if t[5]}
     own = [json.dumps(t[2], sort_keys=True) for t in first if not t[5] and t[1] == "COMPLETE"]
     assert len(own) >= 8 and len(set(own) - seeds) >= 5, (len(own), len(set(own) - seeds))

@@ -38,8 +38,8 @@ from autocompress.search.interrupt import InterruptGate
 from autocompress.search.pareto import pareto_front
 from autocompress.search.report import describe_plan, write_outputs
 from autocompress.search.result import Candidate, SearchResult
-from autocompress.search.samplers import SAMPLERS, make_sampler
-from autocompress.search.seeding import knapsack_seed_params
+from autocompress.search.samplers import SAMPLERS, Seed, SeededSampler, make_sampler
+from autocompress.search.seeding import build_knapsack
 from autocompress.space import SearchSpace, SpaceContext
 from autocompress.workbench import Workbench
 
@@ -47,6 +47,7 @@ MAX_FAILS_IN_A_ROW = 20
 DEFAULT_TRIALS = 60
 DEFAULT_TIMEOUT_S = 540.0
 FULL_KEY = "full:"  # study user attr prefix: rung-2 results keyed by plan hash
+SEEDS_KEY = "seeds"  # study user attr: the seed plans the sampler serves first, as [kind, name, params]
 
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -126,6 +127,11 @@ def _check_resume(study: optuna.Study, settings: dict) -> bool:
     return False
 
 
+def stored_seeds(study: optuna.Study, inner: optuna.samplers.BaseSampler) -> SeededSampler:
+    """Give ``inner`` wrapped to serve the study's stored seed plans first (none for older studies)."""
+    return SeededSampler(inner, [Seed.from_list(item) for item in study.user_attrs.get(SEEDS_KEY, [])])
+
+
 def _recover_interrupted(study: optuna.Study) -> int:
     """Fail the trials left RUNNING by a dead process (not those of live workers) and queue them again."""
     return heartbeat.recover(study)
@@ -158,7 +164,8 @@ def search(
     recorded as screened out and never evaluated. Running the same study again resumes it
     until it holds ``trials`` evaluated trials. ``jobs`` > 1 starts that many worker processes
     in all on the same study (Optuna's own distributed model; other machines can join with
-    ``autocompress worker``).
+    ``autocompress worker``). ``timeout`` (seconds) stops new trials that long after the first
+    one: set-up (statistics, the sensitivity table) is not charged to it.
     """
     t_start = time.time()
     say = log or (lambda _m: None)
@@ -196,20 +203,22 @@ def search(
 
     st, url = open_storage(storage, study_dir)
     table = _sensitivity(wb, space_obj, ctx, progress, say)
-    # Generation 0 is exactly the enqueued seeds (uniform baselines, mixed-precision and knapsack
-    # seeds), so NSGA-II's first offspring recombine and mutate sensible plans, not random ones.
-    baselines = space_obj.baseline_params(anatomy)
+    # The study's first trials are the seeds (uniform baselines, mixed-precision and knapsack
+    # plans), served by the sampler; NSGA-II files them as generation 0, so its first offspring
+    # recombine and mutate sensible plans, not random ones.
     most_active = sorted(range(anatomy.num_blocks), key=lambda i: -wb.stats.block_distance[i])
-    seeds = space_obj.mixed_seed_params(anatomy, most_active)
-    if table is not None:
-        seeds.update(knapsack_seed_params(space_obj, ctx, table, cost_model))
-    population = max(8, len(baselines) + len(seeds))
+    seed_plans = [Seed("baseline", n, p) for n, p in space_obj.baseline_params(anatomy).items()]
+    seed_plans += [Seed("seed", n, p) for n, p in space_obj.mixed_seed_params(anatomy, most_active).items()]
+    knapsack = None if table is None else build_knapsack(space_obj, ctx, table, cost_model, budget)
+    if knapsack is not None:
+        seed_plans += [Seed("seed", n, p) for n, p in knapsack.seeds().items()]
+    population = max(8, len(seed_plans))
     try:
         opt = optuna.create_study(
             study_name=study_name,
             storage=st,
             directions=["minimize"] * 3,
-            sampler=make_sampler(sampler, seed, population),
+            sampler=SeededSampler(make_sampler(sampler, seed, population, knapsack), seed_plans),
             load_if_exists=True,
         )
     except Exception as exc:
@@ -226,15 +235,13 @@ def search(
     }
     is_new = _check_resume(opt, settings)
     if is_new:
+        opt.set_user_attr(SEEDS_KEY, [s.to_list() for s in seed_plans])  # before the settings: a worker finds both
         opt.set_user_attr("settings", settings)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             opt.set_metric_names(["kl_to_base", "latency_ms", "memory_mb"])
-        for name, params in baselines.items():
-            opt.enqueue_trial(params, user_attrs={"baseline": name})
-        for name, params in seeds.items():
-            opt.enqueue_trial(params, user_attrs={"seed": name})
     else:
+        opt.sampler = stored_seeds(opt, opt.sampler.inner)  # the seeds it was started with
         n = _recover_interrupted(opt)
         done = len(opt.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
         say(
@@ -243,7 +250,11 @@ def search(
 
     say("scoring the base model on the proxy sequences")
     evaluator = Evaluator(wb.lm.model, wb.data, anatomy.task)
-    deadline = None if timeout is None else t_start + timeout
+    # The time budget is the search's: set-up (conversion, statistics, Hessians, the sensitivity
+    # table, all cached for the next run) is reported on its own and not charged to it.
+    t_trials = time.time()
+    say(f"set-up: {t_trials - t_start:.1f} s (model, data, statistics, sensitivity table); the time budget starts now")
+    deadline = None if timeout is None else t_trials + timeout
     runner = TrialRunner(opt, space_obj, ctx, wb, evaluator, cost_model, budget, study_dir, table)
     workers = _spawn_workers(jobs - 1, study_name, url, Path(out), trials, deadline, say)
     try:
@@ -251,8 +262,10 @@ def search(
     finally:
         for w in workers:
             w.wait()
+    say(f"trials: {time.time() - t_trials:.1f} s")
     result = _finish(opt, wb, evaluator, cost_model, budget, profile.id, study_dir, url, full_eval, say)
     result.elapsed_s = time.time() - t_start
+    result.setup_s = t_trials - t_start
     return result
 
 
@@ -481,12 +494,10 @@ class TrialRunner:
             with self.interrupts.shut():
                 trial = opt.ask()
                 beat.track(trial)  # mark it ours; keep its heartbeat fresh; recover stale trials now and then
-                if isinstance(opt.sampler, optuna.samplers.NSGAIISampler) and (
-                    "baseline" in trial.user_attrs or "seed" in trial.user_attrs
-                ):
-                    # Optuna leaves fully enqueued trials outside every generation; make the seeds generation 0.
-                    opt._storage.set_trial_system_attr(trial._trial_id, "NSGAIISampler:generation", 0)
                 try:
+                    seed = opt.sampler.seed_of(trial) if isinstance(opt.sampler, SeededSampler) else None
+                    if seed is not None:
+                        trial.set_user_attr(seed.kind, seed.name)
                     plan = space.suggest(trial, ctx).with_provenance(trial=trial.number)
                     plan.validate(anatomy)
                     cost = cost_model.predict(plan)

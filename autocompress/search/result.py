@@ -59,6 +59,7 @@ class SearchResult:
     counts: dict[str, int] = field(default_factory=dict)
     agreement: dict[str, dict[str, float]] = field(default_factory=dict)  # rank agreement between rungs
     elapsed_s: float = 0.0
+    setup_s: float = 0.0  # of elapsed_s, before the first trial (not charged to the time budget)
     hypervolume: float | None = None  # of all evaluated trials, objectives scaled as in hypervolume.png
 
     def to_dict(self) -> dict[str, Any]:
@@ -73,6 +74,7 @@ class SearchResult:
             "hypervolume": self.hypervolume,
             "agreement": self.agreement,
             "elapsed_s": self.elapsed_s,
+            "setup_s": self.setup_s,
             "pareto": [c.to_dict() for c in self.pareto],
             "baselines": {k: c.to_dict() for k, c in self.baselines.items()},
         }

@@ -207,6 +207,7 @@ class Knapsack:
     base_params: dict[str, Any]
     max_saving_ms: float
     min_saving_ms: float  # what a latency budget requires (0 without one)
+    min_memory_saving_mb: float | None = None  # what a memory budget requires (None without one)
 
     def params(self, a: Allocation) -> dict[str, Any]:
         """Give the trial parameters of an allocation (the base's no-op levels elsewhere)."""
@@ -218,6 +219,19 @@ class Knapsack:
     def at(self, fraction: float) -> Allocation | None:
         """Give the least-KL allocation saving ``fraction`` of the largest saving (and what budgets need)."""
         return pick(self.front, max(fraction * self.max_saving_ms, self.min_saving_ms))
+
+    def seeds(self, targets: tuple[float, ...] = TARGETS) -> dict[str, dict[str, Any]]:
+        """Give the trial parameters of the least-KL plan at each target (fraction of the most
+        saving), named; a target whose plan an earlier one already gave is skipped."""
+        out: dict[str, dict[str, Any]] = {}
+        chosen: list[Allocation] = []
+        for t in targets:
+            a = self.at(t)
+            if a is None or a in chosen:
+                continue
+            chosen.append(a)
+            out[f"knapsack {round(t * 100)}% of max saving"] = self.params(a)
+        return out
 
     def spread(self, n: int = DENSE_TARGETS) -> dict[str, Allocation]:
         """Give the allocations at ``n`` targets evenly spread over the savings (distinct ones, named)."""
@@ -255,7 +269,14 @@ def build_knapsack(
         if budget.memory_mb is not None:
             need_mb = max(0.0, cost.memory_mb - budget.memory_mb)
     front = allocations(units, need_mb)
-    return Knapsack(units=units, front=front, base_params=base, max_saving_ms=top, min_saving_ms=need_ms)
+    return Knapsack(
+        units=units,
+        front=front,
+        base_params=base,
+        max_saving_ms=top,
+        min_saving_ms=need_ms,
+        min_memory_saving_mb=need_mb,
+    )
 
 
 def knapsack_seed_params(
@@ -270,14 +291,4 @@ def knapsack_seed_params(
     most saving); with budgets, only plans predicted to meet them (allocations are summed per unit,
     so a plan's own prediction can differ slightly)."""
     ks = build_knapsack(space, ctx, table, cost_model, budget)
-    if ks is None:
-        return {}
-    seeds: dict[str, dict[str, Any]] = {}
-    chosen: list[Allocation] = []
-    for t in targets:
-        a = ks.at(t)
-        if a is None or a in chosen:
-            continue
-        chosen.append(a)
-        seeds[f"knapsack {round(t * 100)}% of max saving"] = ks.params(a)
-    return seeds
+    return {} if ks is None else ks.seeds(targets)

@@ -17,7 +17,8 @@ from autocompress.errors import StudyError
 from autocompress.evaluate import Evaluator
 from autocompress.hardware import CostModel, load_profile
 from autocompress.search.budget import Budget
-from autocompress.search.engine import TrialRunner, _sensitivity, make_sampler, open_storage
+from autocompress.search.engine import TrialRunner, _sensitivity, make_sampler, open_storage, stored_seeds
+from autocompress.search.seeding import build_knapsack
 from autocompress.space import SearchSpace, SpaceContext
 from autocompress.workbench import Workbench
 
@@ -46,11 +47,6 @@ def run_worker(
     wb = Workbench.open(run["model"], DataConfig(**run["data"]), log=say)
     if wb.lm.anatomy.model_hash != settings["model_hash"] or wb.data.data_hash != settings["data_hash"]:
         raise StudyError(f"this machine's model or data differ from study {study!r}'s; refusing to join")
-    opt = optuna.load_study(
-        study_name=study,
-        storage=st,
-        sampler=make_sampler(run["sampler"], settings["seed"] + 7919 * index, run["population"]),
-    )
     profile = load_profile(settings["profile"])
     wb.numerics = settings.get("numerics", "exact")  # as the study measured KL, whatever this machine's profile says
     anatomy = wb.lm.anatomy
@@ -58,8 +54,12 @@ def run_worker(
     prov = wb.provenance(seed=settings["seed"], profile=profile.id, space=space.name, study=study)
     ctx = SpaceContext(anatomy=anatomy, drop_order=wb.stats.drop_order(), provenance=prov)
     table = _sensitivity(wb, space, ctx, None, say)
-    evaluator = Evaluator(wb.lm.model, wb.data, anatomy.task)
     budget = Budget(**settings["budgets"])
+    knapsack = None if table is None else build_knapsack(space, ctx, table, cost_model, budget)
+    opt = optuna.load_study(study_name=study, storage=st)
+    sampler = make_sampler(run["sampler"], settings["seed"] + 7919 * index, run["population"], knapsack)
+    opt.sampler = stored_seeds(opt, sampler)
+    evaluator = Evaluator(wb.lm.model, wb.data, anatomy.task)
     runner = TrialRunner(opt, space, ctx, wb, evaluator, cost_model, budget, Path(out) / study, table)
     target = trials if trials is not None else int(run.get("trials", 0)) or 10**9
     return runner.run(target, deadline, progress)
