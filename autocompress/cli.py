@@ -160,7 +160,8 @@ def search(
     budget: Annotated[list[str] | None, typer.Option(help="KEY=VALUE, e.g. latency_ms=40 (repeatable)")] = None,
     trials: Annotated[int | None, typer.Option(help="Evaluated trials the study should hold [default: 60]")] = None,
     timeout: Annotated[
-        float | None, typer.Option(help="Start no new trial after this many seconds from the start [default: 540]")
+        float | None,
+        typer.Option(help="Start no new trial this many seconds after the first (set-up not counted) [default: 540]"),
     ] = None,
     study: Annotated[str | None, typer.Option(help="Study name [default: <space>-<profile>]")] = None,
     storage: Annotated[
@@ -169,7 +170,7 @@ def search(
     out: Annotated[Path, typer.Option(help="Folder that holds study folders")] = Path("studies"),
     seed: Annotated[int, typer.Option(help="Seed of the sampler (stored in every plan)")] = 0,
     sampler: Annotated[
-        str, typer.Option(help="nsga2 | tpe (multivariate) | gp (Optuna GPSampler; slow on big spaces) | random")
+        str, typer.Option(help="nsga2 | tpe (multivariate) | gp (Optuna GPSampler; slow on big spaces) | random | evo")
     ] = "nsga2",
     data: Annotated[
         Path | None,
@@ -275,7 +276,7 @@ def _print_front(result) -> None:
     from autocompress.search.report import counts_line
 
     console.print(
-        f"{counts_line(result.counts)} · {result.elapsed_s:.0f} s · outputs in {result.study_dir}/ "
+        f"{counts_line(result.counts)} · {result.elapsed_s:.0f} s (set-up {result.setup_s:.0f} s) · outputs in {result.study_dir}/ "
         "(summary.md, pareto.json, plans/)"
     )
 
