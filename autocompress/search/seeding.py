@@ -125,19 +125,18 @@ def allocations(units: list[list[Option]], memory_saved_needed_mb: float | None 
     lat = np.zeros(1)
     mem = np.zeros(1)
     kl = np.zeros(1)
-    choice = np.zeros((1, 0), dtype=np.int32)
+    steps: list[tuple[np.ndarray, np.ndarray]] = []  # per unit: (parent state, option) of each kept state
     tails = _remaining_memory(units)
     for u, opts in enumerate(units):
-        idx = undominated(opts)
+        idx = np.array(undominated(opts), dtype=np.int64)
         o_lat = np.array([opts[i].latency_saved_ms for i in idx])
         o_mem = np.array([opts[i].memory_saved_mb for i in idx])
         o_kl = np.array([opts[i].kl for i in idx])
         lat = (lat[:, None] + o_lat[None, :]).ravel()
         mem = (mem[:, None] + o_mem[None, :]).ravel()
         kl = (kl[:, None] + o_kl[None, :]).ravel()
-        parent = np.repeat(np.arange(len(choice)), len(idx))
-        picked = np.tile(np.array(idx, dtype=np.int32), len(choice))
-        choice = np.concatenate([choice[parent], picked[:, None]], axis=1)
+        parent = np.repeat(np.arange(len(lat) // len(idx)), len(idx))
+        picked = np.tile(idx, len(lat) // len(idx))
         if memory_saved_needed_mb is None:
             keep = _front_2d(lat, kl)
         else:
@@ -145,7 +144,14 @@ def allocations(units: list[list[Option]], memory_saved_needed_mb: float | None 
             # savings beyond the need buy nothing: cap them, so only the shortfall separates allocations
             capped = np.minimum(mem, memory_saved_needed_mb)
             keep = np.flatnonzero(ok)[_front_3d(lat[ok], capped[ok], kl[ok])]
-        lat, mem, kl, choice = lat[keep], mem[keep], kl[keep], choice[keep]
+        lat, mem, kl = lat[keep], mem[keep], kl[keep]
+        steps.append((parent[keep], picked[keep]))
+    choice = np.zeros((len(lat), len(units)), dtype=np.int64)
+    state = np.arange(len(lat))
+    for u in range(len(units) - 1, -1, -1):  # walk the back-pointers from the last unit to the first
+        parent, picked = steps[u]
+        choice[:, u] = picked[state]
+        state = parent[state]
     order = np.lexsort((kl, -lat))
     return [
         Allocation(float(kl[i]), float(lat[i]), float(mem[i]), tuple(int(c) for c in choice[i]))
