@@ -3,12 +3,14 @@ and activation statistics captured once per (model, calibration data) and cached
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import os
 import random
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -209,12 +211,92 @@ def run_with_hooks(model: nn.Module, tokens: torch.Tensor, handles: list, batch_
             h.remove()
 
 
+class _Caught(Exception):
+    """Raised by the hook that catches the first block's inputs: the rest of the forward is not needed."""
+
+
+def _blockwise_possible(model: nn.Module, anatomy: Any) -> bool:
+    """True when every block gets the same keyword inputs, so block 0's can be replayed for all
+    (models that alternate sliding-window and full attention give each layer its own mask)."""
+    types = getattr(getattr(model, "config", None), "layer_types", None) or ()
+    return len(set(types)) <= 1 and [b.index for b in anatomy.blocks] == list(range(len(anatomy.blocks)))
+
+
+def _first_block_inputs(model: nn.Module, first: nn.Module, tokens: torch.Tensor, batch_size: int) -> list:
+    """Give [(args, kwargs)] that the model passes to its first block, one per calibration batch."""
+    import inspect
+
+    caught: list[tuple[tuple, dict]] = []
+
+    def catch(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+        caught.append((args, dict(kwargs)))
+        raise _Caught
+
+    extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+    handle = first.register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            for start in range(0, tokens.shape[0], batch_size):
+                with contextlib.suppress(_Caught):
+                    model(input_ids=tokens[start : start + batch_size], **extra)
+    finally:
+        handle.remove()
+    return caught
+
+
+def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def run_blockwise(
+    model: nn.Module,
+    anatomy: Any,
+    tokens: torch.Tensor,
+    hooks_for: Callable[[Any], list],
+    block_done: Callable[[Any], None] | None = None,
+    batch_size: int = 4,
+) -> None:
+    """Run ``tokens`` through the model one block at a time: every batch through block i (with the
+    hooks ``hooks_for(block)`` registers, removed after it), ``block_done(block)``, then block i+1.
+
+    Only one block's inputs for the calibration batches are alive at a time (and no logits are
+    computed), so per-block statistics can be finished and stored before the next block starts.
+    Each block sees exactly the inputs it sees in a full forward of the same batches. Models whose
+    blocks get different keyword inputs (alternating attention types) run one full forward with
+    every block's hooks instead; ``block_done`` is then called after it, block by block.
+    """
+    blocks = anatomy.blocks
+    if not blocks:
+        return
+    if not _blockwise_possible(model, anatomy):
+        handles = [h for blk in blocks for h in hooks_for(blk)]
+        run_with_hooks(model, tokens, handles, batch_size)
+        for blk in blocks:
+            if block_done is not None:
+                block_done(blk)
+        return
+    inputs = _first_block_inputs(model, model.get_submodule(blocks[0].prefix), tokens, batch_size)
+    for blk in blocks:
+        module = model.get_submodule(blk.prefix)
+        handles = hooks_for(blk)
+        try:
+            with torch.inference_mode():
+                for i, (args, kwargs) in enumerate(inputs):
+                    inputs[i] = _with_hidden(args, kwargs, _first_tensor(module(*args, **kwargs)))
+        finally:
+            for h in handles:
+                h.remove()
+        if block_done is not None:
+            block_done(blk)
+
+
 def collect_stats(model: nn.Module, anatomy: Any, tokens: torch.Tensor, batch_size: int = 4) -> ActivationStats:
-    """Run the calibration tokens through the model once and gather ``ActivationStats``."""
+    """Run the calibration tokens through the model, block by block, and gather ``ActivationStats``."""
     sq: dict[str, torch.Tensor] = {}
     dist_sum = [0.0] * anatomy.num_blocks
     dist_n = [0] * anatomy.num_blocks
-    handles = []
 
     def linear_hook(name: str):
         def hook(_m: nn.Module, args: tuple, _out: Any) -> None:
@@ -234,11 +316,17 @@ def collect_stats(model: nn.Module, anatomy: Any, tokens: torch.Tensor, batch_si
 
         return hook
 
-    for site in anatomy.linears:
-        handles.append(model.get_submodule(site.name).register_forward_hook(linear_hook(site.name)))
-    for blk in anatomy.blocks:
+    def hooks_for(blk: Any) -> list:
+        handles = [model.get_submodule(s.name).register_forward_hook(linear_hook(s.name)) for s in blk.linears]
         handles.append(model.get_submodule(blk.prefix).register_forward_hook(block_hook(blk.index), with_kwargs=True))
-    run_with_hooks(model, tokens, handles, batch_size)
+        return handles
+
+    in_blocks = {s.name for blk in anatomy.blocks for s in blk.linears}
+    outside = [s for s in anatomy.linears if s.name not in in_blocks]  # none in the supported families
+    handles = [model.get_submodule(s.name).register_forward_hook(linear_hook(s.name)) for s in outside]
+    if handles:
+        run_with_hooks(model, tokens, handles, batch_size)
+    run_blockwise(model, anatomy, tokens, hooks_for, batch_size=batch_size)
     return ActivationStats(
         input_sq_norms=sq,
         block_distance=[s / max(n, 1) for s, n in zip(dist_sum, dist_n, strict=True)],

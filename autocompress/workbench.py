@@ -102,10 +102,21 @@ class Workbench:
         )
 
     def apply(
-        self, plan: Plan, into: nn.Module | None = None, *, skip_recovery: bool = False, stored: dict | None = None
+        self,
+        plan: Plan,
+        into: nn.Module | None = None,
+        *,
+        skip_recovery: bool = False,
+        stored: dict | None = None,
+        share_base: bool = False,
     ) -> nn.Module:
         """Give a compressed copy of the base model (the base is left untouched), or compress
         ``into`` in place — a copy of the base model whose touched parts are its own.
+
+        ``share_base``: the copy shares every tensor the plan leaves unchanged with the base model
+        (only the changed weights are the copy's own), so a trial costs the changed linears, not a
+        copy of the model; for evaluating only — training or editing that copy in place would edit
+        the base. Weights are identical either way.
 
         The distillation a plan may record (``plan.recovery``) is not replayed here: the caller
         replays it (``autocompress.recover.rebuild(wb, plan)`` does both), so the workbench needs
@@ -129,7 +140,15 @@ class Workbench:
                 into, self.lm.anatomy, plan, self.stats, hessians=hessians, inplace=True, stored=stored
             )
         else:
-            model = apply_plan_to(self.lm.model, self.lm.anatomy, plan, self.stats, hessians=hessians, stored=stored)
+            model = apply_plan_to(
+                self.lm.model,
+                self.lm.anatomy,
+                plan,
+                self.stats,
+                hessians=hessians,
+                stored=stored,
+                share_base=share_base,
+            )
         return model
 
 

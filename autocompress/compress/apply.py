@@ -432,6 +432,7 @@ def apply_plan_to(
     inplace: bool = False,
     hessians: Hessians | None = None,
     stored: dict[str, formats.QuantizedTensor] | None = None,
+    share_base: bool = False,
 ) -> nn.Module:
     """Give the model compressed as the plan says (a deep copy unless ``inplace``); see the module doc for the order.
 
@@ -440,11 +441,16 @@ def apply_plan_to(
     structure; ``hessians`` (else found by the plan's data hash) are needed for GPTQ / SVD-LLM.
     ``stored``, when given, receives every quantized tensor as its format stores it (codes and
     scales, by linear / table name) for the packed exporters; those tensors skip the caches.
+    ``share_base``: instead of a deep copy, a copy of the module tree that shares every tensor the
+    plan leaves unchanged with ``model`` (copying only the weights it writes): the cheap way to
+    evaluate a plan, for callers that only run the result, never train or edit it in place.
     """
     plan.validate(anatomy)
     _check_stats_present(anatomy, plan, stats)
     hess = _resolve_hessians(anatomy, plan, hessians)
-    work = model if inplace else copy.deepcopy(model)
+    work = model
+    if not inplace:
+        work = shared_copy(model, _written(anatomy, plan)) if share_base else copy.deepcopy(model)
     dropped = set(plan.drop_blocks)
     in_keep: dict[str, torch.Tensor] = {}  # linear name -> kept input channels (inputs shrank)
     struct_keys: dict[str, str] = {}  # linear name -> digest of its block part's kept units
@@ -480,6 +486,28 @@ def apply_plan_to(
         if dropped:
             drop_blocks(work, sorted(dropped))
     return work
+
+
+def _written(anatomy: ModelAnatomy, plan: Plan) -> set[str]:
+    """Give the names of the parameters ``apply_plan_to`` overwrites in place for ``plan``
+    (everything else it changes, it replaces by new tensors or modules)."""
+    dropped = set(plan.drop_blocks)
+    names = {
+        f"{site.name}.weight"
+        for site in anatomy.linears
+        if site.block not in dropped and _changes_weight(plan.choice_for(site.name))
+    }
+    names.update(f"{e.name}.weight" for e in anatomy.embeddings if plan.embedding_choice(e.name).quantized)
+    return names
+
+
+def shared_copy(model: nn.Module, own: set[str]) -> nn.Module:
+    """Give a copy of ``model``'s module tree whose tensors are ``model``'s own, except those named in
+    ``own``, which are copied (ties kept: a tensor reachable under several names is copied once)."""
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    copied = {id(t) for name, t in named if name in own}
+    memo: dict[int, Any] = {id(t): t for _, t in named if id(t) not in copied}
+    return copy.deepcopy(model, memo)
 
 
 def _compress_site(
