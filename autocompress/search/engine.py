@@ -38,8 +38,8 @@ from autocompress.search.interrupt import InterruptGate
 from autocompress.search.pareto import pareto_front
 from autocompress.search.report import describe_plan, write_outputs
 from autocompress.search.result import Candidate, SearchResult
-from autocompress.search.samplers import SAMPLERS, Seed, SeededSampler, make_sampler
-from autocompress.search.seeding import build_knapsack
+from autocompress.search.samplers import SAMPLERS, SeededSampler, make_sampler
+from autocompress.search.seeding import build_knapsack, seed_plans
 from autocompress.space import SearchSpace, SpaceContext
 from autocompress.workbench import Workbench
 
@@ -47,7 +47,6 @@ MAX_FAILS_IN_A_ROW = 20
 DEFAULT_TRIALS = 60
 DEFAULT_TIMEOUT_S = 540.0
 FULL_KEY = "full:"  # study user attr prefix: rung-2 results keyed by plan hash
-SEEDS_KEY = "seeds"  # study user attr: the seed plans the sampler serves first, as [kind, name, params]
 
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -127,11 +126,6 @@ def _check_resume(study: optuna.Study, settings: dict) -> bool:
     return False
 
 
-def stored_seeds(study: optuna.Study, inner: optuna.samplers.BaseSampler) -> SeededSampler:
-    """Give ``inner`` wrapped to serve the study's stored seed plans first (none for older studies)."""
-    return SeededSampler(inner, [Seed.from_list(item) for item in study.user_attrs.get(SEEDS_KEY, [])])
-
-
 def _recover_interrupted(study: optuna.Study) -> int:
     """Fail the trials left RUNNING by a dead process (not those of live workers) and queue them again."""
     return heartbeat.recover(study)
@@ -207,18 +201,15 @@ def search(
     # plans), served by the sampler; NSGA-II files them as generation 0, so its first offspring
     # recombine and mutate sensible plans, not random ones.
     most_active = sorted(range(anatomy.num_blocks), key=lambda i: -wb.stats.block_distance[i])
-    seed_plans = [Seed("baseline", n, p) for n, p in space_obj.baseline_params(anatomy).items()]
-    seed_plans += [Seed("seed", n, p) for n, p in space_obj.mixed_seed_params(anatomy, most_active).items()]
     knapsack = None if table is None else build_knapsack(space_obj, ctx, table, cost_model, budget)
-    if knapsack is not None:
-        seed_plans += [Seed("seed", n, p) for n, p in knapsack.seeds().items()]
-    population = max(8, len(seed_plans))
+    seeds = seed_plans(space_obj, ctx, most_active, knapsack)
+    population = max(8, len(seeds))
     try:
         opt = optuna.create_study(
             study_name=study_name,
             storage=st,
             directions=["minimize"] * 3,
-            sampler=SeededSampler(make_sampler(sampler, seed, population, knapsack), seed_plans),
+            sampler=SeededSampler(make_sampler(sampler, seed, population, knapsack), seeds),
             load_if_exists=True,
         )
     except Exception as exc:
@@ -235,13 +226,13 @@ def search(
     }
     is_new = _check_resume(opt, settings)
     if is_new:
-        opt.set_user_attr(SEEDS_KEY, [s.to_list() for s in seed_plans])  # before the settings: a worker finds both
+        opt.sampler.store(opt)  # before the settings: a worker that finds them finds the seeds
         opt.set_user_attr("settings", settings)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             opt.set_metric_names(["kl_to_base", "latency_ms", "memory_mb"])
     else:
-        opt.sampler = stored_seeds(opt, opt.sampler.inner)  # the seeds it was started with
+        opt.sampler = SeededSampler.for_study(opt, opt.sampler.inner)  # the seeds it was started with
         n = _recover_interrupted(opt)
         done = len(opt.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
         say(

@@ -5,7 +5,6 @@ wrapper through which the seed plans enter a study."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
@@ -15,9 +14,10 @@ from optuna.study import Study
 from optuna.trial import FrozenTrial, TrialState
 
 from autocompress.errors import StudyError
-from autocompress.search.seeding import Knapsack
+from autocompress.search.seeding import Knapsack, Seed
 
 SAMPLERS = ("nsga2", "tpe", "gp", "random", "evo")
+SEEDS_KEY = "seeds"  # study user attr: the seed plans served first, as [kind, name, params]
 HELP = (
     "nsga2 (default: NSGA-II, generation 0 = the seeds) | tpe (multivariate TPE) | "
     "gp (Optuna's GPSampler, log-EHVI with constraints; slow on spaces with hundreds of parameters) | random | "
@@ -46,24 +46,6 @@ def make_sampler(name: str, seed: int, population: int, knapsack: Knapsack | Non
     raise StudyError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
 
 
-@dataclass(frozen=True)
-class Seed:
-    """A plan the search evaluates before proposing its own: its kind (``baseline`` or ``seed``), name
-    and trial parameters."""
-
-    kind: str
-    name: str
-    params: dict[str, Any] = field(hash=False)
-
-    def to_list(self) -> list[Any]:
-        return [self.kind, self.name, self.params]
-
-    @classmethod
-    def from_list(cls, item: Sequence[Any]) -> Seed:
-        kind, name, params = item
-        return cls(str(kind), str(name), dict(params))
-
-
 class SeededSampler(BaseSampler):
     """Serves the seed plans as the study's first trials, then leaves every trial to ``inner``.
 
@@ -77,6 +59,15 @@ class SeededSampler(BaseSampler):
     def __init__(self, inner: BaseSampler, seeds: Sequence[Seed] = ()) -> None:
         self.inner = inner
         self.seeds = list(seeds)
+
+    @classmethod
+    def for_study(cls, study: Study, inner: BaseSampler) -> SeededSampler:
+        """Give ``inner`` wrapped to serve the seeds stored in ``study`` (none in older studies)."""
+        return cls(inner, [Seed.from_list(item) for item in study.user_attrs.get(SEEDS_KEY, [])])
+
+    def store(self, study: Study) -> None:
+        """Record the seeds in a new study, for workers and resumed runs (``for_study``)."""
+        study.set_user_attr(SEEDS_KEY, [s.to_list() for s in self.seeds])
 
     def seed_of(self, trial: FrozenTrial | optuna.Trial) -> Seed | None:
         """Give the seed a trial stands for (None for the inner sampler's own trials)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -27,6 +28,24 @@ from autocompress.space import EMBEDDING_PARAM, SearchSpace, SpaceContext, layer
 
 TARGETS = (0.3, 0.5, 0.7, 0.85, 0.95)  # fractions of the largest latency saving, enqueued as seeds
 DENSE_TARGETS = 32  # targets the evolutionary proposer and the benchmark's knapsack arm spread along the front
+
+
+@dataclass(frozen=True)
+class Seed:
+    """A plan the search evaluates before proposing its own: its kind (``baseline`` or ``seed``), name
+    and trial parameters."""
+
+    kind: str
+    name: str
+    params: dict[str, Any] = field(hash=False)
+
+    def to_list(self) -> list[Any]:
+        return [self.kind, self.name, self.params]
+
+    @classmethod
+    def from_list(cls, item: Sequence[Any]) -> Seed:
+        kind, name, params = item
+        return cls(str(kind), str(name), dict(params))
 
 
 @dataclass(frozen=True)
@@ -283,6 +302,19 @@ def build_knapsack(
         min_saving_ms=need_ms,
         min_memory_saving_mb=need_mb,
     )
+
+
+def seed_plans(
+    space: SearchSpace, ctx: SpaceContext, sensitivity_order: Sequence[int], knapsack: Knapsack | None
+) -> list[Seed]:
+    """Give the plans a search evaluates first, in order: the space's uniform baselines, the
+    mixed-precision seeds between them (``sensitivity_order``: blocks most sensitive first), and the
+    knapsack's least-KL plans at the default targets."""
+    out = [Seed("baseline", n, p) for n, p in space.baseline_params(ctx.anatomy).items()]
+    out += [Seed("seed", n, p) for n, p in space.mixed_seed_params(ctx.anatomy, sensitivity_order).items()]
+    if knapsack is not None:
+        out += [Seed("seed", n, p) for n, p in knapsack.seeds().items()]
+    return out
 
 
 def knapsack_seed_params(

@@ -17,7 +17,8 @@ from autocompress.errors import StudyError
 from autocompress.evaluate import Evaluator
 from autocompress.hardware import CostModel, load_profile
 from autocompress.search.budget import Budget
-from autocompress.search.engine import TrialRunner, _sensitivity, make_sampler, open_storage, stored_seeds
+from autocompress.search.engine import TrialRunner, _sensitivity, open_storage
+from autocompress.search.samplers import SeededSampler, make_sampler
 from autocompress.search.seeding import build_knapsack
 from autocompress.space import SearchSpace, SpaceContext
 from autocompress.workbench import Workbench
@@ -58,7 +59,7 @@ def run_worker(
     knapsack = None if table is None else build_knapsack(space, ctx, table, cost_model, budget)
     opt = optuna.load_study(study_name=study, storage=st)
     sampler = make_sampler(run["sampler"], settings["seed"] + 7919 * index, run["population"], knapsack)
-    opt.sampler = stored_seeds(opt, sampler)
+    opt.sampler = SeededSampler.for_study(opt, sampler)
     evaluator = Evaluator(wb.lm.model, wb.data, anatomy.task)
     runner = TrialRunner(opt, space, ctx, wb, evaluator, cost_model, budget, Path(out) / study, table)
     target = trials if trials is not None else int(run.get("trials", 0)) or 10**9

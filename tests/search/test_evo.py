@@ -13,8 +13,8 @@ import pytest
 
 from autocompress.errors import StudyError
 from autocompress.search.evo import EvoSampler
-from autocompress.search.samplers import SAMPLERS, Seed, SeededSampler, make_sampler
-from autocompress.search.seeding import Knapsack, Option, allocations
+from autocompress.search.samplers import SAMPLERS, SeededSampler, make_sampler
+from autocompress.search.seeding import Knapsack, Option, Seed, allocations
 
 N_UNITS, N_LEVELS = 8, 4
 

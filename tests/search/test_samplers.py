@@ -11,7 +11,8 @@ import pytest
 from optuna.trial import TrialState
 
 from autocompress.errors import StudyError
-from autocompress.search.samplers import SAMPLERS, Seed, SeededSampler, make_sampler
+from autocompress.search.samplers import SAMPLERS, SeededSampler, make_sampler
+from autocompress.search.seeding import Seed
 
 LEVELS = [16, 8, 4, 3]
 BUDGET = 0.45  # "memory": a plan of all-16-bit blocks (the most accurate) is far over it
