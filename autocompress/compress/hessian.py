@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from autocompress._io import follow_umask
 from autocompress.calib import run_blockwise
 
 if TYPE_CHECKING:
@@ -210,7 +211,8 @@ def _collect_to_disk(model: nn.Module, anatomy: ModelAnatomy, data: TokenData, k
         if folder.exists():
             shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
-    except OSError:
+        follow_umask(folder)  # mkdtemp made it private
+    except BaseException:  # nothing half-written stays behind (an error, Ctrl-C)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return Hessians(anatomy.model_hash, data.data_hash, keys, kept or None, path=folder, files=files)

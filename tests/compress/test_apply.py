@@ -164,3 +164,37 @@ def test_impossible_layer_request_names_the_layer(llama):
     )
     with pytest.raises(PlanError, match=name.replace(".", r"\.") + ".*divisible by 4"):
         apply_plan_to(llama.model, llama.anatomy, plan)
+
+
+def _with_table(loaded, plan):
+    """Give ``plan`` with the token embedding (tied to the head where the model ties them) quantized too."""
+    from dataclasses import replace
+
+    emb = {e.name: LayerChoice(format="Q8_0") for e in loaded.anatomy.embeddings}
+    return replace(plan, layers={**plan.layers, **emb})
+
+
+def test_share_base_gives_the_same_weights_and_shares_only_what_is_unchanged(any_model):
+    stats = hook_stats(any_model)
+    plan = _full_plan(any_model)
+    if all(e.cols % 32 == 0 for e in any_model.anatomy.embeddings):
+        plan = _with_table(any_model, plan)
+    base_ptrs = {t.data_ptr() for t in [*any_model.model.parameters(), *any_model.model.buffers()]}
+    full = apply_plan_to(any_model.model, any_model.anatomy, plan, stats)
+    shared = apply_plan_to(any_model.model, any_model.anatomy, plan, stats, share_base=True)
+    assert state_dict_hash(shared) == state_dict_hash(full)
+    ids = torch.randint(3, 250, (2, 8))
+    out_full, out_shared = full(ids), shared(ids)
+    assert torch.equal(out_shared[0], out_full[0])
+    assert state_dict_hash(any_model.model) == any_model.anatomy.model_hash  # base untouched
+    written = {f"{s.name}.weight" for s in any_model.anatomy.linears if s.block not in plan.drop_blocks}
+    n_shared = 0
+    for name, t in shared.named_parameters():
+        if name in written:
+            assert t.data_ptr() not in base_ptrs, f"{name} was written but shares the base's memory"
+        elif t.data_ptr() in base_ptrs:
+            n_shared += 1
+    assert n_shared > 0  # norms, biases, the unquantized rest: not copied
+    if any(e.tied for e in any_model.anatomy.embeddings):
+        head = shared.get_output_embeddings().weight
+        assert head is shared.get_input_embeddings().weight and head.data_ptr() not in base_ptrs
