@@ -25,7 +25,9 @@ from autocompress.formats.base import (
     importance_matrix,
 )
 
-CHUNK_BLOCKS = 1 << 15  # blocks searched at once: bounds memory of the [blocks, trials, n] searches
+CHUNK_BLOCKS = (
+    1 << 12
+)  # blocks searched at once: keeps the [n, blocks, trials] searches in cache (4096 measured fastest)
 
 
 def over_chunks(fn: Callable[..., tuple[torch.Tensor, ...]], *tensors: torch.Tensor | None) -> tuple[torch.Tensor, ...]:

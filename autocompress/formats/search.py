@@ -16,25 +16,27 @@ import torch
 GROUP_MAX_EPS = 1e-15
 
 
-def seqsum(t: torch.Tensor) -> torch.Tensor:
-    """Give the sum over the last dim added left to right in float32, as the C loops do.
+def sum_first(t: torch.Tensor) -> torch.Tensor:
+    """Give the sum over dim 0 added in order, in float32, as the C loops add (t[0] + t[1] + ...).
 
     torch's vectorised sums add in another order; the searches compare near-equal candidates
-    (least-squares fits with cancellation), so the order decides some choices.
+    (least-squares fits with cancellation), so the order decides some choices. numpy's ``add.reduce``
+    over the outer axis of a C-contiguous array adds whole rows one after the other (its pairwise
+    summation applies only along a contiguous reduced axis), so one call replaces the Python loop;
+    a single column is contiguous, so it keeps the loop.
     """
-    cols = t.movedim(-1, 0).contiguous()  # contiguous slices: each add is one fast vector op
-    acc = cols[0].clone()
-    for i in range(1, cols.shape[0]):
-        acc += cols[i]
-    return acc
-
-
-def _sum_first(t: torch.Tensor) -> torch.Tensor:
-    """Give the sum over dim 0 added in order (``seqsum`` for tensors already laid out [n, ...])."""
+    t = t.contiguous()
+    if t.dim() > 1 and t[0].numel() > 1:
+        return torch.from_numpy(np.add.reduce(t.numpy(), axis=0))
     acc = t[0].clone()
     for i in range(1, t.shape[0]):
         acc += t[i]
     return acc
+
+
+def seqsum(t: torch.Tensor) -> torch.Tensor:
+    """Give the sum over the last dim added left to right in float32 (``sum_first`` of the moved dim)."""
+    return sum_first(t.movedim(-1, 0))
 
 
 def rdiv(c: float, t: torch.Tensor) -> torch.Tensor:
@@ -94,15 +96,47 @@ def make_qx_quants(
     safe = torch.where(dead, torch.ones_like(mx), mx)
     steps = torch.tensor([0.0] + [float(i) for i in range(-9, 10) if i], dtype=torch.float32)
     iscale = -(nmax + 0.1 * steps)[None, :] / safe[:, None]  # [B, T]
-    ell = torch.round(iscale[:, :, None] * x[:, None, :]).clamp_(-nmax, nmax - 1)  # [B, T, n]
-    wx = (w * x)[:, None, :]
-    sumlx = seqsum(wx * ell)
-    suml2 = seqsum(w[:, None, :] * ell * ell)
+    # laid out [n, B, T] so the C-order sums over n run on contiguous slices without a copy
+    xt, wt = x.T.contiguous()[:, :, None], w.T.contiguous()[:, :, None]
+    ell = torch.round(iscale[None] * xt).clamp_(-nmax, nmax - 1)
+    sumlx = sum_first((wt * xt) * ell)
+    suml2 = sum_first(wt * ell * ell)
     scale, chosen = _sequential_best(sumlx, suml2)
-    (ell,) = _take(chosen, ell)
+    (isc,) = _take(chosen, iscale[:, :, None])  # the chosen trial's codes, recomputed by the same ops
+    ell = torch.round(isc * x).clamp_(-nmax, nmax - 1)
     scale = torch.where(dead, 0.0, scale)
     codes = torch.where(dead[:, None], 0.0, ell + nmax)
     return scale, codes
+
+
+def _descend(
+    xt: torch.Tensor, wt: torch.Tensor, ell: torch.Tensor, lo: float | None, hi: float, qp: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Give (Σwxl, Σwl²) [B] after 5 rounds of llama.cpp's coordinate descent on codes ell [n, B] (in place).
+
+    Each code in turn is moved to round(x·Σwl²/Σwxl) of the others and kept if (Σwxl)²/Σwl² grows.
+    ``make_q3_quants`` (qp False) needs Σwxl > 0 and the new Σwl² > 0; ``make_qp_quants`` (qp True)
+    needs both sums of the others > 0 and caps codes only from above.
+    """
+    wxt = wt * xt
+    sumlx = sum_first(wxt * ell)
+    suml2 = sum_first(wt * ell * ell)
+    for _ in range(5):
+        for i in range(xt.shape[0]):
+            li, wi, wxi = ell[i], wt[i], wxt[i]
+            slx = sumlx - wxi * li
+            sl2 = suml2 - wi * li * li
+            ok = (slx > 0) & (sl2 > 0) if qp else slx > 0
+            new = torch.round(xt[i] * sl2 / torch.where(ok, slx, 1)).clamp_(min=lo, max=hi)
+            slx2 = slx + wxi * new
+            sl22 = sl2 + wi * new * new
+            acc = ok & (new != li) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
+            if not qp:
+                acc &= sl22 > 0
+            ell[i] = torch.where(acc, new, li)
+            sumlx = torch.where(acc, slx2, sumlx)
+            suml2 = torch.where(acc, sl22, suml2)
+    return sumlx, suml2
 
 
 def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,26 +144,11 @@ def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
     mx = signed_absmax(x)
     dead = mx.abs() < GROUP_MAX_EPS
     iscale = rdiv(-nmax, torch.where(dead, torch.ones_like(mx), mx))
-    ell = torch.round(iscale[:, None] * x).clamp_(-nmax, nmax - 1)
-    w = x * x
-    wx = w * x
-    sumlx = seqsum(wx * ell)
-    suml2 = seqsum(w * ell * ell)
-    for _ in range(5):
-        for i in range(x.shape[1]):
-            li, wi, wxi = ell[:, i], w[:, i], wx[:, i]
-            slx = sumlx - wxi * li
-            sl2 = suml2 - wi * li * li
-            ok = slx > 0
-            new = torch.round(x[:, i] * sl2 / torch.where(ok, slx, 1)).clamp_(-nmax, nmax - 1)
-            slx2 = slx + wxi * new
-            sl22 = sl2 + wi * new * new
-            acc = ok & (new != li) & (sl22 > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
-            ell[:, i] = torch.where(acc, new, li)
-            sumlx = torch.where(acc, slx2, sumlx)
-            suml2 = torch.where(acc, sl22, suml2)
+    xt = x.T.contiguous()
+    ell = torch.round(iscale[None, :] * xt).clamp_(-nmax, nmax - 1)
+    sumlx, suml2 = _descend(xt, xt * xt, ell, -nmax, nmax - 1, qp=False)
     scale = torch.where(suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, 1), 0.0)
-    return torch.where(dead, 0.0, scale), torch.where(dead[:, None], 0.0, ell + nmax)
+    return torch.where(dead, 0.0, scale), torch.where(dead[:, None], 0.0, ell.T + nmax)
 
 
 def make_qkx_quants(
@@ -151,30 +170,34 @@ def make_qkx_quants(
     mn = x.min(dim=1).values.clamp(max=0.0)
     mx = x.max(dim=1).values
     dead = mx <= mn
-    sum_w = seqsum(weights)
-    sum_x = seqsum(weights * x)
+    # laid out [n, B]: every C-order sum over n adds contiguous rows
+    xt, wt = x.T.contiguous(), weights.T.contiguous()
+    sum_w = sum_first(wt)
+    sum_x = sum_first(wt * xt)
 
     def err_of(scale: torch.Tensor, lo: torch.Tensor, ell: torch.Tensor) -> torch.Tensor:
-        diff = scale[:, None] * ell + lo[:, None] - x
-        return seqsum(weights * (diff.abs() if use_mad else diff * diff))
+        diff = scale[None, :] * ell + lo[None, :] - xt
+        return sum_first(wt * (diff.abs() if use_mad else diff * diff))
 
     rng = torch.where(dead, torch.ones_like(mx), mx - mn)
     iscale = rdiv(nmax, rng)
     scale = 1 / iscale
-    ell = torch.round(iscale[:, None] * (x - mn[:, None])).clamp_(0, nmax)
+    ell = torch.round(iscale[None, :] * (xt - mn[None, :])).clamp_(0, nmax)
     best = err_of(scale, mn, ell)
     lo = mn
+    sums = torch.empty(xt.shape[0], 3, xt.shape[1])  # [n, (Σwl, Σwl², Σwlx), B]: one in-order sum for all three
     for step in range(nstep + 1):
         isc = rdiv(float(np.float32(rmin) + np.float32(rdelta) * np.float32(step) + np.float32(nmax)), mx - lo)
-        v = isc[:, None] * (x - lo[:, None])
+        v = isc[None, :] * (xt - lo[None, :])
         if guarded:
             cand = torch.where(v > 0, torch.round(torch.clamp(v, max=float(nmax))), 0.0)
         else:
             cand = torch.round(v).clamp_(0, nmax)
         cand = torch.nan_to_num(cand, nan=0.0)
-        sum_l = seqsum(weights * cand)
-        sum_l2 = seqsum(weights * cand * cand)
-        sum_xl = seqsum(weights * cand * x)
+        torch.mul(wt, cand, out=sums[:, 0])
+        torch.mul(sums[:, 0], cand, out=sums[:, 1])
+        torch.mul(sums[:, 0], xt, out=sums[:, 2])
+        sum_l, sum_l2, sum_xl = sum_first(sums)
         d = sum_w * sum_l2 - sum_l * sum_l
         d_safe = torch.where(d > 0, d, 1)
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / d_safe
@@ -184,13 +207,13 @@ def make_qkx_quants(
         this_min = torch.where(pos, 0.0, this_min)
         cur = err_of(this_scale, this_min, cand)
         acc = (d > 0) & (cur < best) & ~dead
-        ell = torch.where(acc[:, None], cand, ell)
+        ell = torch.where(acc[None, :], cand, ell)
         best = torch.where(acc, cur, best)
         scale = torch.where(acc, this_scale, scale)
         lo = torch.where(acc, this_min, lo)
     scale = torch.where(dead, 0.0, scale)
-    ell = torch.where(dead[:, None], 0.0, ell)
-    return scale, -lo, ell
+    ell = torch.where(dead[None, :], 0.0, ell)
+    return scale, -lo, ell.T
 
 
 def make_qp_quants(x: torch.Tensor, nmax: int, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,30 +227,16 @@ def make_qp_quants(x: torch.Tensor, nmax: int, weights: torch.Tensor) -> tuple[t
     safe = torch.where(dead, torch.ones_like(mx), mx)
     steps = torch.tensor([0.0] + [float(i) for i in range(-4, 5) if i], dtype=torch.float32)
     isc = (0.1 * steps + nmax)[None, :] / safe[:, None]  # [B, T]
-    ell = torch.round(isc[:, :, None] * x[:, None, :])
-    ell[:, 1:] = ell[:, 1:].clamp(max=nmax)  # the first (reference) trial is not capped in the C code
-    diff = x[:, None, :] - (1 / isc)[:, :, None] * ell
-    mse = seqsum(weights[:, None, :] * diff * diff)
+    xt, wt = x.T.contiguous(), weights.T.contiguous()
+    ell = torch.round(isc[None] * xt[:, :, None])  # [n, B, T]
+    ell[:, :, 1:] = ell[:, :, 1:].clamp(max=nmax)  # the first (reference) trial is not capped in the C code
+    diff = xt[:, :, None] - (1 / isc)[None] * ell
+    mse = sum_first(wt[:, :, None] * diff * diff)
     (isc_best,) = _take(mse.argmin(dim=1), isc[:, :, None])  # C keeps the first strictly smaller
-    ell = torch.round(isc_best * x).clamp_(max=nmax)
-    wx = weights * x
-    sumlx = seqsum(wx * ell)
-    suml2 = seqsum(weights * ell * ell)
-    for _ in range(5):
-        for i in range(x.shape[1]):
-            li, wi, wxi = ell[:, i], weights[:, i], wx[:, i]
-            slx = sumlx - wxi * li
-            sl2 = suml2 - wi * li * li
-            ok = (slx > 0) & (sl2 > 0)
-            new = torch.round(x[:, i] * sl2 / torch.where(ok, slx, 1)).clamp_(max=nmax)
-            slx2 = slx + wxi * new
-            sl22 = sl2 + wi * new * new
-            acc = ok & (new != li) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
-            ell[:, i] = torch.where(acc, new, li)
-            sumlx = torch.where(acc, slx2, sumlx)
-            suml2 = torch.where(acc, sl22, suml2)
+    ell = torch.round(isc_best[None, :, 0] * xt).clamp_(max=nmax)
+    sumlx, suml2 = _descend(xt, wt, ell, None, nmax, qp=True)
     scale = torch.where(suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, 1), 0.0)
-    return torch.where(dead, 0.0, scale), torch.where(dead[:, None], 0.0, ell)
+    return torch.where(dead, 0.0, scale), torch.where(dead[:, None], 0.0, ell.T)
 
 
 def nearest_level(t: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
@@ -263,6 +272,6 @@ def iq4_nl_scale(x: torch.Tensor, weights: torch.Tensor, values: torch.Tensor, n
     xt = x.T.contiguous()[:, :, None]
     q = values[nearest_level(ids[None] * xt, values)]
     wq = weights.T.contiguous()[:, :, None] * q
-    sumqx, sumq2 = _sum_first(wq * xt), _sum_first(wq * q)
+    sumqx, sumq2 = sum_first(wq * xt), sum_first(wq * q)
     d, _ = _sequential_best(sumqx, sumq2)
     return torch.where(dead, 0.0, d)
