@@ -374,3 +374,9 @@ def held_out_text(config: DataConfig = DataConfig()) -> str:
     external tool such as llama-perplexity reads to score a model on the same split as ours."""
     docs = _wiki_documents() if config.source is None else read_documents(config.source)
     return "\n\n".join(split_documents(docs)[1])
+
+
+def calibration_text(config: DataConfig = DataConfig()) -> str:
+    """Give the calibration documents as one text, blank-line separated (what llama-imatrix reads)."""
+    docs = _wiki_documents() if config.source is None else read_documents(config.source)
+    return "\n\n".join(split_documents(docs)[0])

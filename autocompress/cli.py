@@ -608,6 +608,7 @@ def llamacpp_where() -> dict[str, Any]:
     epilog=_examples(
         "autocompress export --study demo --pareto --out exports/",
         "autocompress export --study demo --trial 2 --no-onnx --out exports/",
+        "autocompress export --study g --pareto --out exports/   # llama.cpp study: model.gguf per point",
     )
 )
 def export(
@@ -615,25 +616,53 @@ def export(
     out: Annotated[Path, typer.Option(help="Folder to write the exports into (one trial-<N>/ per point)")],
     trial: Annotated[list[int] | None, typer.Option(help="Trial number to export (repeatable)")] = None,
     pareto: Annotated[bool, typer.Option("--pareto", help="Export every point of the Pareto front")] = False,
-    onnx: Annotated[bool, typer.Option(help="Also write model.onnx, check it and measure it here")] = True,
+    onnx: Annotated[
+        bool | None,
+        typer.Option(
+            help="Also write model.onnx, check it and measure it here [default: unless the study's runtime is llama.cpp]"
+        ),
+    ] = None,
+    gguf: Annotated[
+        bool | None,
+        typer.Option(
+            help="Also write model.gguf and check it with llama.cpp [default: if the study's runtime is llama.cpp]"
+        ),
+    ] = None,
     hw: Annotated[str, typer.Option(help="Profile whose prediction the measurement is compared with")] = "local",
     studies: Annotated[Path, typer.Option(help="Folder that holds study folders")] = Path("studies"),
     storage: Annotated[str | None, typer.Option(help="Optuna storage URL or journal .log path")] = None,
 ) -> dict[str, Any]:
-    """Export trials of a study as HF folders + quantized ONNX, checked against PyTorch and measured here."""
+    """Export trials of a study as HF folders + the target runtime's file (GGUF / ONNX), checked and measured here."""
     from autocompress.export.study import export_trials, open_study
     from autocompress.export.verify import latency_table
+    from autocompress.hardware.profile import load_profile
 
     if pareto == bool(trial):
         raise AutocompressError("give either --trial N (repeatable) or --pareto")
     view = open_study(study, studies, storage)
+    llama = load_profile(view.profile).runtime == "llama.cpp"
+    onnx = (not llama) if onnx is None else onnx
+    gguf = llama if gguf is None else gguf
+    if gguf:
+        from autocompress.runtime import llamacpp
+
+        llamacpp.require()  # before minutes of exporting
     numbers = [c.trial for c in view.front] if pareto else list(trial or [])
-    records = export_trials(view, numbers, out, onnx=onnx, hw=hw, log=_log)
-    console.print(latency_table(records), markup=False, highlight=False)
+    records = export_trials(view, numbers, out, onnx=onnx, gguf=gguf, hw=hw, log=_log)
+    if onnx:
+        console.print(latency_table(records), markup=False, highlight=False)
     for r in records:
         hf = r["hf"]
         how = "plain transformers" if hf["loadable_with_plain_transformers"] else "autocompress.export.load_compressed"
         console.print(f"{out}/trial-{r['trial']}/: loads with {how}", markup=False, highlight=False)
+        if "gguf" in r:
+            g = r["gguf"]
+            console.print(
+                f"{out}/trial-{r['trial']}/model.gguf: {g['file_bytes'] / 1e6:.1f} MB ({g['architecture']}), "
+                f"llama-perplexity {g['llamacpp']['ppl_llamacpp']:.3f} vs ours {g['llamacpp']['ppl_ours']:.3f}",
+                markup=False,
+                highlight=False,
+            )
     console.print(f"wrote {out}/exports.json and {out}/README.md")
     return {"out": out, "exports": records}
 

@@ -139,9 +139,9 @@ def _layout(model: nn.Module, anatomy: ModelAnatomy, plan: Plan) -> _Layout:
     return _Layout(kept, heads, kv, ff, head_dim)
 
 
-def tensors(model: nn.Module, anatomy: ModelAnatomy, plan: Plan, storage_dtype: torch.dtype) -> Iterator[Tensor]:
-    """Give the GGUF tensors of the compressed ``model`` (``plan`` applied), in file order."""
-    dense = _STORAGE[storage_dtype]
+def tensors(model: nn.Module, anatomy: ModelAnatomy, plan: Plan, dense: str) -> Iterator[Tensor]:
+    """Give the GGUF tensors of the compressed ``model`` (``plan`` applied), in file order; tensors the
+    plan leaves dense are stored in ``dense`` (F32 / F16 / BF16)."""
     lay = _layout(model, anatomy, plan)
     by_block = {b.index: b for b in anatomy.blocks}
 
@@ -289,7 +289,7 @@ def write_gguf(
     stored: dict[str, formats.QuantizedTensor],
     path: Path,
     vocab: Vocab,
-    storage_dtype: torch.dtype,
+    dense: str,
 ) -> dict[str, Any]:
     """Write ``path`` (a GGUF file); give what was written (architecture, per-type tensor counts, bytes)."""
     blockers = gguf_blockers(plan, getattr(model.config, "model_type", None))
@@ -302,7 +302,7 @@ def write_gguf(
     vocab.write(w)
     types: dict[str, int] = {}
     nbytes = 0
-    for t in tensors(model, anatomy, plan, storage_dtype):
+    for t in tensors(model, anatomy, plan, dense):
         data = t.data(model, stored)
         w.add_tensor(t.name, data, raw_dtype=t.type)
         types[t.type.name] = types.get(t.type.name, 0) + 1
@@ -327,20 +327,18 @@ def read_tensors(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def read_back_mismatches(
-    path: Path, model: nn.Module, anatomy: ModelAnatomy, plan: Plan, storage_dtype: torch.dtype
-) -> list[str]:
+def read_back_mismatches(path: Path, model: nn.Module, anatomy: ModelAnatomy, plan: Plan, dense: str) -> list[str]:
     """Give the tensors whose values in ``path`` (dequantized by the ``gguf`` package) differ from the
-    compressed model's (dense ones compared after rounding to the storage dtype); empty when all equal."""
+    compressed model's (dense ones compared after rounding to ``dense``); empty when all equal."""
     read = read_tensors(path)
     bad = []
-    expected = {t.name: t for t in tensors(model, anatomy, plan, storage_dtype)}
+    expected = {t.name: t for t in tensors(model, anatomy, plan, dense)}
     if set(read) != set(expected):
         return [f"tensor names differ: {sorted(set(read) ^ set(expected))[:5]}"]
     for name, t in expected.items():
         want = model.get_parameter(t.source).detach().float()
-        if t.type.name in ("BF16", "F16"):
-            want = want.to(storage_dtype).float()
+        if t.format in ("BF16", "F16"):  # a dense tensor rounded to the file's dtype (idempotent on F16 plans)
+            want = formats.get(t.format).dequantize(formats.get(t.format).quantize(want))
         got = torch.from_numpy(read[name].copy())
         if t.rows is not None:  # undo the rope row order
             got = got[torch.argsort(t.rows)]
@@ -373,10 +371,15 @@ def vocab_for(wb: Any, work: Path, log: Callable[[str], None] | None = None) -> 
     return vocab_from_converter(source, work, log)
 
 
-def export_gguf(wb: Any, plan: Plan, path: str | Path, *, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def export_gguf(
+    wb: Any, plan: Plan, path: str | Path, *, dense: str | None = None, log: Callable[[str], None] | None = None
+) -> dict[str, Any]:
     """Write ``plan`` applied to the workbench's model as the GGUF file ``path`` and check it by
     reading it back with the ``gguf`` package (every tensor must equal the plan's weights); give the
-    record (architecture, tensor types, bytes, the check). The file appears only when complete."""
+    record (architecture, tensor types, bytes, the check). The file appears only when complete.
+
+    Tensors the plan leaves dense are stored in ``dense`` (default: the base model's storage dtype,
+    as the HF export; ``"F32"`` keeps them exact, as llama-quantize's input wants)."""
     from autocompress.export.hf import storage_dtype
 
     path = Path(path)
@@ -387,19 +390,21 @@ def export_gguf(wb: Any, plan: Plan, path: str | Path, *, log: Callable[[str], N
         raise GGUFExportError(f"plan {plan.hash()[:12]} cannot be written as GGUF: {'; '.join(blockers[:3])}")
     stored: dict[str, formats.QuantizedTensor] = {}
     model = wb.apply(plan, stored=stored)
-    dtype = storage_dtype(wb.lm.model)
+    dense = dense or _STORAGE[storage_dtype(wb.lm.model)]
+    if dense not in _STORAGE.values():
+        raise GGUFExportError(f"dense tensors are stored as F32, F16 or BF16, not {dense!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
         tmp_file = Path(tmp) / path.name
-        info = write_gguf(model, wb.lm.anatomy, plan, stored, tmp_file, vocab_for(wb, Path(tmp), log), dtype)
-        bad = read_back_mismatches(tmp_file, model, wb.lm.anatomy, plan, dtype)
+        info = write_gguf(model, wb.lm.anatomy, plan, stored, tmp_file, vocab_for(wb, Path(tmp), log), dense)
+        bad = read_back_mismatches(tmp_file, model, wb.lm.anatomy, plan, dense)
         if bad:
             raise GGUFExportError(f"GGUF read-back differs from the plan's weights: {'; '.join(bad[:3])}")
         mask = os.umask(0)
         os.umask(mask)
         os.chmod(tmp_file, 0o666 & ~mask)
         os.replace(tmp_file, path)
-    return {**info, "read_back_equal": True, "dense_dtype": _STORAGE[dtype], "plan_hash": plan.hash()}
+    return {**info, "read_back_equal": True, "dense_dtype": dense, "plan_hash": plan.hash()}
 
 
 # --- llama.cpp's own verdict -----------------------------------------------------------------

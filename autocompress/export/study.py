@@ -93,6 +93,7 @@ def export_trials(
     out: str | Path,
     *,
     onnx: bool = True,
+    gguf: bool = False,
     hw: str = "local",
     threads: int | None = None,
     log: Callable[[str], None] | None = None,
@@ -120,11 +121,17 @@ def export_trials(
         say(f"trial {c.trial}: rebuilding the plan ({c.description})")
         model = rebuild(wb, c.plan)
         with atomic_dir(out / f"trial-{c.trial}") as tmp:
-            rec = verify.export_point(model, wb, view, c, tmp, pred, onnx=onnx, threads=threads, base=base)
+            rec = verify.export_point(model, wb, view, c, tmp, pred, onnx=onnx, gguf=gguf, threads=threads, base=base)
             rec["seconds"] = round(time.time() - t0, 1)
             atomic_write_text(tmp / "export.json", json.dumps(rec, indent=2, default=str) + "\n")
             atomic_write_text(tmp / "README.md", verify.point_readme(rec))
         records.append(rec)
+        g = rec.get("gguf")
+        if g:
+            say(
+                f"trial {c.trial}: model.gguf {g['file_bytes'] / 1e6:.1f} MB read back exactly; llama-perplexity "
+                f"{g['llamacpp']['ppl_llamacpp']:.3f} vs ours {g['llamacpp']['ppl_ours']:.3f}"
+            )
         m = rec.get("latency", {})
         if m:
             say(

@@ -291,6 +291,7 @@ def export_point(
     *,
     onnx: bool = True,
     hf: bool = True,
+    gguf: bool = False,
     threads: int = 1,
     base: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -312,6 +313,8 @@ def export_point(
     }
     if hf:
         rec["hf"] = write_hf(model, plan, folder, wb.lm.tokenizer)
+    if gguf:
+        rec["gguf"] = gguf_record(model, wb, plan, folder)
     if not onnx:
         return rec
     exp = export_onnx(model, view.anatomy, plan, folder / "model.onnx")
@@ -347,6 +350,20 @@ def export_point(
         lat["speedup_vs_uncompressed"] = base["measured_decode_ms"] / m["decode_ms"]
         lat["slower_than_uncompressed"] = slower_than(m["decode_ms"], base["measured_decode_ms"])
     rec["latency"] = lat
+    return rec
+
+
+GGUF_CHECK_CHARS = 60_000  # held-out characters llama-perplexity scores each GGUF on (16 chunks of 256 tokens)
+
+
+def gguf_record(model: torch.nn.Module, wb: Any, plan: Any, folder: Path) -> dict[str, Any]:
+    """Write ``folder/model.gguf`` (read back exactly, else an error) and give llama.cpp's verdict on it."""
+    from autocompress.calib import held_out_text
+    from autocompress.export.gguf import check_with_llamacpp, export_gguf
+
+    rec = {"file": "model.gguf", **export_gguf(wb, plan, folder / "model.gguf")}
+    text = held_out_text(wb.data_config)[:GGUF_CHECK_CHARS]
+    rec["llamacpp"] = check_with_llamacpp(folder / "model.gguf", model, text)
     return rec
 
 
@@ -474,6 +491,25 @@ def point_readme(rec: dict[str, Any]) -> str:
         lines += ["```", ""]
         if not hf.get("loadable_with_plain_transformers"):
             lines += [f"Plain transformers cannot load this folder: {'; '.join(hf['not_loadable_because'])}.", ""]
+    if "gguf" in rec:
+        g, chk = rec["gguf"], rec["gguf"]["llamacpp"]
+        types = ", ".join(f"{k} x{v}" for k, v in g["tensor_types"].items())
+        lines += [
+            "## GGUF (llama.cpp)",
+            "",
+            f"`model.gguf` ({g['file_bytes'] / 1e6:.1f} MB, architecture `{g['architecture']}`): {types}. Every tensor "
+            "reads back (gguf-py) as exactly the plan's weights.",
+            "",
+            "```bash",
+            'llama-simple -m model.gguf -n 32 "The capital of France is"',
+            "llama-perplexity -m model.gguf -f text.txt -c 256",
+            "```",
+            "",
+            f"llama-perplexity on held-out text ({chk['ppl_tokens']} tokens scored, -c {chk['ctx']}): "
+            f"{chk['ppl_llamacpp']:.3f}; our evaluation of the plan on the same tokens: {chk['ppl_ours']:.3f} "
+            f"({chk['ppl_rel_diff']:+.2%}).",
+            "",
+        ]
     if "onnx" in rec:
         o = rec["onnx"]
         lines += [

@@ -4,10 +4,10 @@ The ``llama-cpp-python`` source distribution vendors llama.cpp (``vendor/llama.c
 downloads that sdist with pip (a package registry: no other network is needed), compiles only the
 command-line tools autocompress uses (CPU, Release, static) and keeps them in a versioned cache::
 
-    ~/.cache/autocompress/llama.cpp/<llama-cpp-python version>-<llama.cpp commit>-<cpu>/bin
+    ~/.cache/autocompress/llama.cpp/<llama-cpp-python version>-<llama.cpp commit>-<flavor>-<cpu>/bin
 
 ``<cpu>`` is a short hash of this CPU's model and flags: the tools are built with ``GGML_NATIVE``
-and run only on CPUs like the one that built them. The vendored source tree stays beside ``bin``
+(less AMX, see ``NO_AMX``) and run only on CPUs like the one that built them. The vendored source tree stays beside ``bin``
 (its ``convert_hf_to_gguf.py`` and ``gguf-py`` are what GGUF export falls back on for a
 tokenizer). ``AUTOCOMPRESS_LLAMA_CPP=/path/to/bin`` uses an existing build instead.
 """
@@ -42,6 +42,11 @@ TOOLS = (
     "llama-tokenize",
 )
 ENV = "AUTOCOMPRESS_LLAMA_CPP"
+# -march=native turns on AMX wherever the CPU lists it, but virtual machines may list AMX and still fault
+# on its instructions (seen here: SIGILL in ggml's AMX matmul on a VM whose /proc/cpuinfo lists amx_tile);
+# explicit -mno-* flags win over -march=native. AMX only speeds batched prefill on Sapphire Rapids and later.
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+FLAVOR = "cpu-noamx"  # build options that change the binaries: part of the cache folder's name
 SETUP_HINT = f"run `make setup` (or `autocompress llamacpp build`), or set {ENV}=/path/to/llama.cpp/bin"
 
 
@@ -64,7 +69,7 @@ def _cpu_tag() -> str:
 def cache_dir() -> Path:
     """Give the folder this version's build lives in on this machine (it may not exist yet)."""
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "autocompress" / "llama.cpp"
-    return root / f"{LLAMA_CPP_PYTHON}-{LLAMA_CPP_COMMIT}-{_cpu_tag()}"
+    return root / f"{LLAMA_CPP_PYTHON}-{LLAMA_CPP_COMMIT}-{FLAVOR}-{_cpu_tag()}"
 
 
 @dataclass(frozen=True)
@@ -164,6 +169,7 @@ def build(*, jobs: int | None = None, force: bool = False, log: Callable[[str], 
         build_dir = work / "build"
         configure = ["cmake", "-S", str(src), "-B", str(build_dir), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release"]
         configure += ["-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_SERVER=OFF"]
+        configure += [f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}"]
         configure += ["-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=ON", "-DBUILD_SHARED_LIBS=OFF"]
         n = jobs or os.cpu_count() or 2
         log(f"building llama.cpp {LLAMA_CPP_COMMIT} ({', '.join(TOOLS)}) with {n} jobs (about 4 minutes on 2 cores)...")

@@ -79,7 +79,7 @@ def test_a_changed_byte_is_caught_by_the_read_back(wb, tmp_path):
     raw = bytearray(path.read_bytes())
     raw[int(t.data_offset) + 40] ^= 0x01  # one code bit of the first row's second block
     path.write_bytes(bytes(raw))
-    bad = G.read_back_mismatches(path, model, wb.lm.anatomy, plan, torch.bfloat16)
+    bad = G.read_back_mismatches(path, model, wb.lm.anatomy, plan, "BF16")
     assert len(bad) == 1 and bad[0].startswith("blk.2.attn_v.weight")
 
 
