@@ -14,11 +14,14 @@ Each linear is then stored as close to its plan choice as onnxruntime CPU allows
 | 8 (and 5–7) weight-only | ``MatMulNBits`` 8-bit, the plan's group size and symmetry, int8 compute | 5–7 bit codes in 8-bit cells |
 | 4 (and 2–3) | ``MatMulNBits`` 4-bit, the plan's group size and symmetry, int8 compute | 2–3 bit codes in 4-bit cells |
 
-``MatMulNBits`` weights keep the plan's exact values: ``grid_codes`` recovers each block's integer
-codes and step from the (already rounded) weights and writes them as MatMulNBits codes/scales/zero
-points; onnxruntime's own quantizer would re-round them on its grid (symmetric 4-bit: max|w|/8,
-codes -8..7), adding a second rounding error. Weights not on a grid (e.g. calibration chains) use
-ORT's rounding. Per-row grids are stored in blocks (``ROW_BLOCK``), non-power-of-two groups that
+``MatMulNBits`` weights keep the plan's exact values. Given the tensors as their format stores them
+(``stored``: ``Workbench.apply(plan, stored=...)`` / ``apply_plan_to(..., stored=...)``), a linear on a
+generic integer grid is written from its codes and scales through the format registry
+(``formats.integer.matmulnbits_blocks``, the layout ``IntegerFormat.pack`` writes); otherwise
+``grid_codes`` recovers each block's integer codes and step from the (already rounded) weights.
+onnxruntime's own quantizer would re-round them on its grid (symmetric 4-bit: max|w|/8, codes
+-8..7), adding a second rounding error. Weights on no grid (e.g. calibration chains) use ORT's
+rounding. Per-row grids are stored in blocks (``ROW_BLOCK``), non-power-of-two groups that
 are multiples of 16 in 16-blocks: same values, more scales. Accuracy level 4 (int8 compute) rounds
 each block of activations to int8 at run time, which the plan does not (3x faster decode than fp32
 compute here); ``verify.check_onnx`` checks the stored weights apart from that rounding and
@@ -37,6 +40,7 @@ import os
 import tempfile
 import warnings
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +49,9 @@ import torch
 from torch import nn
 
 from autocompress.errors import AutocompressError
+from autocompress.formats import FormatError, QuantizedTensor
+from autocompress.formats import get as format_of
+from autocompress.formats.integer import matmulnbits_blocks, parse_generic
 from autocompress.model.anatomy import ModelAnatomy
 from autocompress.plan import LayerChoice, Plan
 
@@ -109,6 +116,12 @@ def target_format(choice: LayerChoice) -> tuple[str, list[str]]:
             lost.append(f"W8A8 group size {choice.group_size} stored per output channel")
         return "int8-dynamic", lost
     width = 8 if choice.bits > 4 else 4
+    fmt = choice.fmt
+    if fmt is not None and parse_generic(fmt.name) is None:  # GGUF / MLC blocks: scales, mins, levels of their own
+        lost.append(
+            f"{fmt.name} is not a generic integer grid: its values are kept only where they lie on the "
+            f"MatMulNBits {width}-bit grid (else onnxruntime re-rounds them)"
+        )
     if choice.act_bits < 16:
         lost.append(f"a{choice.act_bits} activations of {choice.bits}-bit weights rounded per block at run time")
     if choice.bits != width:
@@ -161,8 +174,13 @@ def export_onnx(
     *,
     quantize: bool = True,
     opset: int = OPSET,
+    stored: dict[str, QuantizedTensor] | None = None,
 ) -> OnnxExport:
-    """Write ``model`` (``plan`` already applied to it) as ONNX at ``path``, quantized to match the plan."""
+    """Write ``model`` (``plan`` already applied to it) as ONNX at ``path``, quantized to match the plan.
+
+    ``stored`` (plan linear name -> the tensor as its format stores it) gives MatMulNBits the codes and
+    scales themselves; linears without one (or whose weights no longer equal it) are read off the weights.
+    """
     import onnx
 
     path = Path(path)
@@ -188,7 +206,7 @@ def export_onnx(
         proto = onnx.load(str(raw))
         formats, lost = _plan_formats(anatomy, plan)
         if quantize:
-            proto = _quantize(proto, anatomy, plan, formats, Path(tmp))
+            proto = _quantize(proto, anatomy, plan, formats, Path(tmp), stored or {})
         else:
             formats = dict.fromkeys(formats, "fp32")
         tmp_out = Path(tmp) / "out.onnx"
@@ -222,10 +240,18 @@ def _owner(module_path: str, by_path: dict[str, str]) -> str | None:
     return None
 
 
-def _quantize(proto: object, anatomy: ModelAnatomy, plan: Plan, formats: dict[str, str], tmp: Path) -> object:
+def _quantize(
+    proto: object,
+    anatomy: ModelAnatomy,
+    plan: Plan,
+    formats: dict[str, str],
+    tmp: Path,
+    stored: dict[str, QuantizedTensor],
+) -> object:
     path_of = _renamed(anatomy, plan)
     by_path = {path_of[name]: name for name in formats}
     groups: dict[str, list[str]] = defaultdict(list)  # format -> MatMul node names
+    tensors: dict[str, QuantizedTensor] = {}  # MatMul node name -> its stored tensor
     found = set()
     for node, module_path in _weight_matmuls(proto).items():
         name = _owner(module_path, by_path)
@@ -233,10 +259,12 @@ def _quantize(proto: object, anatomy: ModelAnatomy, plan: Plan, formats: dict[st
             continue
         found.add(name)
         groups[formats[name]].append(node)
+        if name in stored and module_path == path_of[name]:  # not a low-rank factor
+            tensors[node] = stored[name]
     missing = [n for n in formats if formats[n] != "fp32" and n not in found]
     if missing:
         raise AutocompressError(f"ONNX export: found no MatMul for {missing[0]} (exporter naming changed?)")
-    return quantize_groups(proto, groups, tmp)
+    return quantize_groups(proto, groups, tmp, tensors)
 
 
 # Per-row grids are stored in blocks (exact: every block holds row-grid values). The block is also
@@ -303,12 +331,36 @@ def grid_codes(blocks: np.ndarray, symmetric: bool, bits: int = 4) -> tuple[np.n
     )
 
 
-def _grid_block_quant(node_quantizer: object):
-    """Give a ``qbits_block_quant`` for onnxruntime's 4/8-bit quantizer that keeps the plan's grid when it can."""
+def _registry_blocks(
+    q: QuantizedTensor, bits: int, block: int, fp32weight: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Give MatMulNBits' (codes, scales, zero points) of a stored tensor, or None if it cannot hold
+    them or its values are not the weight [K, N] being quantized (e.g. changed after apply)."""
+    rows, cols = fp32weight.shape
+    if tuple(q.shape) != (cols, rows):
+        return None
+    try:
+        codes, scales, zero = matmulnbits_blocks(q, bits, block)
+    except FormatError:
+        return None
+    if not np.array_equal(format_of(q.format).dequantize(q).numpy().T, fp32weight):
+        return None
+    if zero is None:  # symmetric: MatMulNBits gets no zero points
+        zero = np.zeros((cols, -(-scales.shape[1] * bits // 8)), dtype=np.uint8)
+    return codes, scales.astype(fp32weight.dtype), zero
+
+
+def _grid_block_quant(node_quantizer: object, stored: Callable[[], QuantizedTensor | None]):
+    """Give a ``qbits_block_quant`` for onnxruntime's 4/8-bit quantizer that keeps the plan's grid when it
+    can: the stored tensor of the node being quantized (``stored()``), else the grid read off the weights."""
     fallback = node_quantizer.qbits_block_quant
     cfg = node_quantizer.config
 
     def block_quant(fp32weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        q = stored()
+        got = None if q is None else _registry_blocks(q, cfg.bits, cfg.block_size, fp32weight)
+        if got is not None:
+            return got
         rows, cols = fp32weight.shape
         bs = cfg.block_size
         k_blocks = (rows + bs - 1) // bs
@@ -326,17 +378,23 @@ def _grid_block_quant(node_quantizer: object):
     return block_quant
 
 
-def quantize_groups(proto: object, groups: dict[str, list[str]], tmp: Path) -> object:
+def quantize_groups(
+    proto: object, groups: dict[str, list[str]], tmp: Path, tensors: dict[str, QuantizedTensor] | None = None
+) -> object:
     """Give ``proto`` with each group of MatMul nodes quantized to its format (``int8-dynamic``,
-    ``int<4|8>-g<block>-<sym|asym>``, ``int<4|8>-row-<sym|asym>``; ``fp32`` is left alone)."""
+    ``int<4|8>-g<block>-<sym|asym>``, ``int<4|8>-row-<sym|asym>``; ``fp32`` is left alone).
+
+    ``tensors`` (MatMul node name -> stored tensor) gives MatMulNBits nodes their codes and scales."""
     logging.disable(logging.WARNING)  # the quantizers log every node and nag about pre-processing
     try:
-        return _run_quantizers(proto, groups, Path(tmp))
+        return _run_quantizers(proto, groups, Path(tmp), tensors or {})
     finally:
         logging.disable(logging.NOTSET)
 
 
-def _run_quantizers(proto: object, groups: dict[str, list[str]], tmp: Path) -> object:
+def _run_quantizers(
+    proto: object, groups: dict[str, list[str]], tmp: Path, tensors: dict[str, QuantizedTensor]
+) -> object:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -356,7 +414,15 @@ def _run_quantizers(proto: object, groups: dict[str, list[str]], tmp: Path) -> o
             accuracy_level=4,
             nodes_to_exclude=others,
         )
-        q.node_quantizer.qbits_block_quant = _grid_block_quant(q.node_quantizer)
+        nq, current = q.node_quantizer, [""]
+        quantize_node = nq.quantize
+
+        def tracked(node, graph_stack, quantize_node=quantize_node, current=current):
+            current[0] = node.name  # qbits_block_quant sees only the weight: remember whose it is
+            return quantize_node(node, graph_stack)
+
+        nq.quantize = tracked
+        nq.qbits_block_quant = _grid_block_quant(nq, lambda current=current: tensors.get(current[0]))
         q.process()
         proto = q.model.model
     if groups.get("int8-dynamic"):

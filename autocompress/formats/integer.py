@@ -175,14 +175,12 @@ class IntegerFormat(Format):
 
     def pack(self, q: QuantizedTensor) -> np.ndarray:
         out, in_f = self._require(q.shape)
-        gs = self._group(in_f)
-        groups = math.ceil(in_f / gs)
-        u = self._unsigned(q.codes)
         if self.layout == "matmulnbits":
-            pad_code = 2 ** (self.bits - 1) if self.symmetric else 0
-            u = np.pad(u, ((0, 0), (0, groups * gs - in_f)), constant_values=pad_code).astype(np.uint8)
-            codes = u[:, 0::2] | (u[:, 1::2] << 4) if self.bits == 4 else u
-        elif self.layout == "compressed-tensors":
+            codes, scales, zero = matmulnbits_blocks(q, self.bits, self.group_size)
+            parts = [codes.reshape(out, -1), np.ascontiguousarray(scales.astype("<f4")).view(np.uint8)]
+            return np.concatenate(parts if zero is None else [*parts, zero], axis=1)
+        u = self._unsigned(q.codes)
+        if self.layout == "compressed-tensors":
             u = np.pad(u, ((0, 0), (0, (-in_f) % 8))).astype(np.uint32).reshape(out, -1, 8)
             words = (u << (4 * np.arange(8, dtype=np.uint32))[None, None, :]).sum(-1).astype("<u4")
             codes = np.ascontiguousarray(words).view(np.uint8).reshape(out, -1)
@@ -192,14 +190,7 @@ class IntegerFormat(Format):
             codes = _bitstream(u, self.bits)
         parts = [codes.astype(np.uint8), _f32_bytes(q.params["scale"])]
         if not self.symmetric:
-            z = q.params["zero"].numpy().astype(np.uint16)
-            if self.layout == "matmulnbits" and self.bits == 8:
-                parts.append(z.astype(np.uint8))
-            elif self.layout == "matmulnbits":
-                z = np.pad(z, ((0, 0), (0, groups % 2))).astype(np.uint8)
-                parts.append(z[:, 0::2] | (z[:, 1::2] << 4))
-            else:
-                parts.append(_bitstream(z, self.bits))
+            parts.append(_bitstream(q.params["zero"].numpy().astype(np.uint16), self.bits))
         return np.concatenate(parts, axis=1)
 
     def unpack(self, data: np.ndarray, shape) -> QuantizedTensor:
@@ -208,7 +199,7 @@ class IntegerFormat(Format):
         groups = math.ceil(in_f / gs)
         data = np.ascontiguousarray(data, dtype=np.uint8).reshape(out, -1)
         if self.layout == "matmulnbits":
-            n = groups * gs * self.bits // 8
+            n = groups * self.group_size * self.bits // 8  # whole blocks, also when a row is shorter than one
             raw = data[:, :n]
             u = np.stack([raw & 15, raw >> 4], axis=2).reshape(out, -1) if self.bits == 4 else raw
             u = u[:, :in_f]
@@ -233,6 +224,43 @@ class IntegerFormat(Format):
                 z = _from_bitstream(z, self.bits, groups)
             params["zero"] = torch.from_numpy(z.astype(np.float32))
         return QuantizedTensor(self.name, (out, in_f), self._codes_back(u), params)
+
+
+def matmulnbits_blocks(q: QuantizedTensor, bits: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Give a generic-grid tensor in onnxruntime MatMulNBits' layout, ``bits``-bit cells in blocks of ``block`` inputs.
+
+    Returns (B uint8 [out, k_blocks, block·bits/8], scales float32 [out, k_blocks], zero points uint8
+    [out, ceil(k_blocks·bits/8)] or None when symmetric): unsigned codes (symmetric ones offset by
+    2^(bits-1), MatMulNBits' default zero point), two 4-bit codes or zero points per byte, low nibble
+    first, the last block padded (code 2^(bits-1) when symmetric, else 0; the kernel never reads past K). Cells may be
+    wider than the grid (3-bit codes in 4-bit cells: the same values); each group must be whole
+    blocks (a group of 48 in 16-blocks: its scale repeated), so the values are the tensor's exactly.
+    """
+    fmt = parse_generic(q.format)
+    if fmt is None:
+        raise FormatError(f"{q.format} is not a generic integer grid: MatMulNBits stores only those")
+    out, in_f = q.shape
+    gs = fmt._group(in_f)
+    if bits not in MATMULNBITS_BITS or bits < fmt.bits:
+        raise FormatError(f"{q.format} does not fit MatMulNBits {bits}-bit cells")
+    if block not in MATMULNBITS_GROUPS or (gs % block and gs < in_f):
+        raise FormatError(f"{q.format}: groups of {gs} are not whole MatMulNBits blocks of {block}")
+    k_blocks = math.ceil(in_f / block)
+    group_of = torch.arange(k_blocks) * block // gs
+    c = q.codes.numpy().astype(np.int64)
+    if fmt.symmetric:  # level index -> signed code -> MatMulNBits' unsigned code
+        c = c - (2 ** (fmt.bits - 1) - 1) + 2 ** (bits - 1)
+    pad_code = 2 ** (bits - 1) if fmt.symmetric else 0
+    u = np.pad(c, ((0, 0), (0, k_blocks * block - in_f)), constant_values=pad_code).astype(np.uint8)
+    codes = u[:, 0::2] | (u[:, 1::2] << 4) if bits == 4 else u
+    scales = q.params["scale"][:, group_of].numpy().astype(np.float32)
+    if fmt.symmetric:
+        return codes.reshape(out, k_blocks, -1), scales, None
+    z = q.params["zero"][:, group_of].numpy().astype(np.uint8)
+    if bits == 4:
+        z = np.pad(z, ((0, 0), (0, k_blocks % 2)))
+        z = z[:, 0::2] | (z[:, 1::2] << 4)
+    return codes.reshape(out, k_blocks, -1), scales, z
 
 
 def parse_generic(name: str) -> IntegerFormat | None:

@@ -45,8 +45,9 @@ from autocompress.hardware.profile import HardwareProfile, profile_from_dict
 # symmetric, in ROW_BLOCK[8]-blocks), 4-bit MatMulNBits g128, and W8A8 as dynamic int8 (MatMulInteger)
 FORMATS = ("fp32", "int8", "int4", "w8a8")
 _EXPORT_FMT = {"fp32": "fp32", "int8": "int8-row-sym", "int4": "int4-g128-asym", "w8a8": "int8-dynamic"}
-# the registry formats those MatMulNBits layouts are (their bytes price the samples)
-_REGISTRY_FMT = {"int8": "int8-g32-sym", "int4": "int4-g128-asym"}
+# the registry formats the exported layouts are (their bytes price the samples); W8A8's dynamic int8 is
+# onnxruntime's own (MatMulInteger), not a storage format a plan names
+_REGISTRY_FMT = {"fp32": "F32", "int8": "int8-g32-sym", "int4": "int4-g128-asym"}
 # what a calibrated onnxruntime profile offers the search: MatMulNBits 4-bit (blocks of 32 / 128,
 # with or without zero points) and 8-bit weight-only, all on the generic integer grids
 LOCAL_FORMATS = ("int8-ch-sym", "int8-ch-asym", "int4-g32-sym", "int4-g32-asym", "int4-g128-sym", "int4-g128-asym")
@@ -130,13 +131,12 @@ def _quantized(proto: Any, fmt: str, tmp: Path) -> Any:
 
 
 def _stored_bytes(fmt: str, k: int, n: int, layers: int) -> float:
-    """Give the bytes the micro-benchmark's ``layers`` k-in, n-out linears store in ``fmt``."""
-    params = k * n * layers
-    if fmt == "fp32":
-        return params * 4.0
-    if fmt == "w8a8":
-        return params * 1.0 + (k + n) / 2 * layers * 5  # fp32 scale + int8 zero per output channel
-    return float(formats.get(_REGISTRY_FMT[fmt]).bytes((n, k)) * layers)
+    """Give the bytes the micro-benchmark's chain stores in ``fmt``: ``layers`` linears, out x in
+    alternating n x k and k x n (``_chain_model``), each priced by the format registry."""
+    shapes = [(n, k) if i % 2 == 0 else (k, n) for i in range(layers)]
+    if fmt == "w8a8":  # int8 codes, an fp32 scale and an int8 zero point per output channel
+        return float(sum(out * (inp + 5) for out, inp in shapes))
+    return float(sum(formats.get(_REGISTRY_FMT[fmt]).bytes(shape) for shape in shapes))
 
 
 class _Flusher:
