@@ -1,7 +1,9 @@
 """Every storage format of the registry on the default model: bits per weight, KL to the base and
 perplexity on held-out text, for each quantizer (rtn, imatrix, gptq).
 
-    flock ~/.cache/ac-cpu.lock python bench/formats.py [--formats Q4_0,Q4_K] [--methods rtn]
+    flock ~/.cache/ac-cpu.lock python -P bench/formats.py [--formats Q4_0,Q4_K] [--methods rtn] [--markdown]
+
+(``-P``: the script's folder is not put on the path, so no file in bench/ can shadow a package.)
 
 Two targets per format:
 
@@ -153,7 +155,11 @@ def main() -> None:
     ap.add_argument("--formats", default=",".join(DEFAULT_FORMATS))
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--targets", default="block linears,embedding/head")
+    ap.add_argument("--markdown", action="store_true", help="print the stored results as a README table and stop")
     args = ap.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(RESULTS.read_text())))
+        return
     wb = Workbench.open(log=print)
     a = wb.lm.anatomy
     jetson = CostModel(load_profile("jetson"), a)
@@ -208,6 +214,28 @@ def save(model_name: str, wb: Workbench, base_ppl: float, rows: dict) -> None:
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(out, indent=1) + "\n")
+
+
+def markdown(results: dict) -> str:
+    """Give the stored results as a markdown table (one line per target and format, fastest-first methods)."""
+    head = "| target | format | bpw | " + " | ".join(f"{m} KL | {m} ppl" for m in METHODS) + " | note |"
+    lines = [head, "|" + "---|" * (3 + 2 * len(METHODS) + 1)]
+    rows = sorted(results["rows"], key=lambda r: (r["target"] != "block linears", -r.get("bpw", 0), r["format"]))
+    for r in rows:
+        cells = []
+        for m in METHODS:
+            v = r.get(m)
+            cells += [f"{v['kl']:.4f}", f"{v['ppl']:.2f}"] if v else ["-", "-"]
+        notes = []
+        if r.get("stored_as"):
+            notes.append(f"rows too narrow: stored as {r['stored_as']}")
+        elif r.get("fallback_share"):
+            notes.append(f"{100 * r['fallback_share']:.0f} % of weights in llama.cpp's fallback")
+        if r["holds_base_grid"]:
+            notes.append("holds the base's Q4_1 grid: no conclusion")
+        bpw = f"{r['bpw']:.2f}" if "bpw" in r else "-"
+        lines.append(f"| {r['target']} | {r['format']} | {bpw} | " + " | ".join(cells) + f" | {'; '.join(notes)} |")
+    return f"Base perplexity {results['base_ppl']:.2f}.\n\n" + "\n".join(lines)
 
 
 def print_table(rows, base_ppl: float) -> None:

@@ -1,6 +1,6 @@
 """Quantizer speed of the format registry against an earlier commit's, on the default model's tensors.
 
-    flock ~/.cache/ac-cpu.lock python bench/formats_speed.py [--baseline fc51542] [--block 0]
+    flock ~/.cache/ac-cpu.lock python -P bench/formats_speed.py [--baseline fc51542] [--block 0]
 
 Both versions quantize the seven linears of one block of the default model (576x576, 192x576 twice,
 576x576, 1536x576 twice, 576x1536) in every GGUF block format, without and with an importance
@@ -67,7 +67,9 @@ def run_side(pythonpath: Path, cwd: Path, block: int) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:
         out = tmp.name
     env = {**os.environ, "PYTHONPATH": str(pythonpath)}
-    subprocess.run([sys.executable, __file__, "--worker", out, "--block", str(block)], env=env, cwd=cwd, check=True)
+    subprocess.run(
+        [sys.executable, "-P", __file__, "--worker", out, "--block", str(block)], env=env, cwd=cwd, check=True
+    )
     data = json.loads(Path(out).read_text())
     os.unlink(out)
     return data
