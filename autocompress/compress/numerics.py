@@ -17,6 +17,18 @@ plans with that rounding emulated, so the quality it reports is (closer to) the 
   positions drift, but the quality loss is reproduced (``bench/onnx_rounding.py``, KL to the base
   model, deployed / emulated / unemulated: 8-bit 0.0066 / 0.0065 / 0.0025, W8A8 0.51 / 0.53 / 0.033,
   4-bit 0.55 / 0.57 / 0.54).
+- ``llama.cpp-cpu``: llama.cpp's CPU backend (the vendored llama.cpp 0c1e57098bba, x86 with AVX2 /
+  AVX-512; ``ggml/src/ggml-cpu``). Before a matmul with a weight of type T it converts the input to
+  T's ``vec_dot_type`` (``type_traits_cpu`` in ``ggml-cpu.c``; the llamafile sgemm, repack and AMX
+  paths convert the same way): Q8_0 for Q4_0 / Q5_0 / Q8_0 / IQ4_NL (``quantize_row_q8_0``, x86:
+  blocks of 32, codes round-half-even(x · (127 / max|x|)), scale stored as fp16(max|x| / 127)); Q8_1
+  for Q4_1 / Q5_1 (the same codes and scale, plus a block sum in fp16 for the weight's offset term,
+  which is not emulated); Q8_K for the K-quants (``quantize_row_q8_K_ref``: blocks of 256, codes
+  round-half-even(x · 127 / max|x|), scale 1 / (127 / max|x|) in fp32); fp16 / bf16 for F16 / BF16
+  weights, fp32 untouched. That covers every block linear and the output head (the token embedding's
+  table when tied). Attention reads K and V from an F16 cache; ``bench/llamacpp_numerics.py`` measured
+  what emulating that adds (see there and ``KV_CACHE``). Exceptions not emulated: F16 weights on AMX
+  machines (llama.cpp's AMX buffer keeps their input in fp32).
 
 Emulation is forward pre-hooks only: the weights — and so ``apply``'s bit-identical output — are
 untouched, and ``emulated`` removes the hooks again.
@@ -34,9 +46,19 @@ from torch import nn
 from autocompress.model.anatomy import ModelAnatomy
 from autocompress.plan import Plan
 
-NUMERICS = ("exact", "onnxruntime-cpu")
-VERSION = 2  # bump when an emulation changes: it keys cached evaluations
+NUMERICS = ("exact", "onnxruntime-cpu", "llama.cpp-cpu")
+VERSION = 3  # bump when an emulation changes: it keys cached evaluations
 INT8_MAX = 127
+
+# ggml-cpu.c type_traits_cpu[type].vec_dot_type: what llama.cpp's CPU kernels convert a matmul's input to
+VEC_DOT_TYPE = {
+    **dict.fromkeys(("Q4_0", "Q5_0", "Q8_0", "IQ4_NL", "MXFP4"), "Q8_0"),
+    **dict.fromkeys(("Q4_1", "Q5_1"), "Q8_1"),
+    **dict.fromkeys(("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "IQ3_S", "IQ2_S", "TQ1_0", "TQ2_0"), "Q8_K"),
+    "F16": "F16",
+    "BF16": "BF16",
+    "F32": "F32",
+}
 
 
 def numerics_tag(numerics: str) -> str:
@@ -67,6 +89,47 @@ def round_per_tensor_uint8(x: torch.Tensor) -> torch.Tensor:
     return (torch.clamp(torch.round(x / scale) + zero, 0, 255) - zero) * scale
 
 
+def _divide(numerator: float, t: torch.Tensor) -> torch.Tensor:
+    """Give numerator / t correctly rounded, as C's float division (``number / tensor`` in torch
+    multiplies by the reciprocal: two roundings)."""
+    return torch.full_like(t, numerator) / t
+
+
+def round_q8_0(x: torch.Tensor) -> torch.Tensor:
+    """Give ``x`` as llama.cpp's x86 ``quantize_row_q8_0`` leaves it (Q8_0 / Q8_1 activations): per block of
+    32 along the last dim, codes round-half-even(x · (127 / max|x|)) times the fp16-stored max|x| / 127."""
+    g = x.reshape(*x.shape[:-1], -1, 32)
+    amax = g.detach().abs().amax(-1, keepdim=True)
+    inverse = torch.where(amax > 0, _divide(INT8_MAX, amax), torch.zeros_like(amax))
+    scale = (amax / INT8_MAX).to(torch.float16).to(x.dtype)
+    return (torch.round(g * inverse) * scale).reshape(x.shape)
+
+
+def round_q8_k(x: torch.Tensor) -> torch.Tensor:
+    """Give ``x`` as llama.cpp's ``quantize_row_q8_K_ref`` leaves it (K-quant activations): per block of 256
+    along the last dim, codes round-half-even(x · (127 / max|x|)) times 1 / (127 / max|x|), all in fp32.
+    (llama.cpp divides by the signed extreme and flips the codes' sign; the values are the same.)"""
+    g = x.reshape(*x.shape[:-1], -1, 256)
+    amax = g.detach().abs().amax(-1, keepdim=True)
+    iscale = torch.where(amax > 0, _divide(INT8_MAX, amax), torch.zeros_like(amax))
+    scale = torch.where(amax > 0, _divide(1, iscale), torch.zeros_like(iscale))
+    return (torch.round(g * iscale).clamp(max=INT8_MAX) * scale).reshape(x.shape)
+
+
+def round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Give ``x`` rounded to ``dtype`` (round to nearest even) and back: llama.cpp's F16 / BF16 conversions."""
+    return x.to(dtype).to(x.dtype)
+
+
+ROUND_AS = {
+    "Q8_0": round_q8_0,
+    "Q8_1": round_q8_0,  # the same codes and scale; only the weight-offset term differs (fp16 block sum)
+    "Q8_K": round_q8_k,
+    "F16": lambda x: round_to(x, torch.float16),
+    "BF16": lambda x: round_to(x, torch.bfloat16),
+}
+
+
 def _hook(round_fn, *args: int):
     def hook(_module: nn.Module, inputs: tuple) -> tuple:
         return (round_fn(inputs[0], *args), *inputs[1:])
@@ -80,6 +143,8 @@ def attach(model: nn.Module, anatomy: ModelAnatomy, plan: Plan, numerics: str) -
         raise ValueError(f"numerics must be one of {list(NUMERICS)}, got {numerics!r}")
     if numerics == "exact":
         return []
+    if numerics == "llama.cpp-cpu":
+        return attach_llamacpp(model, anatomy, plan, kv_cache=KV_CACHE)
     from autocompress.export.onnx import _renamed, nbits_layout, target_format
 
     handles = []
@@ -96,6 +161,62 @@ def attach(model: nn.Module, anatomy: ModelAnatomy, plan: Plan, numerics: str) -
                 handles.append(mod.register_forward_pre_hook(_hook(round_per_tensor_uint8)))
             else:
                 handles.append(mod.register_forward_pre_hook(_hook(round_per_block, nbits_layout(fmt)[1])))
+    return handles
+
+
+KV_CACHE = False  # emulate llama.cpp's F16 KV cache too: measured negligible (bench/llamacpp_numerics.py)
+
+
+def gguf_type(choice: Any, dense: str) -> str | None:
+    """Give the GGUF type a plan choice is stored as (``dense``: the base's BF16 / F16 / F32 for an
+    unquantized tensor), or None for a format llama.cpp does not run."""
+    fmt = choice.fmt
+    if fmt is None:
+        return dense
+    return None if fmt.gguf_type is None else fmt.gguf_type.name
+
+
+def _output_hook(round_fn):
+    def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        return round_fn(output)
+
+    return hook
+
+
+def attach_llamacpp(
+    model: nn.Module, anatomy: ModelAnatomy, plan: Plan, *, head: bool = True, kv_cache: bool = False
+) -> list[Any]:
+    """Round every matmul input of ``model`` (``plan`` applied) as llama.cpp's CPU kernels do; give the
+    hook handles. ``head``: the output head too; ``kv_cache``: also K and V to fp16 (llama.cpp's F16
+    cache; rounded here before rope, so only close for K)."""
+    from autocompress.export.hf import storage_dtype
+    from autocompress.export.onnx import _renamed
+
+    dense = {torch.float16: "F16", torch.float32: "F32"}.get(storage_dtype(model), "BF16")
+    handles = []
+
+    def round_input(mod: nn.Module, stored: str | None) -> None:
+        round_fn = ROUND_AS.get(VEC_DOT_TYPE.get(stored or "F32", "F32"))
+        if round_fn is not None:
+            handles.append(mod.register_forward_pre_hook(_hook(round_fn)))
+
+    path_of = _renamed(anatomy, plan)
+    for site in anatomy.linears:
+        if site.name not in path_of:  # a dropped block
+            continue
+        owner = model.get_submodule(path_of[site.name])
+        stored = gguf_type(plan.choice_for(site.name), dense)
+        for mod in [m for m in owner.modules() if isinstance(m, nn.Linear)]:
+            round_input(mod, stored)
+            if kv_cache and site.role in ("k", "v"):
+                handles.append(mod.register_forward_hook(_output_hook(ROUND_AS["F16"])))
+    out_head = model.get_output_embeddings()
+    if head and out_head is not None:
+        # an untied head has its own entry; a tied one is the embedding's table (and choice)
+        site = next((e for e in anatomy.embeddings if e.role == "head"), None)
+        site = site or next((e for e in anatomy.embeddings if e.role == "embed" and e.tied), None)
+        if site is not None:
+            round_input(out_head, gguf_type(plan.embedding_choice(site.name), dense))
     return handles
 
 

@@ -140,9 +140,10 @@ class HardwareProfile(_Strict):
     # the format the runtime's own recipes give the output head (llama.cpp: Q6_K, else by its fallback
     # for the row width); the uniform baselines store the embedding / head so. None: dense.
     head_format: FormatKey | None = None
-    # what the runtime does to activations of quantized matmuls (compress/numerics.py): "exact" (none)
-    # or "onnxruntime-cpu" (int8 rounding per weight block / per tensor); the search evaluates with it
-    numerics: Literal["exact", "onnxruntime-cpu"] = "exact"
+    # what the runtime does to activations of quantized matmuls (compress/numerics.py): "exact" (none),
+    # "onnxruntime-cpu" (int8 rounding per weight block / per tensor) or "llama.cpp-cpu" (each matmul's
+    # input rounded to its weight type's vec_dot_type: Q8_0 / Q8_K / bf16 ...); the search evaluates with it
+    numerics: Literal["exact", "onnxruntime-cpu", "llama.cpp-cpu"] = "exact"
     power_mode: str | None = None
     calibrated: bool
     sources: tuple[str, ...] = Field(min_length=1)

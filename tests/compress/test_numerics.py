@@ -114,3 +114,139 @@ def test_search_evaluates_with_the_profiles_numerics(tmp_path, capsys) -> None:
     assert kls["exact"].keys() == kls["onnxruntime-cpu"].keys()
     for name, kl in kls["exact"].items():  # same plans evaluated as deployed (not read from the other's cache)
         assert (kls["onnxruntime-cpu"][name] == kl) == (name == "uncompressed"), name
+
+
+# --- llama.cpp's CPU numerics -----------------------------------------------------------------
+# Independent references, written from llama.cpp's C code (vendored 0c1e57098bba, ggml/src/ggml-cpu)
+# element by element in numpy float32, then dequantized as ggml's dequantize_row_* does.
+
+
+def _q8_0_reference(x: np.ndarray) -> np.ndarray:
+    """quantize_row_q8_0, x86 AVX path (arch/x86/quants.c): maxScalar = max |x| of 32; d = maxScalar /
+    127.f stored as fp16; id = 127.f / maxScalar (0 when maxScalar is 0); codes _mm256_round_ps(x * id,
+    _MM_ROUND_NEAREST) (ties to even); dequantized as code * fp16_to_fp32(d)."""
+    f32 = np.float32
+    out = np.empty(x.shape, dtype=f32)
+    for row in range(x.shape[0]):
+        for b in range(x.shape[1] // 32):
+            v = x[row, 32 * b : 32 * b + 32].astype(f32)
+            max_scalar = f32(np.max(np.abs(v)))
+            d = f32(np.float16(f32(max_scalar / f32(127.0))))
+            inv = f32(f32(127.0) / max_scalar) if max_scalar != 0 else f32(0.0)
+            for j in range(32):
+                code = np.rint(f32(v[j] * inv))
+                out[row, 32 * b + j] = f32(code) * d
+    return out
+
+
+def _nearest_int(fval: np.float32) -> int:
+    """ggml-quants.c nearest_int: add 12582912.f (1.5 * 2^23) and read the low mantissa bits."""
+    val = np.array([np.float32(fval) + np.float32(12582912.0)], dtype=np.float32)
+    i = int(val.view(np.int32)[0])
+    return (i & 0x007FFFFF) - 0x00400000
+
+
+def _q8_k_reference(x: np.ndarray) -> np.ndarray:
+    """quantize_row_q8_K_ref (ggml-quants.c): per 256, max = the element of largest |x| (the first one on a
+    tie), iscale = -127.f / max, codes MIN(127, nearest_int(iscale * x)), d = 1 / iscale (fp32); all-zero
+    blocks stay zero; dequantized as d * code."""
+    f32 = np.float32
+    out = np.zeros(x.shape, dtype=f32)
+    for row in range(x.shape[0]):
+        for b in range(x.shape[1] // 256):
+            v = x[row, 256 * b : 256 * b + 256].astype(f32)
+            amax, vmax = f32(0.0), f32(0.0)
+            for j in range(256):
+                if abs(v[j]) > amax:
+                    amax, vmax = f32(abs(v[j])), v[j]
+            if amax == 0:
+                continue
+            iscale = f32(f32(-127.0) / vmax)
+            d = f32(f32(1.0) / iscale)
+            for j in range(256):
+                out[row, 256 * b + j] = d * f32(min(127, _nearest_int(f32(iscale * v[j]))))
+    return out
+
+
+def _special_rows() -> torch.Tensor:
+    """Rows of 512 with ties (x * 127 / max exactly half an integer), a zero block and negative extremes."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 512, generator=g) * torch.logspace(-3, 2, 512)[torch.randperm(512, generator=g)]
+    x[0, :32] = torch.arange(32) - 15.5  # max 15.5: 2.5-step multiples land on .5 after scaling by 127/15.5 ...
+    x[1, :256] = torch.tensor([127.0, 2.5, -2.5, 3.5, 0.5, -0.5, 1.5, 126.5] * 32)  # ... here exactly: scale 1
+    x[2, :256] = 0.0  # a zero block (both block sizes)
+    x[3, 256:] = -x[3, 256:].abs()  # the extreme is negative (q8_K flips the codes' sign)
+    return x
+
+
+def test_llamacpp_rounding_functions_follow_the_c_code() -> None:
+    from autocompress.compress.numerics import round_q8_0, round_q8_k
+
+    x = _special_rows()
+    np.testing.assert_array_equal(round_q8_0(x).numpy(), _q8_0_reference(x.numpy()))
+    np.testing.assert_array_equal(round_q8_k(x).numpy(), _q8_k_reference(x.numpy()))
+    for rounded in (round_q8_0(x), round_q8_k(x)):  # ties to even (C roundf: 3, -3 for ±2.5)
+        assert rounded[1, 1:4].tolist() == [2.0, -2.0, 4.0]
+
+
+def _kquant_llama():
+    """A tiny Llama whose MLP is 256 wide, so ffn_down can take a K-quant (rows of 256)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from autocompress.model.inspect import anatomy_of
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=259,
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    return model, anatomy_of(model, name="tiny-llama-256", model_hash="0" * 64)
+
+
+def test_llamacpp_emulation_rounds_each_matmul_input_as_its_weight_type_asks(tmp_path) -> None:
+    """Every linear's (and the tied head's) input, as the emulated model receives it, equals the C code's
+    rounding of what it would receive unrounded: Q8_0 for Q4_0 / Q5_0 / Q8_0 / IQ4_NL, the same values for
+    Q4_1 (Q8_1), Q8_K for Q4_K / Q6_K, bf16 for the dense (BF16-stored) linears and head."""
+    model, a = _kquant_llama()
+    by_role = {"q": "Q8_0", "k": "Q4_0", "v": "IQ4_NL", "o": "Q5_0", "gate": "Q4_1", "up": None, "down": "Q4_K"}
+    layers = {s.name: LayerChoice(format=by_role[s.role]) for s in a.linears if by_role[s.role]}
+    layers["model.layers.1.mlp.down_proj"] = LayerChoice(format="Q6_K")
+    plan = plan_for(a, layers=layers)
+    model = apply_plan_to(model, a, plan)
+    raw, seen = {}, {}
+
+    def capture(store, name):
+        def hook(_m, inputs):
+            store[name] = inputs[0].detach().clone()
+
+        return hook
+
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    handles = [m.register_forward_pre_hook(capture(raw, n)) for n, m in linears.items()]  # before the emulation's
+    ids = torch.randint(3, 250, (2, 24), generator=torch.Generator().manual_seed(0))
+    with emulated(model, a, plan, "llama.cpp-cpu"), torch.no_grad():
+        handles += [m.register_forward_pre_hook(capture(seen, n)) for n, m in linears.items()]  # after it
+        model(input_ids=ids)
+    for h in handles:
+        h.remove()
+    want = {"Q8_0": _q8_0_reference, "Q8_K": _q8_k_reference}
+    kinds = {"Q8_0": "Q8_0", "Q4_0": "Q8_0", "IQ4_NL": "Q8_0", "Q5_0": "Q8_0", "Q4_1": "Q8_0", "Q4_K": "Q8_K"}
+    kinds["Q6_K"] = "Q8_K"
+    checked = set()
+    for name in linears:
+        x = raw[name].reshape(-1, raw[name].shape[-1])
+        got = seen[name].reshape(x.shape)
+        fmt = plan.choice_for(name).format  # the tied head: the dense embedding table
+        # dense tensors are stored as BF16 (the base's dtype), and their input converted to bf16
+        expected = x.to(torch.bfloat16).float().numpy() if fmt is None else want[kinds[fmt]](x.numpy())
+        np.testing.assert_array_equal(got.numpy(), expected, err_msg=name)
+        assert not torch.equal(got, x), name  # the rounding did something
+        checked.add(fmt)
+    assert checked == {None, "Q8_0", "Q4_0", "IQ4_NL", "Q5_0", "Q4_1", "Q4_K", "Q6_K"}
