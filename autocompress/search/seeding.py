@@ -119,16 +119,18 @@ def unit_options(
     return units
 
 
-def undominated(options: list[Option]) -> list[int]:
+def undominated(options: list[Option], memory: bool = True) -> list[int]:
     """Give the indices of a unit's options that no other option of the unit beats (no more KL, no
-    less saving of either kind, better on one); only these can be in a least-KL allocation."""
+    less latency saving nor, with ``memory``, memory saving; better on one); only these can be in a
+    least-KL allocation (exact duplicates: the first)."""
+
+    def key(o: Option) -> tuple[float, ...]:
+        return (o.kl, -o.latency_saved_ms, -o.memory_saved_mb if memory else 0.0)
+
     keep = []
     for i, a in enumerate(options):
         beaten = any(
-            b.kl <= a.kl
-            and b.latency_saved_ms >= a.latency_saved_ms
-            and b.memory_saved_mb >= a.memory_saved_mb
-            and (b.kl, -b.latency_saved_ms, -b.memory_saved_mb, j) < (a.kl, -a.latency_saved_ms, -a.memory_saved_mb, i)
+            all(x <= y for x, y in zip(key(b), key(a), strict=True)) and (key(b), j) < (key(a), i)
             for j, b in enumerate(options)
             if j != i
         )
@@ -147,7 +149,7 @@ def allocations(units: list[list[Option]], memory_saved_needed_mb: float | None 
     steps: list[tuple[np.ndarray, np.ndarray]] = []  # per unit: (parent state, option) of each kept state
     tails = _remaining_memory(units)
     for u, opts in enumerate(units):
-        idx = np.array(undominated(opts), dtype=np.int64)
+        idx = np.array(undominated(opts, memory=memory_saved_needed_mb is not None), dtype=np.int64)
         o_lat = np.array([opts[i].latency_saved_ms for i in idx])
         o_mem = np.array([opts[i].memory_saved_mb for i in idx])
         o_kl = np.array([opts[i].kl for i in idx])
