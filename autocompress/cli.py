@@ -553,25 +553,65 @@ def hw_show(name: Annotated[str, typer.Argument(help="Profile id, alias or YAML 
     epilog=_examples(
         "autocompress hw calibrate --out hw_profiles/local.yaml   # ~30 s",
         "autocompress hw calibrate --out /tmp/me.yaml --threads 4 --repeats 5",
+        "autocompress hw calibrate --runtime llama.cpp --out hw_profiles/local-llamacpp.yaml   # a few minutes",
     ),
 )
 def hw_calibrate(
     out: Annotated[Path, typer.Option(help="Profile to write, e.g. hw_profiles/local.yaml (machine-specific)")],
-    threads: Annotated[int, typer.Option(help="Threads for every measurement (fixed)")] = 1,
-    repeats: Annotated[int, typer.Option(help="Timed repeats per micro-benchmark (median kept)")] = 9,
+    threads: Annotated[
+        int | None, typer.Option(help="Threads for every measurement (fixed; default 1, llama.cpp: every core)")
+    ] = None,
+    repeats: Annotated[
+        int | None, typer.Option(help="Timed repeats per measurement (median kept; default 9, llama.cpp: 3)")
+    ] = None,
+    runtime: Annotated[
+        str,
+        typer.Option(
+            help="Runtime to calibrate: onnxruntime (micro-benchmarks) or llama.cpp (llama-bench on GGUF files of --model)"
+        ),
+    ] = "onnxruntime",
+    model: Annotated[
+        str | None, typer.Option(help="llama.cpp: the model whose GGUF files are measured (default: the bundled one)")
+    ] = None,
+    work: Annotated[Path | None, typer.Option(help="llama.cpp: keep the GGUF files here (a rerun reuses them)")] = None,
 ) -> dict[str, Any]:
-    """Measure this machine with onnxruntime CPU micro-benchmarks and write a calibrated profile."""
+    """Measure this machine in a runtime and write a calibrated profile (onnxruntime: CPU micro-benchmarks;
+    llama.cpp: llama-bench on GGUF files of a model, fitted so the cost model predicts each file)."""
+    import os
+
     from autocompress.hardware.calibrate import calibrate_local, write_profile
 
+    if runtime not in ("onnxruntime", "llama.cpp"):
+        raise AutocompressError(f"--runtime must be onnxruntime or llama.cpp, got {runtime!r}")
+    llama = runtime == "llama.cpp"
+    if not llama and (model is not None or work is not None):
+        raise AutocompressError("--model and --work apply to --runtime llama.cpp only")
+    threads = threads if threads is not None else ((os.cpu_count() or 1) if llama else 1)
+    repeats = repeats if repeats is not None else (3 if llama else 9)
     if threads < 1 or repeats < 1:
         raise AutocompressError("--threads and --repeats must be positive")
     if out.suffix not in (".yaml", ".yml"):
         raise AutocompressError(f"--out must be a .yaml path (e.g. hw_profiles/local.yaml), got {out}")
     check_writable(out.parent, AutocompressError)  # before minutes of measuring
-    profile, raw = calibrate_local(threads=threads, repeats=repeats, log=_log)
+    if llama:
+        from autocompress.hardware.llamacpp_calibrate import calibrate_llamacpp
+
+        profile, raw = calibrate_llamacpp(model, threads=threads, repeats=repeats, work=work, log=_log)
+    else:
+        profile, raw = calibrate_local(threads=threads, repeats=repeats, log=_log)
     p = write_profile(profile, raw, out)
     c = p.calibration
-    console.print(f"wrote {out} (id {p.id}, aliases {', '.join(p.aliases)}) and {c.measurements} in {c.seconds:.0f} s")
+    aliases = f", aliases {', '.join(p.aliases)}" if p.aliases else ""
+    console.print(f"wrote {out} (id {p.id}{aliases}) and {c.measurements} in {c.seconds:.0f} s")
+    if llama:
+        e = raw["errors"]
+        console.print(
+            f"{len(raw['files'])} GGUF files, {threads} thread(s), median of {repeats}: decode MAPE "
+            f"{e['decode_fit_mape']:.1%} fitted, {e['decode_holdout_mape']:.1%} held out; prefill "
+            f"{e['prefill_fit_mape']:.1%} / {e['prefill_holdout_mape']:.1%}; per-token overhead "
+            f"{p.per_token_overhead_ms:.3f} ms, bandwidth {p.peak_bw_GBps:.1f} GB/s x eff {dict(p.bw_efficiency_by_format)}"
+        )
+        return {"out": out, "profile": p.model_dump(mode="json"), "errors": e}
     console.print(
         f"bandwidth {p.peak_bw_GBps:.1f} GB/s x eff {dict(p.bw_efficiency_by_format)}; "
         f"per-linear overhead us {dict(p.linear_overhead_us_by_format)}; "
