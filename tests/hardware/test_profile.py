@@ -16,8 +16,10 @@ from autocompress.errors import ProfileError
 from autocompress.hardware import HardwareProfile, list_profiles, load_profile, profiles_dir, resolve_name
 from autocompress.hardware.profile import ENV_PROFILES_DIR, Kernels
 
-# the shipped profiles are the files in hw_profiles/ (a machine's own calibrated local.yaml may sit beside them)
-SHIPPED = sorted(p.stem for p in profiles_dir().glob("*.yaml") if p.stem != "local")
+# the shipped profiles are the files in hw_profiles/ (a machine's own calibrated local.yaml and
+# local-llamacpp.yaml, both git-ignored, may sit beside them)
+LOCAL = ("local", "local-llamacpp")
+SHIPPED = sorted(p.stem for p in profiles_dir().glob("*.yaml") if p.stem not in LOCAL)
 
 
 def _raw(profile_id: str) -> dict:
@@ -31,7 +33,7 @@ def _write(tmp_path: Path, data: dict, name: str = "bad.yaml") -> Path:
 
 
 def test_every_profile_file_loads_under_its_own_name_and_no_alias_is_shared() -> None:
-    profiles = [p for p in list_profiles() if p.id != "local"]
+    profiles = [p for p in list_profiles() if p.id not in LOCAL]
     assert SHIPPED and [p.id for p in profiles] == SHIPPED  # no file silently skipped; each file's id is its name
     names = [n for p in profiles for n in (p.id, *p.aliases)]
     assert len(names) == len(set(names)), "an alias names two profiles (or shadows an id)"
