@@ -185,4 +185,4 @@ def test_every_level_of_every_unit_is_reachable_on_the_real_table(real):
 @pytest.mark.slow
 def test_knapsack_matches_brute_force_on_real_units(real):
     space, ctx, table, cm = real
-    _check_against_brute(space, ctx, table, cm, [EMBEDDING_PARAM, "b3.attn.", "b7.mlp.", "b21.mlp."])
+    _check_against_brute(space, ctx, table, cm, [EMBEDDING_PARAM, "b3.attn.", "b21.mlp."])
