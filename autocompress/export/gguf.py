@@ -439,6 +439,8 @@ def check_with_llamacpp(
     add_bos = reader.fields.get("tokenizer.ggml.add_bos_token")
     bos = reader.fields.get("tokenizer.ggml.bos_token_id")
     bos_id = int(bos.contents()) if bos is not None and add_bos is not None and add_bos.contents() else None
+    if bos_id is not None:  # llama-perplexity tokenizes with the vocabulary's BOS in front
+        ids = [bos_id, *ids]
     model.eval()
     ppl_ours = chunked_perplexity(model, torch.tensor(ids[: n * ctx]), ctx, bos_id)
     return {

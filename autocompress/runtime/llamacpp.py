@@ -91,10 +91,18 @@ class LlamaCpp:
     ) -> subprocess.CompletedProcess:
         """Run one tool; give its completed process, or raise LlamaCppError with the last lines it printed."""
         cmd = [str(self.tool(name)), *map(str, args)]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, errors="replace")
-        except subprocess.TimeoutExpired:
-            raise LlamaCppError(f"{name} ran past {timeout:.0f} s{' ' + what if what else ''}") from None
+        # Output goes to files, not pipes: llama.cpp's asynchronous logger loses its last lines (the
+        # perplexity's final estimate among them) in about half the runs when it writes into a pipe.
+        with tempfile.TemporaryFile("w+b") as out, tempfile.TemporaryFile("w+b") as err:
+            try:
+                code = subprocess.run(cmd, stdout=out, stderr=err, timeout=timeout).returncode
+            except subprocess.TimeoutExpired:
+                raise LlamaCppError(f"{name} ran past {timeout:.0f} s{' ' + what if what else ''}") from None
+            out.seek(0)
+            err.seek(0)
+            proc = subprocess.CompletedProcess(
+                cmd, code, out.read().decode(errors="replace"), err.read().decode(errors="replace")
+            )
         if proc.returncode != 0:
             tail = " | ".join(ln.strip() for ln in (proc.stderr or proc.stdout).strip().splitlines()[-3:])
             raise LlamaCppError(f"{name} failed (exit {proc.returncode}){' ' + what if what else ''}: {tail}")
@@ -198,14 +206,22 @@ def build(*, jobs: int | None = None, force: bool = False, log: Callable[[str], 
 
 
 _PPL = re.compile(r"Final estimate: PPL = ([0-9.]+)")
+_RUNNING = re.compile(r"\[(\d+)\]([0-9.]+|nan|inf),")
 
 
-def parse_perplexity(output: str) -> float:
-    """Give the final perplexity llama-perplexity printed, or raise LlamaCppError."""
+def parse_perplexity(output: str, chunks: int | None = None) -> float:
+    """Give the final perplexity llama-perplexity printed, or raise LlamaCppError.
+
+    The "Final estimate" line goes through llama.cpp's asynchronous logger and is sometimes lost at
+    exit; the running estimate after the last chunk (printed on stdout) is the same number.
+    """
     m = _PPL.search(output)
-    if not m:
-        raise LlamaCppError("llama-perplexity printed no final estimate")
-    return float(m.group(1))
+    if m:
+        return float(m.group(1))
+    running = _RUNNING.findall(output)
+    if running and (chunks is None or int(running[-1][0]) == chunks):
+        return float(running[-1][1])
+    raise LlamaCppError("llama-perplexity printed no final estimate")
 
 
 def perplexity(
@@ -217,12 +233,14 @@ def perplexity(
     if chunks:
         args += ["--chunks", chunks]
     proc = require().run("llama-perplexity", args, what=f"on {Path(model).name}")
-    return parse_perplexity(proc.stdout + proc.stderr)
+    return parse_perplexity(proc.stdout + proc.stderr, chunks)
 
 
 def tokenize(model: Path, text: Path) -> list[int]:
-    """Give the token ids llama.cpp's tokenizer makes of a text file (no BOS added)."""
-    proc = require().run("llama-tokenize", ["-m", model, "-f", text, "--ids", "--log-disable", "--no-bos"])
+    """Give the token ids llama.cpp's tokenizer makes of a text file (no BOS added; special-token text
+    read as plain text, as llama-perplexity reads its file)."""
+    args = ["-m", model, "-f", text, "--ids", "--log-disable", "--no-bos", "--no-parse-special"]
+    proc = require().run("llama-tokenize", args)
     line = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "[]"
     return [int(x) for x in line.strip("[] \n").split(",") if x.strip()]
 

@@ -1,0 +1,151 @@
+"""Our searched GGUF files against llama.cpp's own recipes, measured with llama.cpp on this machine.
+
+    flock ~/.cache/ac-cpu.lock python bench/gguf.py --study gguf-bench [--hw local-llamacpp]
+
+For every recipe (Q8_0 ... Q2_K, each with and without an importance matrix made by llama-imatrix from
+our calibration split), written by ``llama-quantize`` from the base model's F32 GGUF, and for every
+front point of a finished llama.cpp study (exported with ``autocompress.export.gguf``): file bytes,
+perplexity by ``llama-perplexity`` on held-out text (never the calibration text; ``--chunks`` chunks
+of ``--ctx`` tokens), decode and prefill tokens/s by ``llama-bench`` (``--threads``), and the study
+profile's predicted decode speed for the front points. Then, per recipe: our best front point at no
+more than its file size and whether the recipe is dominated (a point with <= its bytes, <= its
+perplexity and >= its decode speed).
+
+The default model's base is a dequantized Q4_1 GGUF: Q4_1 reproduces it exactly and Q5_1 can hold
+it exactly too. Run the study with both removed from the space (``search_spaces/gguf-bench.yaml``);
+the Q4_1 recipe is reported apart (``holds_base_grid``) and no conclusion rests on it.
+
+Every measurement is stored in bench/results/gguf.json as it is made (a rerun resumes); the files
+live in ~/.cache/autocompress/bench-gguf/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from autocompress.calib import held_out_text
+from autocompress.export.gguf import export_gguf
+from autocompress.runtime import llamacpp, recipes
+from autocompress.workbench import Workbench
+
+RESULTS = Path(__file__).parent / "results" / "gguf.json"
+WORK = Path.home() / ".cache" / "autocompress" / "bench-gguf"
+
+
+def bench_speed(path: Path, threads: int, repeats: int = 3) -> dict[str, float]:
+    """Give llama-bench's decode (tg 32) and prefill (pp 64) tokens/s for a file (mean of ``repeats``)."""
+    tool = llamacpp.require().tool("llama-bench")
+    cmd = [str(tool), "-m", str(path), "-t", str(threads), "-p", "64", "-n", "32", "-r", str(repeats), "-o", "json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    rows = json.loads(proc.stdout)
+    tg = next(r for r in rows if r.get("n_gen", 0) > 0)
+    pp = next(r for r in rows if r.get("n_prompt", 0) > 0 and r.get("n_gen", 0) == 0)
+    return {"tg_tps": float(tg["avg_ts"]), "tg_sd": float(tg["stddev_ts"]), "pp_tps": float(pp["avg_ts"])}
+
+
+def measure(path: Path, text: Path, args: argparse.Namespace) -> dict[str, Any]:
+    ppl = llamacpp.perplexity(path, text, ctx=args.ctx, chunks=args.chunks, threads=args.threads)
+    return {"bytes": path.stat().st_size, "ppl": ppl, **bench_speed(path, args.threads)}
+
+
+def save(out: dict[str, Any]) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    tmp = RESULTS.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(out, indent=1) + "\n")
+    tmp.replace(RESULTS)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--study", help="finished llama.cpp study whose front is compared (omit: recipes only)")
+    ap.add_argument("--studies", default="studies")
+    ap.add_argument("--hw", default=None, help="profile for predicted speed (default: the study's)")
+    ap.add_argument("--recipes", default=",".join(recipes.RECIPES))
+    ap.add_argument("--ctx", type=int, default=256)
+    ap.add_argument("--chunks", type=int, default=128, help="128 x 256 = 32,768 held-out tokens")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+
+    out = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    out.update(ctx=args.ctx, chunks=args.chunks, threads=args.threads, scored_tokens=args.chunks * (args.ctx // 2 - 1))
+    wb = Workbench.open(log=print)
+    WORK.mkdir(parents=True, exist_ok=True)
+    text = WORK / "held-out.txt"
+    text.write_text(held_out_text(wb.data_config))
+
+    # the base model (F32 GGUF: llama-quantize's input, and the perplexity every loss is measured from)
+    made = recipes.recipe_plans(wb, WORK, tuple(args.recipes.split(",")), with_imatrix=True, log=print)
+    base = out.setdefault("base", {})
+    if "ppl" not in base:
+        base.update(measure(WORK / "base-f32.gguf", text, args))
+        save(out)
+    print(f"base (F32 GGUF): ppl {base['ppl']:.3f}, {base['tg_tps']:.1f} tok/s decode")
+    rows = {r["name"]: r for r in out.get("recipes", [])}
+    for label, (plan, path) in made.items():
+        r = rows.setdefault(label, {"name": label, "plan_hash": plan.hash()})
+        r["holds_base_grid"] = label.split("+")[0] in recipes.HOLDS_BASE_GRID
+        if "ppl" not in r:
+            r.update(measure(path, text, args))
+            out["recipes"] = list(rows.values())
+            save(out)
+        print(
+            f"{label:16s} {r['bytes'] / 1e6:7.1f} MB  ppl {r['ppl']:8.3f}  tg {r['tg_tps']:6.1f}  pp {r['pp_tps']:6.1f}"
+        )
+    out["recipes"] = list(rows.values())
+    save(out)
+
+    if not args.study:
+        return
+    from autocompress.export.study import open_study
+    from autocompress.hardware.cost import CostModel
+    from autocompress.hardware.profile import load_profile
+
+    view = open_study(args.study, args.studies)
+    hw = args.hw or view.profile
+    cost = CostModel(load_profile(hw), view.anatomy)
+    front = {f["trial"]: f for f in out.get("front", []) if f.get("study") == args.study}
+    for c in view.front:
+        f = front.setdefault(c.trial, {"study": args.study, "trial": c.trial, "plan_hash": c.plan.hash()})
+        f["description"] = c.description
+        if "ppl" not in f:
+            path = WORK / f"{args.study}-trial-{c.trial}.gguf"
+            if not path.is_file():
+                export_gguf(wb, c.plan, path)
+            f.update(measure(path, text, args))
+            f["predicted_tg_tps"] = 1e3 / cost.predict(c.plan).latency_ms
+            out["front"] = list(front.values())
+            save(out)
+        print(
+            f"trial {c.trial:4d} {f['bytes'] / 1e6:7.1f} MB  ppl {f['ppl']:8.3f}  tg {f['tg_tps']:6.1f} (pred {f['predicted_tg_tps']:6.1f})"
+        )
+    points = list(front.values())
+    out["front"] = points
+    out["hw"] = hw
+    for r in out["recipes"]:
+        fits = [f for f in points if f["bytes"] <= r["bytes"]]
+        best = min(fits, key=lambda f: f["ppl"], default=None)
+        r["best_trial_at_size"] = best["trial"] if best else None
+        r["best_ppl_at_size"] = best["ppl"] if best else None
+        dom = [f for f in fits if f["ppl"] <= r["ppl"] and f["tg_tps"] >= r["tg_tps"]]
+        r["dominated_by_trial"] = min(dom, key=lambda f: f["ppl"])["trial"] if dom else None
+    judged = [r for r in out["recipes"] if not r["holds_base_grid"]]
+    out["recipes_dominated_fraction"] = sum(r["dominated_by_trial"] is not None for r in judged) / len(judged)
+    q4km = next((r for r in judged if r["name"] == "Q4_K_M"), None)
+    if q4km and q4km["best_ppl_at_size"] is not None:
+        out["ppl_loss_ratio_at_q4_k_m"] = (q4km["best_ppl_at_size"] - base["ppl"]) / (q4km["ppl"] - base["ppl"])
+    errs = [abs(f["predicted_tg_tps"] / f["tg_tps"] - 1) for f in points]
+    out["within_10pct"] = sum(e <= 0.10 for e in errs) / len(errs) if errs else None
+    out["median_abs_speed_error"] = statistics.median(errs) if errs else None
+    save(out)
+    print(
+        json.dumps({k: out.get(k) for k in ("recipes_dominated_fraction", "ppl_loss_ratio_at_q4_k_m", "within_10pct")})
+    )
+
+
+if __name__ == "__main__":
+    main()
