@@ -53,6 +53,7 @@ DEFAULT_FORMATS = ("F16", *GGUF, *OTHERS)
 METHODS = ("rtn", "imatrix", "gptq")
 HOLDS_BASE_GRID = ("Q4_1", "Q5_1")
 GGUF_FIRST = ("F16", *GGUF)
+IGNORES_IMPORTANCE = ("Q8_0",)  # llama.cpp's Q8_0 has no importance-weighted quantizer
 NOTES = (
     "KL (nats/token) to the base on the proxy split, perplexity on the evaluation split; bpw over the "
     "target's weights as stored (fallbacks included). Block linears: imatrix = the input's Σx² per column "
@@ -177,6 +178,10 @@ def main() -> None:
         if target == "embedding/head" and all(_fitted(name, e.cols) != name for e in a.embeddings):
             # the table's rows cannot hold it at all: llama.cpp stores the fallback, measured in its own row
             row["stored_as"] = _fitted(name, a.embeddings[0].cols)
+            continue
+        if method == "imatrix" and name in IGNORES_IMPORTANCE and row.get("rtn") is not None:
+            # the same codes as rtn by construction (tests/formats: test_q8_0_ignores_importance_as_llama_cpp_does)
+            row[method] = {**row["rtn"], "seconds": 0.0, "copied_from": "rtn (the format ignores importance)"}
             continue
         t0 = time.perf_counter()
         if target == "block linears":
