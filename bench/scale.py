@@ -13,9 +13,12 @@ tied embeddings, rope θ 500000), Qwen2.5-1.5B from ``Qwen/Qwen2.5-1.5B``'s conf
 bias). Weights are random (seed 0): timings and memory depend on shapes only, quality figures mean
 nothing here. Text is the byte tokenizer's (ids < 259 exist in every vocabulary).
 
-The space is per block, GPTQ to Q4_0 or dense for each block's attention and MLP (no pruning,
-low-rank, structure, embedding format), so the table is 2 probes per block; the hardware profile
-(raspberry-pi-5, llama.cpp) only names the runtime. A trial = apply the plan + KL on the proxy
+The space is per block, Q4_0 or dense for each block's attention and MLP (no pruning, low-rank,
+structure, embedding format), so the table is 2 probes per block; ``--method`` picks the quantizer:
+``rtn`` (default: the pipeline's own overheads, what the memory-lean changes touch) or ``gptq``
+(what the default space uses: adds GPTQ's compute, the same for both versions of the code). The
+calibration Hessians are collected in the set-up either way. The hardware profile (raspberry-pi-5,
+llama.cpp) only names the runtime. A trial = apply the plan + KL on the proxy
 sequence (one sequence of 128 tokens, as the table). ``s_per_trial_cold``: per-linear variant
 caches emptied first (every changed linear compressed again, GPTQ included); ``s_per_trial_warm``:
 the variants the table computed read back (memory, then the on-disk variant cache), as in a search
@@ -39,6 +42,8 @@ import threading
 import time
 from pathlib import Path
 
+# bench/ holds scripts named like packages (gguf.py): never import from the script's own folder (python -P).
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
 RESULTS = Path(__file__).parent / "results" / "scale.json"
 
 # config.json numbers of the released models (see the module docstring for the sources).
@@ -70,6 +75,20 @@ MODELS: dict[str, dict] = {
         "rms_norm_eps": 1e-6,
         "max_position_embeddings": 32768,
     },
+    "llama-3.1-8b": {  # meta-llama/Llama-3.1-8B config.json; for a GPU run (formula terms only on this machine)
+        "arch": "llama",
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "vocab_size": 128256,
+        "tie_word_embeddings": False,
+        "rope_theta": 500000.0,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 131072,
+    },
     "smoke": {  # a quick check of the script itself
         "arch": "llama",
         "hidden_size": 256,
@@ -83,11 +102,11 @@ MODELS: dict[str, dict] = {
 }
 
 SPACE_YAML = """name: scale-bench
-description: per-block GPTQ Q4_0 or dense (bench/scale.py)
+description: per-block {method} Q4_0 or dense (bench/scale.py)
 granularity: block
 linear:
   format: [dense, Q4_0]
-  quant_method: [gptq]
+  quant_method: [{method}]
 embedding_format: [dense]
 baselines:
   uncompressed: {}
@@ -153,6 +172,10 @@ def build(name: str):
     return model
 
 
+def _key(row: dict) -> tuple:
+    return row["model"], row["code"], row["device"], row.get("quant_method", "gptq")
+
+
 def load_results() -> dict:
     if RESULTS.is_file():
         return json.loads(RESULTS.read_text())
@@ -168,14 +191,14 @@ def save_results(res: dict) -> None:
 
 def _put_row(row: dict) -> None:
     res = load_results()
-    res["rows"] = [
-        r for r in res["rows"] if (r["model"], r["code"], r["device"]) != (row["model"], row["code"], row["device"])
-    ]
+    res["rows"] = [r for r in res["rows"] if _key(r) != _key(row)]
     res["rows"].append(row)
     save_results(res)
 
 
-def run_model(name: str, code: str, trials: int, cold: int, calib_tokens: int, max_rss_gb: float) -> dict:
+def run_model(
+    name: str, code: str, trials: int, cold: int, calib_tokens: int, max_rss_gb: float, method: str = "gptq"
+) -> dict:
     """Give one row: set-up phases, table and trials of ``name`` with the code imported now."""
     import optuna
     import torch
@@ -197,6 +220,7 @@ def run_model(name: str, code: str, trials: int, cold: int, calib_tokens: int, m
     row: dict = {
         "model": name,
         "code": code,
+        "quant_method": method,
         "code_path": str(Path(autocompress.__file__).parent),
         "device": "cpu",
         "threads": torch.get_num_threads(),
@@ -238,7 +262,7 @@ def run_model(name: str, code: str, trials: int, cold: int, calib_tokens: int, m
     phase("hessians")
 
     space_path = Path(os.environ["AUTOCOMPRESS_CACHE"]) / "scale-bench.yaml"
-    space_path.write_text(SPACE_YAML)
+    space_path.write_text(SPACE_YAML.replace("{method}", method))
     space = SearchSpace.load(space_path).for_profile(load_profile(PROFILE))
     ctx = SpaceContext(anatomy=anatomy, drop_order=stats.drop_order(), provenance=wb.provenance(seed=0))
     apply_mod.set_disk_cache(Path(os.environ["AUTOCOMPRESS_CACHE"]) / "variants")
@@ -327,6 +351,27 @@ def gptq_speed(n_linears: int, fmt_name: str = "Q4_0") -> list[dict]:
     return rows
 
 
+def memory_terms(name: str) -> dict:
+    """Give the terms of the peak-memory formula for ``name``'s config, in GB (from shapes alone)."""
+    c = MODELS[name]
+    d, ff, n, v = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
+    hd = c.get("head_dim") or d // c["num_attention_heads"]
+    q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
+    bias = q + 2 * kv if c["arch"] == "qwen2" else 0
+    per_block = d * q + 2 * d * kv + q * d + 3 * d * ff + 2 * d + bias
+    params = v * d * (1 if c["tie_word_embeddings"] else 2) + n * per_block + d
+    block_h = (2 * d * d + q * q + ff * ff) * 4  # inputs of q/k/v, o, gate/up, down: Σ in² float32
+    return {
+        "params": params,
+        "base_fp32_gb": round(params * 4 / 1e9, 2),
+        "base_bf16_gb": round(params * 2 / 1e9, 2),
+        "hessians_all_gb": round(n * block_h / 1e9, 2),
+        "hessians_one_block_gb": round(block_h / 1e9, 3),
+        "largest_hessian_gb": round(max(d, q, ff) ** 2 * 4 / 1e9, 3),
+        "calib_logits_per_batch_gb": round(4 * 256 * v * 4 / 1e9, 2),  # batch 4 x 256 tokens, float32
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="llama-3.2-1b")
@@ -334,10 +379,19 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=10)
     ap.add_argument("--cold", type=int, default=2, help="how many of the trials also run cold")
     ap.add_argument("--calib-tokens", type=int, default=1024)
+    ap.add_argument("--method", default="rtn", choices=("rtn", "gptq"), help="quantizer of the bench space")
     ap.add_argument("--max-rss-gb", type=float, default=19.0)
     ap.add_argument("--force", action="store_true")
     ap.add_argument("--gptq", type=int, default=0, help="time GPTQ blocking on this many default-model linears")
+    ap.add_argument("--formula", action="store_true", help="print the peak-memory formula's terms and exit")
     args = ap.parse_args()
+    if args.formula:
+        res = load_results()
+        res["memory_terms"] = {m: memory_terms(m) for m in MODELS if m != "smoke"}
+        save_results(res)
+        for m, terms in res["memory_terms"].items():
+            print(m, json.dumps(terms))
+        return
     _use_code(os.environ.get("SCALE_CODE"))
 
     if args.gptq:
@@ -352,14 +406,14 @@ def main() -> None:
         )
         return
 
-    done = {(r["model"], r["code"], r["device"]) for r in load_results()["rows"] if r.get("complete")}
+    done = {_key(r) for r in load_results()["rows"] if r.get("complete")}
     for name in args.models.split(","):
-        if (name, args.code, "cpu") in done and not args.force:
+        if (name, args.code, "cpu", args.method) in done and not args.force:
             print(f"{name} / {args.code}: done (use --force to redo)")
             continue
         with tempfile.TemporaryDirectory(prefix="scale-cache-") as tmp:
             os.environ["AUTOCOMPRESS_CACHE"] = tmp
-            row = run_model(name, args.code, args.trials, args.cold, args.calib_tokens, args.max_rss_gb)
+            row = run_model(name, args.code, args.trials, args.cold, args.calib_tokens, args.max_rss_gb, args.method)
         print(json.dumps(row, indent=1))
     print_table(load_results())
 
@@ -368,6 +422,7 @@ def print_table(res: dict) -> None:
     cols = (
         "model",
         "code",
+        "quant_method",
         "device",
         "params",
         "peak_rss_gb",
