@@ -175,11 +175,19 @@ def test_every_level_of_every_unit_is_reachable_on_the_real_table(real):
             if k not in used[u]:
                 missing.append((sorted(opts[0].params)[0] if opts[0].params else u, opts[k].label[:60]))
     assert not missing, missing
-    assert sum(len(seeding.undominated(o, memory=False)) for o in ks.units) > 3 * len(
-        ks.units
-    )  # real choices, not a formality
-    assert len(seeding.knapsack_seed_params(space, ctx, table, cm)) == len(seeding.TARGETS)
-    assert len(ks.spread(seeding.DENSE_TARGETS)) == seeding.DENSE_TARGETS
+    assert sum(len(seeding.undominated(o, memory=False)) for o in ks.units) > 3 * len(ks.units)  # real choices
+    # the case: a 3-bit MLP level, which whole-bin flooring priced as a 4-bit one, is chosen
+    assert any(
+        "Q3_K" in opts[k].params.values() and any(".mlp." in p for p in opts[k].params)
+        for u, opts in enumerate(ks.units)
+        for k in used[u]
+    )
+    # every target is answered (none dropped, the 95 % one included), densely along the front; on this
+    # base (a dequantized Q4_1 GGUF) Q4_1 costs no KL, so the low targets share the all-Q4_1 plan
+    assert all(ks.at(t) is not None for t in seeding.TARGETS)
+    assert "knapsack 95% of max saving" in seeding.knapsack_seed_params(space, ctx, table, cm)
+    assert all(ks.at((i + 1) / seeding.DENSE_TARGETS) is not None for i in range(seeding.DENSE_TARGETS))
+    assert len(ks.front) >= seeding.DENSE_TARGETS
 
 
 @pytest.mark.slow
