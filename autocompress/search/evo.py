@@ -2,7 +2,8 @@
 
 The knapsack (``seeding.Knapsack``) gives every unit's levels with the KL each costs alone in the
 sensitivity table and the latency / memory it saves alone (the cost model is additive over units).
-The sampler spreads ``targets`` latency savings along the front and works on them in turn: trial
+The sampler spreads ``targets`` latency savings along the part of the front that costs KL and
+works on them in turn: trial
 ``n`` serves target ``n % targets``. For its target it takes as parent the evaluated plan with the
 least measured KL that saves at least the target (the knapsack's own plan before any is
 evaluated), draws ``offspring`` mutants, each a few level switches between two units (one unit
@@ -44,7 +45,11 @@ class EvoSampler(BaseSampler):
         self._lat = [[o.latency_saved_ms for o in opts] for opts in units]
         self._mem = [[o.memory_saved_mb for o in opts] for opts in units]
         self._kl = [[o.kl for o in opts] for opts in units]
-        goals = [max((i + 0.5) / targets * knapsack.max_saving_ms, knapsack.min_saving_ms) for i in range(targets)]
+        # Targets spread over the savings that cost KL: what the table prices at no KL at all (a
+        # base whose own grid is a level, e.g. Q4_1 for a dequantized Q4_1 model) needs no search.
+        free = max((a.latency_saved_ms for a in knapsack.front if a.kl <= 0.0), default=0.0)
+        lo = max(free, knapsack.min_saving_ms)
+        goals = [lo + (i + 0.5) / targets * (knapsack.max_saving_ms - lo) for i in range(targets)]
         self.targets = sorted(set(goals))
         self._unit_keys = {k for opts in units for o in opts for k in o.params}
         self._choice_cache: dict[int, tuple[int, ...] | None] = {}
