@@ -575,8 +575,10 @@ def hw_calibrate(
     ] = None,
     work: Annotated[Path | None, typer.Option(help="llama.cpp: keep the GGUF files here (a rerun reuses them)")] = None,
 ) -> dict[str, Any]:
-    """Measure this machine in a runtime and write a calibrated profile (onnxruntime: CPU micro-benchmarks;
-    llama.cpp: llama-bench on GGUF files of a model, fitted so the cost model predicts each file)."""
+    """Measure this machine with onnxruntime CPU micro-benchmarks and write a calibrated profile.
+
+    With --runtime llama.cpp: llama-bench on GGUF files of a model instead, fitted so that the cost model
+    predicts each file (profile local-llamacpp)."""
     import os
 
     from autocompress.hardware.calibrate import calibrate_local, write_profile
@@ -605,13 +607,30 @@ def hw_calibrate(
     console.print(f"wrote {out} (id {p.id}{aliases}) and {c.measurements} in {c.seconds:.0f} s")
     if llama:
         e = raw["errors"]
+        table = Table(
+            "file", "role", "MB", "blocks", "decode ms", "predicted", "error", "prefill ms", "predicted", "error"
+        )
+        for r in raw["files"]:
+            table.add_row(
+                r["name"],
+                r["role"],
+                f"{r['file_bytes'] / 1e6:.1f}",
+                str(r["blocks"]),
+                f"{r['decode_ms']:.3f}",
+                f"{r['decode_ms_predicted']:.3f}",
+                f"{r['decode_ms_predicted'] / r['decode_ms'] - 1:+.1%}",
+                f"{r['prefill_ms']:.2f}",
+                f"{r['prefill_ms_predicted']:.2f}",
+                f"{r['prefill_ms_predicted'] / r['prefill_ms'] - 1:+.1%}",
+            )
+        console.print(table)
         console.print(
             f"{len(raw['files'])} GGUF files, {threads} thread(s), median of {repeats}: decode MAPE "
             f"{e['decode_fit_mape']:.1%} fitted, {e['decode_holdout_mape']:.1%} held out; prefill "
             f"{e['prefill_fit_mape']:.1%} / {e['prefill_holdout_mape']:.1%}; per-token overhead "
             f"{p.per_token_overhead_ms:.3f} ms, bandwidth {p.peak_bw_GBps:.1f} GB/s x eff {dict(p.bw_efficiency_by_format)}"
         )
-        return {"out": out, "profile": p.model_dump(mode="json"), "errors": e}
+        return {"out": out, "profile": p.model_dump(mode="json"), "errors": e, "files": raw["files"]}
     console.print(
         f"bandwidth {p.peak_bw_GBps:.1f} GB/s x eff {dict(p.bw_efficiency_by_format)}; "
         f"per-linear overhead us {dict(p.linear_overhead_us_by_format)}; "
