@@ -41,7 +41,7 @@ from typing import Any, Literal
 import numpy as np
 
 from autocompress import formats
-from autocompress.errors import AutocompressError
+from autocompress.errors import AutocompressError, ProfileError
 from autocompress.hardware.calibrate import _cpu_flags, _cpu_mhz, _cpu_name, _Flusher, _meminfo_GB, _read_bandwidth_GBps
 from autocompress.hardware.cost import CostModel
 from autocompress.hardware.measure import GEN_TOKENS, PROMPT_TOKENS, measure_gguf_threads
@@ -49,6 +49,7 @@ from autocompress.hardware.profile import HardwareProfile, load_profile, profile
 from autocompress.plan import BlockChoice, LayerChoice, ModelRef, Plan
 
 PROFILE_ID = "local-llamacpp"
+CPU_PRIOR = "x86-avx2-laptop"  # the shipped llama.cpp CPU profile: numerics and head format come from it
 KERNELS_PER_BLOCK = 6  # the llama.cpp laptop prior; only the per-block total (with the linears) is fitted
 DENSE_TYPES = ("F32", "F16", "BF16")
 # what the attention's and other unlisted matmuls reach of the fp path's peak (not separable here: a prior)
@@ -412,7 +413,11 @@ def mape(pred: Sequence[float], measured: Sequence[float]) -> float:
 def _skeleton(threads: int, cpu: str) -> dict:
     """Give the profile fields the fit does not touch (memory, kernels, formats, priors)."""
     total, avail = _meminfo_GB()
-    prior = load_profile("x86-avx2-laptop")  # the llama.cpp CPU prior: its numerics and head format
+    try:  # the llama.cpp CPU prior: its numerics and head format
+        prior = load_profile(CPU_PRIOR)
+        numerics, head = prior.numerics, prior.head_format
+    except ProfileError:  # a profile folder without it ($AUTOCOMPRESS_HW_PROFILES)
+        numerics, head = "exact", "Q6_K"
     return {
         "schema_version": 1,
         "id": PROFILE_ID,
@@ -421,8 +426,8 @@ def _skeleton(threads: int, cpu: str) -> dict:
         "device_class": "server_cpu" if any(s in cpu for s in ("EPYC", "Xeon")) else "client_cpu",
         "runtime": "llama.cpp",
         "formats": [f.name for f in formats.for_runtime("llama.cpp")],
-        "head_format": prior.head_format,
-        "numerics": prior.numerics,
+        "head_format": head,
+        "numerics": numerics,
         "power_mode": f"{threads} thread(s)",
         "calibrated": True,
         "memory_GB": round(total, 2),
@@ -458,7 +463,8 @@ def calibrate_llamacpp(
     """Write the GGUF files, measure them with llama-bench and fit; give (profile dict, raw measurements).
 
     ``work`` keeps the files (reused by a rerun); by default they go to a temporary folder.
-    ``specs``: the files (default ``FILES``). ``also_threads``: thread counts measured in the same llama-bench runs and recorded, not fitted."""
+    ``specs``: the files (default ``FILES``). ``also_threads``: thread counts measured in the same
+    llama-bench runs and recorded, not fitted."""
     from autocompress.calib import DataConfig
     from autocompress.runtime import llamacpp
     from autocompress.workbench import Workbench
@@ -574,7 +580,7 @@ def calibrate_llamacpp(
             "host": f"{platform.node()} / {cpu}",
             "threads": threads,
             "seconds": round(seconds, 1),
-            "samples": sum(len(counts) * 2 * repeats for _ in specs),
+            "samples": len(specs) * len(counts) * 2 * repeats,  # files x thread counts x (decode, prefill) x repeats
             "measurements": "",
             "fit_mape": round(errors["decode_fit_mape"], 4),
             "tool": f"autocompress hw calibrate --runtime llama.cpp; llama-bench {commit}",
@@ -591,7 +597,7 @@ def calibrate_llamacpp(
         "scenario": scenario,
         "read_bandwidth_GBps": read_bw,
         "peaks": {"fp32_flops": fp_peak, "int8_ops": int8_peak},
-        "fit_parameters": n_params,
+        "fit_parameters": {"decode": n_params, "prefill": fit.prefill_parameters},
         "files": rows,
         "errors": errors,
         "seconds": seconds,
