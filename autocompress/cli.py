@@ -161,7 +161,10 @@ def search(
     trials: Annotated[int | None, typer.Option(help="Evaluated trials the study should hold [default: 60]")] = None,
     timeout: Annotated[
         float | None,
-        typer.Option(help="Start no new trial this many seconds after the first (set-up not counted) [default: 540]"),
+        typer.Option(
+            help="Start no new trial this many seconds after the first (set-up not counted) "
+            "[default: none with --trials, else 540]"
+        ),
     ] = None,
     study: Annotated[str | None, typer.Option(help="Study name [default: <space>-<profile>]")] = None,
     storage: Annotated[
@@ -207,8 +210,9 @@ def search(
 
         settings = RecoverySettings(tokens=recover_tokens, minutes=recover_minutes)  # checked before searching
     cfg = _data_config(data, calib_tokens, eval_tokens, proxy_tokens, seq_len)
+    if timeout is None and trials is None:  # a trial count asked for is a trial count evaluated
+        timeout = DEFAULT_TIMEOUT_S
     trials = DEFAULT_TRIALS if trials is None else trials
-    timeout = DEFAULT_TIMEOUT_S if timeout is None else timeout
     with _progress() as progress:
         result = run_search(
             model=model,
