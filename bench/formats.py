@@ -218,7 +218,9 @@ def save(model_name: str, wb: Workbench, base_ppl: float, rows: dict) -> None:
         "rows": list(rows.values()),
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(out, indent=1) + "\n")
+    tmp = RESULTS.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(out, indent=1) + "\n")
+    tmp.replace(RESULTS)  # a run stopped mid-write leaves the previous file whole
 
 
 def markdown(results: dict) -> str:
