@@ -9,11 +9,16 @@ same way (``evaluate.metrics.chunked_perplexity``), under these numerics:
 - ablations: the same without the output head; the same plus llama.cpp's F16 KV cache (K rounded
   before rope, so only close for K).
 
+It also reports each plan's KL to the fp32 base model (the search's quality measure) with and without
+the emulation, on the first chunks.
+
 Prints a table and writes ``bench/results/llamacpp_numerics.json`` (each plan saved as it finishes; a
 rerun resumes). The default model's weights are a dequantized Q4_1 GGUF: Q4_1 holds them exactly, so
 its row shows the Q8_1 path, not a conclusion about the format. Run under the CPU lock:
 
-    flock ~/.cache/ac-cpu.lock .venv/bin/python bench/llamacpp_numerics.py [--chunks 32] [--fresh]
+    flock ~/.cache/ac-cpu.lock .venv/bin/python -m bench.llamacpp_numerics [--chunks 32] [--fresh]
+
+(as a module: run as a script, ``bench/gguf.py`` would shadow the ``gguf`` package)
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import torch
 
 from autocompress.calib import held_out_text
 from autocompress.compress.numerics import attach_llamacpp
-from autocompress.evaluate.metrics import chunked_perplexity
+from autocompress.evaluate.metrics import chunked_perplexity, kl_to_base, output_logprobs
 from autocompress.export.gguf import export_gguf
 from autocompress.plan import LayerChoice, ModelRef, Plan
 from autocompress.runtime import llamacpp
@@ -41,6 +46,7 @@ OUT = Path(__file__).parent / "results" / "llamacpp_numerics.json"
 CTX = 256
 THREADS = 2
 TEXT_CHARS = 80_000  # held-out text; more than enough tokens for the chunks asked for
+KL_CHUNKS = 4  # chunks on which KL to the fp32 base model (what the search ranks by) is also reported
 VARIANTS = {  # name -> attach_llamacpp options (None: no emulation)
     "exact": None,
     "llama.cpp-cpu": {"head": True, "kv_cache": False},
@@ -93,11 +99,15 @@ def measure(wb: Workbench, plan: Plan, text: str, chunks: int) -> dict:
         bos = bos_of(path)
     model = wb.apply(plan).eval()
     tokens = torch.tensor(ids[: n * CTX])
-    ours = {}
+    kl_tokens = tokens[: KL_CHUNKS * CTX].reshape(KL_CHUNKS, CTX)
+    base_lp = output_logprobs(wb.lm.model, kl_tokens)
+    ours, kl = {}, {}
     for name, options in VARIANTS.items():
         handles = [] if options is None else attach_llamacpp(model, wb.lm.anatomy, plan, **options)
         try:
             ours[name] = chunked_perplexity(model, tokens, CTX, bos)
+            if name in ("exact", "llama.cpp-cpu"):
+                kl[name] = kl_to_base(model, kl_tokens, base_lp).kl
         finally:
             for h in handles:
                 h.remove()
@@ -110,6 +120,7 @@ def measure(wb: Workbench, plan: Plan, text: str, chunks: int) -> dict:
         "llamacpp_s": llama_s,
         "ppl_ours": ours,
         "rel_diff": {k: v / ppl_llama - 1 for k, v in ours.items()},
+        "kl_to_fp32_base": kl,
     }
 
 
@@ -151,6 +162,10 @@ def main() -> None:
         print(f"{name[:46]:46} {r['ppl_llamacpp']:9.3f} {cells}")
     means = " ".join(f"{'':7} {results['mean_abs_rel_diff'][v]:6.2%}" for v in VARIANTS)
     print(f"{'mean |rel diff| (Q4_1 left out)':46} {'':9} {means}")
+    print(f"\nKL to the fp32 base model on {KL_CHUNKS} x {CTX} tokens (what the search ranks by)")
+    print(f"{'plan':46} {'exact':>10} {'llama.cpp-cpu':>14}")
+    for name, r in rows.items():
+        print(f"{name[:46]:46} {r['kl_to_fp32_base']['exact']:10.5f} {r['kl_to_fp32_base']['llama.cpp-cpu']:14.5f}")
 
 
 if __name__ == "__main__":

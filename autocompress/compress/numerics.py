@@ -29,6 +29,11 @@ plans with that rounding emulated, so the quality it reports is (closer to) the 
   table when tied). Attention reads K and V from an F16 cache; ``bench/llamacpp_numerics.py`` measured
   what emulating that adds (see there and ``KV_CACHE``). Exceptions not emulated: F16 weights on AMX
   machines (llama.cpp's AMX buffer keeps their input in fp32).
+  llama.cpp's CUDA backend rounds otherwise: MMQ / MMVQ quantize every quantized type's input to q8_1
+  in blocks of 32 (K-quants included) with roundf(x / d), ties away from zero, and F16 / BF16 weights
+  run through cuBLAS in fp16. That is not emulated (no CUDA build here to check it against), so the
+  CUDA llama.cpp profiles (Jetsons, T4) keep ``exact`` rather than borrow the CPU rounding, whose
+  256-blocks would overstate the K-quants' activation error there.
 
 Emulation is forward pre-hooks only: the weights — and so ``apply``'s bit-identical output — are
 untouched, and ``emulated`` removes the hooks again.
