@@ -391,7 +391,7 @@ def _with_class_keys(profile: dict, dense_format: str) -> dict:
 
 def _rounded(profile: dict) -> dict:
     def r(v: float) -> float:
-        return float(f"{v:.5g}")
+        return float(f"{v:.5g}") if abs(v) > 1e-9 else 0.0
 
     out = {k: (r(v) if isinstance(v, float) else v) for k, v in profile.items()}
     for field in ("bw_efficiency_by_format", "compute_efficiency_by_format"):
@@ -627,3 +627,43 @@ def _type_counts(plan: Plan, anatomy: Any) -> dict[str, int]:
         key = c.format or "F16"
         counts[key] = counts.get(key, 0) + 1
     return counts
+
+
+def markdown_table(raw: dict) -> str:
+    """Give the measurements file's per-file table (measured vs predicted) and errors as Markdown."""
+    threads = raw["threads"]
+    others = [t for t in raw["threads_recorded"] if t != threads]
+    head = ["file", "role", "MB", "blocks", f"decode ms ({threads}t)", "predicted", "error"]
+    head += [f"prefill ms ({threads}t)", "predicted", "error", *(f"decode ms ({t}t)" for t in others)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in raw["files"]:
+        cells = [r["name"], r["role"], f"{r['file_bytes'] / 1e6:.1f}", str(r["blocks"])]
+        cells += [
+            f"{r['decode_ms']:.3f}",
+            f"{r['decode_ms_predicted']:.3f}",
+            f"{r['decode_ms_predicted'] / r['decode_ms'] - 1:+.1%}",
+        ]
+        cells += [
+            f"{r['prefill_ms']:.1f}",
+            f"{r['prefill_ms_predicted']:.1f}",
+            f"{r['prefill_ms_predicted'] / r['prefill_ms'] - 1:+.1%}",
+        ]
+        cells += [f"{r['measured'][str(t)]['decode_ms']:.3f}" for t in others]
+        lines.append("| " + " | ".join(cells) + " |")
+    e, n = raw["errors"], raw["fit_parameters"]
+    lines.append("")
+    lines.append(
+        f"Decode MAPE {e['decode_fit_mape']:.1%} on the fitted files ({n['decode']} parameters), "
+        f"{e['decode_holdout_mape']:.1%} on the held-out ones; prefill {e['prefill_fit_mape']:.1%} / "
+        f"{e['prefill_holdout_mape']:.1%} ({n['prefill']} parameters)."
+    )
+    return "\n".join(lines)
+
+
+if (
+    __name__ == "__main__"
+):  # python -m autocompress.hardware.llamacpp_calibrate hw_profiles/local-llamacpp.measurements.json
+    import json
+    import sys
+
+    print(markdown_table(json.loads(Path(sys.argv[1]).read_text())))

@@ -186,3 +186,6 @@ def test_cli_writes_a_profile_the_cost_model_uses(tmp_path: Path, monkeypatch: p
     assert rows["Q8_0-half"]["decode_ms_predicted"] < rows["Q8_0"]["decode_ms_predicted"]
     assert set(raw["errors"]) == {"decode_fit_mape", "decode_holdout_mape", "prefill_fit_mape", "prefill_holdout_mape"}
     assert p.calibration.fit_mape == pytest.approx(raw["errors"]["decode_fit_mape"], abs=1e-4)
+    table = LC.markdown_table(raw).splitlines()
+    assert len([ln for ln in table if ln.startswith("| ")]) == len(TINY) + 1  # header + one row per file
+    assert f"{raw['errors']['decode_holdout_mape']:.1%} on the held-out" in table[-1]
