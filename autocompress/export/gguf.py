@@ -431,9 +431,9 @@ def check_with_llamacpp(
         text_file.write_text(text)
         out = llamacpp.generate(path, PROMPT, tokens=16)
         ids = llamacpp.tokenize(path, text_file)
-        n = min(chunks, len(ids) // ctx)
+        n = min(chunks, len(ids) // ctx - 1)  # one chunk spare: see llamacpp.perplexity
         if n < 1:
-            raise GGUFExportError(f"the held-out text gives {len(ids)} tokens, fewer than one {ctx}-token chunk")
+            raise GGUFExportError(f"the held-out text gives {len(ids)} tokens, fewer than two {ctx}-token chunks")
         ppl_llama = llamacpp.perplexity(path, text_file, ctx=ctx, chunks=n, threads=threads)
     reader = gguf.GGUFReader(path)
     add_bos = reader.fields.get("tokenizer.ggml.add_bos_token")

@@ -209,31 +209,40 @@ _PPL = re.compile(r"Final estimate: PPL = ([0-9.]+)")
 _RUNNING = re.compile(r"\[(\d+)\]([0-9.]+|nan|inf),")
 
 
-def parse_perplexity(output: str, chunks: int | None = None) -> float:
-    """Give the final perplexity llama-perplexity printed, or raise LlamaCppError.
-
-    The "Final estimate" line goes through llama.cpp's asynchronous logger and is sometimes lost at
-    exit; the running estimate after the last chunk (printed on stdout) is the same number.
-    """
+def parse_perplexity(output: str, chunks: int) -> float:
+    """Give the perplexity llama-perplexity printed after ``chunks`` chunks (its running estimate
+    ``[chunks]value``, which after the last chunk is its final estimate), or raise LlamaCppError."""
+    for k, value in _RUNNING.findall(output):
+        if int(k) == chunks:
+            return float(value)
     m = _PPL.search(output)
-    if m:
+    if m and not any(int(k) > chunks for k, _ in _RUNNING.findall(output)):
         return float(m.group(1))
-    running = _RUNNING.findall(output)
-    if running and (chunks is None or int(running[-1][0]) == chunks):
-        return float(running[-1][1])
-    raise LlamaCppError("llama-perplexity printed no final estimate")
+    raise LlamaCppError(f"llama-perplexity printed no estimate after chunk {chunks}")
 
 
-def perplexity(
-    model: Path, text: Path, *, ctx: int, threads: int = 2, batch: int | None = None, chunks: int | None = None
-) -> float:
-    """Give llama-perplexity's final estimate on a text file (chunks of ``ctx`` tokens, the second half of
-    each scored, as llama.cpp does)."""
+LOST_LINE_RETRIES = 4
+
+
+def perplexity(model: Path, text: Path, *, ctx: int, chunks: int, threads: int = 2, batch: int | None = None) -> float:
+    """Give llama-perplexity's estimate on the first ``chunks`` chunks of ``ctx`` tokens of a text file
+    (the second half of each chunk scored, as llama.cpp does).
+
+    llama.cpp's logger is leaked at exit by design (its common/log.cpp, upstream issue 22142), so the
+    last lines a tool prints are often lost: one chunk more than needed is requested (when the text
+    has it), so the wanted estimate is printed while the extra chunk is still computing; with no
+    extra chunk available the run is repeated until the line arrives.
+    """
+    if chunks < 1:
+        raise LlamaCppError(f"llama-perplexity needs at least one chunk, got {chunks}")
     args = ["-m", model, "-f", text, "-c", ctx, "-b", batch or ctx, "-t", threads, "--no-warmup"]
-    if chunks:
-        args += ["--chunks", chunks]
-    proc = require().run("llama-perplexity", args, what=f"on {Path(model).name}")
-    return parse_perplexity(proc.stdout + proc.stderr, chunks)
+    for _ in range(LOST_LINE_RETRIES):
+        proc = require().run("llama-perplexity", [*args, "--chunks", chunks + 1], what=f"on {Path(model).name}")
+        try:
+            return parse_perplexity(proc.stdout + proc.stderr, chunks)
+        except LlamaCppError:
+            continue
+    raise LlamaCppError(f"llama-perplexity printed no estimate after chunk {chunks} in {LOST_LINE_RETRIES} runs")
 
 
 def tokenize(model: Path, text: Path) -> list[int]:

@@ -166,3 +166,13 @@ def test_default_model_gguf_agrees_with_llamacpp(tmp_path):
     assert check["generates"]
     assert abs(check["ppl_rel_diff"]) < 0.02, check
     assert np.isfinite(check["ppl_llamacpp"])
+
+
+def test_perplexity_is_read_from_the_running_estimate():
+    """llama.cpp's leaked logger may drop the last lines; the estimate after the wanted chunk is read."""
+    out = "perplexity: 0.4 s per pass\n[1]249.3391,[2]259.6165,[3]259.4253,"
+    assert llamacpp.parse_perplexity(out, 2) == pytest.approx(259.6165)
+    with pytest.raises(llamacpp.LlamaCppError, match="after chunk 4"):
+        llamacpp.parse_perplexity(out, 4)
+    final = "[1]10.5,[2]11.25,\nFinal estimate: PPL = 11.2500 +/- 0.1"
+    assert llamacpp.parse_perplexity(final, 2) == 11.25
