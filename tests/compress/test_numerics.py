@@ -253,6 +253,64 @@ def test_llamacpp_emulation_rounds_each_matmul_input_as_its_weight_type_asks(tmp
     assert checked == {None, "Q8_0", "Q4_0", "IQ4_NL", "Q5_0", "Q4_1", "Q4_K", "Q6_K"}
 
 
+def _llamacpp_logprobs(path, text_file, ctx: int, chunks: int) -> tuple[np.ndarray, np.ndarray]:
+    """Give the tokens llama-perplexity scored ([chunks, ctx]) and its log-probabilities of every
+    vocabulary entry at the scored positions, read from its --kl-divergence-base file (perplexity.cpp:
+    "_logits_", n_ctx, n_vocab, n_chunk, the tokens, then per position a float scale and minimum and
+    one uint16 per entry, log p = minimum + scale * code)."""
+    out = path.with_suffix(".kld")
+    args = ["-m", path, "-f", text_file, "-c", ctx, "-b", ctx, "-t", 2, "--chunks", chunks]
+    llamacpp.require().run("llama-perplexity", [*args, "--kl-divergence-base", out])
+    raw = out.read_bytes()
+    assert raw[:8] == b"_logits_"
+    n_ctx, n_vocab, n_chunk = (int(v) for v in np.frombuffer(raw[8:20], np.int32))
+    tokens = np.frombuffer(raw[20 : 20 + 4 * n_ctx * n_chunk], np.int32).reshape(n_chunk, n_ctx)
+    nv = 2 * ((n_vocab + 1) // 2) + 4
+    body = np.frombuffer(raw[20 + 4 * n_ctx * n_chunk :], np.uint16).reshape(n_chunk, n_ctx - 1 - n_ctx // 2, nv)
+    head = body[..., :4].copy().view(np.float32)  # scale, minimum
+    return tokens, head[..., 1:2] + head[..., 0:1] * body[..., 4 : 4 + n_vocab].astype(np.float32)
+
+
+@pytest.mark.skipif(llamacpp.find() is None, reason=f"llama.cpp's tools are not built here ({llamacpp.SETUP_HINT})")
+def test_emulation_brings_our_logprobs_closer_to_llamacpps_on_a_gguf_export(tmp_path) -> None:
+    """llama.cpp's log-probabilities of every token at every scored position (its own output file) on a
+    GGUF export of a tiny model, beside ours on the same tokens: the llama.cpp-cpu emulation cuts the
+    mean difference well below the unemulated one. The tiny model's weights are made bf16-exact first,
+    so the file's BF16 tensors (embedding / head) hold exactly our weights and only arithmetic differs."""
+    from autocompress.calib import held_out_text
+    from autocompress.evaluate.metrics import _logits
+    from autocompress.export.gguf import export_gguf
+    from autocompress.plan import ModelRef, Plan
+    from autocompress.workbench import Workbench
+    from tests.conftest import TINY_DATA
+
+    wb = Workbench.open("tiny-llama", TINY_DATA)
+    with torch.no_grad():
+        for p in wb.lm.model.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    a = wb.lm.anatomy
+    by_role = {"q": "Q4_0", "k": "Q8_0", "v": "Q8_0", "o": "IQ4_NL", "gate": "Q5_0", "up": "Q4_0", "down": "Q8_0"}
+    layers = {s.name: LayerChoice(format=by_role[s.role]) for s in a.linears}
+    plan = Plan(model=ModelRef.of(a), layers=layers, provenance=wb.provenance())
+    path = tmp_path / "m.gguf"
+    export_gguf(wb, plan, path)
+    text_file = tmp_path / "text.txt"
+    text_file.write_text(held_out_text(TINY_DATA)[:6000])
+    ctx = 64
+    tokens, theirs = _llamacpp_logprobs(path, text_file, ctx, 8)
+    model = wb.apply(plan)
+
+    def diff() -> float:
+        with torch.no_grad():
+            logits = _logits(model, torch.from_numpy(tokens.copy()))[:, ctx // 2 : ctx - 1]
+        return float(np.abs(torch.log_softmax(logits.double(), -1).numpy() - theirs).mean())
+
+    plain = diff()
+    with emulated(model, a, plan, "llama.cpp-cpu"):
+        emu = diff()
+    assert emu < 0.8 * plain, (emu, plain)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(llamacpp.find() is None, reason=f"llama.cpp's tools are not built here ({llamacpp.SETUP_HINT})")
 def test_emulated_perplexity_is_closer_to_llamacpp_on_the_exported_gguf(tmp_path) -> None:
