@@ -309,31 +309,3 @@ def test_emulation_brings_our_logprobs_closer_to_llamacpps_on_a_gguf_export(tmp_
     with emulated(model, a, plan, "llama.cpp-cpu"):
         emu = diff()
     assert emu < 0.8 * plain, (emu, plain)
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(llamacpp.find() is None, reason=f"llama.cpp's tools are not built here ({llamacpp.SETUP_HINT})")
-def test_emulated_perplexity_is_closer_to_llamacpp_on_the_exported_gguf(tmp_path) -> None:
-    """llama-perplexity on a GGUF export of the default model and ours on the same tokens: with llama.cpp's
-    numerics emulated the two agree more closely than without (uniform Q8_0: the activation rounding is
-    most of what separates them). On the tiny random-init models the rounding moves perplexity by ~1e-5,
-    below llama.cpp's other arithmetic differences, so this runs on the real model."""
-    from autocompress.calib import held_out_text
-    from autocompress.export.gguf import check_with_llamacpp, export_gguf
-    from autocompress.plan import ModelRef, Plan
-    from autocompress.workbench import Workbench
-
-    wb = Workbench.open()
-    a = wb.lm.anatomy
-    plan = Plan(
-        model=ModelRef.of(a), layers={s.name: LayerChoice(format="Q8_0") for s in a.linears}, provenance=wb.provenance()
-    )
-    path = tmp_path / "m.gguf"
-    export_gguf(wb, plan, path)
-    text = held_out_text()[:40000]
-    model = wb.apply(plan)
-    plain = check_with_llamacpp(path, model, text, ctx=256, chunks=16)
-    with emulated(model, a, plan, "llama.cpp-cpu"):
-        emu = check_with_llamacpp(path, model, text, ctx=256, chunks=16)
-    assert emu["ppl_llamacpp"] == plain["ppl_llamacpp"]  # llama.cpp itself is deterministic here
-    assert abs(emu["ppl_rel_diff"]) < abs(plain["ppl_rel_diff"]) / 2, (emu, plain)
