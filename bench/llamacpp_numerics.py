@@ -9,7 +9,8 @@ same way (``evaluate.metrics.chunked_perplexity``), under these numerics:
   K and V to fp16 (llama.cpp's F16 cache; K before rope here);
 - ablations: the same without the KV rounding; the same without the output head.
 
-It also reports each plan's KL to the fp32 base model (the search's quality measure) with and without
+It also compares llama.cpp's own log-probabilities (``--kl-divergence-base`` file: every scored position,
+every token) with ours on the first chunks, a far finer measure than perplexity, and reports each plan's KL to the fp32 base model (the search's quality measure) with and without
 the emulation, on the first chunks.
 
 Prints a table and writes ``bench/results/llamacpp_numerics.json`` (each plan saved as it finishes; a
@@ -35,8 +36,8 @@ import gguf
 import torch
 
 from autocompress.calib import held_out_text
-from autocompress.compress.numerics import attach_llamacpp
-from autocompress.evaluate.metrics import chunked_perplexity, kl_to_base, output_logprobs
+from autocompress.compress.numerics import attach_llamacpp, llamacpp_logprobs
+from autocompress.evaluate.metrics import _logits, chunked_perplexity, kl_to_base, output_logprobs
 from autocompress.export.gguf import export_gguf
 from autocompress.plan import LayerChoice, ModelRef, Plan
 from autocompress.runtime import llamacpp
@@ -46,6 +47,7 @@ OUT = Path(__file__).parent / "results" / "llamacpp_numerics.json"
 CTX = 256
 THREADS = 2
 TEXT_CHARS = 80_000  # held-out text; more than enough tokens for the chunks asked for
+LOGPROB_CHUNKS = 8  # chunks on which llama.cpp's own log-probabilities (every position, every token) are compared
 KL_CHUNKS = 4  # chunks on which KL to the fp32 base model (what the search ranks by) is also reported
 VARIANTS = {  # name -> attach_llamacpp options (None: no emulation)
     "exact": None,
@@ -97,15 +99,33 @@ def measure(wb: Workbench, plan: Plan, text: str, chunks: int) -> dict:
         ppl_llama = llamacpp.perplexity(path, text_file, ctx=CTX, chunks=n, threads=THREADS)
         llama_s = time.perf_counter() - t0
         bos = bos_of(path)
+        lp_tokens, theirs = llamacpp_logprobs(path, text_file, ctx=CTX, chunks=min(n, LOGPROB_CHUNKS))
     model = wb.apply(plan).eval()
     tokens = torch.tensor(ids[: n * CTX])
     kl_tokens = tokens[: KL_CHUNKS * CTX].reshape(KL_CHUNKS, CTX)
     base_lp = output_logprobs(wb.lm.model, kl_tokens)
-    ours, kl = {}, {}
+    lp_chunks = torch.from_numpy(lp_tokens.copy())
+    if bos is not None:
+        lp_chunks[:, 0] = bos
+    targets = lp_chunks[:, CTX // 2 + 1 :]
+
+    def logprob_gap() -> dict[str, float]:
+        """Mean |our log p - llama.cpp's| over every scored position: of the target token, of every token."""
+        target_sum = all_sum = 0.0
+        with torch.no_grad():
+            for c in range(lp_chunks.shape[0]):
+                ours_lp = torch.log_softmax(_logits(model, lp_chunks[c : c + 1])[0, CTX // 2 : CTX - 1].double(), -1)
+                gap = ours_lp - torch.from_numpy(theirs[c]).double()
+                target_sum += float(gap.gather(1, targets[c][:, None]).abs().mean())
+                all_sum += float(gap.abs().mean())
+        return {"target": target_sum / lp_chunks.shape[0], "all": all_sum / lp_chunks.shape[0]}
+
+    ours, kl, gaps = {}, {}, {}
     for name, options in VARIANTS.items():
         handles = [] if options is None else attach_llamacpp(model, wb.lm.anatomy, plan, **options)
         try:
             ours[name] = chunked_perplexity(model, tokens, CTX, bos)
+            gaps[name] = logprob_gap()
             if name in ("exact", "llama.cpp-cpu"):
                 kl[name] = kl_to_base(model, kl_tokens, base_lp).kl
         finally:
@@ -121,6 +141,8 @@ def measure(wb: Workbench, plan: Plan, text: str, chunks: int) -> dict:
         "ppl_ours": ours,
         "rel_diff": {k: v / ppl_llama - 1 for k, v in ours.items()},
         "kl_to_fp32_base": kl,
+        "logprob_gap": gaps,
+        "logprob_chunks": int(lp_chunks.shape[0]),
     }
 
 
@@ -162,6 +184,11 @@ def main() -> None:
         print(f"{name[:46]:46} {r['ppl_llamacpp']:9.3f} {cells}")
     means = " ".join(f"{'':7} {results['mean_abs_rel_diff'][v]:6.2%}" for v in VARIANTS)
     print(f"{'mean |rel diff| (Q4_1 left out)':46} {'':9} {means}")
+    print("\nmean |our log p - llama.cpp's| per scored position (its logits file), target token / every token")
+    print(f"{'plan':46} " + " ".join(f"{v:>17}" for v in VARIANTS))
+    for name, r in rows.items():
+        cells = " ".join(f"{r['logprob_gap'][v]['target']:8.5f} {r['logprob_gap'][v]['all']:8.5f}" for v in VARIANTS)
+        print(f"{name[:46]:46} {cells}")
     print(f"\nKL to the fp32 base model on {KL_CHUNKS} x {CTX} tokens (what the search ranks by)")
     print(f"{'plan':46} {'exact':>10} {'llama.cpp-cpu':>14}")
     for name, r in rows.items():

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -226,6 +227,32 @@ def attach_llamacpp(
         if site is not None:
             round_input(out_head, gguf_type(plan.embedding_choice(site.name), dense))
     return handles
+
+
+def llamacpp_logprobs(path: Path, text_file: Path, *, ctx: int, chunks: int, threads: int = 2) -> tuple[Any, Any]:
+    """Give what the emulation is checked against: the tokens llama-perplexity scored on a GGUF file
+    ([chunks, ctx] int32) and its log-probabilities of every vocabulary entry at the scored positions
+    ([chunks, ctx - 1 - ctx // 2, vocab] float32), read from its ``--kl-divergence-base`` file
+    (perplexity.cpp: "_logits_", n_ctx, n_vocab, n_chunk, the tokens, then per position a float scale and
+    minimum and one uint16 code per entry: log p = minimum + scale * code, steps of at most 16 / 65535)."""
+    import numpy as np
+
+    from autocompress.runtime import llamacpp
+
+    out = Path(path).with_suffix(".kld")
+    args = ["-m", path, "-f", text_file, "-c", ctx, "-b", ctx, "-t", threads, "--chunks", chunks]
+    llamacpp.require().run("llama-perplexity", [*args, "--kl-divergence-base", out])
+    raw = np.fromfile(out, dtype=np.uint8)
+    out.unlink()
+    if raw[:8].tobytes() != b"_logits_":
+        raise llamacpp.LlamaCppError(f"{out.name} is not a llama-perplexity logits file")
+    n_ctx, n_vocab, n_chunk = (int(v) for v in raw[8:20].view(np.int32))
+    end = 20 + 4 * n_ctx * n_chunk
+    tokens = raw[20:end].view(np.int32).reshape(n_chunk, n_ctx)
+    nv = 2 * ((n_vocab + 1) // 2) + 4
+    body = raw[end:].view(np.uint16).reshape(n_chunk, n_ctx - 1 - n_ctx // 2, nv)
+    head = body[..., :4].copy().view(np.float32)  # scale, minimum
+    return tokens, head[..., 1:2] + head[..., 0:1] * body[..., 4 : 4 + n_vocab].astype(np.float32)
 
 
 @contextlib.contextmanager

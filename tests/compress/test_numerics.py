@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from autocompress.compress import apply_plan_to
-from autocompress.compress.numerics import emulated, round_per_block
+from autocompress.compress.numerics import emulated, llamacpp_logprobs, round_per_block
 from autocompress.export.onnx import export_onnx
 from autocompress.hardware.measure import ort_session
 from autocompress.model import load_model
@@ -253,24 +253,6 @@ def test_llamacpp_emulation_rounds_each_matmul_input_as_its_weight_type_asks(tmp
     assert checked == {None, "Q8_0", "Q4_0", "IQ4_NL", "Q5_0", "Q4_1", "Q4_K", "Q6_K"}
 
 
-def _llamacpp_logprobs(path, text_file, ctx: int, chunks: int) -> tuple[np.ndarray, np.ndarray]:
-    """Give the tokens llama-perplexity scored ([chunks, ctx]) and its log-probabilities of every
-    vocabulary entry at the scored positions, read from its --kl-divergence-base file (perplexity.cpp:
-    "_logits_", n_ctx, n_vocab, n_chunk, the tokens, then per position a float scale and minimum and
-    one uint16 per entry, log p = minimum + scale * code)."""
-    out = path.with_suffix(".kld")
-    args = ["-m", path, "-f", text_file, "-c", ctx, "-b", ctx, "-t", 2, "--chunks", chunks]
-    llamacpp.require().run("llama-perplexity", [*args, "--kl-divergence-base", out])
-    raw = out.read_bytes()
-    assert raw[:8] == b"_logits_"
-    n_ctx, n_vocab, n_chunk = (int(v) for v in np.frombuffer(raw[8:20], np.int32))
-    tokens = np.frombuffer(raw[20 : 20 + 4 * n_ctx * n_chunk], np.int32).reshape(n_chunk, n_ctx)
-    nv = 2 * ((n_vocab + 1) // 2) + 4
-    body = np.frombuffer(raw[20 + 4 * n_ctx * n_chunk :], np.uint16).reshape(n_chunk, n_ctx - 1 - n_ctx // 2, nv)
-    head = body[..., :4].copy().view(np.float32)  # scale, minimum
-    return tokens, head[..., 1:2] + head[..., 0:1] * body[..., 4 : 4 + n_vocab].astype(np.float32)
-
-
 @pytest.mark.skipif(llamacpp.find() is None, reason=f"llama.cpp's tools are not built here ({llamacpp.SETUP_HINT})")
 def test_emulation_brings_our_logprobs_closer_to_llamacpps_on_a_gguf_export(tmp_path) -> None:
     """llama.cpp's log-probabilities of every token at every scored position (its own output file) on a
@@ -297,7 +279,7 @@ def test_emulation_brings_our_logprobs_closer_to_llamacpps_on_a_gguf_export(tmp_
     text_file = tmp_path / "text.txt"
     text_file.write_text(held_out_text(TINY_DATA)[:6000])
     ctx = 64
-    tokens, theirs = _llamacpp_logprobs(path, text_file, ctx, 8)
+    tokens, theirs = llamacpp_logprobs(path, text_file, ctx=ctx, chunks=8)
     model = wb.apply(plan)
 
     def diff() -> float:
