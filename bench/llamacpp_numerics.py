@@ -13,7 +13,8 @@ It also compares llama.cpp's own log-probabilities (``--kl-divergence-base`` fil
 every token) with ours on the first chunks, a far finer measure than perplexity, and reports each plan's KL to the fp32 base model (the search's quality measure) with and without
 the emulation, on the first chunks.
 
-Prints a table and writes ``bench/results/llamacpp_numerics.json`` (each plan saved as it finishes; a
+The base weights are rounded to bf16 first (GGUF stores the dense tensors, the tied head among them,
+in BF16; the bundled weights are fp32), so file and model hold the same weights. Prints a table and writes ``bench/results/llamacpp_numerics.json`` (each plan saved as it finishes; a
 rerun resumes). The default model's weights are a dequantized Q4_1 GGUF: Q4_1 holds them exactly, so
 its row shows the Q8_1 path, not a conclusion about the format. Run under the CPU lock:
 
@@ -100,7 +101,7 @@ def measure(wb: Workbench, plan: Plan, text: str, chunks: int) -> dict:
         llama_s = time.perf_counter() - t0
         bos = bos_of(path)
         lp_tokens, theirs = llamacpp_logprobs(path, text_file, ctx=CTX, chunks=min(n, LOGPROB_CHUNKS))
-    model = wb.apply(plan).eval()
+    model = wb.apply(plan, stored={}).eval()  # built as the export built it (no cached layers)
     tokens = torch.tensor(ids[: n * CTX])
     kl_tokens = tokens[: KL_CHUNKS * CTX].reshape(KL_CHUNKS, CTX)
     base_lp = output_logprobs(wb.lm.model, kl_tokens)
@@ -164,6 +165,12 @@ def main() -> None:
         variants={k: v or "no emulation" for k, v in VARIANTS.items()},
     )
     wb = Workbench.open()
+    # The bundled weights are fp32 (a dequantized Q4_1 GGUF), but GGUF stores dense tensors (the tied
+    # embedding / head, unquantized linears) in BF16: round them first, so the file holds exactly our
+    # weights and only the arithmetic differs.
+    with torch.no_grad():
+        for p in wb.lm.model.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
     text = held_out_text()[:TEXT_CHARS]
     for name, plan in plans(wb).items():
         if rows.get(name, {}).get("chunks_asked") == args.chunks:
