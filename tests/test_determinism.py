@@ -54,12 +54,12 @@ def _front(out: Path, name: str) -> list[tuple]:
 
 
 def test_same_seed_gives_the_same_front_in_a_fresh_study_and_process(tmp_path: Path) -> None:
-    # 40 trials: past the ~25 enqueued seeds, so NSGA-II's own offspring are compared too
-    args = ["search", *TINY, "--space", "quant-only", "--trials", "40", "--full-eval", "2", "--seed", "3"]
+    # 48 trials: past the 32 seeds (7 baselines, 20 mixed, 5 knapsack), so NSGA-II's own offspring are compared too
+    args = ["search", *TINY, "--space", "quant-only", "--trials", "48", "--full-eval", "2", "--seed", "3"]
     main([*args, "--out", str(tmp_path / "a"), "--study", "d"])  # in this process
     _cli([*args, "--out", str(tmp_path / "b"), "--study", "d"])  # in a fresh one
     first, second = _trials(tmp_path / "a", "d"), _trials(tmp_path / "b", "d")
-    assert len([t for t in first if t[1] == "COMPLETE"]) == 40
+    assert len([t for t in first if t[1] == "COMPLETE"]) == 48
     # the search really moved: NSGA-II's own offspring, not only the seeds, are compared
     seeds = {json.dumps(t[2], sort_keys=True) for t in first if t[5]}
     own = [json.dumps(t[2], sort_keys=True) for t in first if not t[5] and t[1] == "COMPLETE"]
