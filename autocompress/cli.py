@@ -26,7 +26,7 @@ from rich.progress import (
 from rich.table import Table
 
 from autocompress._io import check_writable
-from autocompress.errors import AutocompressError
+from autocompress.errors import AutocompressError, ProfileError
 
 app = typer.Typer(
     add_completion=False,
@@ -703,7 +703,12 @@ def export(
     if pareto == bool(trial):
         raise AutocompressError("give either --trial N (repeatable) or --pareto")
     view = open_study(study, studies, storage)
-    llama = load_profile(view.profile).runtime == "llama.cpp"
+    try:
+        llama = load_profile(view.profile).runtime == "llama.cpp"
+    except ProfileError:  # a study made with a profile file that is not here: say which exports to write
+        llama = bool(gguf)
+        if gguf is None and onnx is None:
+            _log(f"the study's profile {view.profile!r} is not here: writing ONNX (--gguf for llama.cpp files)")
     onnx = (not llama) if onnx is None else onnx
     gguf = llama if gguf is None else gguf
     if gguf:

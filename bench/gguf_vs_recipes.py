@@ -1,6 +1,9 @@
 """Our searched GGUF files against llama.cpp's own recipes, measured with llama.cpp on this machine.
 
-    flock ~/.cache/ac-cpu.lock python bench/gguf.py --study gguf-bench [--hw local-llamacpp]
+    flock ~/.cache/ac-cpu.lock python bench/gguf_vs_recipes.py --study gguf-bench [--hw local-llamacpp]
+
+(Not named ``bench/gguf.py``: a script folder's module named ``gguf`` hides the ``gguf`` package from
+every other script run from ``bench/``.)
 
 For every recipe (Q8_0 ... Q2_K, each with and without an importance matrix made by llama-imatrix from
 our calibration split), written by ``llama-quantize`` from the base model's F32 GGUF, and for every
