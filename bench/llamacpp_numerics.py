@@ -20,7 +20,7 @@ its row shows the Q8_1 path, not a conclusion about the format. Run under the CP
 
     flock ~/.cache/ac-cpu.lock .venv/bin/python -m bench.llamacpp_numerics [--chunks 32] [--fresh]
 
-(as a module: run as a script, ``bench/gguf.py`` would shadow the ``gguf`` package)
+(also runs as a module)
 """
 
 from __future__ import annotations
