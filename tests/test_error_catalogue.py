@@ -238,6 +238,8 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     "dashboard/study-missing": (lambda t: ["dashboard", *_no_study(t, "--out")], "no study database"),
     "worker/option-missing": (lambda t: ["worker"], "Missing option '--study'"),
     "search/option-not-an-integer": (lambda t: _search(t, "--trials", "abc"), "Invalid value for '--trials'"),
+    "llamacpp build/unknown-option": (lambda t: ["llamacpp", "build", "--jobs", "3"], "No such option"),
+    "llamacpp where/extra-argument": (lambda t: ["llamacpp", "where", "bin"], "unexpected extra argument"),
 }
 
 

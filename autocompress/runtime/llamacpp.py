@@ -117,7 +117,7 @@ def find() -> LlamaCpp | None:
     """Give the tools ``AUTOCOMPRESS_LLAMA_CPP`` names, else this version's cached build, else None."""
     env = os.environ.get(ENV)
     if env:
-        return LlamaCpp(Path(env).expanduser())
+        return LlamaCpp(Path(env).expanduser()) if _complete(Path(env).expanduser()) else None
     d = cache_dir()
     if _complete(d / "bin"):
         return LlamaCpp(d / "bin", d / "src" if (d / "src").is_dir() else None)
@@ -127,6 +127,8 @@ def find() -> LlamaCpp | None:
 def require() -> LlamaCpp:
     """Give the tools, or raise LlamaCppError naming the set-up command."""
     found = find()
+    if found is None and os.environ.get(ENV):
+        raise LlamaCppError(f"{ENV}={os.environ[ENV]} does not hold llama.cpp's tools ({', '.join(TOOLS)})")
     if found is None:
         raise LlamaCppError(f"llama.cpp's tools are not built on this machine; {SETUP_HINT}")
     return found
