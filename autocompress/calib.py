@@ -149,6 +149,12 @@ def _sequences(tokenizer: Any, docs: list[str], n_tokens: int, seq_len: int, wha
     return torch.tensor(rows, dtype=torch.long), used_chars
 
 
+def _split(config: DataConfig) -> tuple[list[str], list[str]]:
+    """Give the (calibration, held-out) documents of the configured text: one split for every use."""
+    docs = _wiki_documents() if config.source is None else read_documents(config.source)
+    return split_documents(docs)
+
+
 def load_token_data(tokenizer: Any, config: DataConfig = DataConfig()) -> TokenData:
     """Give calibration, proxy and evaluation token sets from disjoint splits of the text."""
     if tokenizer is None:
@@ -156,8 +162,7 @@ def load_token_data(tokenizer: Any, config: DataConfig = DataConfig()) -> TokenD
     for name in ("seq_len", "calib_tokens", "proxy_tokens", "eval_tokens"):
         if getattr(config, name) < 8:
             raise DataError(f"{name} must be at least 8, got {getattr(config, name)}")
-    docs = _wiki_documents() if config.source is None else read_documents(config.source)
-    calib_docs, eval_docs = split_documents(docs)
+    calib_docs, eval_docs = _split(config)
     calib, _ = _sequences(tokenizer, calib_docs, config.calib_tokens, config.seq_len, "calibration")
     held, held_chars = _sequences(
         tokenizer, eval_docs, config.proxy_tokens + config.eval_tokens, config.seq_len, "evaluation"
@@ -372,11 +377,9 @@ def activation_stats(model: nn.Module, anatomy: Any, data: TokenData, use_cache:
 def held_out_text(config: DataConfig = DataConfig()) -> str:
     """Give the held-out documents (never calibration text) as one text, blank-line separated: what an
     external tool such as llama-perplexity reads to score a model on the same split as ours."""
-    docs = _wiki_documents() if config.source is None else read_documents(config.source)
-    return "\n\n".join(split_documents(docs)[1])
+    return "\n\n".join(_split(config)[1])
 
 
 def calibration_text(config: DataConfig = DataConfig()) -> str:
     """Give the calibration documents as one text, blank-line separated (what llama-imatrix reads)."""
-    docs = _wiki_documents() if config.source is None else read_documents(config.source)
-    return "\n\n".join(split_documents(docs)[0])
+    return "\n\n".join(_split(config)[0])
