@@ -585,7 +585,8 @@ def hw_calibrate(
     predicts each file (profile local-llamacpp)."""
     import os
 
-    from autocompress.hardware.calibrate import calibrate_local, write_profile
+    from autocompress.calibration.onnx import calibrate_local
+    from autocompress.hardware.calibrate import write_profile
 
     if runtime not in ("onnxruntime", "llama.cpp"):
         raise AutocompressError(f"--runtime must be onnxruntime or llama.cpp, got {runtime!r}")
@@ -600,7 +601,7 @@ def hw_calibrate(
         raise AutocompressError(f"--out must be a .yaml path (e.g. hw_profiles/local.yaml), got {out}")
     check_writable(out.parent, AutocompressError)  # before minutes of measuring
     if llama:
-        from autocompress.hardware.llamacpp_calibrate import calibrate_llamacpp
+        from autocompress.calibration.llamacpp import calibrate_llamacpp
 
         profile, raw = calibrate_llamacpp(model, threads=threads, repeats=repeats, work=work, log=_log)
     else:

@@ -168,3 +168,51 @@ def test_the_walk_sees_a_loop_hidden_in_a_function(tmp_path) -> None:
     graph = import_graph(pkg)
     assert graph["autocompress.a"] == {}  # TYPE_CHECKING imports never run
     assert cycles(graph) == [["autocompress.d", "autocompress.sub", "autocompress.sub.b"]]
+
+
+# The cost side (profiles, the cost model, fits of given timings) never builds or runs a model file:
+# what compresses, exports or runs a model reaches hardware/, not the other way round.
+COST_SIDE = "autocompress.hardware"
+WEIGHT_SIDE = ("autocompress.compress", "autocompress.export", "autocompress.runtime", "autocompress.workbench")
+
+
+def reached_from(graph: dict[str, dict[str, int]], prefix: str) -> dict[str, list[str]]:
+    """Give each module the modules under ``prefix`` reach through imports (any depth), with one path to it."""
+    paths = {m: [m] for m in graph if m == prefix or m.startswith(prefix + ".")}
+    todo = list(paths)
+    while todo:
+        v = todo.pop()
+        for w in graph.get(v, {}):
+            if w not in paths:
+                paths[w] = [*paths[v], w]
+                todo.append(w)
+    return paths
+
+
+def _under(mod: str, packages: tuple[str, ...]) -> bool:
+    return any(mod == p or mod.startswith(p + ".") for p in packages)
+
+
+def test_hardware_reaches_nothing_that_builds_or_runs_a_model() -> None:
+    graph = import_graph()
+    paths = reached_from(graph, COST_SIDE)
+    assert "autocompress.hardware.cost" in paths and "autocompress.plan" in paths  # the walk found the package
+    bad = [" -> ".join(p) for m, p in sorted(paths.items()) if _under(m, WEIGHT_SIDE)]
+    assert not bad, "hardware/ imports the weight side: " + " | ".join(bad)
+
+
+def test_the_hardware_rule_sees_an_import_inside_a_function_two_modules_away(tmp_path) -> None:
+    pkg = tmp_path / "autocompress"
+    (pkg / "hardware").mkdir(parents=True)
+    (pkg / "export").mkdir()
+    for init in (pkg, pkg / "hardware", pkg / "export"):
+        (init / "__init__.py").write_text("")
+    (pkg / "hardware" / "fit.py").write_text("from autocompress import plan\n")
+    (pkg / "plan.py").write_text("def f():\n    from autocompress.export.onnx import g\n    return g\n")
+    (pkg / "export" / "onnx.py").write_text("def g():\n    return 1\n")
+    paths = reached_from(import_graph(pkg), "autocompress.hardware")
+    assert paths["autocompress.export.onnx"] == [
+        "autocompress.hardware.fit",
+        "autocompress.plan",
+        "autocompress.export.onnx",
+    ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from onnx import numpy_helper
 
-from autocompress.hardware.calibrate import _chain_model, _quantized, _stored_bytes
+from autocompress.calibration.onnx import _chain_model, _quantized, _stored_bytes
 
 
 @pytest.mark.parametrize("fmt", ["fp32", "int8", "int4", "w8a8"])

@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 import yaml
 
+from autocompress.calibration import llamacpp as CL
 from autocompress.cli import main
 from autocompress.hardware import llamacpp_calibrate as LC
 from autocompress.hardware.anchors import llama_like_anatomy
 from autocompress.hardware.cost import CostModel
-from autocompress.hardware.measure import parse_llama_bench, summarize_llama_bench
 from autocompress.hardware.profile import load_profile, profile_from_dict, profiles_dir
 from autocompress.plan import LayerChoice, ModelRef, Plan
 from autocompress.runtime import llamacpp
+from autocompress.runtime.llama_bench import parse_llama_bench, summarize_llama_bench
 from autocompress.runtime.llamacpp import LlamaCppError
 
 SAMPLE = Path(__file__).with_name("llama_bench_sample.json")  # `llama-bench -p 64 -n 32 -r 3 -t 1,2 -o json`
@@ -90,7 +91,7 @@ def _cases() -> list[tuple[Plan, object]]:
         layers = {embed: LayerChoice(format=fmt)}
         if down:
             layers |= {s.name: LayerChoice(format=down) for s in a.linears if s.role == "down"}
-        shape = LC.base_plan(a, base)
+        shape = CL.base_plan(a, base)
         return Plan(model=ref, default=LayerChoice(format=fmt), layers=layers, **_shape_of(shape))
 
     plans = [plan("BF16"), plan("Q8_0"), plan("Q4_0"), plan("Q4_0", "Q4_K"), plan("Q4_0", "Q6_K")]
@@ -148,18 +149,18 @@ def test_mape_is_the_mean_relative_error() -> None:
 # ---- the command (a real, short run) ---------------------------------------------------------------
 
 TINY = (
-    *(LC.FileSpec(t, t, "fit") for t in ("F16", "Q8_0", "Q4_0", "Q5_1")),
-    LC.FileSpec("Q8_0-half", "Q8_0", "fit", base="half"),
-    LC.FileSpec("Q4_0-half", "Q4_0", "fit", base="half"),
-    LC.FileSpec("Q4_0-narrow", "Q4_0", "fit", base="narrow"),
-    LC.FileSpec("mix", "Q4_0", "holdout", tensor_types=(("attn_v", "Q8_0"),), embedding="Q5_1"),
-    LC.FileSpec("recipe-Q4_K_M", "Q4_K_M", "holdout", pure=False),
+    *(CL.FileSpec(t, t, "fit") for t in ("F16", "Q8_0", "Q4_0", "Q5_1")),
+    CL.FileSpec("Q8_0-half", "Q8_0", "fit", base="half"),
+    CL.FileSpec("Q4_0-half", "Q4_0", "fit", base="half"),
+    CL.FileSpec("Q4_0-narrow", "Q4_0", "fit", base="narrow"),
+    CL.FileSpec("mix", "Q4_0", "holdout", tensor_types=(("attn_v", "Q8_0"),), embedding="Q5_1"),
+    CL.FileSpec("recipe-Q4_K_M", "Q4_K_M", "holdout", pure=False),
 )
 
 
 @needs_llamacpp
 def test_cli_writes_a_profile_the_cost_model_uses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    monkeypatch.setattr(LC, "FILES", TINY)
+    monkeypatch.setattr(CL, "FILES", TINY)
     out = tmp_path / "hw" / "local-llamacpp.yaml"
     out.parent.mkdir()
     argv = ["--json", "hw", "calibrate", "--runtime", "llama.cpp", "--model", "tiny-llama", "--out", str(out)]

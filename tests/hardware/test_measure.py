@@ -7,10 +7,11 @@ import onnx
 import pytest
 import torch
 
+from autocompress.calibration.onnx import _chain_model, _quantized
 from autocompress.compress.apply import apply_plan_to
 from autocompress.export.onnx import export_onnx, target_format
 from autocompress.hardware import measure
-from autocompress.hardware.calibrate import FORMATS, Sample, _chain_model, _fit_bandwidth, _quantized
+from autocompress.hardware.calibrate import FORMATS, Sample, _fit_bandwidth
 from autocompress.hardware.measure import ort_session, timed
 from autocompress.model import load_model
 from autocompress.plan import BlockChoice, LayerChoice, ModelRef, Plan

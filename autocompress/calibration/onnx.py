@@ -1,0 +1,254 @@
+"""Measure this machine with micro-benchmarks in onnxruntime CPU, the runtime our ONNX export deploys to.
+
+``calibrate_local()`` times, on a fixed thread count (and torch for reference):
+
+1. **bandwidth per weight format** — GEMV (M = 1) through chains of linears of model-like shapes,
+   weights cold (the cache is flushed between runs), for fp32 ``MatMul``, 8-bit and 4-bit
+   ``MatMulNBits`` (weight-only, quantized by our ONNX export) and dynamic int8 (``MatMulInteger``, W8A8);
+2. **compute rate per format** — chains of a small and a large shape at M = 16..128 tokens;
+3. **per-linear overhead per format** — the intercept of the cold GEMV fit (a cold linear pays a
+   prefetch/first-touch ramp); chains of tiny warm linears are kept as a reference;
+4. **per-kernel overhead and the block's fusion check** — a tiny Llama exported to ONNX with 1 and
+   4 blocks: onnxruntime's optimised graph gives the kernels per block (after fusion), the
+   1-vs-4-block slope the fixed cost per block, the intercept the per-token cost.
+
+and hands the timings to ``hardware.calibrate.fit_local``, which fits the profile's fields.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from autocompress import formats
+from autocompress.compress.apply import apply_plan_to
+from autocompress.export.onnx import export_onnx, quantize_groups
+from autocompress.hardware.calibrate import FORMATS, Sample, fit_local
+from autocompress.hardware.machine import Flusher, read_bandwidth_GBps
+from autocompress.hardware.measure import ort_session, timed
+from autocompress.model import load_model
+from autocompress.plan import ModelRef, Plan
+
+# what our ONNX export writes (export/onnx.py): fp32 MatMul, weight-only 8-bit MatMulNBits (per row,
+# symmetric, in ROW_BLOCK[8]-blocks), 4-bit MatMulNBits g128, and W8A8 as dynamic int8 (MatMulInteger)
+_EXPORT_FMT = {"fp32": "fp32", "int8": "int8-row-sym", "int4": "int4-g128-asym", "w8a8": "int8-dynamic"}
+# the registry formats the exported layouts are (their bytes price the samples); W8A8's dynamic int8 is
+# onnxruntime's own (MatMulInteger), not a storage format a plan names
+_REGISTRY_FMT = {"fp32": "F32", "int8": "int8-g32-sym", "int4": "int4-g128-asym"}
+# (K, N, linears in the chain): model-like widths (SmolLM2-135M ... TinyLlama-1.1B); chains
+# alternate K->N and N->K so every weight is distinct and the whole chain misses the cache
+# (small q/k/v/o-sized matrices too: below ~1-2 MB a GEMV does not reach streaming bandwidth, which the
+# fitted per-linear overhead then carries)
+GEMV_SHAPES = ((576, 192, 24), (576, 576, 16), (576, 1536, 6), (576, 1536, 18), (1024, 2816, 8), (1536, 4096, 6))
+GEMM_SHAPES = ((576, 576, 8), (1024, 2816, 4))
+GEMM_TOKENS = (16, 64, 128)
+TINY_CHAINS = (4, 32)  # 64 x 64 linears: fixed costs only
+
+
+def _chain_model(k: int, n: int, layers: int, seed: int = 0) -> Any:
+    """Give an fp32 ONNX model X[M, k] -> chain of ``layers`` MatMuls alternating k->n and n->k."""
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+    prev, width = "x", k
+    for i in range(layers):
+        out_w = n if width == k else k
+        w = (rng.standard_normal((width, out_w)) / np.sqrt(width)).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [f"h{i}"], name=f"/chain/l{i}/MatMul"))
+        prev, width = f"h{i}", out_w
+    graph = helper.make_graph(
+        nodes,
+        "chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k])],
+        [helper.make_tensor_value_info(prev, TensorProto.FLOAT, ["m", width])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def _elementwise_chain(ops: int, width: int = 64) -> Any:
+    one = numpy_helper.from_array(np.ones((width,), np.float32), "one")
+    nodes = [
+        helper.make_node("Add" if i % 2 == 0 else "Mul", [f"h{i - 1}" if i else "x", "one"], [f"h{i}"])
+        for i in range(ops)
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "ew",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", width])],
+        [helper.make_tensor_value_info(f"h{ops - 1}", TensorProto.FLOAT, ["m", width])],
+        [one],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _quantized(proto: Any, fmt: str, tmp: Path) -> Any:
+    if fmt == "fp32":
+        return proto
+    nodes = [n.name for n in proto.graph.node if n.op_type == "MatMul"]
+    return quantize_groups(proto, {_EXPORT_FMT[fmt]: nodes}, tmp)
+
+
+def _stored_bytes(fmt: str, k: int, n: int, layers: int) -> float:
+    """Give the bytes the micro-benchmark's chain stores in ``fmt``: ``layers`` linears, out x in
+    alternating n x k and k x n (``_chain_model``), each priced by the format registry."""
+    shapes = [(n, k) if i % 2 == 0 else (k, n) for i in range(layers)]
+    if fmt == "w8a8":  # int8 codes, an fp32 scale and an int8 zero point per output channel
+        return float(sum(out * (inp + 5) for out, inp in shapes))
+    return float(sum(formats.get(_REGISTRY_FMT[fmt]).bytes(shape) for shape in shapes))
+
+
+def _time_cold(run: Callable[[], object], flush: Flusher, repeats: int) -> float:
+    run()
+    times = []
+    for _ in range(repeats):
+        flush()
+        start = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _block_costs(threads: int, tmp: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """Give the tiny-Llama block measurements: ONNX node counts before/after ORT fusion, and timings."""
+    lm = load_model("tiny-llama")
+    a = lm.anatomy
+    out: dict[str, Any] = {"timings_ms": {}}
+    for keep in (1, len(a.blocks)):
+        plan = Plan(model=ModelRef.of(a))
+        if keep < a.num_blocks:
+            plan = Plan(model=plan.model, drop_blocks=tuple(range(keep, a.num_blocks)))
+        model = apply_plan_to(lm.model, a, plan)
+        exp = export_onnx(model, a, plan, tmp / f"block{keep}.onnx", quantize=False)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.optimized_model_filepath = str(tmp / f"block{keep}.opt.onnx")
+        opts.log_severity_level = 3
+        opts.intra_op_num_threads = threads
+        ort.InferenceSession(str(exp.path), opts, providers=["CPUExecutionProvider"])
+        raw_ops = [n.op_type for n in onnx.load(str(exp.path)).graph.node if n.op_type != "Constant"]
+        opt_ops = [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
+        sess = ort_session(exp.path, threads)
+        feed = {"input_ids": np.ones((1, 1), np.int64), "attention_mask": np.ones((1, 1), np.int64)}
+        times = timed(lambda s=sess, f=feed: s.run(None, f), warmup=20, repeats=200, min_time_s=0.5)
+        out["timings_ms"][keep] = statistics.median(times)
+        out[f"ops_raw_{keep}"] = len(raw_ops)
+        out[f"ops_fused_{keep}"] = len(opt_ops)
+        out[f"op_types_fused_{keep}"] = sorted(set(opt_ops))
+    n_hi = len(a.blocks)
+    per_block = (out["timings_ms"][n_hi] - out["timings_ms"][1]) / (n_hi - 1)
+    kernels_fused = (out[f"ops_fused_{n_hi}"] - out["ops_fused_1"]) / (n_hi - 1)
+    kernels_raw = (out[f"ops_raw_{n_hi}"] - out["ops_raw_1"]) / (n_hi - 1)
+    linears = len(a.blocks[0].linears)
+    out.update(
+        per_block_ms=per_block,
+        kernels_per_block_fused=kernels_fused,
+        kernels_per_block_unfused=kernels_raw,
+        linears_per_block=linears,
+        intercept_ms=out["timings_ms"][1] - per_block,
+    )
+    log(
+        f"fusion check: a Llama block is {kernels_raw:.0f} ONNX ops, {kernels_fused:.0f} kernels after ORT fusion; "
+        f"{per_block * 1e3:.0f} µs fixed per block"
+    )
+    return out
+
+
+def calibrate_local(
+    threads: int = 1, repeats: int = 9, rounds: int = 3, log: Callable[[str], None] | None = None
+) -> tuple[dict, dict]:
+    """Run the micro-benchmarks and fit them (``hardware.calibrate.fit_local``); give (profile dict, raw measurements dict)."""
+    say = log or (lambda _m: None)
+    t0 = time.perf_counter()
+    flush = Flusher()
+    with tempfile.TemporaryDirectory(prefix="autocompress-calib-") as tmpdir:
+        tmp = Path(tmpdir)
+        say("memory bandwidth: streaming read")
+        read_bw = read_bandwidth_GBps(flush)
+        say(f"  {read_bw:.1f} GB/s; GEMV and GEMM sweeps per format ({', '.join(FORMATS)})")
+        # every session first, then interleaved rounds keeping each benchmark's lowest median:
+        # on a shared machine a burst of load then hits one round, not one benchmark
+        benches: list[tuple[Sample, Callable[[], object], bool]] = []
+        for fmt in FORMATS:
+            for k, n, layers in (*GEMV_SHAPES, *GEMM_SHAPES, *((64, 64, t) for t in TINY_CHAINS)):
+                sess = ort_session(_quantized(_chain_model(k, n, layers), fmt, tmp).SerializeToString(), threads)
+                tiny = k == 64
+                sizes = (1,) + (GEMM_TOKENS if (k, n, layers) in GEMM_SHAPES else ())
+                for m in sizes:
+                    x = np.ones((m, k), np.float32)
+                    sample = Sample(fmt, m, layers, _stored_bytes(fmt, k, n, layers), 2.0 * m * k * n * layers, 1e9)
+                    benches.append((sample, lambda s=sess, x=x: s.run(None, {"x": x}), tiny))
+        best = [1e9] * len(benches)
+        for r in range(rounds):
+            for i, (_, run, tiny) in enumerate(benches):
+                if tiny:  # fixed costs only: warm, many short repeats
+                    ms = statistics.median(timed(run, warmup=20, repeats=200, min_time_s=0.2))
+                else:
+                    ms = _time_cold(run, flush, repeats)
+                best[i] = min(best[i], ms)
+            say(f"  round {r + 1}/{rounds}: {len(benches)} timings")
+        samples = [Sample(**{**b[0].__dict__, "median_ms": ms}) for b, ms in zip(benches, best, strict=True)]
+        say("per-kernel overhead: chains of elementwise ops")
+        ew = {}
+        for ops in (8, 64):
+            sess = ort_session(_elementwise_chain(ops).SerializeToString(), threads)
+            x = np.ones((1, 64), np.float32)
+            ew[ops] = statistics.median(
+                timed(lambda s=sess, x=x: s.run(None, {"x": x}), warmup=20, repeats=200, min_time_s=0.3)
+            )
+        say("fusion check and fixed costs: tiny Llama with 1 and 4 blocks")
+        block = _block_costs(threads, tmp, say)
+        say("torch reference (fp32 GEMV/GEMM)")
+        torch_ref = _torch_reference(threads, flush, repeats)
+    return fit_local(
+        samples,
+        read_bw_GBps=read_bw,
+        elementwise_chain_ms=ew,
+        block=block,
+        torch_ref=torch_ref,
+        threads=threads,
+        seconds=time.perf_counter() - t0,
+        tool=f"onnxruntime {ort.__version__}; torch {torch.__version__}",
+        runtime_version=ort.__version__,
+    )
+
+
+def _torch_reference(threads: int, flush: Flusher, repeats: int) -> dict[str, float]:
+    """Give torch fp32 GEMV bandwidth and GEMM rate (reference only: the profile is for onnxruntime)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        k, n, layers = max(GEMV_SHAPES, key=lambda kn: kn[0] * kn[1] * kn[2])
+        ws = [torch.randn(n, k) if i % 2 == 0 else torch.randn(k, n) for i in range(layers)]
+
+        def chain(x: torch.Tensor) -> torch.Tensor:
+            for w in ws:
+                x = torch.nn.functional.linear(x, w)
+            return x
+
+        with torch.inference_mode():
+            gemv = _time_cold(lambda: chain(torch.ones(1, k)), flush, repeats)
+            gemm = _time_cold(lambda: chain(torch.ones(128, k)), flush, repeats)
+    finally:
+        torch.set_num_threads(before)
+    return {
+        "gemv_ms": gemv,
+        "gemv_GBps": layers * k * n * 4 / gemv / 1e6,
+        "gemm_ms": gemm,
+        "gemm_GFLOPs": 2 * 128 * layers * k * n / gemm / 1e6,
+    }
