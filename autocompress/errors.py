@@ -39,3 +39,7 @@ class SpaceError(AutocompressError):
 
 class StudyError(AutocompressError):
     """A study cannot be created, resumed or read."""
+
+
+class DeviceError(AutocompressError):
+    """A compute device is malformed or not present on this machine (``--device``)."""

@@ -1,11 +1,16 @@
 """The Workbench: a loaded base model with its data and activation statistics, ready to
-apply plans. Search, apply and evaluate all start from one."""
+apply plans. Search, apply and evaluate all start from one.
+
+It owns what applying plans keeps between calls: its variant cache (compressed linears, bounded in
+bytes) and its calibration Hessians, so two workbenches never see each other's results (a model
+edited in place gets a workbench of its own), and the device everything computes on.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +19,9 @@ from torch import nn
 
 from autocompress._version import __version__
 from autocompress.calib import ActivationStats, DataConfig, TokenData, activation_stats, load_token_data
+from autocompress.compress.hessian import Hessians, calibration_hessians
+from autocompress.compress.variants import VariantCache
+from autocompress.device import place, resolve_device
 from autocompress.errors import PlanError
 from autocompress.model.loading import LoadedModel, load_model
 from autocompress.plan import Plan, Provenance
@@ -39,13 +47,23 @@ def _set_threads() -> None:
 
 @dataclass
 class Workbench:
-    """Base model + tokenised data + activation statistics (computed once, cached on disk)."""
+    """Base model + tokenised data + activation statistics (computed once, cached on disk), the
+    device they live on, and the workbench's own variant cache and calibration Hessians."""
 
     lm: LoadedModel
     data: TokenData
     data_config: DataConfig
     stats: ActivationStats
     numerics: str = "exact"  # the target runtime's activation rounding, emulated when evaluating
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    variants: VariantCache = field(default_factory=VariantCache.from_env)
+    _hessians: Hessians | None = field(default=None, repr=False)
+
+    def hessians(self) -> Hessians:
+        """Give the calibration Hessians of the base model on this data (collected once, then kept)."""
+        if self._hessians is None:
+            self._hessians = calibration_hessians(self.lm.model, self.lm.anatomy, self.data)
+        return self._hessians
 
     def eval_cache(self) -> Any:
         """Give the cache of evaluation results for this data and these numerics."""
@@ -67,24 +85,48 @@ class Workbench:
         *,
         trust_remote_code: bool = False,
         log: Any = None,
+        device: str | torch.device | None = "auto",
+        cache_bytes: int | None = None,
+        model_on_cpu: bool = False,
     ) -> Workbench:
-        """Load the model and data and gather activation statistics (from cache when possible)."""
+        """Load the model and data and gather activation statistics (from cache when possible).
+
+        ``device``: auto | cpu | cuda | cuda:N (auto: a CUDA GPU when present); on a GPU the model is
+        held and run in bf16, on the CPU in float32. ``model_on_cpu``: the model stays on the CPU in
+        float32 and only the per-linear compression runs on ``device`` (what the exporters need:
+        they write the model as loaded). ``cache_bytes`` bounds the variant cache (default
+        ``$AUTOCOMPRESS_VARIANT_CACHE_BYTES``, else 1.5 GB).
+        """
+        dev = resolve_device(device)  # a bad device fails before anything heavy is loaded
         _set_threads()
         say = log or (lambda _msg: None)
         data = data or DataConfig()
         say(f"loading model {model or 'default'}")
         lm = load_model(model, trust_remote_code=trust_remote_code)
+        if dev.type != "cpu" and not model_on_cpu:
+            say(f"moving the model to {dev} (bf16)")
+            place(lm.model, dev)
         say(f"tokenising data ({data.source or 'bundled Wikipedia leads'})")
         tokens = (lm.task_data or load_token_data)(lm.tokenizer, data)  # task models bring their own data
         say(f"activation statistics on {tokens.num_calib_tokens} calibration tokens")
         stats = activation_stats(lm.model, lm.anatomy, tokens)
-        return cls(lm=lm, data=tokens, data_config=data, stats=stats)
+        variants = VariantCache.from_env()
+        if cache_bytes is not None:
+            variants.set_limit(cache_bytes)
+        return cls(lm=lm, data=tokens, data_config=data, stats=stats, device=dev, variants=variants)
 
     @classmethod
-    def for_plan(cls, plan: Plan, model: str | Path | None = None, log: Any = None) -> Workbench:
-        """Open the workbench a plan was made with (its model and data settings)."""
+    def for_plan(
+        cls,
+        plan: Plan,
+        model: str | Path | None = None,
+        log: Any = None,
+        device: str | torch.device | None = "auto",
+        model_on_cpu: bool = False,
+    ) -> Workbench:
+        """Open the workbench a plan was made with (its model and data settings), on ``device`` (see ``open``)."""
         cfg = _data_config_from(plan)
-        wb = cls.open(model or plan.model.name, cfg, log=log)
+        wb = cls.open(model or plan.model.name, cfg, log=log, device=device, model_on_cpu=model_on_cpu)
         if plan.provenance.data_hash and plan.provenance.data_hash != wb.data.data_hash:
             raise PlanError(
                 f"plan was calibrated on data {plan.provenance.data_hash[:12]}, but the data here hashes to "
@@ -130,26 +172,14 @@ class Workbench:
                 "autocompress.recover.rebuild(wb, plan), or pass skip_recovery=True for the model before it"
             )
         from autocompress.compress.apply import apply_plan_to, needs_hessians
-        from autocompress.compress.hessian import calibration_hessians
 
         torch.manual_seed(plan.provenance.seed)
         # GPTQ / SVD-LLM need X^T X of the calibration data: collected once, then cached on disk.
-        hessians = calibration_hessians(self.lm.model, self.lm.anatomy, self.data) if needs_hessians(plan) else None
+        hessians = self.hessians() if needs_hessians(plan) else None
+        common = {"hessians": hessians, "stored": stored, "cache": self.variants, "device": self.device}
         if into is not None:
-            model = apply_plan_to(
-                into, self.lm.anatomy, plan, self.stats, hessians=hessians, inplace=True, stored=stored
-            )
-        else:
-            model = apply_plan_to(
-                self.lm.model,
-                self.lm.anatomy,
-                plan,
-                self.stats,
-                hessians=hessians,
-                stored=stored,
-                share_base=share_base,
-            )
-        return model
+            return apply_plan_to(into, self.lm.anatomy, plan, self.stats, inplace=True, **common)
+        return apply_plan_to(self.lm.model, self.lm.anatomy, plan, self.stats, share_base=share_base, **common)
 
 
 def _data_config_from(plan: Plan) -> DataConfig:

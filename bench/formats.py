@@ -125,7 +125,7 @@ def table_model(wb: Workbench, plan: Plan, method: str, stats: tuple[torch.Tenso
             if method == "imatrix":
                 q = fmt.quantize(w, importance=sq)
             else:
-                q = formats.gptq_quantize(w, hess, fmt, **gptq.settings())
+                q = formats.gptq_quantize(w, hess, fmt, **gptq.PLAN_SETTINGS.kwargs())
             weight.copy_(fmt.dequantize(q))
     return model
 

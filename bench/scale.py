@@ -257,7 +257,10 @@ def run_model(
 
     guard.phase = "hessians"
     t = time.perf_counter()
-    calibration_hessians(model, anatomy, data)
+    if hasattr(wb, "hessians"):  # the workbench keeps its own (no per-process registry)
+        wb.hessians()
+    else:
+        calibration_hessians(model, anatomy, data)
     row["hessian_s"] = round(time.perf_counter() - t, 1)
     phase("hessians")
 
@@ -265,7 +268,7 @@ def run_model(
     space_path.write_text(SPACE_YAML.replace("{method}", method))
     space = SearchSpace.load(space_path).for_profile(load_profile(PROFILE))
     ctx = SpaceContext(anatomy=anatomy, drop_order=stats.drop_order(), provenance=wb.provenance(seed=0))
-    apply_mod.set_disk_cache(Path(os.environ["AUTOCOMPRESS_CACHE"]) / "variants")
+    _variant_folder(wb, apply_mod, Path(os.environ["AUTOCOMPRESS_CACHE"]) / "variants")
     guard.phase = "table"
     t = time.perf_counter()
     table = _sensitivity(wb, space, ctx, None, lambda _m: None)
@@ -294,10 +297,13 @@ def run_model(
     phase("warm_trials")
 
     guard.phase = "cold trials"
-    apply_mod.set_disk_cache(None)
+    _variant_folder(wb, apply_mod, None)
     cold_s = []
     for p in plans[:cold]:
-        apply_mod.clear_cache()
+        if hasattr(wb, "variants"):
+            wb.variants.clear()
+        else:
+            apply_mod.clear_cache()
         cold_s.append(trial(p))
     row["s_per_trial_cold"] = round(sum(cold_s) / max(len(cold_s), 1), 2) if cold_s else None
     row["cold_each_s"] = [round(x, 2) for x in cold_s]
@@ -309,9 +315,20 @@ def run_model(
     return row
 
 
-def gptq_speed(n_linears: int, fmt_name: str = "Q4_0") -> list[dict]:
+def _variant_folder(wb, apply_mod, folder: Path | None) -> None:
+    """Keep the workbench's variants on disk in ``folder`` (None: memory only), with either version of the code."""
+    if hasattr(wb, "variants"):  # the workbench owns its cache
+        wb.variants.folder = folder
+    else:  # the module-level cache of earlier versions
+        apply_mod.set_disk_cache(folder)
+
+
+def gptq_speed(n_linears: int, fmt_name: str = "Q4_0", reps: int = 3) -> list[dict]:
     """Give per-linear timings of GPTQ with lazy batches of 128 columns vs one column at a time
-    (the error of each column pushed onto every later column at once), on the default model."""
+    (the error of each column pushed onto every later column at once), on the default model.
+
+    Each linear is timed ``reps`` times per variant, the two variants alternating, after one untimed
+    warm-up run; the fastest run counts (the box is shared: slower runs measure the neighbours)."""
     import torch
 
     from autocompress import formats
@@ -320,7 +337,7 @@ def gptq_speed(n_linears: int, fmt_name: str = "Q4_0") -> list[dict]:
 
     torch.set_grad_enabled(False)
     wb = Workbench.open(None)
-    hess = calibration_hessians(wb.lm.model, wb.lm.anatomy, wb.data)
+    hess = wb.hessians() if hasattr(wb, "hessians") else calibration_hessians(wb.lm.model, wb.lm.anatomy, wb.data)
     fmt = formats.get(fmt_name)
     rows = []
     sites = wb.lm.anatomy.linears
@@ -328,11 +345,15 @@ def gptq_speed(n_linears: int, fmt_name: str = "Q4_0") -> list[dict]:
     for site in sites[::step][:n_linears]:
         w = wb.lm.model.get_submodule(site.name).weight.detach().float()
         h = hess.get(site.name)
-        out = {}
-        for label, block in (("lazy_batch_128", 128), ("column_loop", 1)):
-            t = time.perf_counter()
-            q = formats.gptq_quantize(w, h, fmt, act_order=True, block=block)
-            out[label] = (time.perf_counter() - t, fmt.dequantize(q))
+        out: dict[str, tuple[float, torch.Tensor]] = {}
+        if not rows:
+            formats.gptq_quantize(w, h, fmt, act_order=True, block=128)  # warm-up (first-call allocations)
+        for _ in range(reps):
+            for label, block in (("lazy_batch_128", 128), ("column_loop", 1)):
+                t = time.perf_counter()
+                q = formats.gptq_quantize(w, h, fmt, act_order=True, block=block)
+                s = time.perf_counter() - t
+                out[label] = (min(s, out[label][0]) if label in out else s, fmt.dequantize(q))
         a, b = out["lazy_batch_128"][1], out["column_loop"][1]
         rows.append(
             {
@@ -344,6 +365,7 @@ def gptq_speed(n_linears: int, fmt_name: str = "Q4_0") -> list[dict]:
                 "speedup": round(out["column_loop"][0] / out["lazy_batch_128"][0], 2),
                 "max_abs_diff": float((a - b).abs().max()),
                 "share_equal": float((a == b).float().mean()),
+                "reps": reps,
                 "weight_rms": float(w.pow(2).mean().sqrt()),
             }
         )
@@ -402,7 +424,8 @@ def main() -> None:
         tot_loop = sum(r["column_loop_s"] for r in res["gptq"])
         print(
             f"GPTQ on {len(res['gptq'])} linears: column loop {tot_loop:.2f} s, lazy batch {tot_lazy:.2f} s, "
-            f"speed-up {tot_loop / tot_lazy:.2f}x; max |diff| {max(r['max_abs_diff'] for r in res['gptq']):.3g}"
+            f"speed-up {tot_loop / tot_lazy:.2f}x; max |diff| {max(r['max_abs_diff'] for r in res['gptq']):.3g}, "
+            f"weights equal: {min(r['share_equal'] for r in res['gptq']):.5f} (worst linear)"
         )
         return
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from autocompress._io import atomic_write_text
-from autocompress.compress import apply_plan_to, calibration_hessians, clear_cache
+from autocompress.compress import apply_plan_to
 from autocompress.evaluate import Evaluator
 from autocompress.model.loading import state_dict_hash
 from autocompress.plan import BlockChoice, LayerChoice, ModelRef, Plan
@@ -86,13 +86,14 @@ def main() -> None:
     ev = Evaluator(wb.lm.model, wb.data, "causal-lm")
     base_ppl = ev.base_full().ppl
     t_h = time.perf_counter()
-    calibration_hessians(wb.lm.model, a, wb.data)
+    wb.hessians()
     hess_s = time.perf_counter() - t_h
     print(f"setup {time.perf_counter() - t0:.0f} s (Hessians {hess_s:.1f} s); base ppl {base_ppl:.2f}")
 
     def score(kw: dict, with_stats: bool = True) -> tuple[float, float, float]:
         t = time.perf_counter()
-        model = apply_plan_to(wb.lm.model, a, Plan(model=ref, provenance=prov, **kw), wb.stats if with_stats else None)
+        plan = Plan(model=ref, provenance=prov, **kw)
+        model = apply_plan_to(wb.lm.model, a, plan, wb.stats if with_stats else None, cache=wb.variants)
         apply_s = time.perf_counter() - t
         return ev.full(model).ppl, ev.proxy(model).kl, apply_s
 
@@ -121,10 +122,10 @@ def main() -> None:
         drop_blocks=tuple(sorted(wb.stats.drop_order()[:1])),
     )
     times, hashes = [], []
-    clear_cache()
+    wb.variants.clear()
     for _ in range(2):
         t = time.perf_counter()
-        model = apply_plan_to(wb.lm.model, a, trial, wb.stats)
+        model = apply_plan_to(wb.lm.model, a, trial, wb.stats, cache=wb.variants)
         applied = time.perf_counter() - t
         ev.proxy(model)
         times.append((applied, time.perf_counter() - t))

@@ -101,8 +101,8 @@ def test_search_apply_resume(capsys, tmp_path, umask_027):
 
     plan = max(pareto["pareto"], key=lambda c: c["metrics"]["kl"])["plan_path"]
     hashes = []
-    for name in ("x1", "x2"):
-        code, out, err = run(["apply", plan, "--out", str(tmp_path / name)], capsys)
+    for name, device in (("x1", []), ("x2", ["--device", "cpu"])):  # auto is the CPU here: the same weights
+        code, out, err = run(["apply", plan, "--out", str(tmp_path / name), *device], capsys)
         assert code == 0, err
         hashes.append(_weight_hash(out))
         assert (tmp_path / name / "plan.yaml").is_file() and (tmp_path / name / "model.safetensors").is_file()
@@ -114,8 +114,9 @@ def test_search_apply_resume(capsys, tmp_path, umask_027):
 
     storage = f"sqlite:///{sdir / 'study.db'}"
     before = {t.number: t.values for t in optuna.load_study(study_name="t", storage=storage).trials if t.values}
-    code, out, err = run(
-        ["search", "--out", str(studies), "--study", "t", "--trials", "12", "--hw", "jetson", *TINY], capsys
+    code, out, err = run(  # --device is not part of the study: the run resumes
+        ["search", "--out", str(studies), "--study", "t", "--trials", "12", "--hw", "jetson", "--device", "cpu", *TINY],
+        capsys,
     )
     assert code == 0, err
     after = optuna.load_study(study_name="t", storage=storage)

@@ -240,6 +240,23 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     "search/option-not-an-integer": (lambda t: _search(t, "--trials", "abc"), "Invalid value for '--trials'"),
     "llamacpp build/unknown-option": (lambda t: ["llamacpp", "build", "--jobs", "3"], "No such option"),
     "llamacpp where/extra-argument": (lambda t: ["llamacpp", "where", "bin"], "unexpected extra argument"),
+    # --device: malformed, or a GPU this machine does not have (none on a CPU-only box, not 99 on any)
+    "search/device-malformed": (lambda t: _search(t, "--device", "gpu"), "--device must be auto, cpu, cuda or cuda:N"),
+    "search/device-absent-gpu": (lambda t: _search(t, "--device", "cuda:99"), "--device cuda:99"),
+    "worker/device-malformed": (
+        lambda t: ["worker", "--study", "x", "--storage", str(t / "s.log"), "--device", "cpu:1"],
+        "--device must be",
+    ),
+    "apply/device-absent-gpu": (lambda t: [*_apply(t, lambda d: None), "--device", "cuda:99"], "--device cuda:99"),
+    "evaluate/device-malformed": (lambda t: ["evaluate", "--device", "tpu"], "got 'tpu'"),
+    "export/device-malformed": (
+        lambda t: ["export", *_no_study(t, "--studies"), "--out", str(t / "x"), "--pareto", "--device", "mps"],
+        "got 'mps'",
+    ),
+    "recover/device-absent-gpu": (
+        lambda t: ["recover", *_no_study(t, "--out"), "--pareto", "--device", "cuda:99"],
+        "--device cuda:99",
+    ),
 }
 
 

@@ -5,18 +5,8 @@ prune → quantize
 (RTN or GPTQ) → activation fake-quant hooks. GPTQ and SVD-LLM read calibration Hessians (``hessian.py``).
 """
 
-from autocompress.compress.apply import (
-    CacheInfo,
-    apply_plan_to,
-    cache_info,
-    clear_cache,
-    compress_weight,
-    decompose,
-    needs_hessians,
-    set_cache_limit,
-    set_disk_cache,
-)
-from autocompress.compress.gptq import gptq_quantize
+from autocompress.compress.apply import apply_plan_to, compress_weight, decompose, needs_hessians
+from autocompress.compress.gptq import GPTQSettings, gptq_quantize
 from autocompress.compress.hessian import Hessians, calibration_hessians, collect_hessians, find_hessians
 from autocompress.compress.lowrank import (
     SVD,
@@ -39,16 +29,17 @@ from autocompress.compress.prune import (
 )
 from autocompress.compress.quantize import rtn_quantize, rtn_scales
 from autocompress.compress.structure import dense_weight, drop_blocks, shrink_heads, shrink_mlp, slice_linear
+from autocompress.compress.variants import CacheInfo, VariantCache
 
 __all__ = [
     "SVD",
     "CacheInfo",
+    "GPTQSettings",
     "Hessians",
+    "VariantCache",
     "apply_plan_to",
     "asvd_of",
-    "cache_info",
     "calibration_hessians",
-    "clear_cache",
     "collect_hessians",
     "compress_weight",
     "decompose",
@@ -68,8 +59,6 @@ __all__ = [
     "prune_scores",
     "rtn_quantize",
     "rtn_scales",
-    "set_cache_limit",
-    "set_disk_cache",
     "shrink_heads",
     "shrink_mlp",
     "slice_linear",

@@ -20,38 +20,36 @@ Order (each step sees the result of the previous one):
    to a symmetric int8 grid (the module's weights and names are unchanged).
 
 GPTQ and SVD-LLM need the calibration Hessians (``hessian.py``): passed as ``hessians=``, or found
-by (model hash, ``plan.provenance.data_hash``) among those collected before in this process or
-on disk.
+on disk by (model hash, ``plan.provenance.data_hash``); GPTQ's damp / act-order come as
+``gptq=`` (a ``GPTQSettings``; the default is what plans are applied with).
 
 Input norms of layers whose inputs shrank in step 1 (o-proj, down/fc2) are indexed by the kept
-channels. Compressed per-linear results (and full SVDs, so any rank reuses them) are kept in a
-module-level LRU cache bounded by bytes: re-applying a choice already seen costs a copy.
-With ``set_disk_cache(folder)`` (or the environment variable ``AUTOCOMPRESS_VARIANT_CACHE``)
-compressed results are also kept on disk as safetensors, so another process (a search worker,
-a resumed study) starts warm.
+channels. With ``cache=`` (a ``VariantCache``, owned by the caller: the workbench has one),
+compressed per-linear results (and full SVDs, so any rank reuses them) are kept in memory under a
+byte bound, and on disk when the cache has a folder: re-applying a choice already seen costs a copy.
+
+The work happens on the device of ``model``'s weights (a CUDA model is compressed on its GPU); the
+Hessians are brought there one linear at a time.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
-import os
-import tempfile
-from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from autocompress import formats
-from autocompress.compress import gptq
+from autocompress.compress.gptq import PLAN_SETTINGS, GPTQSettings
 from autocompress.compress.hessian import Hessians, find_hessians
 from autocompress.compress.lowrank import SVD, asvd_of, factorized_module, factors_from_svd, svd_of, whitened_svd_of
 from autocompress.compress.prune import prune_mask
 from autocompress.compress.structure import dense_weight, drop_blocks, shrink_heads, shrink_mlp
+from autocompress.compress.variants import VariantCache
+from autocompress.device import cache_tag
 from autocompress.errors import PlanError
 from autocompress.plan import LayerChoice, Plan
 
@@ -59,81 +57,8 @@ if TYPE_CHECKING:
     from autocompress.calib import ActivationStats
     from autocompress.model.anatomy import LinearSite, ModelAnatomy
 
-DEFAULT_CACHE_BYTES = 1_500_000_000
-DISK_FORMAT = "v2"  # part of every on-disk key: bump when a technique's arithmetic changes
 ACT_QMAX = 127
-
-
-@dataclass(frozen=True)
-class CacheInfo:
-    """Size and hit counters of the per-linear result / SVD cache."""
-
-    entries: int
-    bytes: int
-    max_bytes: int
-    hits: int
-    misses: int
-
-
-class _ByteLRU:
-    """Least-recently-used cache of tensors (or SVDs) bounded by their total size in bytes."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = int(max_bytes)
-        self._items: OrderedDict[tuple, tuple[Any, int]] = OrderedDict()
-        self.bytes = self.hits = self.misses = 0
-
-    def get(self, key: tuple) -> Any | None:
-        item = self._items.get(key)
-        if item is None:
-            self.misses += 1
-            return None
-        self._items.move_to_end(key)
-        self.hits += 1
-        return item[0]
-
-    def put(self, key: tuple, value: Any, nbytes: int) -> None:
-        if nbytes > self.max_bytes or key in self._items:
-            return
-        self._items[key] = (value, nbytes)
-        self.bytes += nbytes
-        self.evict()
-
-    def evict(self) -> None:
-        while self.bytes > self.max_bytes and self._items:
-            _, (_, nbytes) = self._items.popitem(last=False)
-            self.bytes -= nbytes
-
-    def clear(self) -> None:
-        self._items.clear()
-        self.bytes = self.hits = self.misses = 0
-
-
-_CACHE = _ByteLRU(DEFAULT_CACHE_BYTES)
-_DISK: list[Path | None] = [
-    Path(os.environ["AUTOCOMPRESS_VARIANT_CACHE"]) if os.environ.get("AUTOCOMPRESS_VARIANT_CACHE") else None
-]
-
-
-def set_disk_cache(folder: str | Path | None) -> None:
-    """Also keep compressed per-linear results as safetensors in ``folder`` (None: memory only)."""
-    _DISK[0] = Path(folder) if folder is not None else None
-
-
-def clear_cache() -> None:
-    """Empty the per-linear result and SVD cache (and reset its counters)."""
-    _CACHE.clear()
-
-
-def set_cache_limit(max_bytes: int) -> None:
-    """Bound the cache to ``max_bytes`` (0 disables it), evicting the oldest entries now if needed."""
-    _CACHE.max_bytes = int(max_bytes)
-    _CACHE.evict()
-
-
-def cache_info() -> CacheInfo:
-    """Give the cache's size and hit counters."""
-    return CacheInfo(len(_CACHE._items), _CACHE.bytes, _CACHE.max_bytes, _CACHE.hits, _CACHE.misses)
+_NO_CACHE_BYTES = 0  # apply_plan_to without a cache: every variant computed afresh
 
 
 def _digest(t: torch.Tensor | None) -> str | None:
@@ -143,11 +68,11 @@ def _digest(t: torch.Tensor | None) -> str | None:
     return hashlib.sha1(f"{t.dtype}{tuple(t.shape)}".encode() + t.view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
-def _effective(choice: LayerChoice) -> tuple:
+def _effective(choice: LayerChoice, gptq: GPTQSettings = PLAN_SETTINGS) -> tuple:
     """Give only the fields that change the weights (so equivalent choices share cache entries)."""
     q = (choice.format, choice.quant_method) if choice.quantized else None
     if choice.quantized and choice.quant_method == "gptq":
-        q = (*q, tuple(sorted(gptq.settings().items())))
+        q = (*q, tuple(sorted(gptq.kwargs().items())))
     p = (choice.sparsity, choice.sparsity_pattern, choice.prune_method) if choice.pruned else None
     r = (choice.rank_ratio, choice.lowrank_method) if choice.rank_ratio is not None else None
     return q, p, r
@@ -192,28 +117,31 @@ def compress_weight(
     svd: SVD | None = None,
     hessian: torch.Tensor | None = None,
     record: Callable[[formats.QuantizedTensor], None] | None = None,
+    *,
+    gptq: GPTQSettings = PLAN_SETTINGS,
 ) -> tuple[torch.Tensor, ...]:
     """Give the compressed fp32 weight (1-tuple) or low-rank factors (A, B) of one [out, in] weight.
 
     Applies low-rank, then prune, then quantize. ``svd`` may be passed to reuse a cached
     decomposition; ``hessian`` (Σ x xᵀ of the layer's input) is needed by GPTQ and SVD-LLM.
     ``record`` receives the stored tensor (codes and scales) of a quantized, not factorized weight.
+    ``gptq``: GPTQ's damp / act-order.
     """
     out_f, in_f = weight.shape
     rank = choice.rank_for(out_f, in_f)
     if rank is None:
-        return (_prune_quantize(weight.detach().float(), choice, input_sq_norm, hessian, record),)
+        return (_prune_quantize(weight.detach().float(), choice, input_sq_norm, hessian, record, gptq),)
     if record is not None:
         raise PlanError("a low-rank linear is two stored tensors, not one: no packed exporter takes it")
     if svd is None:
         svd = decompose(weight, choice.lowrank_method, input_sq_norm, hessian)
     A, B = factors_from_svd(svd, min(rank, out_f, in_f))
-    A = _prune_quantize(A, choice, input_sq_norm, hessian)
+    A = _prune_quantize(A, choice, input_sq_norm, hessian, gptq=gptq)
     # the second factor's inputs are A·x: their squared norms, assuming uncorrelated input channels
     mid_norm = (A.double().square() @ input_sq_norm.double()).float() if input_sq_norm is not None else None
-    gptq = choice.quantized and choice.quant_method == "gptq"
-    mid_h = (A.double() @ hessian.double() @ A.double().t()).float() if gptq and hessian is not None else None
-    return A, _prune_quantize(B, choice, mid_norm, mid_h)
+    by_gptq = choice.quantized and choice.quant_method == "gptq"
+    mid_h = (A.double() @ hessian.double() @ A.double().t()).float() if by_gptq and hessian is not None else None
+    return A, _prune_quantize(B, choice, mid_norm, mid_h, gptq=gptq)
 
 
 def _prune_quantize(
@@ -222,13 +150,14 @@ def _prune_quantize(
     input_sq_norm: torch.Tensor | None,
     hessian: torch.Tensor | None = None,
     record: Callable[[formats.QuantizedTensor], None] | None = None,
+    gptq: GPTQSettings = PLAN_SETTINGS,
 ) -> torch.Tensor:
     mask = None
     if choice.pruned:
         mask = prune_mask(w, choice.sparsity, choice.sparsity_pattern, choice.prune_method, input_sq_norm)
         w = w.masked_fill(~mask, 0.0)
     if choice.quantized:
-        q = stored_tensor(w, choice, input_sq_norm, hessian, mask)
+        q = stored_tensor(w, choice, input_sq_norm, hessian, mask, gptq=gptq)
         if record is not None:
             record(q)
         w = _read_back(q, choice, mask)
@@ -248,6 +177,8 @@ def stored_tensor(
     input_sq_norm: torch.Tensor | None = None,
     hessian: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
+    *,
+    gptq: GPTQSettings = PLAN_SETTINGS,
 ) -> formats.QuantizedTensor:
     """Give ``w`` [out, in] as the choice's format stores it: codes and scale data (what a packed
     exporter writes; ``quantize_tensor`` is its dequantized value)."""
@@ -257,7 +188,7 @@ def stored_tensor(
     if choice.quant_method == "gptq":
         if hessian is None:
             raise PlanError("quant_method gptq needs the calibration Hessians")
-        return formats.gptq_quantize(w, hessian, fmt, mask=mask, **gptq.settings())
+        return formats.gptq_quantize(w, hessian.to(w.device), fmt, mask=mask, **gptq.kwargs())
     if choice.quant_method == "imatrix":
         if input_sq_norm is None:
             raise PlanError("quant_method imatrix needs activation statistics (the input's squared norms)")
@@ -271,10 +202,12 @@ def quantize_tensor(
     input_sq_norm: torch.Tensor | None = None,
     hessian: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
+    *,
+    gptq: GPTQSettings = PLAN_SETTINGS,
 ) -> torch.Tensor:
     """Give ``w`` [out, in] stored in the choice's format and read back: exactly the values the
     runtime computes with (the format registry's dequantized codes and scales)."""
-    return _read_back(stored_tensor(w, choice, input_sq_norm, hessian, mask), choice, mask)
+    return _read_back(stored_tensor(w, choice, input_sq_norm, hessian, mask, gptq=gptq), choice, mask)
 
 
 def _stats_norm(stats: ActivationStats | None, site: LinearSite, keep: torch.Tensor | None) -> torch.Tensor | None:
@@ -285,10 +218,11 @@ def _stats_norm(stats: ActivationStats | None, site: LinearSite, keep: torch.Ten
         raise PlanError(f"activation statistics have no input norms for {site.name!r}; recollect them for this model")
     if norm.shape != (site.in_features,):
         raise PlanError(f"input norms for {site.name} have shape {tuple(norm.shape)}, expected ({site.in_features},)")
-    return norm.index_select(0, keep) if keep is not None else norm
+    return norm.index_select(0, keep.to(norm.device)) if keep is not None else norm
 
 
 def _compressed(
+    cache: VariantCache,
     model_hash: str,
     site: LinearSite,
     struct_key: str | None,
@@ -296,89 +230,68 @@ def _compressed(
     choice: LayerChoice,
     norm: torch.Tensor | None,
     hessian: tuple[str, Callable[[], torch.Tensor]] | None,
+    gptq: GPTQSettings = PLAN_SETTINGS,
 ) -> tuple[torch.Tensor, ...]:
     """Give compress_weight's result from the memory or disk cache, computing it on a miss.
 
-    ``hessian`` is (data hash, loader): the matrix is only materialised on a miss.
+    ``hessian`` is (data hash, loader): the matrix is only materialised on a miss. The key holds the
+    weight's dtype (a bf16 copy of a model compresses to other values than its fp32 original).
     """
     norm = norm if _needs_stats(choice) else None
     hessian = hessian if _needs_hessian(choice) else None
     h_id = hessian[0] if hessian is not None else None
-    key = ("linear", model_hash, site.name, tuple(weight.shape), struct_key, _effective(choice), _digest(norm), h_id)
-    result = _CACHE.get(key)
+    shape = _shape_key(weight)
+    key = ("linear", model_hash, site.name, shape, struct_key, _effective(choice, gptq), _digest(norm), h_id)
+    result = cache.get(key)
     if result is None:
-        result = _disk_get(key)
+        result = cache.disk_get(key)
     if result is None:
         h = hessian[1]() if hessian is not None else None
+        if h is not None:
+            h = h.to(weight.device)
+        n = norm.to(weight.device) if norm is not None else None
         svd = None
         if choice.rank_ratio is not None:
             method = choice.lowrank_method
             dep = _digest(norm) if method == "asvd" else h_id if method == "svd-llm" else None
-            svd_key = ("svd", model_hash, site.name, tuple(weight.shape), struct_key, method, dep)
-            svd = _CACHE.get(svd_key)
+            svd_key = ("svd", model_hash, site.name, shape, struct_key, method, dep)
+            svd = cache.get(svd_key)
             if svd is None:
                 try:
-                    svd = decompose(weight, method, norm, h)
+                    svd = decompose(weight, method, n, h)
                 except PlanError as exc:
                     raise PlanError(f"{site.name}: {exc}") from None
-                _CACHE.put(svd_key, svd, svd.nbytes)
+                cache.put(svd_key, svd, svd.nbytes)
         try:
-            result = compress_weight(weight, choice, norm, svd, h)
+            result = compress_weight(weight, choice, n, svd, h, gptq=gptq)
         except PlanError as exc:
             raise PlanError(f"{site.name}: {exc}") from None
-        _disk_put(key, result)
-    _CACHE.put(key, result, sum(t.numel() * t.element_size() for t in result))
+        result = tuple(t.cpu() for t in result)  # the cache's bound is host memory (a no-op on the CPU)
+        cache.disk_put(key, result)
+    cache.put(key, result, sum(t.numel() * t.element_size() for t in result))
     return result
 
 
-def _compressed_table(model_hash: str, name: str, weight: torch.Tensor, choice: LayerChoice) -> torch.Tensor:
+def _shape_key(weight: torch.Tensor) -> tuple:
+    """Give the weight's shape, with its dtype when not float32 (so fp32 keys stay those of earlier versions)."""
+    shape = tuple(weight.shape)
+    return shape if weight.dtype == torch.float32 else (*shape, str(weight.dtype))
+
+
+def _compressed_table(
+    cache: VariantCache, model_hash: str, name: str, weight: torch.Tensor, choice: LayerChoice
+) -> torch.Tensor:
     """Give the token embedding / output head table in the choice's format (memory / disk cached)."""
-    key = ("table", model_hash, name, tuple(weight.shape), _effective(choice))
-    result = _CACHE.get(key) or _disk_get(key)
+    key = ("table", model_hash, name, _shape_key(weight), _effective(choice))
+    result = cache.get(key) or cache.disk_get(key)
     if result is None:
         try:
-            result = (quantize_tensor(weight.detach().float(), choice),)
+            result = (quantize_tensor(weight.detach().float(), choice).cpu(),)
         except PlanError as exc:
             raise PlanError(f"{name}: {exc}") from None
-        _disk_put(key, result)
-    _CACHE.put(key, result, result[0].numel() * result[0].element_size())
+        cache.disk_put(key, result)
+    cache.put(key, result, result[0].numel() * result[0].element_size())
     return result[0]
-
-
-def _disk_file(key: tuple) -> Path | None:
-    folder = _DISK[0]
-    if folder is None:
-        return None
-    return folder / f"{hashlib.sha256(repr((DISK_FORMAT, key)).encode()).hexdigest()[:40]}.safetensors"
-
-
-def _disk_get(key: tuple) -> tuple[torch.Tensor, ...] | None:
-    path = _disk_file(key)
-    if path is None or not path.is_file():
-        return None
-    from safetensors.torch import load_file
-
-    try:
-        tensors = load_file(str(path))
-        return tuple(tensors[str(i)] for i in range(len(tensors)))
-    except Exception:  # a damaged file is a miss; it is rewritten
-        return None
-
-
-def _disk_put(key: tuple, result: tuple[torch.Tensor, ...]) -> None:
-    path = _disk_file(key)
-    if path is None:
-        return
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({str(i): t.contiguous() for i, t in enumerate(result)}, tmp)
-        os.replace(tmp, path)
-    except OSError:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def _check_stats_present(anatomy: ModelAnatomy, plan: Plan, stats: ActivationStats | None) -> None:
@@ -397,13 +310,13 @@ def needs_hessians(plan: Plan) -> bool:
     return any(_needs_hessian(c) for c in (plan.default, *plan.layers.values()))
 
 
-def _resolve_hessians(anatomy: ModelAnatomy, plan: Plan, hessians: Hessians | None) -> Hessians | None:
+def _resolve_hessians(anatomy: ModelAnatomy, plan: Plan, hessians: Hessians | None, tag: str) -> Hessians | None:
     needing = [
         s.name for s in anatomy.linears if s.block not in plan.drop_blocks and _needs_hessian(plan.choice_for(s.name))
     ]
     if not needing:
         return None
-    found = hessians if hessians is not None else find_hessians(anatomy, plan.provenance.data_hash)
+    found = hessians if hessians is not None else find_hessians(anatomy, plan.provenance.data_hash, tag)
     if found is None:
         raise PlanError(
             f"{needing[0]} uses GPTQ or SVD-LLM, which need calibration Hessians: collect them once with "
@@ -433,6 +346,9 @@ def apply_plan_to(
     hessians: Hessians | None = None,
     stored: dict[str, formats.QuantizedTensor] | None = None,
     share_base: bool = False,
+    cache: VariantCache | None = None,
+    gptq: GPTQSettings = PLAN_SETTINGS,
+    device: torch.device | None = None,
 ) -> nn.Module:
     """Give the model compressed as the plan says (a deep copy unless ``inplace``); see the module doc for the order.
 
@@ -444,10 +360,16 @@ def apply_plan_to(
     ``share_base``: instead of a deep copy, a copy of the module tree that shares every tensor the
     plan leaves unchanged with ``model`` (copying only the weights it writes): the cheap way to
     evaluate a plan, for callers that only run the result, never train or edit it in place.
+    ``cache``: the variant cache to read and fill (keyed by ``anatomy.model_hash``: give a model
+    edited in place a cache of its own); without one every variant is computed afresh.
+    ``gptq``: GPTQ's damp / act-order (the default is what plans are applied with).
+    ``device``: where each linear is compressed (None: where the model's weights are); the result is
+    written back into the model where it lives.
     """
+    cache = cache if cache is not None else VariantCache(_NO_CACHE_BYTES)
     plan.validate(anatomy)
     _check_stats_present(anatomy, plan, stats)
-    hess = _resolve_hessians(anatomy, plan, hessians)
+    hess = _resolve_hessians(anatomy, plan, hessians, cache_tag(model))
     work = model
     if not inplace:
         work = shared_copy(model, _written(anatomy, plan)) if share_base else copy.deepcopy(model)
@@ -469,9 +391,9 @@ def apply_plan_to(
             if site.block in dropped:
                 continue
             if _changes_weight(choice):
-                _compress_site(
-                    work, anatomy.model_hash, site, choice, stats, hess, in_keep.get(site.name), struct_keys, stored
-                )
+                keep = in_keep.get(site.name)
+                where = (cache, anatomy.model_hash, device)
+                _compress_site(work, where, site, choice, stats, hess, keep, struct_keys, stored, gptq)
             if choice.act_bits < 16:
                 work.get_submodule(site.name).register_forward_pre_hook(_fake_quant_input)
         for emb in anatomy.embeddings:
@@ -482,7 +404,7 @@ def apply_plan_to(
                     stored[emb.name] = stored_tensor(weight.detach().float(), choice)
                     weight.copy_(choice.fmt.dequantize(stored[emb.name]))
                 else:
-                    weight.copy_(_compressed_table(anatomy.model_hash, emb.name, weight, choice))
+                    weight.copy_(_compressed_table(cache, anatomy.model_hash, emb.name, weight, choice))
         if dropped:
             drop_blocks(work, sorted(dropped))
     return work
@@ -512,7 +434,7 @@ def shared_copy(model: nn.Module, own: set[str]) -> nn.Module:
 
 def _compress_site(
     work: nn.Module,
-    model_hash: str,
+    where: tuple[VariantCache, str, torch.device | None],
     site: LinearSite,
     choice: LayerChoice,
     stats: ActivationStats | None,
@@ -520,33 +442,48 @@ def _compress_site(
     keep: torch.Tensor | None,
     struct_keys: dict[str, str],
     stored: dict[str, formats.QuantizedTensor] | None = None,
+    gptq: GPTQSettings = PLAN_SETTINGS,
 ) -> None:
+    cache, model_hash, device = where
     module = work.get_submodule(site.name)
     weight = dense_weight(module)
+    src = weight if device is None else weight.to(device)  # the weight where it is compressed
     norm = _stats_norm(stats, site, keep)
     hessian = None
     if hess is not None:
 
         def load(name: str = site.name) -> torch.Tensor:
             h = hess.get(name)
-            return h if keep is None else h.index_select(0, keep).index_select(1, keep)
+            if keep is None:
+                return h
+            k = keep.to(h.device)
+            return h.index_select(0, k).index_select(1, k)
 
         hessian = (hess.data_hash, load)
     if stored is not None and choice.quantized:  # the stored tensor is wanted: computed afresh, not cached
-        h = hessian[1]() if hessian is not None and _needs_hessian(choice) else None
+        h = hessian[1]().to(src.device) if hessian is not None and _needs_hessian(choice) else None
         try:
-            n = norm if _needs_stats(choice) else None
-            result = compress_weight(weight, choice, n, None, h, lambda q: stored.__setitem__(site.name, q))
+            n = norm.to(src.device) if norm is not None and _needs_stats(choice) else None
+            result = compress_weight(
+                src, choice, n, None, h, lambda q: stored.__setitem__(site.name, _on_cpu(q)), gptq=gptq
+            )
         except PlanError as exc:
             raise PlanError(f"{site.name}: {exc}") from None
     else:
-        result = _compressed(model_hash, site, struct_keys.get(site.name), weight, choice, norm, hessian)
+        result = _compressed(cache, model_hash, site, struct_keys.get(site.name), src, choice, norm, hessian, gptq)
     if len(result) == 1:
         weight.copy_(result[0])
     else:
         bias = getattr(module, "bias", None)
-        A, B = (t.to(weight.dtype, copy=True) for t in result)
+        A, B = (t.to(weight.device, weight.dtype, copy=True) for t in result)
         work.set_submodule(site.name, factorized_module(A, B, bias))
+
+
+def _on_cpu(q: formats.QuantizedTensor) -> formats.QuantizedTensor:
+    """Give ``q`` with its codes and scales on the CPU (what the exporters write; a no-op there)."""
+    if q.codes.device.type == "cpu":
+        return q
+    return formats.QuantizedTensor(q.format, q.shape, q.codes.cpu(), {k: v.cpu() for k, v in q.params.items()})
 
 
 def _record(

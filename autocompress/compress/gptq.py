@@ -13,6 +13,8 @@ too, as in SparseGPT.
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+
 import torch
 
 from autocompress.compress.quantize import FULL_PRECISION_BITS, fake_quantize, grid_of
@@ -20,16 +22,26 @@ from autocompress.errors import PlanError
 
 DAMP = 0.01  # fraction of the mean Hessian diagonal added to it (the GPTQ paper's default)
 BLOCK = 128  # columns per lazy batch update
-# what ``apply_plan_to`` uses for quant_method gptq (module-level so a benchmark can compare settings).
-# act-order measured on SmolLM2-135M, g128: ppl 29.7 → 23.9 at 4-bit sym, 85.7 → 52.5 at 3-bit asym.
-PLAN_DAMP = 0.01
-PLAN_ACT_ORDER = True
 
 
-def settings() -> dict[str, float | bool]:
-    """Give the damp / act_order that plans with quant_method gptq are applied with (part of cache keys;
-    ``autocompress.formats.gptq_quantize`` takes them as keywords)."""
-    return {"damp": PLAN_DAMP, "act_order": PLAN_ACT_ORDER}
+@dataclass(frozen=True)
+class GPTQSettings:
+    """How plans with quant_method gptq are applied (an argument of ``apply_plan_to``, part of its
+    cache keys; ``kwargs()`` are ``autocompress.formats.gptq_quantize``'s keywords).
+
+    The default is what every plan is applied with. act-order measured on SmolLM2-135M, g128: ppl
+    29.7 → 23.9 at 4-bit sym, 85.7 → 52.5 at 3-bit asym.
+    """
+
+    damp: float = DAMP
+    act_order: bool = True
+
+    def kwargs(self) -> dict[str, float | bool]:
+        """Give the settings as keywords of ``formats.gptq_quantize``."""
+        return asdict(self)
+
+
+PLAN_SETTINGS = GPTQSettings()
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, damp: float = DAMP) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,8 +10,11 @@ one block's matrices and one block's activations, never the whole set. They are 
 complete) and read back one matrix at a time, with only the last few kept in memory: peak memory
 while compressing is one block's matrices, not the model's.
 
-``apply_plan_to`` finds them by the plan's ``provenance.data_hash``; ``calibration_hessians``
-(called once, e.g. by the workbench) is what collects and registers them.
+``calibration_hessians`` collects them (or finds them on disk); its caller keeps the result (the
+workbench holds its own: ``Workbench.hessians()``) and passes it to ``apply_plan_to``, which
+otherwise looks for them on disk by the plan's ``provenance.data_hash``. Nothing is kept per process.
+Collection runs on the device of the model's weights (the matrices accumulate there, in float32)
+and each finished block goes to disk (or CPU memory), so the device holds one block's.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from torch import nn
 
 from autocompress._io import follow_umask
 from autocompress.calib import run_blockwise
+from autocompress.device import cache_tag
 
 if TYPE_CHECKING:
     from autocompress.calib import TokenData
@@ -134,14 +138,12 @@ def collect_hessians(
     return sums
 
 
-_REGISTRY: dict[tuple[str, str], Hessians] = {}
-
-
-def _path(model_hash: str, data_hash: str) -> Path:
-    """Give the folder of per-block files (the single file of earlier versions has this name + .safetensors)."""
+def _path(model_hash: str, data_hash: str, tag: str = "") -> Path:
+    """Give the folder of per-block files (the single file of earlier versions has this name + .safetensors);
+    ``tag``: ``device.cache_tag`` of the model that computes them (bf16 Hessians are kept apart)."""
     from autocompress.model.loading import cache_dir
 
-    return cache_dir() / "hessians" / f"{model_hash[:16]}-{data_hash[:16]}"
+    return cache_dir() / "hessians" / f"{model_hash[:16]}-{data_hash[:16]}{tag}"
 
 
 def _keys(anatomy: ModelAnatomy) -> dict[str, str]:
@@ -153,46 +155,40 @@ def _files(anatomy: ModelAnatomy) -> dict[str, str]:
     return {input_key(site): f"block-{site.block}.safetensors" for site in anatomy.linears}
 
 
-def find_hessians(anatomy: ModelAnatomy, data_hash: str | None) -> Hessians | None:
-    """Give the Hessians of this model on this data if collected before (this process or on disk), else None."""
+def find_hessians(anatomy: ModelAnatomy, data_hash: str | None, tag: str = "") -> Hessians | None:
+    """Give the Hessians of this model on this data if collected before into the disk cache, else None
+    (``tag``: ``device.cache_tag`` of the model they were computed with)."""
     if data_hash is None:
         return None
-    found = _REGISTRY.get((anatomy.model_hash, data_hash))
-    if found is None:
-        folder = _path(anatomy.model_hash, data_hash)
-        single = folder.with_name(folder.name + ".safetensors")
-        path = folder if (folder / COMPLETE).is_file() else single if single.is_file() else None
-        if path is not None:
-            found = _REGISTRY[(anatomy.model_hash, data_hash)] = Hessians(
-                anatomy.model_hash, data_hash, _keys(anatomy), path=path, files=_files(anatomy)
-            )
-    return found
+    folder = _path(anatomy.model_hash, data_hash, tag)
+    single = folder.with_name(folder.name + ".safetensors")
+    path = folder if (folder / COMPLETE).is_file() else single if single.is_file() else None
+    if path is None:
+        return None
+    return Hessians(anatomy.model_hash, data_hash, _keys(anatomy), path=path, files=_files(anatomy))
 
 
 def calibration_hessians(model: nn.Module, anatomy: ModelAnatomy, data: TokenData, use_cache: bool = True) -> Hessians:
-    """Give the Hessians of ``model`` on ``data.calib``: from memory, disk, or collected now (then cached).
+    """Give the Hessians of ``model`` on ``data.calib``: from disk, or collected now (then cached on disk).
 
     With the cache, each block's matrices go to disk as the block finishes (memory holds one
-    block's); without it, all are kept in memory.
+    block's); without it, all are kept in (CPU) memory. The caller keeps the result.
     """
-    found = find_hessians(anatomy, data.data_hash) if use_cache else None
+    found = find_hessians(anatomy, data.data_hash, cache_tag(model)) if use_cache else None
     if found is not None:
         return found
     keys = _keys(anatomy)
     if not use_cache:
-        tensors = collect_hessians(model, anatomy, data.calib)
-        found = Hessians(anatomy.model_hash, data.data_hash, keys, tensors)
-    else:
-        found = _collect_to_disk(model, anatomy, data, keys)
-    _REGISTRY[(anatomy.model_hash, data.data_hash)] = found
-    return found
+        tensors = {k: v.cpu() for k, v in collect_hessians(model, anatomy, data.calib).items()}
+        return Hessians(anatomy.model_hash, data.data_hash, keys, tensors)
+    return _collect_to_disk(model, anatomy, data, keys)
 
 
 def _collect_to_disk(model: nn.Module, anatomy: ModelAnatomy, data: TokenData, keys: dict[str, str]) -> Hessians:
     """Collect block by block into a temporary folder, renamed to the cache's name when complete."""
     from safetensors.torch import save_file
 
-    folder = _path(anatomy.model_hash, data.data_hash)
+    folder = _path(anatomy.model_hash, data.data_hash, cache_tag(model))
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-", suffix=".tmp"))
     files = _files(anatomy)
@@ -201,12 +197,12 @@ def _collect_to_disk(model: nn.Module, anatomy: ModelAnatomy, data: TokenData, k
     def write(block: dict[str, torch.Tensor]) -> None:
         names = {files[k] for k in block}
         if len(names) == 1:
-            save_file({k: v.contiguous() for k, v in block.items()}, str(tmp / names.pop()))
+            save_file({k: v.cpu().contiguous() for k, v in block.items()}, str(tmp / names.pop()))
         else:  # not a single block's (cannot happen with block keys): kept in memory, not guessed
-            kept.update(block)
+            kept.update({k: v.cpu() for k, v in block.items()})
 
     try:
-        kept.update(collect_hessians(model, anatomy, data.calib, block_done=write))
+        kept.update({k: v.cpu() for k, v in collect_hessians(model, anatomy, data.calib, block_done=write).items()})
         (tmp / COMPLETE).write_text("")
         if folder.exists():
             shutil.rmtree(folder, ignore_errors=True)
@@ -216,8 +212,3 @@ def _collect_to_disk(model: nn.Module, anatomy: ModelAnatomy, data: TokenData, k
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return Hessians(anatomy.model_hash, data.data_hash, keys, kept or None, path=folder, files=files)
-
-
-def register_hessians(hessians: Hessians) -> None:
-    """Make ``hessians`` the ones ``apply_plan_to`` finds for their (model hash, data hash)."""
-    _REGISTRY[(hessians.model_hash, hessians.data_hash)] = hessians

@@ -54,7 +54,7 @@ def prune_mask(
         raise PlanError(f"unknown sparsity_pattern {pattern!r}; choose 'unstructured' or '2:4'")
     num_zero = round(sparsity * in_features)
     if num_zero == 0:
-        return torch.ones(out_features, in_features, dtype=torch.bool)
+        return torch.ones(out_features, in_features, dtype=torch.bool, device=weight.device)
     # same result as a stable sort (ties: lower index pruned first), in linear time per row
     score = prune_scores(weight, method, input_sq_norm)
     threshold = score.kthvalue(num_zero, dim=1, keepdim=True).values
@@ -72,7 +72,7 @@ def input_channel_scores(weight: torch.Tensor, input_sq_norm: torch.Tensor | Non
             raise PlanError(
                 f"input norms have shape {tuple(input_sq_norm.shape)}, the weight has {score.numel()} inputs"
             )
-        score = score * input_sq_norm.float().clamp(min=0.0).sqrt()
+        score = score * input_sq_norm.to(score.device).float().clamp(min=0.0).sqrt()
     return score
 
 

@@ -98,7 +98,7 @@ def shrink_mlp(
 
 def _dims(units: torch.Tensor, size: int) -> torch.Tensor:
     """Give the flat indices of the given heads (each ``size`` wide)."""
-    return (units.unsqueeze(1) * size + torch.arange(size)).reshape(-1)
+    return (units.unsqueeze(1) * size + torch.arange(size, device=units.device)).reshape(-1)
 
 
 def shrink_heads(

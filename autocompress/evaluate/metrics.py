@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from autocompress.device import model_device
 from autocompress.errors import AutocompressError
 
 
@@ -17,8 +18,9 @@ class EvaluationError(AutocompressError):
 
 
 def _logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    out = model(input_ids=input_ids)
-    return out.logits.float()
+    """Give the model's logits for ``input_ids`` as float32 on the CPU (the model may compute on a GPU)."""
+    out = model(input_ids=input_ids.to(model_device(model)))
+    return out.logits.float().cpu()
 
 
 def _check_finite(t: torch.Tensor, what: str) -> None:

@@ -79,12 +79,14 @@ def open_study(study: str, out: str | Path = "studies", storage: str | None = No
     )
 
 
-def workbench_for(view: StudyView, plan: Plan, log: Callable[[str], None] | None = None):
-    """Give the Workbench the study's plans were made with (its model and data)."""
+def workbench_for(view: StudyView, plan: Plan, log: Callable[[str], None] | None = None, device: str | None = "cpu"):
+    """Give the Workbench the study's plans were made with (its model and data): the model on the CPU
+    as loaded (what the exporters write), its linears compressed on ``device``."""
     from autocompress.workbench import Workbench
 
     model = (view.settings.get("run") or {}).get("model")
-    return Workbench.for_plan(plan, None if model in (None, "default") else model, log=log)
+    name = None if model in (None, "default") else model
+    return Workbench.for_plan(plan, name, log=log, device=device, model_on_cpu=True)
 
 
 def export_trials(
@@ -97,8 +99,12 @@ def export_trials(
     hw: str = "local",
     threads: int | None = None,
     log: Callable[[str], None] | None = None,
+    device: str | None = "auto",
 ) -> list[dict[str, Any]]:
     """Export each trial to ``out/trial-<N>/`` (HF folder + ``model.onnx`` + ``export.json``); give the records.
+
+    ``device``: where the plans' linears are compressed (auto | cpu | cuda | cuda:N); the model, the
+    exports and their checks stay on the CPU.
 
     With ONNX, the uncompressed model is exported and measured too (``out/baseline.json``), so
     every record says whether the point is measured faster than the base model. ``out/exports.json``
@@ -107,7 +113,7 @@ def export_trials(
     say = log or (lambda _m: None)
     out = Path(out)
     cands = [view.candidate(t) for t in trials]
-    wb = workbench_for(view, cands[0].plan, log=say)
+    wb = workbench_for(view, cands[0].plan, log=say, device=device)
     pred = verify.Predictor.for_hw(hw, view.anatomy)
     threads = threads or pred.threads
     base = None

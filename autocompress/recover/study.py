@@ -106,10 +106,12 @@ def recover_trials(
     storage: str | None = None,
     on_step: Callable[[StepInfo, Any], None] | None = None,
     wb: Workbench | None = None,
+    device: str | None = "auto",
 ) -> list[RecoveredTrial]:
     """Recover ``trials`` (trial numbers, or ``"pareto"`` for the front) of a finished study; give the new trials.
 
-    ``wb``: the study's workbench when the caller has it open (the search), else it is opened here.
+    ``wb``: the study's workbench when the caller has it open (the search), else it is opened here
+    on ``device`` (auto | cpu | cuda | cuda:N: where the distillation trains).
     """
     say = log or (lambda _m: None)
     settings = settings or RecoverySettings()
@@ -122,7 +124,7 @@ def recover_trials(
         return []
     run = stored["run"]
     model = None if run.get("model") in (None, "default") else run["model"]
-    wb = wb or Workbench.open(model, DataConfig(**run["data"]), log=say)
+    wb = wb or Workbench.open(model, DataConfig(**run["data"]), log=say, device=device)
     if wb.data.data_hash != stored.get("data_hash") or wb.lm.anatomy.model_hash != stored.get("model_hash"):
         raise StudyError(f"the model or data here differ from those study {study!r} was run with")
     wb.numerics = stored.get("numerics", "exact")  # evaluate as the study did

@@ -7,8 +7,8 @@ output against the same block's output in the teacher (normalised by the teacher
 
 AdamW, linear warm-up then a constant learning rate: the schedule never depends on the total
 budget, so the first k steps of any run are the same k steps (a run stopped by the clock is a
-prefix of a longer one). bf16 autocast on CPU for both forward passes, fp32 weights and
-optimizer state. Batches come from a seeded permutation of the training sequences per epoch;
+prefix of a longer one). bf16 autocast on the device of the student's weights (CPU or CUDA) for
+both forward passes, the weights and optimizer state in the student's dtype. Batches come from a seeded permutation of the training sequences per epoch;
 dropout is off. With a fixed seed, the same steps, thread count and machine give bit-identical
 weights; a minutes budget stops after whole steps and reports how many, so replaying that many
 steps gives the same weights.
@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from autocompress.device import model_device
 from autocompress.errors import AutocompressError
 from autocompress.model.anatomy import ModelAnatomy
 from autocompress.plan import Plan
@@ -148,13 +149,14 @@ def distill(
     warm = max(settings.warmup_steps, 0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / warm) if warm else 1.0)
     feed = batches(seqs, settings.batch_size, settings.seed)
+    device = model_device(student)
     done = 0
     elapsed = 0.0
     try:
         while (steps is not None and done < steps) or (deadline is not None and elapsed < deadline):
             t0 = time.perf_counter()
-            ids = next(feed)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            ids = next(feed).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16):
                 with torch.no_grad():
                     t_out = _outputs(teacher, ids, hidden)
                 with torch.enable_grad():  # loading a model turns autograd off process-wide

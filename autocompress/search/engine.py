@@ -22,6 +22,7 @@ from optuna.trial import TrialState
 from autocompress._io import atomic_write_text, cache_dir, check_writable
 from autocompress.calib import DataConfig
 from autocompress.compress.numerics import attach
+from autocompress.device import resolve_device
 from autocompress.errors import AutocompressError, BudgetError, StudyError
 from autocompress.evaluate import EvaluationError, Evaluator
 from autocompress.evaluate.ladder import Ladder, merge
@@ -49,7 +50,10 @@ DEFAULT_TIMEOUT_S = 540.0
 FULL_KEY = "full:"  # study user attr prefix: rung-2 results keyed by plan hash
 
 
-optuna.logging.set_verbosity(optuna.logging.WARNING)
+def quiet_optuna() -> None:
+    """Keep Optuna's per-trial INFO lines off the console (called where a search or worker starts,
+    not on import: importing autocompress changes no other library's settings)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def open_storage(storage: str | None, study_dir: Path) -> tuple[Any, str]:
@@ -150,6 +154,7 @@ def search(
     jobs: int = 1,
     log: Callable[[str], None] | None = None,
     progress: Any = None,
+    device: str | None = "auto",
 ) -> SearchResult:
     """Search for Pareto-optimal compression plans of ``model`` on hardware ``hw``.
 
@@ -159,9 +164,12 @@ def search(
     until it holds ``trials`` evaluated trials. ``jobs`` > 1 starts that many worker processes
     in all on the same study (Optuna's own distributed model; other machines can join with
     ``autocompress worker``). ``timeout`` (seconds) stops new trials that long after the first
-    one: set-up (statistics, the sensitivity table) is not charged to it.
+    one: set-up (statistics, the sensitivity table) is not charged to it. ``device``: auto | cpu |
+    cuda | cuda:N, where the model is held and plans are applied and scored (bf16 on a GPU); the
+    plans and their hashes do not depend on it.
     """
     t_start = time.time()
+    quiet_optuna()
     say = log or (lambda _m: None)
     budget = budgets or Budget()
     trials = DEFAULT_TRIALS if trials is None else trials
@@ -173,6 +181,7 @@ def search(
         raise StudyError(f"--jobs must be at least 1, got {jobs}")
     if jobs > 1 and storage is not None and storage.startswith("sqlite:///:memory:"):
         raise StudyError("--jobs needs a storage that several processes can share (not an in-memory database)")
+    resolve_device(device)  # fail fast on a bad device
     profile = load_profile(hw)  # fail fast on a bad profile, before loading anything heavy
     space_obj = SearchSpace.load(space).for_profile(profile)  # its formats; ties where the runtime fuses
     for note in space_obj.removed:
@@ -185,7 +194,7 @@ def search(
     check_fits_memory(
         space_obj, shape, CostModel(profile, shape, prompt_tokens=prompt_tokens, context_tokens=context_tokens)
     )
-    wb = Workbench.open(model, data, log=say)
+    wb = Workbench.open(model, data, log=say, device=device)
     wb.numerics = profile.numerics
     if wb.numerics != "exact":
         say(f"evaluating plans as {profile.runtime} computes them: {wb.numerics} activation rounding emulated")
@@ -247,7 +256,7 @@ def search(
     say(f"set-up: {t_trials - t_start:.1f} s (model, data, statistics, sensitivity table); the time budget starts now")
     deadline = None if timeout is None else t_trials + timeout
     runner = TrialRunner(opt, space_obj, ctx, wb, evaluator, cost_model, budget, study_dir, table)
-    workers = _spawn_workers(jobs - 1, study_name, url, Path(out), trials, deadline, say)
+    workers = _spawn_workers(jobs - 1, study_name, url, Path(out), trials, deadline, say, str(wb.device))
     try:
         runner.run(trials, deadline, progress)
     finally:
@@ -261,7 +270,14 @@ def search(
 
 
 def _spawn_workers(
-    n: int, study: str, url: str, out: Path, trials: int, deadline: float | None, say: Callable[[str], None]
+    n: int,
+    study: str,
+    url: str,
+    out: Path,
+    trials: int,
+    deadline: float | None,
+    say: Callable[[str], None],
+    device: str = "cpu",
 ) -> list[subprocess.Popen]:
     """Start ``n`` ``autocompress worker`` processes on the study; threads are split between processes."""
     if n <= 0:
@@ -284,7 +300,7 @@ def _spawn_workers(
             "--out",
             str(out),
         ]
-        cmd += ["--trials", str(trials), "--index", str(i)]
+        cmd += ["--trials", str(trials), "--index", str(i), "--device", device]
         if deadline is not None:
             cmd += ["--deadline", f"{deadline:.3f}"]
         log_path = out / study / f"worker-{i}.log"
@@ -438,7 +454,8 @@ class TrialRunner:
                 self._stop(trial, 0, f"{source}: {why}")
                 return None
         with self.interrupts.open():  # the time goes here: Ctrl-C stops it at once
-            compressed = self.wb.apply(plan)
+            # evaluation only: the copy shares every tensor the plan leaves unchanged with the base
+            compressed = self.wb.apply(plan, share_base=True)
         with self.wb.evaluating(plan, compressed) as model:
             rows = self.evaluator.proxy_rows
             if rows < 2:

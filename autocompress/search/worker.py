@@ -13,11 +13,12 @@ from typing import Any
 import optuna
 
 from autocompress.calib import DataConfig
+from autocompress.device import resolve_device
 from autocompress.errors import StudyError
 from autocompress.evaluate import Evaluator
 from autocompress.hardware import CostModel, load_profile
 from autocompress.search.budget import Budget
-from autocompress.search.engine import TrialRunner, _sensitivity, open_storage
+from autocompress.search.engine import TrialRunner, _sensitivity, open_storage, quiet_optuna
 from autocompress.search.samplers import SeededSampler, make_sampler
 from autocompress.search.seeding import build_knapsack
 from autocompress.space import SearchSpace, SpaceContext
@@ -33,9 +34,15 @@ def run_worker(
     index: int = 0,
     log: Any = None,
     progress: Any = None,
+    device: str | None = "auto",
 ) -> int:
-    """Evaluate trials of ``study`` until it holds ``trials`` (default: the study's target); give how many this worker did."""
+    """Evaluate trials of ``study`` until it holds ``trials`` (default: the study's target); give how many this worker did.
+
+    ``device``: auto | cpu | cuda | cuda:N, where this worker holds the model and scores plans.
+    """
     say = log or (lambda _m: None)
+    resolve_device(device)  # fail fast, before reading the study
+    quiet_optuna()
     st, url = open_storage(storage, Path(out) / study)
     try:
         settings = optuna.load_study(study_name=study, storage=st).user_attrs.get("settings")
@@ -45,7 +52,7 @@ def run_worker(
         raise StudyError(f"study {study!r} was not created by `autocompress search`; nothing to join")
     run = settings["run"]
     space = SearchSpace.load(run["space"]).for_profile(load_profile(settings["profile"]))
-    wb = Workbench.open(run["model"], DataConfig(**run["data"]), log=say)
+    wb = Workbench.open(run["model"], DataConfig(**run["data"]), log=say, device=device)
     if wb.lm.anatomy.model_hash != settings["model_hash"] or wb.data.data_hash != settings["data_hash"]:
         raise StudyError(f"this machine's model or data differ from study {study!r}'s; refusing to join")
     profile = load_profile(settings["profile"])

@@ -3,8 +3,7 @@ import copy
 import pytest
 import torch
 
-from autocompress.compress import apply_plan_to, cache_info, clear_cache, prune_mask, rtn_quantize, set_cache_limit
-from autocompress.compress.apply import DEFAULT_CACHE_BYTES
+from autocompress.compress import VariantCache, apply_plan_to, prune_mask, rtn_quantize
 from autocompress.errors import PlanError
 from autocompress.model.inspect import block_path
 from autocompress.model.loading import load_model, state_dict_hash
@@ -46,27 +45,56 @@ def test_full_plan_runs_on_every_architecture(any_model):
 def test_deterministic_with_and_without_cache(llama):
     stats = hook_stats(llama)
     plan = _full_plan(llama)
-    clear_cache()
-    first = state_dict_hash(apply_plan_to(llama.model, llama.anatomy, plan, stats))
-    hits = cache_info().hits
-    assert state_dict_hash(apply_plan_to(llama.model, llama.anatomy, plan, stats)) == first
-    assert cache_info().hits > hits
-    clear_cache()
-    assert state_dict_hash(apply_plan_to(llama.model, llama.anatomy, plan, stats)) == first
+    cache = VariantCache()
+    first = state_dict_hash(apply_plan_to(llama.model, llama.anatomy, plan, stats, cache=cache))
+    hits = cache.info().hits
+    assert state_dict_hash(apply_plan_to(llama.model, llama.anatomy, plan, stats, cache=cache)) == first
+    assert cache.info().hits > hits
+    assert state_dict_hash(apply_plan_to(llama.model, llama.anatomy, plan, stats)) == first  # no cache at all
+    cache.clear()
+    assert state_dict_hash(apply_plan_to(llama.model, llama.anatomy, plan, stats, cache=cache)) == first
     other = plan_for(llama, default=INT4)
-    assert state_dict_hash(apply_plan_to(llama.model, llama.anatomy, other, stats)) != first
+    assert state_dict_hash(apply_plan_to(llama.model, llama.anatomy, other, stats, cache=cache)) != first
 
 
 def test_cache_limit_zero_gives_same_weights(llama):
     plan = plan_for(llama, default=INT4)
-    ref = state_dict_hash(apply_plan_to(llama.model, llama.anatomy, plan))
-    try:
-        set_cache_limit(0)
-        assert cache_info().bytes == 0
-        assert state_dict_hash(apply_plan_to(llama.model, llama.anatomy, plan)) == ref
-        assert cache_info().entries == 0
-    finally:
-        set_cache_limit(DEFAULT_CACHE_BYTES)
+    cache = VariantCache()
+    ref = state_dict_hash(apply_plan_to(llama.model, llama.anatomy, plan, cache=cache))
+    assert cache.info().bytes > 0
+    cache.set_limit(0)
+    assert cache.info().bytes == 0
+    assert state_dict_hash(apply_plan_to(llama.model, llama.anatomy, plan, cache=cache)) == ref
+    assert cache.info().entries == 0
+
+
+def test_cache_stays_within_its_byte_bound(llama):
+    """A bound smaller than one plan's variants: the cache never holds more bytes than it, and keeps the newest."""
+    plan = plan_for(llama, default=INT4)
+    one = llama.anatomy.linears[0]
+    size = one.out_features * one.in_features * 4  # one float32 variant of the first linear
+    cache = VariantCache(max_bytes=3 * size)
+    apply_plan_to(llama.model, llama.anatomy, plan, cache=cache)
+    info = cache.info()
+    assert 0 < info.bytes <= 3 * size and 0 < info.entries < len(llama.anatomy.linears)
+    last = llama.anatomy.linears[-1]
+    assert any(key[2] == last.name for key in cache._items)  # the most recent variant is kept
+
+
+def test_each_cache_belongs_to_its_model_not_to_the_model_hash(llama):
+    """Weights edited in place keep the model's hash; a cache of their own gives their variants, not the old ones."""
+    plan = plan_for(llama, default=INT4)
+    name = llama.anatomy.linears[0].name
+    old = VariantCache()
+    before = apply_plan_to(llama.model, llama.anatomy, plan, cache=old).get_submodule(name).weight
+    edited = copy.deepcopy(llama.model)
+    with torch.no_grad():
+        for p in edited.parameters():
+            p.mul_(0.5)
+    stale = apply_plan_to(edited, llama.anatomy, plan, cache=old).get_submodule(name).weight
+    fresh = apply_plan_to(edited, llama.anatomy, plan, cache=VariantCache()).get_submodule(name).weight
+    assert torch.equal(stale, before)  # a cache filled from other weights under the same hash: the old variants
+    assert torch.allclose(fresh, 0.5 * before)  # the edited weights' own (RTN scales with the weights)
 
 
 def test_base_untouched_unless_inplace(llama):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import autocompress.compress.apply as apply_mod
-from autocompress.compress import apply_plan_to, clear_cache, collect_hessians, needs_hessians, set_disk_cache
-from autocompress.compress.hessian import Hessians, input_key, register_hessians
+from autocompress.compress import VariantCache, apply_plan_to, collect_hessians, needs_hessians
+from autocompress.compress.hessian import Hessians, input_key
 from autocompress.errors import PlanError
 from autocompress.model.loading import state_dict_hash
 from autocompress.plan import BlockChoice, LayerChoice, Provenance
@@ -47,11 +47,9 @@ def _mixed_plan(loaded):
 def test_mixed_methods_run_on_every_architecture_deterministically(any_model):
     stats, hess = hook_stats(any_model), _hessians(any_model)
     plan = _mixed_plan(any_model)
-    clear_cache()
     model = apply_plan_to(any_model.model, any_model.anatomy, plan, stats, hessians=hess)
     model(_ids(1, 8))
     first = state_dict_hash(model)
-    clear_cache()
     assert state_dict_hash(apply_plan_to(any_model.model, any_model.anatomy, plan, stats, hessians=hess)) == first
 
 
@@ -67,12 +65,16 @@ def test_needs_hessians(llama):
     assert not needs_hessians(plan_for(llama, default=LayerChoice(bits=4, rank_ratio=0.5, lowrank_method="asvd")))
 
 
-def test_hessians_found_by_plan_data_hash_or_refused(llama):
+def test_hessians_found_on_disk_by_plan_data_hash_or_refused(llama, tmp_path, monkeypatch):
+    from autocompress.calib import TokenData
+    from autocompress.compress.hessian import calibration_hessians
+
+    monkeypatch.setenv("AUTOCOMPRESS_CACHE", str(tmp_path))
     plan = plan_for(llama, default=LayerChoice(bits=4, quant_method="gptq"), provenance=Provenance(data_hash="nope"))
     with pytest.raises(PlanError, match="need calibration Hessians"):
         apply_plan_to(llama.model, llama.anatomy, plan)
-    hess = _hessians(llama)
-    register_hessians(hess)
+    data = TokenData(calib=_ids(), proxy=_ids(1), eval=_ids(2), eval_chars=0, data_hash=DATA, source="test")
+    hess = calibration_hessians(llama.model, llama.anatomy, data)  # collected, written to the disk cache
     found = apply_plan_to(llama.model, llama.anatomy, plan.with_provenance(data_hash=DATA))
     given = apply_plan_to(llama.model, llama.anatomy, plan, hessians=hess)
     assert state_dict_hash(found) == state_dict_hash(given)
@@ -105,18 +107,14 @@ def test_act_bits_changes_outputs_not_weights(llama):
 def test_disk_cache_restores_the_same_weights_without_recomputing(llama, tmp_path, monkeypatch):
     stats, hess = hook_stats(llama), _hessians(llama)
     plan = _mixed_plan(llama)
-    clear_cache()
-    set_disk_cache(tmp_path)
-    try:
-        first = state_dict_hash(apply_plan_to(llama.model, llama.anatomy, plan, stats, hessians=hess))
-        assert len(list(tmp_path.glob("*.safetensors"))) > 0
-        clear_cache()
+    first = state_dict_hash(apply_plan_to(llama.model, llama.anatomy, plan, stats, hessians=hess, cache=VariantCache()))
+    writer = VariantCache(folder=tmp_path)
+    assert state_dict_hash(apply_plan_to(llama.model, llama.anatomy, plan, stats, hessians=hess, cache=writer)) == first
+    assert len(list(tmp_path.glob("*.safetensors"))) > 0
 
-        def boom(*_a, **_k):
-            raise AssertionError("recomputed a variant that is on disk")
+    def boom(*_a, **_k):
+        raise AssertionError("recomputed a variant that is on disk")
 
-        monkeypatch.setattr(apply_mod, "compress_weight", boom)
-        assert state_dict_hash(apply_plan_to(llama.model, llama.anatomy, plan, stats, hessians=hess)) == first
-    finally:
-        set_disk_cache(None)
-        clear_cache()
+    monkeypatch.setattr(apply_mod, "compress_weight", boom)
+    reader = VariantCache(folder=tmp_path)  # another process: an empty memory, the same folder
+    assert state_dict_hash(apply_plan_to(llama.model, llama.anatomy, plan, stats, hessians=hess, cache=reader)) == first

@@ -75,7 +75,6 @@ def test_blockwise_stats_equal_a_full_forward(tiny_llama):
 
 def test_hessians_on_disk_per_block_and_read_back_one_at_a_time(tiny_llama, tmp_path, monkeypatch):
     monkeypatch.setenv("AUTOCOMPRESS_CACHE", str(tmp_path))
-    monkeypatch.setattr(hmod, "_REGISTRY", {})
     data = load_token_data(tiny_llama.tokenizer, TINY_DATA)
     a = tiny_llama.anatomy
     ref = collect_hessians(tiny_llama.model, a, data.calib)
@@ -84,7 +83,6 @@ def test_hessians_on_disk_per_block_and_read_back_one_at_a_time(tiny_llama, tmp_
     files = sorted(p.name for p in folder.iterdir())
     assert files == sorted([hmod.COMPLETE] + [f"block-{b.index}.safetensors" for b in a.blocks])
     assert not hess._tensors  # nothing kept in memory after collecting
-    monkeypatch.setattr(hmod, "_REGISTRY", {})  # a new process: found on disk
     found = hmod.find_hessians(a, data.data_hash)
     assert found is not None and found is not hess
     for site in a.linears:
@@ -94,7 +92,6 @@ def test_hessians_on_disk_per_block_and_read_back_one_at_a_time(tiny_llama, tmp_
 
 def test_interrupted_collection_leaves_nothing_found(tiny_llama, tmp_path, monkeypatch):
     monkeypatch.setenv("AUTOCOMPRESS_CACHE", str(tmp_path))
-    monkeypatch.setattr(hmod, "_REGISTRY", {})
     data = load_token_data(tiny_llama.tokenizer, TINY_DATA)
     last = tiny_llama.anatomy.blocks[-1].prefix
 
@@ -115,7 +112,6 @@ def test_single_file_cache_of_earlier_versions_is_read(tiny_llama, tmp_path, mon
     from safetensors.torch import save_file
 
     monkeypatch.setenv("AUTOCOMPRESS_CACHE", str(tmp_path))
-    monkeypatch.setattr(hmod, "_REGISTRY", {})
     data = load_token_data(tiny_llama.tokenizer, TINY_DATA)
     ref = collect_hessians(tiny_llama.model, tiny_llama.anatomy, data.calib)
     folder = hmod._path(tiny_llama.anatomy.model_hash, data.data_hash)
