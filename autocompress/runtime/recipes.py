@@ -13,6 +13,7 @@ them too.
 
 from __future__ import annotations
 
+import json
 import re
 import tempfile
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from typing import Any
 
 import gguf
 
+from autocompress._io import atomic_write_text
 from autocompress.errors import AutocompressError
 from autocompress.plan import LayerChoice, ModelRef, Plan
 from autocompress.runtime import llamacpp
@@ -29,6 +31,7 @@ RECIPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_1", "Q4_0",
 HOLDS_BASE_GRID = ("Q4_1",)  # the bundled base's own grid: lossless on it, so no conclusion rests on it
 _ROLE_OF = {"attn_q": "q", "attn_k": "k", "attn_v": "v", "attn_output": "o", "ffn_gate": "gate", "ffn_up": "up"}
 _ROLE_OF["ffn_down"] = "down"
+CACHE = Path.home() / ".cache" / "autocompress" / "recipes"  # recipe_types' per-model tensor types
 _BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
 
 
@@ -140,3 +143,37 @@ def recipe_plans(
             plan = plan_from_types(tensor_types(path), wb, method="imatrix" if im else "rtn", name=label)
             out[label] = (plan, path)
     return out
+
+
+def recipe_types(
+    wb: Any,
+    recipes: tuple[str, ...] = RECIPES,
+    *,
+    cache: Path | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, dict[str, str]]:
+    """Give, per recipe, the GGML type llama-quantize gives each tensor of the workbench's model.
+
+    The types depend only on the model's tensor shapes and the recipe (not on an imatrix or on the
+    weights), so they are kept per model hash and llama.cpp commit in ``cache`` (one small JSON
+    file); the first call writes the base as an F32 GGUF into a temporary folder and quantizes it
+    once per recipe (about two minutes for the bundled model), then removes the files.
+    """
+    say = log or (lambda _m: None)
+    cache = cache or CACHE
+    path = cache / f"{wb.lm.anatomy.model_hash[:16]}-{llamacpp.LLAMA_CPP_COMMIT}.json"
+    known: dict[str, dict[str, str]] = json.loads(path.read_text()) if path.is_file() else {}
+    missing = [r for r in recipes if r not in known]
+    if missing:
+        llamacpp.require()
+        with tempfile.TemporaryDirectory(prefix="autocompress-recipes-") as tmp:
+            base = Path(tmp) / "base-f32.gguf"
+            say(f"reading llama.cpp's recipes {', '.join(missing)} (once per model): writing the base as F32 GGUF")
+            write_base(wb, base)
+            for recipe in missing:
+                out = quantize(base, recipe, Path(tmp) / f"{recipe}.gguf")
+                known[recipe] = tensor_types(out)
+                out.unlink()
+        cache.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(known, indent=1, sort_keys=True) + "\n")
+    return {r: known[r] for r in recipes}

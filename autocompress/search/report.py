@@ -17,16 +17,16 @@ if TYPE_CHECKING:
 
 
 def describe_plan(plan: Plan, anatomy: ModelAnatomy) -> str:
-    """Give a short human summary, e.g. ``w4g128 60% · 2:4 10% · mlp-shrunk 5 blk · drop 2``."""
+    """Give a short human summary, e.g. ``Q4_0-gptq 60% · 2:4 10% · mlp-pruned 5 blk · drop 2 blk · embedding Q8_0``."""
     kept = [s for s in anatomy.linears if s.block not in plan.drop_blocks]
     total = sum(s.params for s in kept) or 1
     fmt: Counter[str] = Counter()
     for s in kept:
         c = plan.choice_for(s.name)
         parts = []
-        if c.quantized:
-            fmt_name = f"w{c.bits}" + (f"g{c.group_size}" if c.group_size and c.bits <= 4 else "")
-            parts.append(fmt_name + ("-gptq" if getattr(c, "quant_method", "rtn") == "gptq" else ""))
+        if c.quantized:  # the storage format's own name (Q4_K, int4-g128-asym, ...) and a non-default quantizer
+            method = getattr(c, "quant_method", "rtn")
+            parts.append(c.format + (f"-{method}" if method != "rtn" else ""))
         if getattr(c, "act_bits", 16) < 16:
             parts.append(f"a{c.act_bits}")
         if c.sparsity_pattern == "2:4":
@@ -39,6 +39,11 @@ def describe_plan(plan: Plan, anatomy: ModelAnatomy) -> str:
             )
         fmt["+".join(parts) or "fp16"] += s.params
     items = [f"{k} {round(100 * v / total)}%" for k, v in fmt.most_common() if round(100 * v / total) > 0]
+    tables = {
+        plan.embedding_choice(e.name).format for e in anatomy.embeddings if plan.embedding_choice(e.name).quantized
+    }
+    if tables:
+        items.append(f"embedding {'/'.join(sorted(tables))}")
     heads = sum(1 for i, b in plan.blocks.items() if b.keep_heads is not None and i not in plan.drop_blocks)
     mlp = sum(1 for i, b in plan.blocks.items() if b.keep_mlp_channels is not None and i not in plan.drop_blocks)
     if heads:

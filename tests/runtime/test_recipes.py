@@ -10,7 +10,10 @@ from autocompress import formats
 from autocompress.export import gguf as G
 from autocompress.hardware.cost import CostModel
 from autocompress.hardware.profile import load_profile
+from autocompress.plan import LayerChoice
 from autocompress.runtime import llamacpp, recipes
+from autocompress.search.recipe_seeds import params_for_layers, recipe_seeds
+from autocompress.space import SearchSpace, SpaceContext
 from autocompress.workbench import Workbench
 from tests.conftest import TINY_DATA
 
@@ -81,3 +84,57 @@ def test_our_quantizer_writes_llama_quantizes_bytes(wb, made, tmp_path):
         total = sum(a.size for a in theirs.values())
         differ = sum(int((theirs[n].reshape(-1) != mine[n].reshape(-1)).sum()) for n in theirs)
         assert differ / total < 1e-3, (label, differ, total)
+
+
+@pytest.fixture
+def seeding(wb, tmp_path, monkeypatch):
+    monkeypatch.setattr(recipes, "CACHE", tmp_path / "recipe-types")
+    space = SearchSpace.load("gguf-bench").for_profile(load_profile("rpi"))
+    return space, SpaceContext(wb.lm.anatomy, wb.stats.drop_order(), wb.provenance())
+
+
+def test_recipes_seed_a_per_linear_llamacpp_space(wb, made, seeding, monkeypatch):
+    """Each recipe seed stores every linear and the embedding in the type llama-quantize's file gives
+    it (GPTQ codes: the space's quantizer); the types are read once, then come from the cache."""
+    space, ctx = seeding
+    said: list[str] = []
+    seeds = recipe_seeds(space, ctx, wb, ("Q4_K_M", "Q8_0"), log=said.append)
+    assert [s.name for s in seeds] == ["recipe Q4_K_M", "recipe Q8_0"], said
+    a = wb.lm.anatomy
+    for seed in seeds:
+        types = recipes.tensor_types(made[seed.name.split()[1]][1])
+        plan = space.plan_from_params(seed.params, ctx)
+        for site in a.linears:
+            gguf_name = next(n for n in types if n.startswith(f"blk.{site.block}.") and _role(n) == site.role)
+            assert plan.layers[site.name].format == types[gguf_name], (seed.name, site.name)
+            assert plan.layers[site.name].quant_method == "gptq"
+        assert plan.layers[a.embeddings[0].name].format == types["token_embd.weight"]
+
+    def no_quantize(*_a, **_k):
+        raise AssertionError("llama-quantize ran again: the types were not cached")
+
+    monkeypatch.setattr(recipes, "quantize", no_quantize)
+    again = recipe_seeds(space, ctx, wb, ("Q4_K_M", "Q8_0"))
+    assert [s.params for s in again] == [s.params for s in seeds]
+
+
+def test_a_layout_the_space_lacks_is_no_seed(wb, seeding):
+    space, ctx = seeding
+    a = wb.lm.anatomy
+    q = a.linears[0].name
+    offered = {n: LayerChoice(format="Q8_0") for n in [*(s.name for s in a.linears), a.embeddings[0].name]}
+    params, why = params_for_layers(space, ctx, offered)
+    assert params is not None and why == "", why
+    # Q4_1 holds the bundled base's grid exactly, so the bench space leaves it out
+    params, why = params_for_layers(space, ctx, {**offered, q: LayerChoice(format="Q4_1")})
+    site = a.linears[0]
+    assert params is None and "Q4_1" in why and f"b{site.block}.{site.role}" in why, why
+    # a per-block space cannot hold a recipe's per-tensor types
+    block = SearchSpace.load("default").for_profile(load_profile("rpi"))
+    assert recipe_seeds(block, ctx, wb, ("Q4_K_M",)) == []
+
+
+def _role(gguf_name: str) -> str:
+    return {"attn_q": "q", "attn_k": "k", "attn_v": "v", "attn_output": "o", "ffn_gate": "gate", "ffn_up": "up"}.get(
+        gguf_name.split(".")[2], "down" if gguf_name.split(".")[2] == "ffn_down" else "?"
+    )

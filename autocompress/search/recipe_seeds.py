@@ -1,0 +1,102 @@
+"""llama.cpp's own recipes (Q4_K_M, Q3_K_M, ...) as seeds of a llama.cpp study.
+
+A recipe is a per-tensor allocation of GGML types chosen by hand (more bits for attn_v / ffn_down
+in some layers, shape fallbacks). ``runtime.recipes.recipe_types`` reads the types llama-quantize
+gives each tensor; here each allocation becomes the trial parameters of the study's space — the
+same format per tensor, with the space's own quantizer (GPTQ where the space offers only that) —
+so the search starts from what users download and improves on it. A recipe the space cannot
+express (a type it does not offer for some tensor, or per-tensor types in a per-block space where
+one unit's tensors differ) is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from autocompress.plan import LayerChoice
+from autocompress.runtime import llamacpp, recipes
+from autocompress.search.seeding import Seed
+from autocompress.space import DENSE, EMBEDDING_PARAM, SearchSpace, SpaceContext
+
+RECIPE_SEEDS = ("Q6_K", "Q5_K_M", "Q4_K_M", "Q4_K_S", "Q3_K_M", "Q2_K")  # the mixes (uniform ones are baselines)
+
+
+def params_for_layers(
+    space: SearchSpace, ctx: SpaceContext, layers: Mapping[str, LayerChoice]
+) -> tuple[dict[str, Any] | None, str]:
+    """Give the space's trial parameters storing each tensor in the format ``layers`` names (full
+    depth and width), or None and the reason the space cannot express it."""
+    a = ctx.anatomy
+
+    def fmt(name: str) -> str:
+        c = layers.get(name)
+        return DENSE if c is None or c.fmt is None else c.fmt.name
+
+    # start from a uniform setting the space holds (structure and other knobs at their no-op levels)
+    params = None
+    for uniform in dict.fromkeys(fmt(s.name) for s in a.linears):
+        params = space.uniform_params(a, {"format": uniform})
+        if params is not None:
+            break
+    if params is None:
+        return None, "the space holds none of its formats on every linear"
+
+    for prefix, group, names in space.units(a):
+        wanted = {fmt(n) for n in names}
+        if len(wanted) > 1:
+            return None, f"unit {prefix.rstrip('.')} holds {sorted(wanted)} (one format per unit in this space)"
+        (want,) = wanted
+        levels = space.unit_levels(group, names, a)
+        vals = levels.get("format", (DENSE,))
+        if want not in vals:
+            return None, f"{want} is not offered for {prefix.rstrip('.')} (offered: {', '.join(vals)})"
+        if len(vals) > 1:
+            params[prefix + "format"] = want
+        methods = levels.get("quant_method", ())
+        if len(methods) > 1:  # the recipe's own quantizer where the space offers it
+            own = layers[names[0]].quant_method if names[0] in layers else methods[0]
+            params[prefix + "quant_method"] = own if own in methods else methods[0]
+    emb = space.embedding_levels(a)
+    if len(emb) > 1:
+        want = fmt(a.embeddings[0].name)
+        if want not in emb:
+            return None, f"{want} is not offered for the embedding (offered: {', '.join(emb)})"
+        params[EMBEDDING_PARAM] = want
+    got = space.plan_from_params(params, ctx).layers
+    differ = [
+        n for n in (s.name for s in a.linears) if fmt(n) != (got[n].fmt.name if n in got and got[n].fmt else DENSE)
+    ]
+    if differ:
+        return None, f"the space stores {differ[0]} in another format than the recipe"
+    return params, ""
+
+
+def recipe_seeds(
+    space: SearchSpace,
+    ctx: SpaceContext,
+    wb: Any,
+    names: tuple[str, ...] = RECIPE_SEEDS,
+    *,
+    log: Callable[[str], None] | None = None,
+) -> list[Seed]:
+    """Give a seed per recipe the space can express, for spaces that choose a format per linear
+    (none, with one line saying why, when llama.cpp's tools are not built)."""
+    say = log or (lambda _m: None)
+    if space.granularity != "linear":
+        return []  # recipes set tensors one by one; a per-block unit holds several of their types
+    if llamacpp.find() is None:
+        say("llama.cpp's recipes not used as seeds: its tools are not built (make setup)")
+        return []
+    out, skipped = [], []
+    for name, types in recipes.recipe_types(wb, names, log=say).items():
+        plan = recipes.plan_from_types(types, wb, name=name)
+        params, why = params_for_layers(space, ctx, plan.layers)
+        if params is None:
+            skipped.append(f"{name} ({why})")
+        else:
+            out.append(Seed("seed", f"recipe {name}", params))
+    say(f"llama.cpp recipes as seeds: {', '.join(s.name[7:] for s in out) or 'none'}")
+    if skipped:
+        say(f"recipes the space cannot express: {'; '.join(skipped)}")
+    return out
