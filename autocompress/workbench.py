@@ -21,7 +21,7 @@ from autocompress._version import __version__
 from autocompress.calib import ActivationStats, DataConfig, TokenData, activation_stats, load_token_data
 from autocompress.compress.hessian import Hessians, calibration_hessians
 from autocompress.compress.variants import VariantCache
-from autocompress.device import place, resolve_device
+from autocompress.device import cache_tag, place, resolve_device
 from autocompress.errors import PlanError
 from autocompress.model.loading import LoadedModel, load_model
 from autocompress.plan import Plan, Provenance
@@ -69,7 +69,7 @@ class Workbench:
         """Give the cache of evaluation results for this data and these numerics."""
         from autocompress.evaluate.cache import EvalCache
 
-        return EvalCache(self.data.data_hash, numerics=self.numerics)
+        return EvalCache(self.data.data_hash, numerics=self.numerics, device_tag=cache_tag(self.lm.model))
 
     def evaluating(self, plan: Plan, model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
         """Give a context in which ``model`` (``plan`` applied) computes as the target runtime does."""

@@ -38,9 +38,10 @@ def eval_cache_root() -> Path | None:
 class EvalCache:
     """Results of one data set (and runtime numerics), by kind ("proxy", "full") and plan hash."""
 
-    def __init__(self, data_hash: str, root: Path | None = None, numerics: str = "exact") -> None:
+    def __init__(self, data_hash: str, root: Path | None = None, numerics: str = "exact", device_tag: str = "") -> None:
         base = Path(root) if root is not None else eval_cache_root()
         tag = numerics_tag(numerics)  # results under a runtime's emulated rounding
+        tag += device_tag  # ``device.cache_tag``: results of a bf16 (GPU) model apart from float32 ones
         self.dir = base / f"{data_hash[:24]}{tag}-v{CACHE_VERSION}" if base is not None else None
         self.hits = 0
         self.misses = 0

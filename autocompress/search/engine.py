@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 from autocompress._io import atomic_write_text, cache_dir, check_writable
 from autocompress.calib import DataConfig
 from autocompress.compress.numerics import attach
-from autocompress.device import resolve_device
+from autocompress.device import cache_tag, resolve_device
 from autocompress.errors import AutocompressError, BudgetError, StudyError
 from autocompress.evaluate import EvaluationError, Evaluator
 from autocompress.evaluate.ladder import Ladder, merge
@@ -334,7 +334,9 @@ def _sensitivity(
         attach(model, wb.lm.anatomy, p, wb.numerics)
         return model
 
-    table = build_sensitivity(wb.lm.model, probe, space, ctx, tokens, cache_dir(), tick, numerics=wb.numerics)
+    tag = cache_tag(wb.lm.model)  # a table measured in bf16 (on a GPU) is kept apart from the float32 ones
+    root = cache_dir() / f"device{tag}" if tag else cache_dir()
+    table = build_sensitivity(wb.lm.model, probe, space, ctx, tokens, root, tick, numerics=wb.numerics)
     if progress:
         progress.remove_task(task)
     return table
