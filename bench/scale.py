@@ -44,7 +44,7 @@ from pathlib import Path
 
 # bench/ holds scripts named like packages (gguf.py): never import from the script's own folder (python -P).
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
-RESULTS = Path(__file__).parent / "results" / "scale.json"
+RESULTS = Path(os.environ.get("SCALE_RESULTS") or Path(__file__).parent / "results" / "scale.json")
 
 # config.json numbers of the released models (see the module docstring for the sources).
 MODELS: dict[str, dict] = {
@@ -157,8 +157,9 @@ class Guard:
             time.sleep(0.2)
 
 
-def build(name: str):
-    """Give the random-init model (fp32, eval) for ``name``'s config."""
+def build(name: str, device: str = "cpu"):
+    """Give the random-init model (eval) for ``name``'s config: fp32 on the CPU, built directly in
+    bf16 on a CUDA device (no fp32 copy there)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -167,7 +168,16 @@ def build(name: str):
     cfg_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if arch == "llama" else (Qwen2Config, Qwen2ForCausalLM)
     cfg = cfg_cls(**spec, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(0)
-    model = model_cls(cfg).float().eval()
+    if device == "cpu":
+        model = model_cls(cfg).float().eval()
+    else:
+        dtype = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            with torch.device(device):
+                model = model_cls(cfg).eval()
+        finally:
+            torch.set_default_dtype(dtype)
     model.config._name_or_path = name
     return model
 
@@ -197,7 +207,14 @@ def _put_row(row: dict) -> None:
 
 
 def run_model(
-    name: str, code: str, trials: int, cold: int, calib_tokens: int, max_rss_gb: float, method: str = "gptq"
+    name: str,
+    code: str,
+    trials: int,
+    cold: int,
+    calib_tokens: int,
+    max_rss_gb: float,
+    method: str = "gptq",
+    device: str = "cpu",
 ) -> dict:
     """Give one row: set-up phases, table and trials of ``name`` with the code imported now."""
     import optuna
@@ -222,7 +239,7 @@ def run_model(
         "code": code,
         "quant_method": method,
         "code_path": str(Path(autocompress.__file__).parent),
-        "device": "cpu",
+        "device": torch.device(device).type,
         "threads": torch.get_num_threads(),
         "calib_tokens": calib_tokens,
         "trials": trials,
@@ -236,10 +253,12 @@ def run_model(
         guard.phase = label
         row[f"rss_after_{label}_gb"] = round(_rss_gb(), 2)
         row["peak_rss_gb"] = round(peak_rss_gb(), 2)
+        if row["device"] == "cuda":
+            row["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
         _put_row(row)
 
     t = time.perf_counter()
-    model = build(name)
+    model = build(name, device)
     row["params"] = sum(p.numel() for p in model.parameters())
     row["build_s"] = round(time.perf_counter() - t, 1)
     anatomy = anatomy_of(model, name=name, model_hash=f"scale-bench-{name}-seed0")
@@ -253,7 +272,8 @@ def run_model(
     stats = activation_stats(model, anatomy, data)
     row["stats_s"] = round(time.perf_counter() - t, 1)
     phase("stats")
-    wb = Workbench(lm=lm, data=data, data_config=cfg, stats=stats)
+    on_device = {"device": torch.device(device)} if "device" in Workbench.__dataclass_fields__ else {}
+    wb = Workbench(lm=lm, data=data, data_config=cfg, stats=stats, **on_device)
 
     guard.phase = "hessians"
     t = time.perf_counter()
@@ -406,6 +426,7 @@ def main() -> None:
     ap.add_argument("--force", action="store_true")
     ap.add_argument("--gptq", type=int, default=0, help="time GPTQ blocking on this many default-model linears")
     ap.add_argument("--formula", action="store_true", help="print the peak-memory formula's terms and exit")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (the model built there; bf16 on a GPU)")
     args = ap.parse_args()
     if args.formula:
         res = load_results()
@@ -431,12 +452,14 @@ def main() -> None:
 
     done = {_key(r) for r in load_results()["rows"] if r.get("complete")}
     for name in args.models.split(","):
-        if (name, args.code, "cpu", args.method) in done and not args.force:
+        if (name, args.code, args.device.split(":")[0], args.method) in done and not args.force:
             print(f"{name} / {args.code}: done (use --force to redo)")
             continue
         with tempfile.TemporaryDirectory(prefix="scale-cache-") as tmp:
             os.environ["AUTOCOMPRESS_CACHE"] = tmp
-            row = run_model(name, args.code, args.trials, args.cold, args.calib_tokens, args.max_rss_gb, args.method)
+            row = run_model(
+                name, args.code, args.trials, args.cold, args.calib_tokens, args.max_rss_gb, args.method, args.device
+            )
         print(json.dumps(row, indent=1))
     print_table(load_results())
 
