@@ -372,14 +372,21 @@ def vocab_for(wb: Any, work: Path, log: Callable[[str], None] | None = None) -> 
 
 
 def export_gguf(
-    wb: Any, plan: Plan, path: str | Path, *, dense: str | None = None, log: Callable[[str], None] | None = None
+    wb: Any,
+    plan: Plan,
+    path: str | Path,
+    *,
+    dense: str | None = None,
+    applied: tuple[nn.Module, dict[str, formats.QuantizedTensor]] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Write ``plan`` applied to the workbench's model as the GGUF file ``path`` and check it by
     reading it back with the ``gguf`` package (every tensor must equal the plan's weights); give the
     record (architecture, tensor types, bytes, the check). The file appears only when complete.
 
     Tensors the plan leaves dense are stored in ``dense`` (default: the base model's storage dtype,
-    as the HF export; ``"F32"`` keeps them exact, as llama-quantize's input wants)."""
+    as the HF export; ``"F32"`` keeps them exact, as llama-quantize's input wants). ``applied``: the
+    model and stored tensors of an earlier ``wb.apply(plan, stored=...)`` (not applied again)."""
     from autocompress.export.hf import storage_dtype
 
     path = Path(path)
@@ -388,8 +395,11 @@ def export_gguf(
     blockers = gguf_blockers(plan, getattr(wb.lm.model.config, "model_type", None))
     if blockers:
         raise GGUFExportError(f"plan {plan.hash()[:12]} cannot be written as GGUF: {'; '.join(blockers[:3])}")
-    stored: dict[str, formats.QuantizedTensor] = {}
-    model = wb.apply(plan, stored=stored)
+    if applied is None:
+        stored: dict[str, formats.QuantizedTensor] = {}
+        model = wb.apply(plan, stored=stored)
+    else:
+        model, stored = applied
     dense = dense or _STORAGE[storage_dtype(wb.lm.model)]
     if dense not in _STORAGE.values():
         raise GGUFExportError(f"dense tensors are stored as F32, F16 or BF16, not {dense!r}")

@@ -125,9 +125,16 @@ def export_trials(
     for c in cands:
         t0 = time.time()
         say(f"trial {c.trial}: rebuilding the plan ({c.description})")
-        model = rebuild(wb, c.plan)
+        stored: dict[str, Any] | None = None
+        if gguf and c.plan.recovery is None:  # one application feeds the HF folder and the GGUF file
+            stored = {}
+            model = wb.apply(c.plan, stored=stored)
+        else:
+            model = rebuild(wb, c.plan)
         with atomic_dir(out / f"trial-{c.trial}") as tmp:
-            rec = verify.export_point(model, wb, view, c, tmp, pred, onnx=onnx, gguf=gguf, threads=threads, base=base)
+            rec = verify.export_point(
+                model, wb, view, c, tmp, pred, onnx=onnx, gguf=gguf, threads=threads, base=base, stored=stored
+            )
             rec["seconds"] = round(time.time() - t0, 1)
             atomic_write_text(tmp / "export.json", json.dumps(rec, indent=2, default=str) + "\n")
             atomic_write_text(tmp / "README.md", verify.point_readme(rec))

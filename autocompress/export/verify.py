@@ -294,8 +294,11 @@ def export_point(
     gguf: bool = False,
     threads: int = 1,
     base: dict[str, Any] | None = None,
+    stored: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write one point's exports into ``folder``; give its ``export.json`` record."""
+    """Write one point's exports into ``folder``; give its ``export.json`` record. ``stored``: the
+    quantized tensors ``model`` was built from (``wb.apply(plan, stored=...)``), which the GGUF file
+    packs without applying the plan again."""
     from autocompress.export.hf import write_hf
     from autocompress.export.onnx import export_onnx
 
@@ -314,7 +317,7 @@ def export_point(
     if hf:
         rec["hf"] = write_hf(model, plan, folder, wb.lm.tokenizer)
     if gguf:
-        rec["gguf"] = gguf_record(model, wb, plan, folder)
+        rec["gguf"] = gguf_record(model, wb, plan, folder, stored)
     if not onnx:
         return rec
     exp = export_onnx(model, view.anatomy, plan, folder / "model.onnx")
@@ -356,12 +359,15 @@ def export_point(
 GGUF_CHECK_CHARS = 60_000  # held-out characters llama-perplexity scores each GGUF on (16 chunks of 256 tokens)
 
 
-def gguf_record(model: torch.nn.Module, wb: Any, plan: Any, folder: Path) -> dict[str, Any]:
+def gguf_record(
+    model: torch.nn.Module, wb: Any, plan: Any, folder: Path, stored: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Write ``folder/model.gguf`` (read back exactly, else an error) and give llama.cpp's verdict on it."""
     from autocompress.calib import held_out_text
     from autocompress.export.gguf import check_with_llamacpp, export_gguf
 
-    rec = {"file": "model.gguf", **export_gguf(wb, plan, folder / "model.gguf")}
+    applied = None if stored is None else (model, stored)
+    rec = {"file": "model.gguf", **export_gguf(wb, plan, folder / "model.gguf", applied=applied)}
     text = held_out_text(wb.data_config)[:GGUF_CHECK_CHARS]
     rec["llamacpp"] = check_with_llamacpp(folder / "model.gguf", model, text)
     return rec

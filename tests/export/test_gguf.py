@@ -176,3 +176,32 @@ def test_perplexity_is_read_from_the_running_estimate():
         llamacpp.parse_perplexity(out, 4)
     final = "[1]10.5,[2]11.25,\nFinal estimate: PPL = 11.2500 +/- 0.1"
     assert llamacpp.parse_perplexity(final, 2) == 11.25
+
+
+@needs_llamacpp
+def test_study_export_writes_checked_gguf_files_applying_each_plan_once(tmp_path, monkeypatch):
+    """`autocompress export --pareto` on a llama.cpp study: a GGUF per front point, read back exactly
+    and run by llama.cpp, from one application of each plan (the HF folder and the file share it)."""
+    from collections import Counter
+
+    from autocompress.export.study import export_trials, open_study
+    from autocompress.search import search
+
+    search(model="tiny-llama", hw="rpi", trials=4, study="g", out=tmp_path, data=TINY_DATA, full_eval=0)
+    view = open_study("g", tmp_path)
+    applied: Counter[str] = Counter()
+    real = Workbench.apply
+
+    def counting(self, plan, *args, **kwargs):
+        applied[plan.hash()] += 1
+        return real(self, plan, *args, **kwargs)
+
+    monkeypatch.setattr(Workbench, "apply", counting)
+    trials = [c.trial for c in view.front]
+    records = export_trials(view, trials, tmp_path / "exports", onnx=False, gguf=True, device="cpu")
+    assert len(records) == len(trials) >= 2
+    for rec in records:
+        assert applied[rec["plan_hash"]] == 1, rec["trial"]
+        g = rec["gguf"]
+        assert g["read_back_equal"] and (tmp_path / "exports" / f"trial-{rec['trial']}" / "model.gguf").is_file()
+        assert g["llamacpp"]["ppl_llamacpp"] == pytest.approx(g["llamacpp"]["ppl_ours"], rel=0.05)
