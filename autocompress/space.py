@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,56 @@ FIELDS = (
     "name", "description", "granularity", "tie", "linear", "overrides", "structure", "alignment", "baselines",
     "embedding_format",
 )  # fmt: skip
-EMBEDDING_PARAM = "embedding.format"  # the token embedding (and tied head) / the untied head, one choice
+_UNIT_KEY = re.compile(r"(?:b(\d+)\.)?(?:(.+)\.)?")
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Linears that share one choice in a search space; its ``key`` prefixes their Optuna parameters.
+
+    ``block``: the block's index (None: a model-wide unit, or the embedding / head). ``name``: what the
+    unit is there: a group (``attn``, ``mlp``), a role (``q``, ``down``), a tie (``qkv``, ``gate_up``), a
+    linear's own name where two share a role in a block, ``embedding``, or "" for the block itself (the
+    prefix of its structure knobs). ``group`` and ``linears`` are the space's (``SearchSpace.units``);
+    a unit decoded from its key has neither. The keys are what studies stored: ``b3.mlp.``,
+    ``b3.model.layers.3.mlp.down_proj.``, ``attn.``, ``embedding.``, ``b3.`` (and "" for the model)."""
+
+    block: int | None
+    name: str
+    group: str = ""
+    linears: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> str:
+        """Give the prefix of the unit's parameter names (``b3.mlp.``)."""
+        where = f"b{self.block}." if self.block is not None else ""
+        return f"{where}{self.name}." if self.name else where
+
+    def param(self, knob: str) -> str:
+        """Give the Optuna parameter name of one of the unit's knobs (``b3.mlp.format``)."""
+        return self.key + knob
+
+    @classmethod
+    def from_key(cls, key: str) -> Unit:
+        """Give the unit (block and name) a ``key`` stands for; a SpaceError when it is no unit's key."""
+        m = _UNIT_KEY.fullmatch(key)
+        if m is None:
+            raise SpaceError(f"{key!r} is not a unit's parameter prefix (b<block>.<name>. or <name>.)")
+        block, name = m.groups()
+        return cls(int(block) if block is not None else None, name or "")
+
+    @classmethod
+    def of_block(cls, block: int | None) -> Unit:
+        """Give a block as a unit: the prefix of its structure knobs (``b3.keep_mlp_ratio``; None: the model's)."""
+        return cls(block, "")
+
+    def __iter__(self) -> Iterator[Any]:
+        """Unpack as the (parameter prefix, group, linear names) triple ``units`` gave before ``Unit``."""
+        return iter((self.key, self.group, list(self.linears)))
+
+
+EMBEDDING_UNIT = Unit(None, "embedding")  # the token embedding (and tied head) / the untied head, one choice
+EMBEDDING_PARAM = EMBEDDING_UNIT.param("format")
 
 
 def runtime_fuses_projections(runtime: str) -> bool:
@@ -331,38 +381,44 @@ class SearchSpace:
         return _storable(levels, {e.cols for e in anatomy.embeddings})
 
     # ---- parameters -> plan ----------------------------------------------------------
-    def units(self, anatomy: ModelAnatomy) -> list[tuple[str, str, list[str]]]:
-        """Give (param prefix, group, linear names) for each unit that shares one linear choice."""
+    def units(self, anatomy: ModelAnatomy) -> list[Unit]:
+        """Give the units that each share one linear choice (a group, per block, or a role per block)."""
         if self.granularity == "model":
-            return [(f"{g}.", g, [s.name for s in anatomy.linears if s.group == g]) for g in GROUPS]
+            return [Unit(None, g, g, tuple(s.name for s in anatomy.linears if s.group == g)) for g in GROUPS]
         if self.granularity == "block":
             return [
-                (f"b{b.index}.{g}.", g, [s.name for s in b.linears if s.group == g])
+                Unit(b.index, g, g, tuple(s.name for s in b.linears if s.group == g))
                 for b in anatomy.blocks
                 for g in GROUPS
             ]
-        # "b<block>.<role>." (a block's index first, as the sensitivity table expects); with ties,
-        # q/k/v of a block share "b<block>.qkv." and gate/up "b<block>.gate_up."
-        units: dict[str, tuple[str, str, list[str]]] = {}
+        # a role per block; with ties, q/k/v of a block share "qkv" and gate/up "gate_up"
+        units: dict[tuple[int, str], Unit] = {}
         for s in anatomy.linears:
             role = FUSED_ROLES.get(s.role, s.role) if self.tie == "fused" else s.role
-            key = f"b{s.block}.{role}."
-            if key in units and role == s.role:  # two linears with one role in a block: keep them apart
-                key = f"b{s.block}.{s.name}."
-            units.setdefault(key, (key, s.group, []))[2].append(s.name)
+            name = role
+            if (s.block, role) in units and role == s.role:  # two linears with one role in a block: keep them apart
+                name = s.name
+            u = units.get((s.block, name), Unit(s.block, name, s.group))
+            units[(s.block, name)] = replace(u, linears=(*u.linears, s.name))
         return list(units.values())
+
+    def structure_param(self, knob: str, block: int) -> str:
+        """Give the Optuna parameter of a structure knob for one block (the model's at model granularity)."""
+        if knob == "drop_blocks" or self.granularity == "model":
+            return knob
+        return Unit.of_block(block).param(knob)
 
     def suggest(self, trial: Any, ctx: SpaceContext) -> Plan:
         """Ask an Optuna trial for every open knob and give the resulting plan."""
         params: dict[str, Any] = {}
-        for prefix, group, names in self.units(ctx.anatomy):
-            lv = self.unit_levels(group, names, ctx.anatomy)
+        for u in self.units(ctx.anatomy):
+            lv = self.unit_levels(u.group, u.linears, ctx.anatomy)
             for knob, vals in lv.items():
-                bits = params.get(f"{prefix}bits", lv.get("bits", (16,))[0])
+                bits = params.get(u.param("bits"), lv.get("bits", (16,))[0])
                 if knob == "group_size" and bits > 4:
                     continue  # 8-bit and dense layers have no groups
                 if len(vals) > 1:
-                    params[prefix + knob] = trial.suggest_categorical(prefix + knob, list(vals))
+                    params[u.param(knob)] = trial.suggest_categorical(u.param(knob), list(vals))
         emb = self.embedding_levels(ctx.anatomy)
         if len(emb) > 1:
             params[EMBEDDING_PARAM] = trial.suggest_categorical(EMBEDDING_PARAM, list(emb))
@@ -374,7 +430,7 @@ class SearchSpace:
             else:
                 per_block = self.granularity != "model"
                 for b in ctx.anatomy.blocks if per_block else ctx.anatomy.blocks[:1]:
-                    key = f"b{b.index}.{knob}" if per_block else knob
+                    key = self.structure_param(knob, b.index)
                     params[key] = trial.suggest_categorical(key, list(vals))
         return self.plan_from_params(params, ctx)
 
@@ -385,18 +441,17 @@ class SearchSpace:
         1344 channels) becomes the runtime's fallback for that width, as llama.cpp's quantizer does.
         """
         a = ctx.anatomy
-        unit_choices: list[tuple[list[str], LayerChoice]] = []
-        for prefix, group, names in self.units(a):
-            lv = self.unit_levels(group, names, a)
-            setting = {k: params.get(prefix + k, v[0]) for k, v in lv.items()}
-            unit_choices.append((names, layer_choice(setting)))
+        unit_choices: list[tuple[tuple[str, ...], LayerChoice]] = []
+        for u in self.units(a):
+            lv = self.unit_levels(u.group, u.linears, a)
+            setting = {k: params.get(u.param(k), v[0]) for k, v in lv.items()}
+            unit_choices.append((u.linears, layer_choice(setting)))
         emb = self.embedding_levels(a)
         emb_choice = layer_choice({"format": params.get(EMBEDDING_PARAM, emb[0])}) if emb else None
 
         def structure_value(knob: str, block: int) -> Any:
             vals = self.structure.get(knob, (1.0,))
-            key = knob if self.granularity == "model" else f"b{block}.{knob}"
-            return params.get(key, params.get(knob, vals[0]))
+            return params.get(self.structure_param(knob, block), params.get(knob, vals[0]))
 
         blocks: dict[int, BlockChoice] = {}
         for b in a.blocks:
@@ -473,20 +528,19 @@ class SearchSpace:
         replaces it for some blocks), or None when a wanted level is not in the space."""
         per_block = per_block or {}
         params: dict[str, Any] = {}
-        for prefix, group, names in self.units(anatomy):
-            block = anatomy.find_linear(names[0]).block if self.granularity != "model" else None
-            s = per_block.get(block, setting) if block is not None else setting
-            lv = self.unit_levels(group, names, anatomy)
+        for u in self.units(anatomy):
+            s = per_block.get(u.block, setting) if u.block is not None else setting
+            lv = self.unit_levels(u.group, u.linears, anatomy)
             for knob, vals in lv.items():
                 want = s.get(knob, _NOOP.get(knob, vals[0]))
                 if knob == "group_size" and s.get("bits", 16) > 4:
                     continue
                 if knob == "format":  # as the runtime's quantizer does where a row cannot hold it
-                    want = _fall_back(want, vals, anatomy.find_linear(names[0]).in_features)
+                    want = _fall_back(want, vals, anatomy.find_linear(u.linears[0]).in_features)
                 if want not in vals:
                     return None
                 if len(vals) > 1:
-                    params[prefix + knob] = want
+                    params[u.param(knob)] = want
         emb = self.embedding_levels(anatomy)
         if len(emb) > 1:
             # the embedding / head as the runtime's own recipes store it next to a uniform format
@@ -502,10 +556,7 @@ class SearchSpace:
                 return None
             if len(vals) <= 1:
                 continue
-            if knob == "drop_blocks" or self.granularity == "model":
-                params[knob] = want
-            else:
-                params.update({f"b{b.index}.{knob}": want for b in anatomy.blocks})
+            params.update({self.structure_param(knob, b.index): want for b in anatomy.blocks})
         return params
 
     def mixed_seed_params(self, anatomy: ModelAnatomy, sensitivity_order: Sequence[int]) -> dict[str, dict[str, Any]]:
@@ -549,15 +600,15 @@ class SearchSpace:
         for combo in itertools.product(*levels.values()):
             setting = {**dict(zip(levels, combo, strict=True)), **struct}
             params = {EMBEDDING_PARAM: setting[EMBEDDING_PARAM]} if emb else {}
-            for prefix, group, names in self.units(ctx.anatomy):  # a level missing in a unit: its first
-                for k, vals in self.unit_levels(group, names, ctx.anatomy).items():
+            for u in self.units(ctx.anatomy):  # a level missing in a unit: its first
+                for k, vals in self.unit_levels(u.group, u.linears, ctx.anatomy).items():
                     want = setting[k]
                     if k == "format":
-                        want = _fall_back(want, vals, ctx.anatomy.find_linear(names[0]).in_features)
-                    params[prefix + k] = want if want in vals else vals[0]
+                        want = _fall_back(want, vals, ctx.anatomy.find_linear(u.linears[0]).in_features)
+                    params[u.param(k)] = want if want in vals else vals[0]
             for knob, val in struct.items():
                 params[knob] = val
-                params.update({f"b{b.index}.{knob}": val for b in ctx.anatomy.blocks})
+                params.update({Unit.of_block(b.index).param(knob): val for b in ctx.anatomy.blocks})
             try:
                 plans.append(self.plan_from_params(params, ctx))
             except PlanError:

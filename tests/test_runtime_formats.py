@@ -65,10 +65,10 @@ def smollm_space():
 def test_jetson_space_offers_only_gguf_formats_each_tensor_can_hold(smollm_space):
     a, space, ctx = smollm_space
     gguf = {f.name for f in formats.for_runtime("llama.cpp")}
-    for _prefix, group, names in space.units(a):
-        offered = set(space.unit_levels(group, names, a)["format"]) - {"dense"}
+    for u in space.units(a):
+        offered = set(space.unit_levels(u.group, u.linears, a)["format"]) - {"dense"}
         assert offered <= gguf
-        widths = {a.find_linear(n).in_features for n in names}
+        widths = {a.find_linear(n).in_features for n in u.linears}
         k_quants = {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
         if widths == {576}:  # attention
             assert not offered & k_quants and {"Q8_0", "Q4_0", "IQ4_NL"} <= offered

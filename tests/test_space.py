@@ -8,7 +8,7 @@ from autocompress import formats
 from autocompress.errors import SpaceError
 from autocompress.hardware import load_profile
 from autocompress.plan import Provenance
-from autocompress.space import SearchSpace, SpaceContext, list_spaces
+from autocompress.space import EMBEDDING_PARAM, SearchSpace, SpaceContext, Unit, list_spaces
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -171,3 +171,60 @@ def test_fusing_runtime_ties_qkv_and_gate_up(tiny_llama):
 def test_tie_does_not_change_block_spaces():
     sp = SearchSpace.load("default")
     assert sp.for_runtime("tensorrt-llm").definition() == sp.for_runtime("llama.cpp").definition() == sp.definition()
+
+
+def _space(granularity: str, tie: str = "none") -> SearchSpace:
+    return SearchSpace.from_dict(
+        {
+            "name": "t",
+            "granularity": granularity,
+            "tie": tie,
+            "linear": {"bits": [4, 8]},
+            "structure": {"keep_mlp_ratio": [0.5, 1.0]},
+            "embedding_format": ["Q8_0", "Q4_0"],
+        }
+    )
+
+
+GRAINS = [("model", "none"), ("block", "none"), ("linear", "none"), ("linear", "fused")]
+
+
+@pytest.mark.parametrize(("granularity", "tie"), GRAINS)
+def test_units_partition_the_linears_and_their_keys_decode_back(granularity, tie, tiny_llama):
+    a = tiny_llama.anatomy
+    units = _space(granularity, tie).units(a)
+    assert sorted(n for u in units for n in u.linears) == sorted(s.name for s in a.linears)  # each linear once
+    assert len({u.key for u in units}) == len(units)
+    for u in units:
+        back = Unit.from_key(u.key)
+        assert (back.block, back.name) == (u.block, u.name)
+        assert {a.find_linear(n).group for n in u.linears} == {u.group}
+        assert {a.find_linear(n).block for n in u.linears} <= ({u.block} if u.block is not None else set(range(4)))
+
+
+def test_a_unit_named_by_its_linear_keeps_the_dots_of_the_name():
+    u = Unit(3, "model.layers.3.mlp.down_proj")  # two linears of one role in a block are kept apart by name
+    assert Unit.from_key(u.key) == u
+    assert Unit.from_key(Unit.of_block(3).key) == Unit.of_block(3)
+    for bad in ("b3", "mlp", "b3.mlp"):  # a parameter prefix always ends in a dot
+        with pytest.raises(SpaceError, match="prefix"):
+            Unit.from_key(bad)
+
+
+# Parameter names that stored studies hold: a rename would make every stored trial unreadable.
+STORED_NAMES = {
+    ("model", "none"): {"attn.bits", "mlp.bits", "keep_mlp_ratio", "embedding.format"},
+    ("block", "none"): {"b0.attn.bits", "b3.mlp.bits", "b2.keep_mlp_ratio", "embedding.format"},
+    ("linear", "none"): {"b0.q.bits", "b1.v.bits", "b3.down.bits", "b3.keep_mlp_ratio"},
+    ("linear", "fused"): {"b1.qkv.bits", "b1.gate_up.bits", "b1.o.bits", "b0.down.bits"},
+}
+
+
+@pytest.mark.parametrize(("granularity", "tie"), GRAINS)
+def test_parameter_names_are_the_ones_stored_studies_hold(granularity, tie, tiny_llama):
+    sp = _space(granularity, tie)
+    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+    plan = sp.suggest(trial, _ctx(tiny_llama))
+    assert STORED_NAMES[(granularity, tie)] <= set(trial.params)
+    assert EMBEDDING_PARAM == "embedding.format"
+    assert sp.plan_from_params(dict(trial.params), _ctx(tiny_llama)) == plan

@@ -27,10 +27,19 @@ from autocompress.compress.numerics import numerics_tag
 from autocompress.errors import PlanError
 from autocompress.evaluate.metrics import EvaluationError, kl_to_base, output_logprobs
 from autocompress.plan import BlockChoice, LayerChoice, Plan
-from autocompress.space import SearchSpace, SpaceContext, layer_choice
+from autocompress.space import EMBEDDING_UNIT, SearchSpace, SpaceContext, Unit, layer_choice
 
 TABLE_VERSION = 2
-EMBEDDING_UNIT = "embedding."  # table key prefix of the token embedding / output head
+
+
+def table_key(unit: Unit, part: str) -> str:
+    """Give the table key of one part (a ``choice_parts`` entry, ``heads=6``, ``drop``) on a unit: ``b3.mlp.|quant:{...}``."""
+    return f"{unit.key}|{part}"
+
+
+def table_unit(key: str) -> Unit:
+    """Give the unit a table key is on (its block and name)."""
+    return Unit.from_key(key.partition("|")[0])
 
 
 def choice_parts(c: LayerChoice) -> list[str]:
@@ -63,21 +72,20 @@ def plan_keys(plan: Plan, space: SearchSpace, ctx: SpaceContext) -> list[str]:
     """Give the table keys a plan switches on."""
     keys = []
     dropped = set(plan.drop_blocks)
-    for prefix, _group, names in space.units(ctx.anatomy):
-        block = ctx.anatomy.find_linear(names[0]).block
-        if block in dropped:
+    for u in space.units(ctx.anatomy):
+        if ctx.anatomy.find_linear(u.linears[0]).block in dropped:
             continue
-        keys += [f"{prefix}|{p}" for p in choice_parts(plan.choice_for(names[0]))]
+        keys += [table_key(u, p) for p in choice_parts(plan.choice_for(u.linears[0]))]
     for e in ctx.anatomy.embeddings[:1] if space.embedding_levels(ctx.anatomy) else ():
-        keys += [f"{EMBEDDING_UNIT}|{p}" for p in choice_parts(plan.embedding_choice(e.name))]
+        keys += [table_key(EMBEDDING_UNIT, p) for p in choice_parts(plan.embedding_choice(e.name))]
     for i, bc in plan.blocks.items():
         if i in dropped:
             continue
         if bc.keep_heads is not None:
-            keys.append(f"b{i}.|heads={bc.keep_heads}")
+            keys.append(table_key(Unit.of_block(i), f"heads={bc.keep_heads}"))
         if bc.keep_mlp_channels is not None:
-            keys.append(f"b{i}.|mlp={bc.keep_mlp_channels}")
-    keys += [f"b{i}.|drop" for i in sorted(dropped)]
+            keys.append(table_key(Unit.of_block(i), f"mlp={bc.keep_mlp_channels}"))
+    keys += [table_key(Unit.of_block(i), "drop") for i in sorted(dropped)]
     return keys
 
 
@@ -105,9 +113,9 @@ def unit_probes(space: SearchSpace, ctx: SpaceContext) -> Iterator[tuple[str, Pl
     base = replace(space.plan_from_params({}, ctx), layers={}, blocks={}, drop_blocks=())
     for _lvl, choice in space.embedding_choices(a):
         for part in choice_parts(choice):
-            yield f"{EMBEDDING_UNIT}|{part}", replace(base, layers={e.name: choice for e in a.embeddings})
-    for prefix, group, names in space.units(a):
-        lv = space.unit_levels(group, names, a)
+            yield table_key(EMBEDDING_UNIT, part), replace(base, layers={e.name: choice for e in a.embeddings})
+    for u in space.units(a):
+        lv = space.unit_levels(u.group, u.linears, a)
         seen: set[str] = set()
         for combo in itertools.product(*lv.values()):
             try:
@@ -119,7 +127,7 @@ def unit_probes(space: SearchSpace, ctx: SpaceContext) -> Iterator[tuple[str, Pl
                     continue
                 seen.add(part)
                 single = LayerChoice.from_dict(json.loads(part.split(":", 1)[1]), "probe")
-                yield f"{prefix}|{part}", replace(base, layers=space.unit_layers(single, names, a))
+                yield table_key(u, part), replace(base, layers=space.unit_layers(single, u.linears, a))
     for b in a.blocks:
         for knob, field, label in (
             ("keep_heads_ratio", "keep_heads", "heads"),
@@ -127,12 +135,18 @@ def unit_probes(space: SearchSpace, ctx: SpaceContext) -> Iterator[tuple[str, Pl
         ):
             for ratio in space.structure.get(knob, ()):
                 kept = getattr(
-                    space.plan_from_params({f"b{b.index}.{knob}": ratio, knob: 1.0}, ctx).block_choice(b.index), field
+                    space.plan_from_params({space.structure_param(knob, b.index): ratio, knob: 1.0}, ctx).block_choice(
+                        b.index
+                    ),
+                    field,
                 )
                 if kept is not None:
-                    yield f"b{b.index}.|{label}={kept}", replace(base, blocks={b.index: BlockChoice(**{field: kept})})
+                    yield (
+                        table_key(Unit.of_block(b.index), f"{label}={kept}"),
+                        replace(base, blocks={b.index: BlockChoice(**{field: kept})}),
+                    )
         if max(space.structure.get("drop_blocks", (0,))) > 0:
-            yield f"b{b.index}.|drop", replace(base, drop_blocks=(b.index,))
+            yield table_key(Unit.of_block(b.index), "drop"), replace(base, drop_blocks=(b.index,))
 
 
 def _shared_copy(model: nn.Module, block_prefixes: set[str]) -> nn.Module:
@@ -184,10 +198,14 @@ def build_sensitivity(
     probes = list(unit_probes(space, ctx))
     base_lp = output_logprobs(model, tokens)
     entries: dict[str, float] = {}
-    prefixes = {b.index: {b.prefix} for b in a.blocks}
     tables = {e.name for e in a.embeddings}
+    prefixes = {b.index: b.prefix for b in a.blocks}
     for n, (key, plan) in enumerate(probes):
-        own = tables if key.startswith(EMBEDDING_UNIT) else prefixes[int(key[1 : key.index(".")])]
+        unit = table_unit(key)
+        if unit == EMBEDDING_UNIT:
+            own = tables
+        else:  # a model-wide unit (model granularity) touches every block
+            own = {prefixes[unit.block]} if unit.block is not None else set(prefixes.values())
         work = _shared_copy(model, own)
         try:
             kl = kl_to_base(apply(work, plan), tokens, base_lp).kl

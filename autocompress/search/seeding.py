@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 
 from autocompress.errors import PlanError
-from autocompress.evaluate.sensitivity import EMBEDDING_UNIT, SensitivityTable, choice_parts
+from autocompress.evaluate.sensitivity import SensitivityTable, choice_parts, table_key
 from autocompress.hardware import CostModel
 from autocompress.search.budget import Budget
-from autocompress.space import EMBEDDING_PARAM, SearchSpace, SpaceContext, layer_choice
+from autocompress.space import EMBEDDING_PARAM, EMBEDDING_UNIT, SearchSpace, SpaceContext, layer_choice
 
 TARGETS = (0.3, 0.5, 0.7, 0.85, 0.95)  # fractions of the largest latency saving, enqueued as seeds
 DENSE_TARGETS = 32  # targets the evolutionary proposer and the benchmark's knapsack arm spread along the front
@@ -90,14 +90,14 @@ def unit_options(
     emb_sites = [e.name for e in ctx.anatomy.embeddings]
     emb: list[Option] = []
     for lvl, choice in space.embedding_choices(ctx.anatomy):  # the embedding / head table: one unit
-        kl = sum(table.entries.get(f"{EMBEDDING_UNIT}|{p}", math.inf) for p in choice_parts(choice))
+        kl = sum(table.entries.get(table_key(EMBEDDING_UNIT, p), math.inf) for p in choice_parts(choice))
         opt = option({EMBEDDING_PARAM: lvl}, choice, kl, dict.fromkeys(emb_sites, choice))
         if opt is not None:
             emb.append(opt)
     if len(emb) > 1:
         units.append(emb)
-    for prefix, group, names in space.units(ctx.anatomy):
-        lv = space.unit_levels(group, names, ctx.anatomy)
+    for u in space.units(ctx.anatomy):
+        lv = space.unit_levels(u.group, u.linears, ctx.anatomy)
         options: dict[str, Option] = {}
         for combo in itertools.product(*lv.values()):
             setting = dict(zip(lv, combo, strict=True))
@@ -107,11 +107,11 @@ def unit_options(
                 continue
             if repr(choice) in options:
                 continue  # e.g. group sizes that do not apply to 8-bit
-            kl = sum(table.entries.get(f"{prefix}|{p}", math.inf) for p in choice_parts(choice))
-            params = {prefix + k: v for k, v in setting.items() if len(lv[k]) > 1}
+            kl = sum(table.entries.get(table_key(u, p), math.inf) for p in choice_parts(choice))
+            params = {u.param(k): v for k, v in setting.items() if len(lv[k]) > 1}
             if choice.bits > 4:
-                params.pop(prefix + "group_size", None)
-            opt = option(params, choice, kl, space.unit_layers(choice, names, ctx.anatomy))
+                params.pop(u.param("group_size"), None)
+            opt = option(params, choice, kl, space.unit_layers(choice, u.linears, ctx.anatomy))
             if opt is not None:
                 options[opt.label] = opt
         if len(options) > 1:

@@ -46,8 +46,8 @@ def _brute(space, ctx, table, cm, prefixes):
         if prefix == EMBEDDING_PARAM:
             axes.append([{EMBEDDING_PARAM: lvl} for lvl in space.embedding_levels(ctx.anatomy)])
             continue
-        group, names = next((g, n) for p, g, n in space.units(ctx.anatomy) if p == prefix)
-        lv = {k: v for k, v in space.unit_levels(group, names, ctx.anatomy).items() if len(v) > 1}
+        unit = next(u for u in space.units(ctx.anatomy) if u.key == prefix)
+        lv = {k: v for k, v in space.unit_levels(unit.group, unit.linears, ctx.anatomy).items() if len(v) > 1}
         axes.append(
             [{prefix + k: v for k, v in zip(lv, combo, strict=True)} for combo in itertools.product(*lv.values())]
         )
