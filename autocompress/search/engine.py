@@ -57,7 +57,10 @@ def quiet_optuna() -> None:
 
 
 def open_storage(storage: str | None, study_dir: Path) -> tuple[Any, str]:
-    """Give an Optuna storage (SQLite in the study folder by default; a ``.log`` path is a journal file)."""
+    """Give an Optuna storage (SQLite in the study folder by default; a ``.log`` path is a journal file).
+
+    Every command that opens a study comes through here, so Optuna's console lines are quieted here."""
+    quiet_optuna()
     if storage is None:
         study_dir.mkdir(parents=True, exist_ok=True)
         url = f"sqlite:///{study_dir / 'study.db'}"
