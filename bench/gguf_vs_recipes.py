@@ -31,6 +31,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import gguf
+
 from autocompress.calib import held_out_text
 from autocompress.export.gguf import export_gguf
 from autocompress.runtime import llamacpp, recipes
@@ -56,6 +58,25 @@ def measure(path: Path, text: Path, args: argparse.Namespace) -> dict[str, Any]:
     return {"bytes": path.stat().st_size, "ppl": ppl, **bench_speed(path, args.threads)}
 
 
+def tensor_bytes(path: Path) -> int:
+    """Give the bytes of a GGUF file's tensors (the file less its metadata and tokenizer)."""
+    return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)
+
+
+def points_at_recipe_sizes(front: list[Any], rows: list[dict[str, Any]], made: dict[str, Any], cost: Any) -> list[Any]:
+    """Give, for each recipe, the front point with the least KL whose predicted tensor bytes are at
+    most the recipe file's tensor bytes (each point once, in front order). Exporting a point applies
+    its plan again (minutes with GPTQ codes), so only the points the comparison needs are measured."""
+    weights = {c.trial: cost.predict(c.plan).weights_mb * 1e6 for c in front}
+    keep: set[int] = set()
+    for r in rows:
+        limit = tensor_bytes(made[r["name"]][1])
+        fits = [c for c in front if weights[c.trial] <= limit]
+        if fits:
+            keep.add(min(fits, key=lambda c: c.metrics.get("kl", float("inf"))).trial)
+    return [c for c in front if c.trial in keep]
+
+
 def save(out: dict[str, Any]) -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     tmp = RESULTS.with_suffix(".json.tmp")
@@ -72,6 +93,12 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--chunks", type=int, default=128, help="128 x 256 = 32,768 held-out tokens")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--points",
+        choices=("recipes", "all"),
+        default="recipes",
+        help="front points measured: the least-KL one at each recipe's size (default), or every one",
+    )
     args = ap.parse_args()
 
     out = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
@@ -112,7 +139,9 @@ def main() -> None:
     hw = args.hw or view.profile
     cost = CostModel(load_profile(hw), view.anatomy)
     front = {f["trial"]: f for f in out.get("front", []) if f.get("study") == args.study}
-    for c in view.front:
+    chosen = view.front if args.points == "all" else points_at_recipe_sizes(view.front, out["recipes"], made, cost)
+    print(f"front: {len(view.front)} points; measuring {len(chosen)} ({args.points})")
+    for c in chosen:
         f = front.setdefault(c.trial, {"study": args.study, "trial": c.trial, "plan_hash": c.plan.hash()})
         f["description"] = c.description
         if "ppl" not in f:
