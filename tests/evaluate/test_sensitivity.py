@@ -57,3 +57,18 @@ def test_table_is_read_from_the_cache(wb, tmp_path, monkeypatch):
     monkeypatch.setattr("autocompress.evaluate.sensitivity.kl_to_base", boom)
     again = build_sensitivity(wb.lm.model, lambda m, p: wb.apply(p, into=m), space, ctx, wb.data.proxy, tmp_path)
     assert again.entries == first.entries
+
+
+def test_a_model_wide_unit_is_probed_on_a_copy_of_every_block(wb, tmp_path):
+    space = SearchSpace.from_dict(
+        {"name": "m", "granularity": "model", "linear": {"bits": [16, 4], "group_size": [32]}}
+    )
+    ctx = _ctx(wb)
+    before = state_dict_hash(wb.lm.model)
+    table = build_sensitivity(wb.lm.model, lambda m, p: wb.apply(p, into=m), space, ctx, wb.data.proxy, tmp_path)
+    assert state_dict_hash(wb.lm.model) == before  # the probe compressed copies of all blocks, not the base's
+    probes = dict(unit_probes(space, ctx))
+    assert sorted(k.partition("|")[0] for k in table.entries) == ["attn.", "mlp."]
+    ev = Evaluator(wb.lm.model, wb.data, "causal-lm")
+    for key, plan in probes.items():
+        assert table.entries[key] == pytest.approx(ev.proxy(wb.apply(plan)).kl, rel=1e-5, abs=1e-8)
