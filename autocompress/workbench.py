@@ -56,6 +56,9 @@ class Workbench:
     stats: ActivationStats
     numerics: str = "exact"  # the target runtime's activation rounding, emulated when evaluating
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # where each linear is compressed: the CPU on every device (the format registry's code makes its
+    # tensors there), in float32, so compressing the same weights gives the same variants everywhere
+    compress_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     variants: VariantCache = field(default_factory=VariantCache.from_env)
     _hessians: Hessians | None = field(default=None, repr=False)
 
@@ -93,11 +96,13 @@ class Workbench:
 
         ``device``: auto | cpu | cuda | cuda:N (auto: a CUDA GPU when present); on a GPU the model is
         held and run in bf16, on the CPU in float32. ``model_on_cpu``: the model stays on the CPU in
-        float32 and only the per-linear compression runs on ``device`` (what the exporters need:
-        they write the model as loaded). ``cache_bytes`` bounds the variant cache (default
-        ``$AUTOCOMPRESS_VARIANT_CACHE_BYTES``, else 1.5 GB).
+        float32 whatever ``device`` says (checked all the same): what the exporters need, as they
+        write the model as loaded, and the same files on every machine.
+        ``cache_bytes`` bounds the variant cache (default ``$AUTOCOMPRESS_VARIANT_CACHE_BYTES``,
+        else 1.5 GB).
         """
         dev = resolve_device(device)  # a bad device fails before anything heavy is loaded
+        dev = torch.device("cpu") if model_on_cpu else dev
         _set_threads()
         say = log or (lambda _msg: None)
         data = data or DataConfig()
@@ -176,7 +181,7 @@ class Workbench:
         torch.manual_seed(plan.provenance.seed)
         # GPTQ / SVD-LLM need X^T X of the calibration data: collected once, then cached on disk.
         hessians = self.hessians() if needs_hessians(plan) else None
-        common = {"hessians": hessians, "stored": stored, "cache": self.variants, "device": self.device}
+        common = {"hessians": hessians, "stored": stored, "cache": self.variants, "device": self.compress_device}
         if into is not None:
             return apply_plan_to(into, self.lm.anatomy, plan, self.stats, inplace=True, **common)
         return apply_plan_to(self.lm.model, self.lm.anatomy, plan, self.stats, share_base=share_base, **common)

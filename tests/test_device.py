@@ -98,17 +98,15 @@ def test_cuda_workbench_holds_the_model_in_bf16_and_plans_do_not_change():
 
 
 @CUDA
-def test_cuda_compression_of_a_cpu_model_matches_the_cpu_to_float_tolerance():
-    """``model_on_cpu`` (apply / export): GPTQ runs on the GPU in fp32, the model stays on the CPU in fp32."""
+def test_apply_and_export_on_a_gpu_machine_write_the_cpus_weights():
+    """``model_on_cpu`` (apply / export): the model stays on the CPU in float32, so the weights are the CPU's."""
     from autocompress.workbench import Workbench
 
     wbs = {d: Workbench.open("tiny-llama", TINY_DATA, device=d, model_on_cpu=True) for d in ("cpu", "cuda")}
     plan = _plan(wbs["cpu"], bits=4, group_size=32, quant_method="gptq")
     models = {d: wb.apply(plan) for d, wb in wbs.items()}
     assert next(models["cuda"].parameters()).device.type == "cpu"
-    for site in wbs["cpu"].lm.anatomy.linears:
-        a, b = (models[d].get_submodule(site.name).weight for d in ("cpu", "cuda"))
-        assert (a == b).float().mean() > 0.99, site.name  # the odd weight rounds to a neighbouring level
+    assert state_dict_hash(models["cuda"]) == state_dict_hash(models["cpu"])
 
 
 @CUDA

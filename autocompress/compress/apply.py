@@ -28,8 +28,9 @@ channels. With ``cache=`` (a ``VariantCache``, owned by the caller: the workbenc
 compressed per-linear results (and full SVDs, so any rank reuses them) are kept in memory under a
 byte bound, and on disk when the cache has a folder: re-applying a choice already seen costs a copy.
 
-The work happens on the device of ``model``'s weights (a CUDA model is compressed on its GPU); the
-Hessians are brought there one linear at a time.
+Structure (heads, channels, blocks) is cut where the model lives; each linear is compressed on
+``device`` (the workbench passes the CPU: the format registry creates its tensors there), in float32
+from the model's weights as they are (bf16 ones on a GPU), and written back where the model lives.
 """
 
 from __future__ import annotations
@@ -286,7 +287,7 @@ def _compressed_table(
     result = cache.get(key) or cache.disk_get(key)
     if result is None:
         try:
-            result = (quantize_tensor(weight.detach().float(), choice).cpu(),)
+            result = (quantize_tensor(weight.detach().float().cpu(), choice),)  # the format code is CPU code
         except PlanError as exc:
             raise PlanError(f"{name}: {exc}") from None
         cache.disk_put(key, result)
@@ -401,7 +402,7 @@ def apply_plan_to(
             if choice.quantized:
                 weight = work.get_submodule(emb.name).weight  # tied: the head's table too
                 if stored is not None:
-                    stored[emb.name] = stored_tensor(weight.detach().float(), choice)
+                    stored[emb.name] = stored_tensor(weight.detach().float().cpu(), choice)
                     weight.copy_(choice.fmt.dequantize(stored[emb.name]))
                 else:
                     weight.copy_(_compressed_table(cache, anatomy.model_hash, emb.name, weight, choice))

@@ -81,7 +81,8 @@ def open_study(study: str, out: str | Path = "studies", storage: str | None = No
 
 def workbench_for(view: StudyView, plan: Plan, log: Callable[[str], None] | None = None, device: str | None = "cpu"):
     """Give the Workbench the study's plans were made with (its model and data): the model on the CPU
-    as loaded (what the exporters write), its linears compressed on ``device``."""
+    as loaded, whatever ``device`` says (the exporters write it as loaded; the files are the same on
+    every machine)."""
     from autocompress.workbench import Workbench
 
     model = (view.settings.get("run") or {}).get("model")
@@ -103,8 +104,8 @@ def export_trials(
 ) -> list[dict[str, Any]]:
     """Export each trial to ``out/trial-<N>/`` (HF folder + ``model.onnx`` + ``export.json``); give the records.
 
-    ``device``: where the plans' linears are compressed (auto | cpu | cuda | cuda:N); the model, the
-    exports and their checks stay on the CPU.
+    ``device``: auto | cpu | cuda | cuda:N, checked; the model, the exports and their checks stay on
+    the CPU in float32 (the same files on every machine).
 
     With ONNX, the uncompressed model is exported and measured too (``out/baseline.json``), so
     every record says whether the point is measured faster than the base model. ``out/exports.json``
