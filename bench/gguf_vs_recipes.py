@@ -36,6 +36,7 @@ import gguf
 from autocompress.calib import held_out_text
 from autocompress.export.gguf import export_gguf
 from autocompress.runtime import llamacpp, recipes
+from autocompress.runtime.llama_bench import GEN_TOKENS, PROMPT_TOKENS
 from autocompress.workbench import Workbench
 
 RESULTS = Path(__file__).parent / "results" / "gguf.json"
@@ -45,7 +46,8 @@ WORK = Path.home() / ".cache" / "autocompress" / "bench-gguf"
 def bench_speed(path: Path, threads: int, repeats: int = 3) -> dict[str, float]:
     """Give llama-bench's decode (tg 32) and prefill (pp 64) tokens/s for a file (mean of ``repeats``)."""
     tool = llamacpp.require().tool("llama-bench")
-    cmd = [str(tool), "-m", str(path), "-t", str(threads), "-p", "64", "-n", "32", "-r", str(repeats), "-o", "json"]
+    cmd = [str(tool), "-m", str(path), "-t", str(threads), "-p", str(PROMPT_TOKENS), "-n", str(GEN_TOKENS)]
+    cmd += ["-r", str(repeats), "-o", "json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
     rows = json.loads(proc.stdout)
     tg = next(r for r in rows if r.get("n_gen", 0) > 0)
@@ -137,7 +139,8 @@ def main() -> None:
 
     view = open_study(args.study, args.studies)
     hw = args.hw or view.profile
-    cost = CostModel(load_profile(hw), view.anatomy)
+    # the scenario llama-bench measures: a 64-token prefill, decode from a near-empty context
+    cost = CostModel(load_profile(hw), view.anatomy, prompt_tokens=PROMPT_TOKENS, context_tokens=GEN_TOKENS // 2)
     front = {f["trial"]: f for f in out.get("front", []) if f.get("study") == args.study}
     chosen = view.front if args.points == "all" else points_at_recipe_sizes(view.front, out["recipes"], made, cost)
     print(f"front: {len(view.front)} points; measuring {len(chosen)} ({args.points})")

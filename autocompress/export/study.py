@@ -144,7 +144,13 @@ def export_trials(
         if g:
             say(
                 f"trial {c.trial}: model.gguf {g['file_bytes'] / 1e6:.1f} MB read back exactly; llama-perplexity "
-                f"{g['llamacpp']['ppl_llamacpp']:.3f} vs ours {g['llamacpp']['ppl_ours']:.3f}"
+                f"{g['llamacpp']['ppl_llamacpp']:.3f} vs ours {g['llamacpp']['ppl_ours']:.3f}; llama-bench decode "
+                f"{g['latency']['measured_decode_ms']:.2f} ms/token"
+                + (
+                    f" (predicted {g['latency']['predicted_decode_ms']:.2f})"
+                    if "predicted_decode_ms" in g["latency"]
+                    else ""
+                )
             )
         m = rec.get("latency", {})
         if m:

@@ -317,7 +317,8 @@ def export_point(
     if hf:
         rec["hf"] = write_hf(model, plan, folder, wb.lm.tokenizer)
     if gguf:
-        rec["gguf"] = gguf_record(model, wb, plan, folder, stored)
+        hw = "local" if pred.note else pred.profile.id  # the user's --hw, not the uncalibrated prior
+        rec["gguf"] = gguf_record(model, wb, plan, folder, stored, hw)
     if not onnx:
         return rec
     exp = export_onnx(model, view.anatomy, plan, folder / "model.onnx")
@@ -360,9 +361,15 @@ GGUF_CHECK_CHARS = 60_000  # held-out characters llama-perplexity scores each GG
 
 
 def gguf_record(
-    model: torch.nn.Module, wb: Any, plan: Any, folder: Path, stored: dict[str, Any] | None = None
+    model: torch.nn.Module,
+    wb: Any,
+    plan: Any,
+    folder: Path,
+    stored: dict[str, Any] | None = None,
+    hw: str = "local",
 ) -> dict[str, Any]:
-    """Write ``folder/model.gguf`` (read back exactly, else an error) and give llama.cpp's verdict on it."""
+    """Write ``folder/model.gguf`` (read back exactly, else an error), give llama.cpp's verdict on it
+    and its speed here by llama-bench beside the prediction of a llama.cpp profile of this machine."""
     from autocompress.calib import held_out_text
     from autocompress.export.gguf import check_with_llamacpp, export_gguf
 
@@ -370,6 +377,57 @@ def gguf_record(
     rec = {"file": "model.gguf", **export_gguf(wb, plan, folder / "model.gguf", applied=applied)}
     text = held_out_text(wb.data_config)[:GGUF_CHECK_CHARS]
     rec["llamacpp"] = check_with_llamacpp(folder / "model.gguf", model, text)
+    rec["latency"] = gguf_latency(folder / "model.gguf", plan, wb.lm.anatomy, hw)
+    return rec
+
+
+LLAMACPP_PROFILE = "local-llamacpp"  # written by `autocompress hw calibrate --runtime llama.cpp`
+GGUF_REPEATS = 3
+
+
+def llamacpp_predictor(hw: str) -> tuple[Any | None, str]:
+    """Give the llama.cpp profile that predicts GGUF speed on this machine (``hw`` when it is a llama.cpp
+    profile, else the calibrated ``local-llamacpp``), or None and why there is none."""
+    for name in (hw, LLAMACPP_PROFILE) if hw not in ("local", "cpu") else (LLAMACPP_PROFILE,):
+        try:
+            prof = load_profile(name)
+        except ProfileError:
+            continue
+        if prof.runtime == "llama.cpp":
+            return prof, ""
+    return None, (
+        "no llama.cpp profile of this machine: run `autocompress hw calibrate --runtime llama.cpp "
+        f"--out hw_profiles/{LLAMACPP_PROFILE}.yaml` for predictions beside the measurement"
+    )
+
+
+def gguf_latency(path: Path, plan: Plan, anatomy: ModelAnatomy, hw: str = "local") -> dict[str, Any]:
+    """Give a GGUF file's decode and prefill time by llama-bench (medians, fixed threads) and, where a
+    llama.cpp profile of this machine exists, its prediction for the same scenario."""
+    from autocompress.runtime.llama_bench import GEN_TOKENS, PROMPT_TOKENS, measure_gguf
+
+    prof, note = llamacpp_predictor(hw)
+    cal = getattr(prof, "calibration", None)
+    threads = int(getattr(cal, "threads", 0) or 2)
+    m = measure_gguf(path, threads=threads, repeats=GGUF_REPEATS)
+    rec: dict[str, Any] = {
+        "runtime": "llama.cpp (llama-bench)",
+        "threads": threads,
+        "scenario": f"decode = {GEN_TOKENS} tokens from an empty context; prefill = {PROMPT_TOKENS} tokens; batch 1",
+        "measured_decode_ms": m["decode_ms"],
+        "measured_prefill_ms": m["prefill_ms"],
+    }
+    if prof is None:
+        rec["note"] = note
+        return rec
+    c = CostModel(prof, anatomy, prompt_tokens=PROMPT_TOKENS, context_tokens=max(1, GEN_TOKENS // 2)).predict(plan)
+    rec.update(
+        profile=prof.id,
+        predicted_decode_ms=c.latency_ms,
+        predicted_prefill_ms=c.prefill_ms,
+        decode_predicted_over_measured=c.latency_ms / m["decode_ms"],
+        prefill_predicted_over_measured=c.prefill_ms / m["prefill_ms"],
+    )
     return rec
 
 

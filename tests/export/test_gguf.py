@@ -198,10 +198,13 @@ def test_study_export_writes_checked_gguf_files_applying_each_plan_once(tmp_path
 
     monkeypatch.setattr(Workbench, "apply", counting)
     trials = [c.trial for c in view.front]
-    records = export_trials(view, trials, tmp_path / "exports", onnx=False, gguf=True, device="cpu")
+    records = export_trials(view, trials, tmp_path / "exports", onnx=False, gguf=True, hw="rpi", device="cpu")
     assert len(records) == len(trials) >= 2
     for rec in records:
         assert applied[rec["plan_hash"]] == 1, rec["trial"]
         g = rec["gguf"]
         assert g["read_back_equal"] and (tmp_path / "exports" / f"trial-{rec['trial']}" / "model.gguf").is_file()
         assert g["llamacpp"]["ppl_llamacpp"] == pytest.approx(g["llamacpp"]["ppl_ours"], rel=0.05)
+        lat = g["latency"]  # llama-bench's measurement beside the named llama.cpp profile's prediction
+        assert lat["measured_decode_ms"] > 0 and lat["measured_prefill_ms"] > 0
+        assert lat["profile"] == "raspberry-pi-5" and lat["predicted_decode_ms"] > 0
