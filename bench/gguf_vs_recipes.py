@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,7 @@ import gguf
 from autocompress.calib import held_out_text
 from autocompress.export.gguf import export_gguf
 from autocompress.runtime import llamacpp, recipes
-from autocompress.runtime.llama_bench import GEN_TOKENS, PROMPT_TOKENS
+from autocompress.runtime.llama_bench import GEN_TOKENS, PROMPT_TOKENS, measure_gguf
 from autocompress.workbench import Workbench
 
 RESULTS = Path(__file__).parent / "results" / "gguf.json"
@@ -44,15 +43,9 @@ WORK = Path.home() / ".cache" / "autocompress" / "bench-gguf"
 
 
 def bench_speed(path: Path, threads: int, repeats: int = 3) -> dict[str, float]:
-    """Give llama-bench's decode (tg 32) and prefill (pp 64) tokens/s for a file (mean of ``repeats``)."""
-    tool = llamacpp.require().tool("llama-bench")
-    cmd = [str(tool), "-m", str(path), "-t", str(threads), "-p", str(PROMPT_TOKENS), "-n", str(GEN_TOKENS)]
-    cmd += ["-r", str(repeats), "-o", "json"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    rows = json.loads(proc.stdout)
-    tg = next(r for r in rows if r.get("n_gen", 0) > 0)
-    pp = next(r for r in rows if r.get("n_prompt", 0) > 0 and r.get("n_gen", 0) == 0)
-    return {"tg_tps": float(tg["avg_ts"]), "tg_sd": float(tg["stddev_ts"]), "pp_tps": float(pp["avg_ts"])}
+    """Give llama-bench's decode and prefill tokens/s for a file (medians of ``repeats``)."""
+    m = measure_gguf(path, threads=threads, repeats=repeats)
+    return {"tg_tps": m["decode_tok_s"], "tg_sd_ms": m["decode_ms_stddev"], "pp_tps": m["prefill_tok_s"]}
 
 
 def measure(path: Path, text: Path, args: argparse.Namespace) -> dict[str, Any]:
