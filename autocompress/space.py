@@ -487,6 +487,18 @@ class SearchSpace:
         choice's format, or the runtime's fallback for its row width."""
         return {n: self._fitted(choice, anatomy.find_linear(n), anatomy, {}) for n in names}
 
+    def unit_choice(self, plan: Plan, unit: Unit, anatomy: ModelAnatomy) -> LayerChoice:
+        """Give the level ``plan`` sets ``unit`` to: the choice that, fitted to each of the unit's linears (the
+        runtime's fallback where a width cannot hold its format), gives every one its choice in the plan. A
+        unit's first linear alone can mislead: on a 576-wide model a ``Q4_K`` MLP stores gate/up in ``Q5_0``.
+        A unit that no one level explains (a plan edited by hand) gives its first linear's choice."""
+        got = [plan.choice_for(n) for n in unit.linears]
+        sites = [anatomy.find_linear(n) for n in unit.linears]
+        for c in dict.fromkeys(got):
+            if all(self._fitted(c, s, anatomy, plan.blocks) == g for s, g in zip(sites, got, strict=True)):
+                return c
+        return got[0]
+
     def _fitted(
         self, choice: LayerChoice, site: LinearSite, anatomy: ModelAnatomy, blocks: Mapping[int, BlockChoice]
     ) -> LayerChoice:

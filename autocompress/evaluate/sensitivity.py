@@ -75,7 +75,7 @@ def plan_keys(plan: Plan, space: SearchSpace, ctx: SpaceContext) -> list[str]:
     for u in space.units(ctx.anatomy):
         if ctx.anatomy.find_linear(u.linears[0]).block in dropped:
             continue
-        keys += [table_key(u, p) for p in choice_parts(plan.choice_for(u.linears[0]))]
+        keys += [table_key(u, p) for p in choice_parts(space.unit_choice(plan, u, ctx.anatomy))]
     for e in ctx.anatomy.embeddings[:1] if space.embedding_levels(ctx.anatomy) else ():
         keys += [table_key(EMBEDDING_UNIT, p) for p in choice_parts(plan.embedding_choice(e.name))]
     for i, bc in plan.blocks.items():

@@ -8,7 +8,10 @@ import pytest
 from autocompress.calib import DataConfig
 from autocompress.evaluate import Evaluator
 from autocompress.evaluate.sensitivity import build_sensitivity, plan_keys, unit_probes
+from autocompress.hardware import load_profile
 from autocompress.model import state_dict_hash
+from autocompress.model.loading import anatomy_from_config
+from autocompress.plan import Provenance
 from autocompress.space import SearchSpace, SpaceContext
 from autocompress.workbench import Workbench
 
@@ -72,3 +75,19 @@ def test_a_model_wide_unit_is_probed_on_a_copy_of_every_block(wb, tmp_path):
     ev = Evaluator(wb.lm.model, wb.data, "causal-lm")
     for key, plan in probes.items():
         assert table.entries[key] == pytest.approx(ev.proxy(wb.apply(plan)).kl, rel=1e-5, abs=1e-8)
+
+
+@pytest.mark.slow
+def test_every_probe_of_the_default_model_reads_back_as_its_own_key():
+    """A plan's table lookup finds the level each unit was set to, also where the runtime stores some of
+    the unit's linears in a fallback (a K-quant MLP on a 576-wide model keeps gate/up in Q5_0 / Q4_0):
+    reading a unit off its first linear priced a Q2_K MLP as a Q4_0 one. Config only: no weights read."""
+    a = anatomy_from_config(None)
+    space = SearchSpace.load("default").for_profile(load_profile("jetson"))
+    ctx = SpaceContext(a, list(range(a.num_blocks)), Provenance())
+    probes = list(unit_probes(space, ctx))
+    fallbacks = 0
+    for key, plan in probes:
+        assert plan_keys(plan, space, ctx) == [key]
+        fallbacks += len({c.format for c in plan.layers.values()}) > 1
+    assert fallbacks >= a.num_blocks  # the case above is there: units whose linears hold different formats
