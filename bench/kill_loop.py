@@ -1,7 +1,7 @@
 """Run the two process-kill tests many times and print their failure rates (not part of CI).
 
     python bench/kill_loop.py --runs 30            # both tests, 30 runs each
-    python bench/kill_loop.py --runs 30 --lock ~/.cache/ac-cpu.lock
+    python bench/kill_loop.py --runs 30 --lock ~/.cache/ac-cpu.lock [--resume]
 
 Each run is a fresh pytest process, so every run starts a new search from nothing. The failures
 these tests had were races with the signal's arrival, so they show only over many runs. Writes
@@ -39,11 +39,16 @@ def main() -> None:
     ap.add_argument("--lock", default=None, help="flock this file around each run (shared machines)")
     ap.add_argument("--test", action="append", help="a pytest node id (repeatable) [default: both kill tests]")
     ap.add_argument("--out", default="bench/results/kill_loop.json")
+    ap.add_argument("--resume", action="store_true", help="keep the runs already in --out; run up to --runs each")
     args = ap.parse_args()
     tests = args.test or list(TESTS)
     results: dict[str, dict] = {t: {"runs": 0, "failures": 0, "seconds": [], "last_failure": None} for t in tests}
+    if args.resume and Path(args.out).is_file():  # a rerun carries on where the last one stopped
+        results.update({t: r for t, r in json.loads(Path(args.out).read_text()).items() if t in results})
     for i in range(args.runs):
         for t in tests:  # interleaved, so a slow spell on the machine hits both tests alike
+            if results[t]["runs"] > i:
+                continue
             ok, secs, tail = run_once(t, args.lock)
             r = results[t]
             r["runs"] += 1
