@@ -1,5 +1,6 @@
-"""Hardware profiles, the analytic cost model (latency, memory, energy of a plan), local calibration
-and real measurement."""
+"""Hardware profiles, the analytic cost model (latency, memory, energy of a plan), the fits that turn a
+calibration's timings into a profile, and real measurement. Nothing here builds or runs a model file:
+``autocompress.calibration`` does, and hands its timings to the fits."""
 
 from autocompress.hardware.cost import Cost, CostModel, predict
 from autocompress.hardware.measure import Measurement, measure
