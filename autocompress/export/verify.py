@@ -530,9 +530,62 @@ def index_markdown(index: dict[str, Any]) -> str:
             "their deployed quality is worse than the study measured.**",
             "",
         ]
-    lines += [latency_table(recs), ""]
-    lines += ["Each `trial-<N>/` holds the HF folder, `model.onnx`, `export.json` and a README with the load code.", ""]
+    ggufs = [r for r in recs if r.get("gguf")]
+    if ggufs:
+        lines += [gguf_table(ggufs), ""]
+    if any(r.get("onnx") for r in recs) or not ggufs:
+        lines += [latency_table(recs), ""]
+    files = "`model.gguf`" if ggufs and not any(r.get("onnx") for r in recs) else "`model.onnx`"
+    lines += [f"Each `trial-<N>/` holds the HF folder, {files}, `export.json` and a README with the load code.", ""]
     return "\n".join(lines)
+
+
+GGUF_HEADERS = [
+    "trial",
+    "plan",
+    "model.gguf MB",
+    "llama-perplexity / ours",
+    "decode ms (llama-bench)",
+    "decode ms (predicted)",
+    "pred/meas",
+    "prefill ms (llama-bench)",
+    "prefill ms (predicted)",
+    "generates",
+]
+
+
+def gguf_table(records: list[dict[str, Any]]) -> str:
+    """Give the markdown table of GGUF exports: size, llama.cpp's perplexity beside ours, llama-bench's
+    speed beside the prediction of a llama.cpp profile of this machine (a note when there is none)."""
+
+    def f(d: dict, key: str, fmt: str = "{:.3g}") -> str:
+        return fmt.format(d[key]) if key in d else "–"
+
+    lines = ["| " + " | ".join(GGUF_HEADERS) + " |", "|" + "---|" * len(GGUF_HEADERS)]
+    notes: set[str] = set()
+    for r in records:
+        g = r["gguf"]
+        lat, chk = g.get("latency") or {}, g.get("llamacpp") or {}
+        if "note" in lat:
+            notes.add(lat["note"])
+        row = [
+            str(r["trial"]),
+            r["description"] or "uncompressed",
+            f"{g['file_bytes'] / 1e6:.1f}",
+            f(chk, "ppl_llamacpp", "{:.3f}") + " / " + f(chk, "ppl_ours", "{:.3f}"),
+            f(lat, "measured_decode_ms"),
+            f(lat, "predicted_decode_ms"),
+            f(lat, "decode_predicted_over_measured", "{:.2f}"),
+            f(lat, "measured_prefill_ms"),
+            f(lat, "predicted_prefill_ms"),
+            "yes" if chk.get("generates") else "no",
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    profiles = sorted({r["gguf"]["latency"]["profile"] for r in records if "profile" in r["gguf"].get("latency", {})})
+    head = "GGUF files, run by llama.cpp on this machine" + (
+        f"; predicted by {', '.join(profiles)}" if profiles else ""
+    )
+    return "\n".join([head + ".", "", *lines, *(["", *sorted(notes)] if notes else [])])
 
 
 def point_readme(rec: dict[str, Any]) -> str:

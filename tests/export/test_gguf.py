@@ -208,3 +208,7 @@ def test_study_export_writes_checked_gguf_files_applying_each_plan_once(tmp_path
         lat = g["latency"]  # llama-bench's measurement beside the named llama.cpp profile's prediction
         assert lat["measured_decode_ms"] > 0 and lat["measured_prefill_ms"] > 0
         assert lat["profile"] == "raspberry-pi-5" and lat["predicted_decode_ms"] > 0
+    index = (tmp_path / "exports" / "README.md").read_text()
+    assert "GGUF files, run by llama.cpp on this machine; predicted by raspberry-pi-5." in index
+    rows = [ln for ln in index.splitlines() if ln.startswith("| ") and ln.split(" | ")[0][2:].isdigit()]
+    assert len(rows) == len(records) and all(ln.rstrip(" |").endswith("yes") for ln in rows)
