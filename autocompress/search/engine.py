@@ -37,6 +37,7 @@ from autocompress.search.budget import Budget, check_fits_memory
 from autocompress.search.heartbeat import GRACE_S, HEARTBEAT_S
 from autocompress.search.interrupt import InterruptGate
 from autocompress.search.pareto import pareto_front
+from autocompress.search.recipe_seeds import recipe_seeds
 from autocompress.search.report import describe_plan, write_outputs
 from autocompress.search.result import Candidate, SearchResult
 from autocompress.search.samplers import SAMPLERS, SeededSampler, make_sampler
@@ -215,6 +216,8 @@ def search(
     most_active = sorted(range(anatomy.num_blocks), key=lambda i: -wb.stats.block_distance[i])
     knapsack = None if table is None else build_knapsack(space_obj, ctx, table, cost_model, budget)
     seeds = seed_plans(space_obj, ctx, most_active, knapsack)
+    if profile.runtime == "llama.cpp":  # what llama.cpp users download, improved from there
+        seeds += recipe_seeds(space_obj, ctx, wb, log=say)
     population = max(8, len(seeds))
     try:
         opt = optuna.create_study(
