@@ -270,6 +270,18 @@ class Knapsack:
         return out
 
 
+def start_params(space: SearchSpace, ctx: SpaceContext) -> dict[str, Any] | None:
+    """Give the parameters every allocation starts from: the uncompressed setting, or, in a space
+    that quantizes every linear (no ``dense`` level, e.g. a GGUF space), its first uniform format
+    (each unit's option then replaces it); None when the space holds no uniform setting."""
+    a = ctx.anatomy
+    for setting in ({}, *({"format": f} for f in space.linear.get("format", ()))):
+        params = space.uniform_params(a, setting)
+        if params is not None:
+            return params
+    return None
+
+
 def build_knapsack(
     space: SearchSpace,
     ctx: SpaceContext,
@@ -280,7 +292,7 @@ def build_knapsack(
     """Give the space's exact knapsack (None for model-wide spaces or when nothing saves anything)."""
     if space.granularity == "model":
         return None
-    base = space.uniform_params(ctx.anatomy, {})
+    base = start_params(space, ctx)
     if base is None:
         return None
     units = unit_options(space, ctx, table, cost_model)

@@ -201,3 +201,24 @@ def test_knapsack_matches_brute_force_on_real_units(real):
     two = [EMBEDDING_PARAM, "b21.mlp."]
     most = max(p[1] for p in _brute(space, ctx, table, cm, two))
     _check_against_brute(space, ctx, table, cm, two, need_mb=0.7 * most, n_targets=20)
+
+
+def test_a_space_without_dense_still_gets_its_knapsack(tiny):
+    """A GGUF space quantizes every linear (no ``dense`` level): the knapsack starts from a uniform
+    format and each seed sets every unit to one of its measured options (the evo sampler needs it)."""
+    _, ctx, _, _ = tiny
+    prof = load_profile("rpi")
+    space = SearchSpace.load("gguf-bench").for_profile(prof)
+    assert space.uniform_params(ctx.anatomy, {}) is None  # the case: no uncompressed setting
+    rng = random.Random(2)
+    table = SensitivityTable(entries={k: rng.uniform(0, 1) for k, _ in unit_probes(space, ctx)}, tokens=0)
+    ks = seeding.build_knapsack(space, ctx, table, CostModel(prof, ctx.anatomy))
+    assert ks is not None
+    seeds = ks.seeds()
+    assert len(seeds) >= 2
+    offered = set(space.linear["format"])
+    for params in seeds.values():
+        plan = space.plan_from_params(params, ctx)
+        assert all(plan.choice_for(s.name).format in offered for s in ctx.anatomy.linears)
+    lightest, heaviest = (space.plan_from_params(p, ctx) for p in (seeds[min(seeds)], seeds[max(seeds)]))
+    assert lightest.hash() != heaviest.hash()
