@@ -176,11 +176,13 @@ def _spread(front: list[Any], k: int) -> list[Any]:
 def verify_front(
     study_dir_or_result: str | Path | SearchResult, k: int, log: Callable[[str], None] | None = None
 ) -> list[dict[str, Any]]:
-    """Export K front points (spread along the latency axis) to ONNX, check and measure them here.
+    """Export K front points (spread along the latency axis) to the runtime's file, check and measure
+    them here: GGUF by llama.cpp (llama-perplexity, llama-bench) for a llama.cpp study where its
+    tools are built, else ONNX by onnxruntime.
 
     Writes ``verify.json`` and ``verify.md`` in the study folder and gives one record per point
-    (``latency.slower_than_uncompressed`` flags "compressed but not faster"). The ONNX files are
-    temporary; ``autocompress export`` keeps them.
+    (``slower_than_uncompressed`` flags "compressed but not faster"). The files are temporary;
+    ``autocompress export`` keeps them.
     """
     say = log or (lambda _m: None)
     if isinstance(study_dir_or_result, (str, Path)):
@@ -194,6 +196,8 @@ def verify_front(
     if k < 1 or not view.front:
         return []
     points = _spread(view.front, k)
+    if _runs_gguf(view):
+        return _verify_gguf(view, points, say)
     pred = verify.Predictor.for_hw("local", view.anatomy)
     if pred.note:
         say(pred.note)
@@ -217,6 +221,69 @@ def verify_front(
             )
             records.append(rec)
     index = {"study": view.name, "profile_for_prediction": pred.describe(), "baseline": base, "exports": records}
+    atomic_write_text(view.dir / "verify.json", json.dumps(index, indent=2, default=str) + "\n")
+    atomic_write_text(view.dir / "verify.md", verify.index_markdown(index))
+    return records
+
+
+def _runs_gguf(view: StudyView) -> bool:
+    """True for a study whose profile's runtime is llama.cpp, with llama.cpp's tools built here."""
+    from autocompress.errors import ProfileError
+    from autocompress.hardware.profile import load_profile
+    from autocompress.runtime import llamacpp
+
+    try:
+        runtime = load_profile(view.profile).runtime
+    except ProfileError:
+        return False
+    return runtime == "llama.cpp" and llamacpp.find() is not None
+
+
+def _verify_gguf(view: StudyView, points: list[Candidate], say: Callable[[str], None]) -> list[dict[str, Any]]:
+    """verify_front for a llama.cpp study: each point as GGUF, run and measured by llama.cpp, beside the
+    uncompressed model's GGUF measured the same way."""
+    from autocompress.export.gguf import export_gguf, gguf_blockers
+    from autocompress.plan import ModelRef
+
+    wb = workbench_for(view, points[0].plan, log=say)
+    records = []
+    with tempfile.TemporaryDirectory(dir=view.dir, prefix=".verify.") as tmp:
+        say("verify: writing and measuring the uncompressed model as GGUF (llama-bench)")
+        plain = Plan(model=ModelRef.of(view.anatomy), layers={}, provenance=wb.provenance())
+        export_gguf(wb, plain, Path(tmp) / "base.gguf")
+        base = verify.gguf_latency(Path(tmp) / "base.gguf", plain, view.anatomy)
+        for c in points:
+            blockers = gguf_blockers(c.plan, getattr(wb.lm.model.config, "model_type", None))
+            if c.plan.recovery is not None or blockers:
+                say(f"verify trial {c.trial}: no GGUF ({(blockers or ['recovered weights leave the grid'])[0]})")
+                continue
+            folder = Path(tmp) / f"trial-{c.trial}"
+            folder.mkdir()
+            stored: dict[str, Any] = {}
+            model = wb.apply(c.plan, stored=stored)
+            rec = verify.export_point(
+                model,
+                wb,
+                view,
+                c,
+                folder,
+                verify.Predictor.for_hw("local", view.anatomy),
+                onnx=False,
+                hf=False,
+                gguf=True,
+                stored=stored,
+            )
+            lat = rec["gguf"]["latency"]
+            lat["speedup_vs_uncompressed"] = base["measured_decode_ms"] / lat["measured_decode_ms"]
+            lat["slower_than_uncompressed"] = verify.slower_than(lat["measured_decode_ms"], base["measured_decode_ms"])
+            say(
+                f"verify trial {c.trial}: llama-bench decode {lat['measured_decode_ms']:.3g} ms"
+                + (f", {lat['predicted_decode_ms']:.3g} predicted" if "predicted_decode_ms" in lat else "")
+                + f" ({lat['speedup_vs_uncompressed']:.2f}x vs uncompressed)"
+                + (" — SLOWER than uncompressed" if lat["slower_than_uncompressed"] else "")
+            )
+            records.append(rec)
+    index = {"study": view.name, "gguf_baseline": base, "exports": records}
     atomic_write_text(view.dir / "verify.json", json.dumps(index, indent=2, default=str) + "\n")
     atomic_write_text(view.dir / "verify.md", verify.index_markdown(index))
     return records

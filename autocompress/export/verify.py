@@ -531,6 +531,17 @@ def index_markdown(index: dict[str, Any]) -> str:
             "",
         ]
     ggufs = [r for r in recs if r.get("gguf")]
+    gbase = index.get("gguf_baseline")
+    if gbase:
+        lines += [
+            f"Uncompressed GGUF: decode {gbase['measured_decode_ms']:.3g} ms/token by llama-bench"
+            + (f" ({gbase['predicted_decode_ms']:.3g} predicted)" if "predicted_decode_ms" in gbase else "")
+            + ".",
+            "",
+        ]
+        slow = [str(r["trial"]) for r in ggufs if r["gguf"]["latency"].get("slower_than_uncompressed")]
+        if slow:
+            lines += [f"**Measured slower than the uncompressed model: trial(s) {', '.join(slow)}.**", ""]
     if ggufs:
         lines += [gguf_table(ggufs), ""]
     if any(r.get("onnx") for r in recs) or not ggufs:
@@ -550,6 +561,7 @@ GGUF_HEADERS = [
     "pred/meas",
     "prefill ms (llama-bench)",
     "prefill ms (predicted)",
+    "speed-up",
     "generates",
 ]
 
@@ -578,6 +590,7 @@ def gguf_table(records: list[dict[str, Any]]) -> str:
             f(lat, "decode_predicted_over_measured", "{:.2f}"),
             f(lat, "measured_prefill_ms"),
             f(lat, "predicted_prefill_ms"),
+            f(lat, "speedup_vs_uncompressed", "{:.2f}x") + (" ⚠ slower" if lat.get("slower_than_uncompressed") else ""),
             "yes" if chk.get("generates") else "no",
         ]
         lines.append("| " + " | ".join(row) + " |")

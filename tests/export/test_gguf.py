@@ -208,6 +208,12 @@ def test_study_export_writes_checked_gguf_files_applying_each_plan_once(tmp_path
         lat = g["latency"]  # llama-bench's measurement beside the named llama.cpp profile's prediction
         assert lat["measured_decode_ms"] > 0 and lat["measured_prefill_ms"] > 0
         assert lat["profile"] == "raspberry-pi-5" and lat["predicted_decode_ms"] > 0
+    # search --verify K on a llama.cpp study: the same GGUF checks, beside the uncompressed model's GGUF
+    from autocompress.export.study import verify_front
+
+    checked = verify_front(tmp_path / "g", 2)
+    assert len(checked) == 2 and all(r["gguf"]["latency"]["speedup_vs_uncompressed"] > 0 for r in checked)
+    assert "Uncompressed GGUF: decode" in (tmp_path / "g" / "verify.md").read_text()
     index = (tmp_path / "exports" / "README.md").read_text()
     assert "GGUF files, run by llama.cpp on this machine; predicted by raspberry-pi-5." in index
     rows = [ln for ln in index.splitlines() if ln.startswith("| ") and ln.split(" | ")[0][2:].isdigit()]
