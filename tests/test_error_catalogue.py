@@ -311,9 +311,10 @@ def test_nan_during_evaluation_fails_the_trial_and_the_search_goes_on(tmp_path, 
 
     real_apply = Workbench.apply
 
-    def poisoned(self, plan, into=None):
-        model = real_apply(self, plan, into=into)
-        if into is None and plan.provenance.trial == 1:  # the int8 baseline's trial
+    def poisoned(self, plan, into=None, **kw):
+        model = real_apply(self, plan, into=into, **kw)
+        # the int8 baseline's trial; its MLP weights are the trial copy's own (share_base), not the base's
+        if into is None and plan.provenance.trial == 1:
             with torch.no_grad():
                 next(p for n, p in model.named_parameters() if "mlp" in n).fill_(float("nan"))
         return model
