@@ -65,6 +65,8 @@ def points_at_recipe_sizes(front: list[Any], rows: list[dict[str, Any]], made: d
     weights = {c.trial: cost.predict(c.plan).weights_mb * 1e6 for c in front}
     keep: set[int] = set()
     for r in rows:
+        if r["name"] not in made:
+            continue  # measured by an earlier run with another --recipes
         limit = tensor_bytes(made[r["name"]][1])
         fits = [c for c in front if weights[c.trial] <= limit]
         if fits:
