@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -28,8 +30,20 @@ def _load(storage):
     return optuna.load_study(study_name="k", storage=storage)
 
 
-def _kill_after(cmd, storage, n_complete, env, log=None):
-    """Run ``cmd`` and SIGKILL it once the study holds ``n_complete`` finished trials; its stderr goes to ``log``."""
+def _finished(db: Path) -> int:
+    """Give the finished trials in the study file, read without writing: opening the storage through Optuna
+    creates its tables, and racing the search that creates them failed it ('table ... already exists')."""
+    if not db.is_file():
+        return 0
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
+        try:
+            return con.execute("SELECT count(*) FROM trials WHERE state = 'COMPLETE'").fetchone()[0]
+        except sqlite3.OperationalError:  # no tables yet, or a write in progress
+            return 0
+
+
+def _kill_after(cmd, db, n_complete, env, log=None):
+    """Run ``cmd`` and SIGKILL it once the study file ``db`` holds ``n_complete`` finished trials; its stderr goes to ``log``."""
     err = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 (closed below, after the kill)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env)
     deadline = time.time() + 300
@@ -39,11 +53,7 @@ def _kill_after(cmd, storage, n_complete, env, log=None):
             if proc.poll() is not None:  # say why: an early exit once went unexplained (stderr was discarded)
                 tail = Path(log).read_text()[-2000:] if log else ""
                 raise AssertionError(f"the search ended (exit {proc.returncode}) before it could be killed:\n{tail}")
-            try:
-                done = [t for t in _load(storage).trials if t.state == TrialState.COMPLETE]
-            except Exception:  # the study may not exist yet
-                continue
-            if len(done) >= n_complete:
+            if _finished(db) >= n_complete:
                 break
     finally:
         proc.send_signal(signal.SIGKILL)
@@ -54,8 +64,9 @@ def _kill_after(cmd, storage, n_complete, env, log=None):
 
 def test_sigkill_then_resume_keeps_finished_trials(tmp_path):
     env = {**os.environ, "AUTOCOMPRESS_THREADS": "1"}
-    storage = f"sqlite:///{tmp_path / 'k' / 'study.db'}"
-    _kill_after(_cmd(tmp_path, 40), storage, 6, env, log=tmp_path / "killed.stderr")
+    db = tmp_path / "k" / "study.db"
+    storage = f"sqlite:///{db}"
+    _kill_after(_cmd(tmp_path, 40), db, 6, env, log=tmp_path / "killed.stderr")
     before = {t.number: (t.values, t.params) for t in _load(storage).trials if t.state == TrialState.COMPLETE}
     assert len(before) >= 6
     subprocess.run(_cmd(tmp_path, 40), check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
