@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -81,10 +81,6 @@ class Unit:
     def of_block(cls, block: int | None) -> Unit:
         """Give a block as a unit: the prefix of its structure knobs (``b3.keep_mlp_ratio``; None: the model's)."""
         return cls(block, "")
-
-    def __iter__(self) -> Iterator[Any]:
-        """Unpack as the (parameter prefix, group, linear names) triple ``units`` gave before ``Unit``."""
-        return iter((self.key, self.group, list(self.linears)))
 
 
 EMBEDDING_UNIT = Unit(None, "embedding")  # the token embedding (and tied head) / the untied head, one choice

@@ -42,21 +42,23 @@ def params_for_layers(
     if params is None:
         return None, "the space holds none of its formats on every linear"
 
-    for prefix, group, names in space.units(a):
-        wanted = {fmt(n) for n in names}
+    for unit in space.units(a):
+        where = unit.key.rstrip(".")
+        wanted = {fmt(n) for n in unit.linears}
         if len(wanted) > 1:
-            return None, f"unit {prefix.rstrip('.')} holds {sorted(wanted)} (one format per unit in this space)"
+            return None, f"unit {where} holds {sorted(wanted)} (one format per unit in this space)"
         (want,) = wanted
-        levels = space.unit_levels(group, names, a)
+        levels = space.unit_levels(unit.group, list(unit.linears), a)
         vals = levels.get("format", (DENSE,))
         if want not in vals:
-            return None, f"{want} is not offered for {prefix.rstrip('.')} (offered: {', '.join(vals)})"
+            return None, f"{want} is not offered for {where} (offered: {', '.join(vals)})"
         if len(vals) > 1:
-            params[prefix + "format"] = want
+            params[unit.param("format")] = want
         methods = levels.get("quant_method", ())
         if len(methods) > 1:  # the recipe's own quantizer where the space offers it
-            own = layers[names[0]].quant_method if names[0] in layers else methods[0]
-            params[prefix + "quant_method"] = own if own in methods else methods[0]
+            first = unit.linears[0]
+            own = layers[first].quant_method if first in layers else methods[0]
+            params[unit.param("quant_method")] = own if own in methods else methods[0]
     emb = space.embedding_levels(a)
     if len(emb) > 1:
         want = fmt(a.embeddings[0].name)
