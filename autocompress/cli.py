@@ -208,7 +208,8 @@ def search(
     verify: Annotated[
         int,
         typer.Option(
-            help="At the end, export K front points to ONNX, measure them here, flag any slower than uncompressed"
+            help="At the end, export K front points to the runtime's file (GGUF for llama.cpp, else ONNX), "
+            "measure them here, flag any slower than uncompressed"
         ),
     ] = 0,
     device: DeviceOption = "auto",
@@ -266,10 +267,11 @@ def search(
         )
     if verify:
         from autocompress.export.study import verify_front
-        from autocompress.export.verify import latency_table
+        from autocompress.export.verify import gguf_table, latency_table
 
         records = verify_front(result, verify, _log)
-        console.print(latency_table(records), markup=False, highlight=False)
+        table = gguf_table if records and all(r.get("gguf") for r in records) else latency_table
+        console.print(table(records), markup=False, highlight=False)
         slow = [r["trial"] for r in records if (r.get("latency") or {}).get("slower_than_uncompressed")]
         if slow:
             console.print(f"[yellow]warning:[/yellow] measured slower than the uncompressed model here: trials {slow}")

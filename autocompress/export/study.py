@@ -195,9 +195,16 @@ def verify_front(
         view = open_study(r.study_name, Path(r.study_dir).parent, r.storage)
     if k < 1 or not view.front:
         return []
-    points = _spread(view.front, k)
     if _runs_gguf(view):
-        return _verify_gguf(view, points, say)
+        from autocompress.export.gguf import gguf_blockers
+
+        writable = [
+            c for c in view.front if c.plan.recovery is None and not gguf_blockers(c.plan, view.anatomy.architecture)
+        ]
+        if writable:
+            return _verify_gguf(view, _spread(writable, k), say)
+        say("verify: no front point can be written as GGUF (low-rank, sparsity or recovery); checking ONNX instead")
+    points = _spread(view.front, k)
     pred = verify.Predictor.for_hw("local", view.anatomy)
     if pred.note:
         say(pred.note)
@@ -240,9 +247,9 @@ def _runs_gguf(view: StudyView) -> bool:
 
 
 def _verify_gguf(view: StudyView, points: list[Candidate], say: Callable[[str], None]) -> list[dict[str, Any]]:
-    """verify_front for a llama.cpp study: each point as GGUF, run and measured by llama.cpp, beside the
-    uncompressed model's GGUF measured the same way."""
-    from autocompress.export.gguf import export_gguf, gguf_blockers
+    """verify_front for a llama.cpp study: each point (GGUF-writable) as GGUF, run and measured by
+    llama.cpp, beside the uncompressed model's GGUF measured the same way."""
+    from autocompress.export.gguf import export_gguf
     from autocompress.plan import ModelRef
 
     wb = workbench_for(view, points[0].plan, log=say)
@@ -253,10 +260,6 @@ def _verify_gguf(view: StudyView, points: list[Candidate], say: Callable[[str], 
         export_gguf(wb, plain, Path(tmp) / "base.gguf")
         base = verify.gguf_latency(Path(tmp) / "base.gguf", plain, view.anatomy)
         for c in points:
-            blockers = gguf_blockers(c.plan, getattr(wb.lm.model.config, "model_type", None))
-            if c.plan.recovery is not None or blockers:
-                say(f"verify trial {c.trial}: no GGUF ({(blockers or ['recovered weights leave the grid'])[0]})")
-                continue
             folder = Path(tmp) / f"trial-{c.trial}"
             folder.mkdir()
             stored: dict[str, Any] = {}
@@ -273,7 +276,7 @@ def _verify_gguf(view: StudyView, points: list[Candidate], say: Callable[[str], 
                 gguf=True,
                 stored=stored,
             )
-            lat = rec["gguf"]["latency"]
+            lat = rec["latency"] = rec["gguf"]["latency"]  # where ONNX records keep theirs
             lat["speedup_vs_uncompressed"] = base["measured_decode_ms"] / lat["measured_decode_ms"]
             lat["slower_than_uncompressed"] = verify.slower_than(lat["measured_decode_ms"], base["measured_decode_ms"])
             say(
