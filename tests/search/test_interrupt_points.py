@@ -21,6 +21,18 @@ from autocompress.search import heartbeat
 from autocompress.search.interrupt import InterruptGate
 from tests.conftest import TINY_DATA
 
+
+@pytest.fixture(autouse=True)
+def _ctrl_c_raises():
+    """Ctrl-C raises KeyboardInterrupt here, as in a terminal: a process started in the background
+    by a non-interactive shell inherits SIGINT ignored, and there the gate (by design) stays out of
+    the way, so these tests would test nothing. The inherited disposition is put back after."""
+    before = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 # A process that dies (SIGKILL, no cleanup) inside ask(), after the trial was written RUNNING.
 _DIE_INSIDE_ASK = textwrap.dedent(
     """
