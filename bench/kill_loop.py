@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
+import re
 import os
 import subprocess
 import sys
@@ -37,6 +38,17 @@ def run_once(test: str, lock: str | None) -> tuple[bool, float, str]:
         return proc.returncode == 0, time.time() - t0, (proc.stdout + proc.stderr)[-3000:]
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def portable(text: str) -> str:
+    """Give a failure's output with this machine's paths replaced: the repository by ``.``, pytest's
+    temporary folders by ``<tmp>``, the home folder by ``~`` (results are committed)."""
+    text = text.replace(str(ROOT), ".")
+    text = re.sub(r"/tmp/pytest-of-[^/]+/pytest-\d+", "<tmp>", text)
+    return text.replace(str(Path.home()), "~")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=30)
@@ -59,7 +71,7 @@ def main() -> None:
             r["seconds"].append(round(secs, 1))
             if not ok:
                 r["failures"] += 1
-                r["last_failure"] = tail
+                r["last_failure"] = portable(tail)
             print(f"run {i + 1:>2}  {'pass' if ok else 'FAIL'}  {secs:6.1f} s  {t}", flush=True)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
