@@ -114,6 +114,15 @@ baselines:
 PROFILE = "raspberry-pi-5"
 
 
+def _portable_code_path(pkg: Path) -> str:
+    """Give the package folder relative to the repository, or ``<SCALE_CODE folder name>/autocompress``."""
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        return str(pkg.resolve().relative_to(repo))
+    except ValueError:
+        return f"{pkg.resolve().parent.name}/{pkg.name}"
+
+
 def _use_code(root: str | None) -> None:
     """Import ``autocompress`` from ``root`` (a copy of an earlier commit) instead of the editable install."""
     if not root:
@@ -238,7 +247,8 @@ def run_model(
         "model": name,
         "code": code,
         "quant_method": method,
-        "code_path": str(Path(autocompress.__file__).parent),
+        # which copy of the package ran, without this machine's paths: the repository's, or SCALE_CODE's folder
+        "code_path": _portable_code_path(Path(autocompress.__file__).parent),
         "device": torch.device(device).type,
         "threads": torch.get_num_threads(),
         "calib_tokens": calib_tokens,
