@@ -253,6 +253,7 @@ def _verify_gguf(view: StudyView, points: list[Candidate], say: Callable[[str], 
     from autocompress.plan import ModelRef
 
     wb = workbench_for(view, points[0].plan, log=say)
+    pred = verify.Predictor.for_hw("local", view.anatomy)  # its note sends GGUF predictions to local-llamacpp
     records = []
     with tempfile.TemporaryDirectory(dir=view.dir, prefix=".verify.") as tmp:
         say("verify: writing and measuring the uncompressed model as GGUF (llama-bench)")
@@ -270,7 +271,7 @@ def _verify_gguf(view: StudyView, points: list[Candidate], say: Callable[[str], 
                 view,
                 c,
                 folder,
-                verify.Predictor.for_hw("local", view.anatomy),
+                pred,
                 onnx=False,
                 hf=False,
                 gguf=True,
