@@ -11,7 +11,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -515,6 +515,8 @@ class TrialRunner:
                     if seed is not None:
                         trial.set_user_attr(seed.kind, seed.name)
                     plan = space.suggest(trial, ctx).with_provenance(trial=trial.number)
+                    if seed is not None and seed.plan is not None:  # a recipe the space cannot express
+                        plan = replace(Plan.from_dict(seed.plan), provenance=plan.provenance)
                     plan.validate(anatomy)
                     cost = cost_model.predict(plan)
                     phash = plan.hash()

@@ -4,9 +4,12 @@ A recipe is a per-tensor allocation of GGML types chosen by hand (more bits for 
 in some layers, shape fallbacks). ``runtime.recipes.recipe_types`` reads the types llama-quantize
 gives each tensor; here each allocation becomes the trial parameters of the study's space — the
 same format per tensor, with the space's own quantizer (GPTQ where the space offers only that) —
-so the search starts from what users download and improves on it. A recipe the space cannot
-express (a type it does not offer for some tensor, or per-tensor types in a per-block space where
-one unit's tensors differ) is skipped with the reason.
+so the search starts from what users download and improves on it. They are the baselines of every
+llama.cpp study: a recipe the space cannot express tensor by tensor (per-tensor types in a per-block
+space where one unit's tensors differ) is still evaluated, as a fixed plan holding exactly the
+recipe's types (with our RTN quantizer, as llama-quantize without an importance matrix), while the
+sampler is told its nearest uniform setting. Only a recipe holding a format the space does not offer
+at all (on this base, Q5_1 where a benchmark space removed it) is skipped, with the reason.
 """
 
 from __future__ import annotations
@@ -74,6 +77,29 @@ def params_for_layers(
     return params, ""
 
 
+def offered_formats(space: SearchSpace, ctx: SpaceContext) -> set[str]:
+    """Give every format the space offers somewhere (a unit's linears or the embedding / head)."""
+    a = ctx.anatomy
+    out = {f for u in space.units(a) for f in space.unit_levels(u.group, list(u.linears), a).get("format", ())}
+    return out | set(space.embedding_levels(a)) | {DENSE}
+
+
+def nearest_params(space: SearchSpace, ctx: SpaceContext, layers: Mapping[str, LayerChoice]) -> dict[str, Any] | None:
+    """Give the space's uniform setting in the format holding most of a plan's block weights (or the
+    next most used one the space holds everywhere), or None."""
+    a = ctx.anatomy
+    weight: dict[str, int] = {}
+    for site in a.linears:
+        c = layers.get(site.name)
+        f = DENSE if c is None or c.fmt is None else c.fmt.name
+        weight[f] = weight.get(f, 0) + site.in_features * site.out_features
+    for f in sorted(weight, key=lambda f: -weight[f]):
+        params = space.uniform_params(a, {"format": f})
+        if params is not None:
+            return params
+    return None
+
+
 def recipe_seeds(
     space: SearchSpace,
     ctx: SpaceContext,
@@ -82,23 +108,31 @@ def recipe_seeds(
     *,
     log: Callable[[str], None] | None = None,
 ) -> list[Seed]:
-    """Give a seed per recipe the space can express, for spaces that choose a format per linear
-    (none, with one line saying why, when llama.cpp's tools are not built)."""
+    """Give a baseline per recipe: its trial parameters where the space expresses it tensor by
+    tensor, else the recipe as a fixed plan (none, with one line saying why, when llama.cpp's tools
+    are not built)."""
     say = log or (lambda _m: None)
-    if space.granularity != "linear":
-        return []  # recipes set tensors one by one; a per-block unit holds several of their types
     if llamacpp.find() is None:
-        say("llama.cpp's recipes not used as seeds: its tools are not built (make setup)")
+        say("llama.cpp's recipes not used as baselines: its tools are not built (make setup)")
         return []
-    out, skipped = [], []
+    offered = offered_formats(space, ctx)
+    out, fixed, skipped = [], [], []
     for name, types in recipes.recipe_types(wb, names, log=say).items():
         plan = recipes.plan_from_types(types, wb, name=name)
-        params, why = params_for_layers(space, ctx, plan.layers)
-        if params is None:
-            skipped.append(f"{name} ({why})")
-        else:
-            out.append(Seed("seed", f"recipe {name}", params))
-    say(f"llama.cpp recipes as seeds: {', '.join(s.name[7:] for s in out) or 'none'}")
+        params, why = params_for_layers(space, ctx, plan.layers) if space.granularity == "linear" else (None, "")
+        if params is not None:
+            out.append(Seed("baseline", f"recipe {name}", params))
+            continue
+        lacking = sorted({c.fmt.name for c in plan.layers.values() if c.fmt is not None} - offered)
+        near = nearest_params(space, ctx, plan.layers)
+        if lacking or near is None:
+            skipped.append(f"{name} ({'holds ' + ', '.join(lacking) + ', not in the space' if lacking else why})")
+            continue
+        out.append(Seed("baseline", f"recipe {name}", near, plan=plan.to_dict()))
+        fixed.append(name)
+    say(f"llama.cpp recipes as baselines: {', '.join(s.name[7:] for s in out) or 'none'}")
+    if fixed:
+        say(f"  as fixed plans (the space sets one format per block): {', '.join(fixed)}")
     if skipped:
-        say(f"recipes the space cannot express: {'; '.join(skipped)}")
+        say(f"recipes left out: {'; '.join(skipped)}")
     return out

@@ -33,19 +33,22 @@ DENSE_TARGETS = 32  # targets the evolutionary proposer and the benchmark's knap
 @dataclass(frozen=True)
 class Seed:
     """A plan the search evaluates before proposing its own: its kind (``baseline`` or ``seed``), name
-    and trial parameters."""
+    and trial parameters. A fixed seed also carries ``plan`` (``Plan.to_dict``): a plan the space cannot
+    express (a llama.cpp recipe's per-tensor types in a per-block space) evaluated as it is, while
+    ``params``, its nearest expression in the space, is what the sampler is told."""
 
     kind: str
     name: str
     params: dict[str, Any] = field(hash=False)
+    plan: dict[str, Any] | None = field(default=None, hash=False, compare=False)
 
     def to_list(self) -> list[Any]:
-        return [self.kind, self.name, self.params]
+        return [self.kind, self.name, self.params] + ([self.plan] if self.plan is not None else [])
 
     @classmethod
     def from_list(cls, item: Sequence[Any]) -> Seed:
-        kind, name, params = item
-        return cls(str(kind), str(name), dict(params))
+        kind, name, params, *plan = item
+        return cls(str(kind), str(name), dict(params), dict(plan[0]) if plan else None)
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import gguf
 import numpy as np
 import pytest
@@ -10,9 +12,10 @@ from autocompress import formats
 from autocompress.export import gguf as G
 from autocompress.hardware.cost import CostModel
 from autocompress.hardware.profile import load_profile
-from autocompress.plan import LayerChoice
+from autocompress.plan import LayerChoice, Plan
 from autocompress.runtime import llamacpp, recipes
 from autocompress.search.recipe_seeds import params_for_layers, recipe_seeds
+from autocompress.search.seeding import Seed
 from autocompress.space import SearchSpace, SpaceContext
 from autocompress.workbench import Workbench
 from tests.conftest import TINY_DATA
@@ -129,12 +132,62 @@ def test_a_layout_the_space_lacks_is_no_seed(wb, seeding):
     params, why = params_for_layers(space, ctx, {**offered, q: LayerChoice(format="Q4_1")})
     site = a.linears[0]
     assert params is None and "Q4_1" in why and f"b{site.block}.{site.role}" in why, why
-    # a per-block space cannot hold a recipe's per-tensor types
+    # the recipe holding Q4_1 is no baseline of that space (it holds a format the space removed)
+
+
+def test_a_per_block_space_takes_a_recipe_as_a_fixed_plan(wb, made, seeding):
+    """A per-block space cannot set Q4_K_M's per-tensor types through its parameters: the recipe is
+    still a baseline, evaluated as the fixed plan of exactly the file's types, and the sampler is told
+    a setting the space holds. A recipe with a format the space offers nowhere is left out, saying so."""
+    _space, ctx = seeding
     block = SearchSpace.load("default").for_profile(load_profile("rpi"))
-    assert recipe_seeds(block, ctx, wb, ("Q4_K_M",)) == []
+    said: list[str] = []
+    (seed,) = recipe_seeds(block, ctx, wb, ("Q4_K_M",), log=said.append)
+    assert seed.kind == "baseline" and seed.plan is not None, said
+    again = Seed.from_list(json.loads(json.dumps(seed.to_list())))  # as the study stores it
+    plan = Plan.from_dict(again.plan)
+    types = recipes.tensor_types(made["Q4_K_M"][1])
+    a = wb.lm.anatomy
+    for site in a.linears:
+        gguf_name = next(n for n in types if n.startswith(f"blk.{site.block}.") and _role(n) == site.role)
+        assert plan.layers[site.name].format == types[gguf_name], site.name
+    assert len({plan.layers[s.name].format for s in a.linears}) > 1  # a real mix, not one format
+    nearest = block.plan_from_params(again.params, ctx)  # parameters the space really holds
+    assert nearest.layers and plan.hash() != nearest.hash()
+
+    bench = SearchSpace.load("gguf-bench").for_profile(load_profile("rpi"))
+    held = recipes.recipe_types(wb, ("Q4_K_M",))["Q4_K_M"]
+    with pytest.MonkeyPatch.context() as mp:  # a recipe whose tensors need Q4_1, which that space removed
+        mp.setattr(recipes, "recipe_types", lambda *_a, **_k: {"Q4_K_M": {n: "Q4_1" for n in held}})
+        said.clear()
+        assert recipe_seeds(bench, ctx, wb, ("Q4_K_M",), log=said.append) == []
+    assert any("Q4_1" in line and "left out" in line for line in said), said
 
 
 def _role(gguf_name: str) -> str:
     return {"attn_q": "q", "attn_k": "k", "attn_v": "v", "attn_output": "o", "ffn_gate": "gate", "ffn_up": "up"}.get(
         gguf_name.split(".")[2], "down" if gguf_name.split(".")[2] == "ffn_down" else "?"
     )
+
+
+def test_a_llamacpp_study_evaluates_the_recipes_as_baselines(wb, tmp_path, monkeypatch):
+    """In a per-block study on a llama.cpp profile the recipe's trial evaluates the recipe's own
+    per-tensor types (the plan file the front and the exports read), also when the study is resumed
+    by another process that rebuilds its seeds from the storage."""
+    import optuna
+
+    from autocompress.search import search
+
+    monkeypatch.setattr(recipes, "CACHE", tmp_path / "recipe-types")
+    run = {"model": "tiny-llama", "hw": "rpi", "study": "r", "out": tmp_path, "data": TINY_DATA, "full_eval": 0}
+    search(trials=1, **run)
+    opt = optuna.load_study(study_name="r", storage=f"sqlite:///{tmp_path / 'r' / 'study.db'}")
+    names = [Seed.from_list(s).name for s in opt.user_attrs["seeds"]]
+    at = names.index("recipe Q3_K_M")
+    search(trials=at + 1, **run)  # resumed: the seeds come back from the study
+    trial = opt.trials[at]
+    assert trial.user_attrs["baseline"] == "recipe Q3_K_M"
+    plan = Plan.load(tmp_path / "r" / "plans" / f"{at}.yaml")
+    want = recipes.plan_from_types(recipes.recipe_types(wb, ("Q3_K_M",))["Q3_K_M"], wb)
+    assert {k: c.format for k, c in plan.layers.items()} == {k: c.format for k, c in want.layers.items()}
+    assert len({c.format for c in plan.layers.values()}) > 1  # Q3_K_M mixes types; no block setting holds it
