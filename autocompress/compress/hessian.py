@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from autocompress.calib import TokenData
     from autocompress.model.anatomy import LinearSite, ModelAnatomy
 
-SHARED_INPUT_ROLES = (("q", "k", "v", "qkv"), ("gate", "up", "fc1"))
+SHARED_INPUT_ROLES = (("q", "k", "v", "qkv"), ("gate", "up", "gate_up", "fc1"))
 KEEP_LOADED = 4  # Hessians read from disk and kept in memory (a Llama-family block has four)
 COMPLETE = "complete"  # marker file: every block was written
 

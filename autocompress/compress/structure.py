@@ -1,13 +1,16 @@
 """Real shape changes on Hugging Face modules: drop whole blocks, shrink MLP width, remove attention heads.
 
-Works on Llama-family, GPT-2 (``Conv1D``, weight stored in×out) and BERT modules as laid out in
-``autocompress.model.inspect``. Units are kept by importance (``prune.py``: weight × activation
+Works on every layout ``autocompress.model.inspect`` discovers: separate q/k/v/o or a fused
+``qkv`` ([q | k | v], GPT-2's ``Conv1D`` with its weight stored in×out, Phi-3's with GQA),
+gate/up/down or a fused ``gate_up`` ([gate | up], Phi-3), fc1/fc2; norms on q / k (Qwen3's per
+head stay, OLMo-2's over all heads' dims are sliced with the heads). Units are kept by importance (``prune.py``: weight × activation
 when statistics are given, weight only otherwise), the highest kept, in their original order.
 Attention heads go in whole KV groups, so grouped-query attention keeps working unchanged.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING
 
 import torch
@@ -15,12 +18,12 @@ from torch import nn
 
 from autocompress.compress.prune import head_scores, kv_group_scores, mlp_channel_scores, top_indices
 from autocompress.errors import PlanError
-from autocompress.model.inspect import block_path, linear_roles, weight_of
+from autocompress.model.inspect import block_path, head_dim_of, layout_of, linear_roles, weight_of
 
 if TYPE_CHECKING:
     from autocompress.calib import ActivationStats
 
-MLP_IN_ROLES = ("gate", "up", "fc1")
+MLP_IN_ROLES = ("gate", "up", "gate_up", "fc1")
 MLP_OUT_ROLES = ("down", "fc2")
 
 
@@ -87,8 +90,11 @@ def shrink_mlp(
     )
     if keep.numel() == width:
         return keep
-    for rel in _rels(model, MLP_IN_ROLES):
-        slice_linear(block.get_submodule(rel), out_idx=keep)
+    for rel, role in linear_roles(model).items():
+        if role == "gate_up":  # [gate | up]: the same channels of both halves
+            slice_linear(block.get_submodule(rel), out_idx=torch.cat([keep, width + keep]))
+        elif role in MLP_IN_ROLES:
+            slice_linear(block.get_submodule(rel), out_idx=keep)
     slice_linear(down, in_idx=keep)
     mlp = block.get_submodule(down_rel.rsplit(".", 1)[0]) if "." in down_rel else block
     if isinstance(getattr(mlp, "intermediate_size", None), int):
@@ -111,8 +117,8 @@ def shrink_heads(
     """
     prefix, block = _block(model, block_index)
     cfg = model.config
-    hidden, total_heads = cfg.hidden_size, cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or hidden // total_heads
+    total_heads = cfg.num_attention_heads
+    head_dim = head_dim_of(model)
     per_kv = total_heads // (getattr(cfg, "num_key_value_heads", None) or total_heads)
     (o_rel,) = _rels(model, ("o",))
     o = block.get_submodule(o_rel)
@@ -128,30 +134,72 @@ def shrink_heads(
     q_dims, kv_dims = _dims(heads, head_dim), _dims(groups, head_dim)
     if heads.numel() == num_heads:
         return q_dims
-    attn = None
-    for rel, role in linear_roles(model).items():
+    layout = layout_of(model)
+    kv_width = num_groups * head_dim
+    width = num_heads * head_dim
+    for rel, role in layout.roles.items():
         lin = block.get_submodule(rel)
         if role == "q":
             slice_linear(lin, out_idx=q_dims)
-            attn = block.get_submodule(rel.rsplit(".", 1)[0])
         elif role in ("k", "v"):
             slice_linear(lin, out_idx=kv_dims)
-        elif role == "qkv":  # GPT-2 fused [q | k | v], no GQA
-            width = num_heads * head_dim
-            slice_linear(lin, out_idx=torch.cat([q_dims, width + q_dims, 2 * width + q_dims]))
-            attn = block.get_submodule(rel.rsplit(".", 1)[0])
+        elif role == "qkv":  # fused [q | k | v] (GPT-2: no GQA; Phi-3: GQA)
+            slice_linear(lin, out_idx=torch.cat([q_dims, width + kv_dims, width + kv_width + kv_dims]))
     slice_linear(o, in_idx=q_dims)
+    for rel, which in layout.qk_norms.items():
+        if which == "q":
+            _slice_norm(block.get_submodule(rel), heads, q_dims, num_heads)
+        else:
+            _slice_norm(block.get_submodule(rel), groups, kv_dims, num_groups)
+    attn = block.get_submodule(layout.attention) if layout.attention else block
     kept = heads.numel()
+    for module in attn.modules():  # BERT keeps its head counts one level down (attention.self)
+        _set_head_counts(module, kept, kept // per_kv, head_dim)
+    return q_dims
+
+
+def _slice_norm(norm: nn.Module, units: torch.Tensor, dims: torch.Tensor, total: int) -> None:
+    """Keep a q / k norm's weights for the kept heads (``units`` of ``total``, flat ``dims``): one row
+    per head ([heads, head_dim], Cohere) or one value per dim of every head (OLMo-2); a norm one
+    head wide (Qwen3) is shared by every head and stays."""
+    w = norm.weight.detach()
+    head_dim = dims.numel() // units.numel()
+    if w.dim() == 2 and w.shape[0] == total:
+        idx = units
+    elif w.dim() == 1 and w.numel() == total * head_dim and total > 1:
+        idx = dims
+    else:
+        return
+    norm.weight = nn.Parameter(w.index_select(0, idx).contiguous())
+    if getattr(norm, "bias", None) is not None and norm.bias.shape == w.shape:
+        norm.bias = nn.Parameter(norm.bias.detach().index_select(0, idx).contiguous())
+    if isinstance(getattr(norm, "normalized_shape", None), tuple):
+        norm.normalized_shape = tuple(norm.weight.shape[-len(norm.normalized_shape) :])
+
+
+def _set_head_counts(attn: nn.Module, heads: int, kv_heads: int, head_dim: int) -> None:
+    """Make the attention module compute with ``heads`` query and ``kv_heads`` KV heads. Families
+    read these from module attributes (GPT-2, BERT, Phi-3's KV count) or from the config the module
+    holds (Phi-3 splits its fused qkv by ``config.num_attention_heads``): the module gets a config of
+    its own, so other blocks keep theirs."""
     for attr, value in (
-        ("num_heads", kept),  # GPT-2
-        ("num_attention_heads", kept),  # BERT
-        ("split_size", kept * head_dim),  # GPT-2
-        ("all_head_size", kept * head_dim),  # BERT
-        ("num_key_value_heads", kept // per_kv),
+        ("num_heads", heads),  # GPT-2
+        ("num_attention_heads", heads),  # BERT
+        ("split_size", heads * head_dim),  # GPT-2
+        ("all_head_size", heads * head_dim),  # BERT
+        ("num_key_value_heads", kv_heads),
     ):
         if isinstance(getattr(attn, attr, None), int):
             setattr(attn, attr, value)
-    return q_dims
+    cfg = getattr(attn, "config", None)
+    if cfg is not None and isinstance(getattr(cfg, "num_attention_heads", None), int):
+        own = copy.copy(cfg)
+        own.num_attention_heads = heads
+        if isinstance(getattr(cfg, "num_key_value_heads", None), int):
+            own.num_key_value_heads = kv_heads
+        if getattr(cfg, "head_dim", None) is None:
+            own.head_dim = head_dim  # hidden ÷ heads no longer gives it
+        attn.config = own
 
 
 def drop_blocks(model: nn.Module, indices: list[int] | tuple[int, ...]) -> nn.Module:

@@ -23,7 +23,7 @@ from torch import nn
 
 from autocompress._io import atomic_dir
 from autocompress.errors import AutocompressError
-from autocompress.export.techniques import TECHNIQUES, techniques_used
+from autocompress.export.techniques import HEAD_SIZE_FROM_HIDDEN, TECHNIQUES, techniques_used
 from autocompress.model.loading import state_dict_hash
 from autocompress.plan import Plan
 
@@ -59,7 +59,7 @@ def hf_config(model: nn.Module, plan: Plan) -> Any:
         attr = "n_inner" if cfg.model_type == "gpt2" else "intermediate_size"
         setattr(cfg, attr, mlp.pop())
     heads = _kept_widths(plan, "keep_heads")
-    if len(heads) == 1 and None not in heads and plan.model.architecture == "llama":
+    if len(heads) == 1 and None not in heads and plan.model.architecture not in HEAD_SIZE_FROM_HIDDEN:
         keep = heads.pop()
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         per_kv = cfg.num_attention_heads // (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)

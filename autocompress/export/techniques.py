@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from autocompress.plan import Plan
 
+# families whose code derives the head size from hidden ÷ heads, so no config field can say a
+# smaller head count; every other family reads num_attention_heads / num_key_value_heads / head_dim
+HEAD_SIZE_FROM_HIDDEN = ("gpt2", "bert")
+
 TECHNIQUES: dict[str, dict[str, str]] = {
     "quantization (weights)": {
         "hf": "dequantized: fp32 weights that lie exactly on the plan's integer grid (HF has no "
@@ -78,7 +82,7 @@ def techniques_used(plan: Plan) -> list[str]:
         used.append("MLP width (same in every kept block)" if len(mlp) == 1 else "MLP width (differs between blocks)")
     heads = _widths(plan, "keep_heads")
     if heads != {None}:
-        uniform = len(heads) == 1 and plan.model.architecture == "llama"
+        uniform = len(heads) == 1 and plan.model.architecture not in HEAD_SIZE_FROM_HIDDEN
         used.append(
             "attention heads (same in every kept block, Llama family)"
             if uniform

@@ -11,16 +11,20 @@ from functools import cached_property
 from typing import Any
 
 ATTN_ROLES = ("q", "k", "v", "qkv", "o")
-MLP_ROLES = ("gate", "up", "down", "fc1", "fc2")
+MLP_ROLES = ("gate", "up", "gate_up", "down", "fc1", "fc2")
 _HEADS_OUT = frozenset({"q", "k", "v", "qkv"})  # outputs shrink with kept heads
 _HEADS_IN = frozenset({"o"})
-_MLP_OUT = frozenset({"gate", "up", "fc1"})  # outputs shrink with kept MLP channels
+_MLP_OUT = frozenset({"gate", "up", "gate_up", "fc1"})  # outputs shrink with kept MLP channels
 _MLP_IN = frozenset({"down", "fc2"})
 
 
 @dataclass(frozen=True)
 class LinearSite:
-    """One linear layer inside a block. ``transposed`` marks HF GPT-2 ``Conv1D`` (weight is in×out)."""
+    """One linear layer inside a block. ``transposed`` marks HF GPT-2 ``Conv1D`` (weight is in×out).
+
+    A fused linear (role ``qkv`` or ``gate_up``) is one tensor to quantize or factorize; ``parts``
+    gives the roles stacked along its output and their widths, e.g. (("q", 512), ("k", 128), ("v", 128)).
+    """
 
     name: str
     block: int
@@ -28,6 +32,7 @@ class LinearSite:
     in_features: int
     out_features: int
     transposed: bool = False
+    parts: tuple[tuple[str, int], ...] = ()
 
     @property
     def group(self) -> str:
@@ -82,6 +87,9 @@ class BlockInfo:
     num_kv_heads: int
     head_dim: int
     mlp_dim: int
+    norms: tuple[str, ...] = ()  # norm modules in the block (pre / post attention and MLP, q / k norms)
+    qk_norm: str = ""  # "per-head" | "per-projection" (over all heads' dims) | "" (none)
+    sliding_window: int | None = None  # tokens this block's attention sees, None = the whole context
 
     @property
     def heads_per_kv(self) -> int:
@@ -100,7 +108,7 @@ class ModelAnatomy:
 
     name: str
     model_hash: str
-    architecture: str  # "llama" | "gpt2" | "bert"
+    architecture: str  # the config's model_type: "llama", "qwen3", "phi3", "gpt2", "bert"...
     task: str  # "causal-lm" | "encoder"
     hidden_size: int
     vocab_size: int
@@ -109,6 +117,7 @@ class ModelAnatomy:
     other_params: int  # embeddings, norms, untied heads: everything outside block linears
     tied_embeddings: bool
     embeddings: tuple[EmbeddingSite, ...] = ()  # the token embedding and (untied) output head
+    embedding_scale: float = 1.0  # the config's embedding multiplier (Granite), 1 where it names none
 
     def find_embedding(self, name: str) -> EmbeddingSite | None:
         return next((e for e in self.embeddings if e.name == name), None)
@@ -142,6 +151,12 @@ class ModelAnatomy:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelAnatomy:
-        blocks = tuple(BlockInfo(**{**b, "linears": tuple(LinearSite(**s) for s in b["linears"])}) for b in d["blocks"])
+        def site(s: dict[str, Any]) -> LinearSite:
+            return LinearSite(**{**s, "parts": tuple((r, int(w)) for r, w in s.get("parts", ()))})
+
+        blocks = tuple(
+            BlockInfo(**{**b, "linears": tuple(site(s) for s in b["linears"]), "norms": tuple(b.get("norms", ()))})
+            for b in d["blocks"]
+        )
         embeddings = tuple(EmbeddingSite(**e) for e in d.get("embeddings", ()))
         return cls(**{**d, "blocks": blocks, "embeddings": embeddings})

