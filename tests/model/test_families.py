@@ -1,0 +1,212 @@
+"""Every family is recognised by its structure: random-init models built from real configs of
+Qwen3 (head_dim != hidden / heads, per-head q / k norms), Mistral, OLMo-2 (post-norms, q / k norms
+over all heads), Granite (multipliers), Phi-3 (fused qkv_proj and gate_up_proj), GPT-2 and BERT.
+For each: the anatomy the config and module tree imply, a plan using every knob family applied
+bit-identically twice, pruning that slices fused and separate projections alike, the cost model's
+head_dim, and a search of 8 trials end to end."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from autocompress.compress import apply_plan_to
+from autocompress.compress.hessian import Hessians, collect_hessians, input_key
+from autocompress.compress.structure import dense_weight, shrink_heads, shrink_mlp
+from autocompress.errors import ModelLoadError
+from autocompress.hardware import CostModel, load_profile
+from autocompress.model.inspect import anatomy_of, block_path
+from autocompress.model.loading import load_model, state_dict_hash, tiny_model
+from autocompress.plan import BlockChoice, LayerChoice, ModelRef, Plan, Provenance
+
+from ..conftest import TINY_DATA
+
+DATA = "d" * 16
+LLAMA_ROLES = {"q", "k", "v", "o", "gate", "up", "down"}
+FAMILIES = {  # tiny model -> the linear roles its blocks must show
+    "tiny-qwen3": LLAMA_ROLES,
+    "tiny-mistral": LLAMA_ROLES,
+    "tiny-olmo2": LLAMA_ROLES,
+    "tiny-granite": LLAMA_ROLES,
+    "tiny-phi3": {"qkv", "o", "gate_up", "down"},
+    "tiny-gpt2": {"qkv", "o", "fc1", "fc2"},
+    "tiny-bert": {"q", "k", "v", "o", "fc1", "fc2"},
+}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request):
+    return load_model(request.param)
+
+
+def _ids(seed=0, tokens=16):
+    return torch.randint(3, 250, (2, tokens), generator=torch.Generator().manual_seed(seed))
+
+
+def _out(model, ids):
+    out = model(ids)
+    return out.logits
+
+
+def test_anatomy_follows_the_config_and_the_module_tree(family):
+    a, model, cfg = family.anatomy, family.model, family.model.config
+    heads = cfg.num_attention_heads
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    assert a.num_blocks == cfg.num_hidden_layers == len(model.get_submodule(block_path(model)))
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    assert a.tied_embeddings == (head is not None and head.weight is emb.weight)
+    assert a.task == ("encoder" if a.architecture == "bert" else "causal-lm")
+    params = {id(p): p.numel() for p in model.parameters()}
+    assert a.block_linear_params + a.other_params == sum(params.values())
+    for b in a.blocks:
+        assert {s.role for s in b.linears} == FAMILIES[a.name]
+        assert (b.num_heads, b.num_kv_heads, b.head_dim) == (heads, kv, head_dim)
+        for s in b.linears:
+            w = dense_weight(model.get_submodule(s.name))
+            assert (s.out_features, s.in_features) == tuple(w.shape)
+            if s.parts:  # fused: the roles stacked along the output fill it exactly
+                assert sum(width for _, width in s.parts) == s.out_features
+    if a.name == "tiny-qwen3":
+        assert head_dim * heads != cfg.hidden_size and a.blocks[0].qk_norm == "per-head"
+    if a.name == "tiny-olmo2":
+        assert a.blocks[0].qk_norm == "per-projection" and "post_feedforward_layernorm" in a.blocks[0].norms
+    if a.name == "tiny-granite":
+        assert a.embedding_scale == cfg.embedding_multiplier != 1.0
+    if a.name == "tiny-phi3":
+        qkv = next(s for s in a.blocks[0].linears if s.role == "qkv")
+        assert dict(qkv.parts) == {"q": heads * head_dim, "k": kv * head_dim, "v": kv * head_dim}
+
+
+def test_unknown_layout_names_the_block_and_what_it_saw():
+    model = tiny_model("tiny-mistral")
+    mlp = model.model.layers[0].mlp
+    mlp.w_out = mlp.down_proj
+    del mlp.down_proj
+    with pytest.raises(ModelLoadError) as err:
+        anatomy_of(model, "m", "")
+    msg = str(err.value)
+    assert "\n" not in msg and "model.layers.0" in msg and "MLP output" in msg and "mlp.w_out" in msg
+    model.config.num_hidden_layers = 7  # no block list of that length
+    with pytest.raises(ModelLoadError, match="no ModuleList of 7 blocks"):
+        anatomy_of(model, "m", "")
+
+
+def _every_knob_plan(loaded) -> Plan:
+    a = loaded.anatomy
+    b1 = a.blocks[1]
+    attn = [s.name for s in b1.linears if s.group == "attn"]
+    mlp = [s.name for s in b1.linears if s.group == "mlp"]
+    embed = a.embeddings[0].name
+    return Plan(
+        model=ModelRef.of(a),
+        default=LayerChoice(bits=4, group_size=16, quant_method="gptq"),
+        layers={
+            attn[0]: LayerChoice(bits=8, sparsity=0.3, act_bits=8),
+            mlp[0]: LayerChoice(rank_ratio=0.5, bits=4, group_size=16),
+            mlp[-1]: LayerChoice(sparsity=0.5, sparsity_pattern="2:4", bits=4, quant_method="gptq"),
+            embed: LayerChoice(format="Q8_0"),
+        },
+        blocks={1: BlockChoice(keep_heads=b1.heads_per_kv * (b1.num_kv_heads - 1), keep_mlp_channels=b1.mlp_dim // 2)},
+        drop_blocks=(0,),
+        provenance=Provenance(data_hash=DATA),
+    )
+
+
+def test_plan_with_every_knob_applies_bit_identically_twice(family):
+    a = family.anatomy
+    hess = Hessians(
+        a.model_hash, DATA, {s.name: input_key(s) for s in a.linears}, collect_hessians(family.model, a, _ids())
+    )
+    stats = _hook_stats(family)
+    plan = _every_knob_plan(family)
+    plan.validate(a)
+    model = apply_plan_to(family.model, a, plan, stats, hessians=hess)
+    first = state_dict_hash(model)
+    again = apply_plan_to(family.model, a, plan, stats, hessians=hess)
+    assert state_dict_hash(again) == first
+    assert torch.isfinite(_out(model, _ids(1))).all()
+    assert state_dict_hash(family.model) == a.model_hash  # the base is untouched
+    # the pruned block (now block 0) has the shapes the anatomy predicts for it
+    b1 = a.blocks[1]
+    head_frac, mlp_frac = b1.fractions(plan.blocks[1].keep_heads, plan.blocks[1].keep_mlp_channels)
+    bpath = block_path(model)
+    for s in b1.linears:
+        if plan.choice_for(s.name).rank_ratio is not None:
+            continue
+        rel = s.name.removeprefix(f"{b1.prefix}.")
+        assert tuple(dense_weight(model.get_submodule(f"{bpath}.0.{rel}")).shape) == s.shape_after(head_frac, mlp_frac)
+
+
+def _hook_stats(loaded):
+    from ..compress.conftest import hook_stats
+
+    return hook_stats(loaded)
+
+
+def _silence(model: nn.Module, anatomy, heads: bool) -> torch.Tensor:
+    """Zero block 0's o-projection columns of KV group 0 (heads) or its down-projection columns of
+    the first half of the MLP channels, so those units add nothing; give the units kept."""
+    b = anatomy.blocks[0]
+    role = "o" if heads else next(s.role for s in b.linears if s.role in ("down", "fc2"))
+    w = dense_weight(model.get_submodule(next(s.name for s in b.linears if s.role == role)))
+    width = b.heads_per_kv * b.head_dim if heads else b.mlp_dim // 2
+    with torch.no_grad():
+        w[:, :width] = 0.0
+        w[:, width:] += torch.sign(w[:, width:]) * 0.5  # the rest clearly more important
+    return torch.arange(width, w.shape[1])
+
+
+@pytest.mark.parametrize("heads", [True, False], ids=["heads", "mlp"])
+def test_pruning_silent_units_leaves_the_output_unchanged(family, heads):
+    """Slicing the wrong rows of a fused [q | k | v] or [gate | up], or of a q / k norm, would change
+    the output; cutting only units that add nothing must not."""
+    a = family.anatomy
+    if heads and a.blocks[0].qk_norm == "per-projection":
+        pytest.skip("OLMo-2's q / k norms average over every head: removing heads changes the others")
+    if heads and a.blocks[0].num_kv_heads < 2:
+        pytest.skip("one KV group: nothing to cut")
+    model = copy.deepcopy(family.model)
+    _silence(model, a, heads)
+    ids = _ids(2)
+    before = _out(model, ids)
+    b = a.blocks[0]
+    if heads:
+        shrink_heads(model, 0, b.heads_per_kv * (b.num_kv_heads - 1))
+    else:
+        shrink_mlp(model, 0, b.mlp_dim // 2)
+    after = _out(model, ids)
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
+    changed = sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in family.model.parameters())
+    assert changed
+
+
+def test_cost_model_kv_cache_grows_with_the_anatomy_head_dim():
+    """Qwen3's head_dim (24) is not hidden / heads (16): the KV cache a longer context adds must
+    follow the anatomy's head_dim, 24 / 16 of what hidden / heads would give."""
+    a = load_model("tiny-qwen3").anatomy
+    narrow = dataclasses.replace(a, blocks=tuple(dataclasses.replace(b, head_dim=16) for b in a.blocks))
+    profile = load_profile("jetson")
+    plan = Plan(model=ModelRef.of(a))
+
+    def kv_growth(anatomy):
+        short = CostModel(profile, anatomy, context_tokens=256).predict(plan).memory_mb
+        long = CostModel(profile, anatomy, context_tokens=4352).predict(plan).memory_mb
+        return long - short
+
+    assert kv_growth(a) == pytest.approx(kv_growth(narrow) * 24 / 16, rel=1e-6)
+
+
+def test_search_of_8_trials_runs_end_to_end(family, tmp_path):
+    from autocompress.search import search
+
+    result = search(
+        model=family.anatomy.name, hw="agx-orin", trials=8, out=tmp_path, study="f", data=TINY_DATA, full_eval=0
+    )
+    assert result.pareto
+    for cand in result.pareto:
+        cand.plan.validate(family.anatomy)
