@@ -178,7 +178,9 @@ def tiny_model(arch: str = "tiny-llama", seed: int = 0) -> nn.Module:
     vocab = ByteTokenizer.vocab_size
     if arch in _TINY_DECODERS:
         cfg_name, model_name, extra = _TINY_DECODERS[arch]
-        cfg = getattr(transformers, cfg_name)(vocab_size=vocab, **{**_TINY_SHAPE, **extra})
+        # two blocks are enough to drop one and prune the other (tiny-llama keeps its four)
+        depth = {"num_hidden_layers": 4 if arch == "tiny-llama" else 2}
+        cfg = getattr(transformers, cfg_name)(vocab_size=vocab, **{**_TINY_SHAPE, **depth, **extra})
         model = getattr(transformers, model_name)(cfg)
     elif arch == "tiny-gpt2":
         cfg = GPT2Config(

@@ -115,6 +115,12 @@ def recipe_seeds(
     if llamacpp.find() is None:
         say("llama.cpp's recipes not used as baselines: its tools are not built (make setup)")
         return []
+    from autocompress.export.gguf import MODEL_TYPES
+
+    family = ctx.anatomy.architecture
+    if family not in MODEL_TYPES:  # the recipes are read by quantizing our GGUF export of the base
+        say(f"llama.cpp's recipes not used as baselines: GGUF export does not cover model type {family!r}")
+        return []
     offered = offered_formats(space, ctx)
     out, fixed, skipped = [], [], []
     for name, types in recipes.recipe_types(wb, names, log=say).items():

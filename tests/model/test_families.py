@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from autocompress.calib import DataConfig
 from autocompress.compress import apply_plan_to
 from autocompress.compress.hessian import Hessians, collect_hessians, input_key
 from autocompress.compress.structure import dense_weight, shrink_heads, shrink_mlp
@@ -23,9 +24,8 @@ from autocompress.model.inspect import anatomy_of, block_path
 from autocompress.model.loading import load_model, state_dict_hash, tiny_model
 from autocompress.plan import BlockChoice, LayerChoice, ModelRef, Plan, Provenance
 
-from ..conftest import TINY_DATA
-
 DATA = "d" * 16
+SEARCH_DATA = DataConfig(seq_len=32, calib_tokens=256, proxy_tokens=64, eval_tokens=64)
 LLAMA_ROLES = {"q", "k", "v", "o", "gate", "up", "down"}
 FAMILIES = {  # tiny model -> the linear roles its blocks must show
     "tiny-qwen3": LLAMA_ROLES,
@@ -104,7 +104,7 @@ def _every_knob_plan(loaded) -> Plan:
     embed = a.embeddings[0].name
     return Plan(
         model=ModelRef.of(a),
-        default=LayerChoice(bits=4, group_size=16, quant_method="gptq"),
+        default=LayerChoice(bits=4, group_size=16),
         layers={
             attn[0]: LayerChoice(bits=8, sparsity=0.3, act_bits=8),
             mlp[0]: LayerChoice(rank_ratio=0.5, bits=4, group_size=16),
@@ -201,11 +201,44 @@ def test_cost_model_kv_cache_grows_with_the_anatomy_head_dim():
     assert kv_growth(a) == pytest.approx(kv_growth(narrow) * 24 / 16, rel=1e-6)
 
 
+# every knob family, one choice per group for the whole model: a small sensitivity table keeps
+# eight trials on seven families fast
+SPACE = """
+name: families
+description: formats, sparsity, low-rank, heads, MLP width and depth, one choice per group
+granularity: model
+linear:
+  format: [dense, runtime]
+  quant_method: [rtn]
+  sparsity: [0.0, "2:4"]
+  rank_ratio: [null, 0.5]
+structure:
+  keep_heads_ratio: [1.0, 0.5]
+  keep_mlp_ratio: [1.0, 0.5]
+  drop_blocks: [0, 1]
+alignment: 8
+baselines:
+  uncompressed: {}
+"""
+
+
 def test_search_of_8_trials_runs_end_to_end(family, tmp_path):
     from autocompress.search import search
 
+    space = tmp_path / "families.yaml"
+    space.write_text(SPACE)
+    # a journal file: SQLite's per-trial transactions cost more than these tiny trials
+    # a journal file: SQLite's per-trial transactions cost more than these tiny trials
     result = search(
-        model=family.anatomy.name, hw="agx-orin", trials=8, out=tmp_path, study="f", data=TINY_DATA, full_eval=0
+        model=family.anatomy.name,
+        hw="a100",
+        space=space,
+        trials=8,
+        out=tmp_path,
+        study="f",
+        storage=str(tmp_path / "f.log"),
+        data=SEARCH_DATA,
+        full_eval=0,
     )
     assert result.pareto
     for cand in result.pareto:
