@@ -26,8 +26,7 @@ from typing import Any, Literal
 
 from autocompress.calib import DataConfig
 from autocompress.errors import AutocompressError
-from autocompress.export.gguf import _STORAGE, export_gguf
-from autocompress.export.hf import storage_dtype
+from autocompress.export.gguf import dense_type, export_gguf
 from autocompress.hardware.llamacpp_calibrate import KERNELS_PER_BLOCK, fit_profile, mape, predict_ms, skeleton
 from autocompress.hardware.machine import Flusher, cpu_name, peaks, read_bandwidth_GBps
 from autocompress.hardware.profile import profile_from_dict
@@ -314,7 +313,7 @@ def calibrate_llamacpp(
 
 def _dense_format(wb: Any) -> str:
     """Give the GGUF type GGUF export stores a plan's dense tensors in (the base model's storage dtype)."""
-    return _STORAGE[storage_dtype(wb.lm.model)]
+    return dense_type(wb.lm.model)
 
 
 def _type_counts(plan: Plan, anatomy: Any) -> dict[str, int]:

@@ -58,6 +58,13 @@ NORM_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_n
 _STORAGE = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 
 
+def dense_type(model: Any) -> str:
+    """Give the GGUF type a plan's dense tensors are written in: the base model's storage dtype."""
+    from autocompress.export.hf import storage_dtype
+
+    return _STORAGE[storage_dtype(model)]
+
+
 class GGUFExportError(AutocompressError):
     """A plan or model cannot be written as a GGUF file llama.cpp runs."""
 
@@ -387,8 +394,6 @@ def export_gguf(
     Tensors the plan leaves dense are stored in ``dense`` (default: the base model's storage dtype,
     as the HF export; ``"F32"`` keeps them exact, as llama-quantize's input wants). ``applied``: the
     model and stored tensors of an earlier ``wb.apply(plan, stored=...)`` (not applied again)."""
-    from autocompress.export.hf import storage_dtype
-
     path = Path(path)
     if plan.recovery is not None:
         raise GGUFExportError("a plan with recovery (distillation) moves weights off their format's grid: no GGUF")
@@ -400,7 +405,7 @@ def export_gguf(
         model = wb.apply(plan, stored=stored)
     else:
         model, stored = applied
-    dense = dense or _STORAGE[storage_dtype(wb.lm.model)]
+    dense = dense or dense_type(wb.lm.model)
     if dense not in _STORAGE.values():
         raise GGUFExportError(f"dense tensors are stored as F32, F16 or BF16, not {dense!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
