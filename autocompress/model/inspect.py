@@ -54,6 +54,14 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
+def _is_linear_unit(module: nn.Module) -> bool:
+    """Tell whether a module stands for one linear: a linear, or the two-linear ``nn.Sequential`` a
+    low-rank plan puts in its place (so a compressed model's roles are found as the base's)."""
+    if is_linear(module):
+        return True
+    return isinstance(module, nn.Sequential) and len(module) == 2 and all(is_linear(m) for m in module)
+
+
 def weight_of(module: nn.Module) -> tuple[int, int, bool]:
     """Give (out_features, in_features, transposed) of an nn.Linear or HF Conv1D."""
     if isinstance(module, nn.Linear):
@@ -99,7 +107,7 @@ def _roles_in(block: nn.Module, where: str) -> dict[str, str]:
     roles: dict[str, str] = {}
     seen: list[str] = []
     for rel, mod in block.named_modules():
-        if not rel or not is_linear(mod):
+        if not rel or not _is_linear_unit(mod) or any(rel.startswith(f"{s}.") for s in seen):
             continue
         seen.append(rel)
         role = next((r for pat, r in ROLE_HINTS if pat.search(rel)), None)
@@ -140,7 +148,7 @@ def layout_of(model: nn.Module) -> Layout:
     for i, blk in enumerate(blocks):
         for rel in roles:
             try:
-                ok = is_linear(blk.get_submodule(rel)) or isinstance(blk.get_submodule(rel), nn.Sequential)
+                ok = _is_linear_unit(blk.get_submodule(rel))
             except AttributeError:
                 ok = False
             if not ok:

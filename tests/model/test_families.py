@@ -228,7 +228,6 @@ def test_search_of_8_trials_runs_end_to_end(family, tmp_path):
     space = tmp_path / "families.yaml"
     space.write_text(SPACE)
     # a journal file: SQLite's per-trial transactions cost more than these tiny trials
-    # a journal file: SQLite's per-trial transactions cost more than these tiny trials
     result = search(
         model=family.anatomy.name,
         hw="a100",
