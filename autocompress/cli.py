@@ -705,6 +705,7 @@ def llamacpp_where() -> dict[str, Any]:
         "autocompress export --study demo --pareto --out exports/",
         "autocompress export --study demo --trial 2 --no-onnx --out exports/",
         "autocompress export --study g --pareto --out exports/   # llama.cpp study: model.gguf per point",
+        "autocompress export --study a100 --trial 5 --format compressed-tensors --out exports/   # vLLM",
     )
 )
 def export(
@@ -724,12 +725,21 @@ def export(
             help="Also write model.gguf and check it with llama.cpp [default: if the study's runtime is llama.cpp]"
         ),
     ] = None,
+    fmt: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--format",
+            help="Write these files beside each HF folder (repeatable): onnx, gguf, compressed-tensors (the packed "
+            "folder vLLM / TensorRT-LLM load, in trial-<N>/compressed-tensors/) [default: the study runtime's]",
+        ),
+    ] = None,
     hw: Annotated[str, typer.Option(help="Profile whose prediction the measurement is compared with")] = "local",
     studies: Annotated[Path, typer.Option(help="Folder that holds study folders")] = Path("studies"),
     storage: Annotated[str | None, typer.Option(help="Optuna storage URL or journal .log path")] = None,
     device: DeviceOption = "auto",
 ) -> dict[str, Any]:
-    """Export trials of a study as HF folders + the target runtime's file (GGUF / ONNX), checked and measured here."""
+    """Export trials of a study as HF folders + the target runtime's file (GGUF / ONNX / compressed-tensors),
+    checked and measured here."""
     from autocompress.export.study import export_trials, open_study
     from autocompress.export.verify import latency_table
     from autocompress.hardware.profile import load_profile
@@ -737,6 +747,13 @@ def export(
     _device(device)
     if pareto == bool(trial):
         raise AutocompressError("give either --trial N (repeatable) or --pareto")
+    unknown = sorted(set(fmt or ()) - set(EXPORT_FORMATS))
+    if unknown:
+        raise AutocompressError(f"unknown --format {unknown[0]!r}; known: {', '.join(EXPORT_FORMATS)}")
+    if fmt:
+        onnx = ("onnx" in fmt) if onnx is None else onnx
+        gguf = ("gguf" in fmt) if gguf is None else gguf
+    packed = "compressed-tensors" in (fmt or ())
     view = open_study(study, studies, storage)
     try:
         llama = load_profile(view.profile).runtime == "llama.cpp"
@@ -751,13 +768,32 @@ def export(
 
         llamacpp.require()  # before minutes of exporting
     numbers = [c.trial for c in view.front] if pareto else list(trial or [])
-    records = export_trials(view, numbers, out, onnx=onnx, gguf=gguf, hw=hw, log=_log, device=device)
+    if packed:
+        _check_compressed_tensors(view, numbers, every=not pareto)  # before the model is loaded
+    records = export_trials(
+        view, numbers, out, onnx=onnx, gguf=gguf, compressed_tensors=packed, hw=hw, log=_log, device=device
+    )
     if onnx:
         console.print(latency_table(records), markup=False, highlight=False)
     for r in records:
         hf = r["hf"]
         how = "plain transformers" if hf["loadable_with_plain_transformers"] else "autocompress.export.load_compressed"
         console.print(f"{out}/trial-{r['trial']}/: loads with {how}", markup=False, highlight=False)
+        ct = r.get("compressed_tensors")
+        if ct and ct["written"]:
+            schemes = ", ".join(f"{k} x{v}" for k, v in ct["schemes"].items()) or "all dense"
+            console.print(
+                f"{out}/trial-{r['trial']}/{ct['folder']}/: {ct['file_bytes'] / 1e6:.1f} MB packed ({schemes}); "
+                "loads with transformers + compressed-tensors",
+                markup=False,
+                highlight=False,
+            )
+        elif ct:
+            console.print(
+                f"trial {r['trial']}: no compressed-tensors folder ({'; '.join(ct['not_written_because'][:3])})",
+                markup=False,
+                highlight=False,
+            )
         if "gguf" in r:
             g = r["gguf"]
             console.print(
@@ -768,6 +804,24 @@ def export(
             )
     console.print(f"wrote {out}/exports.json and {out}/README.md")
     return {"out": out, "exports": records}
+
+
+EXPORT_FORMATS = ("onnx", "gguf", "compressed-tensors")
+
+
+def _check_compressed_tensors(view: Any, numbers: list[int], every: bool) -> None:
+    """Refuse, before anything is written, trials the compressed-tensors format cannot hold: any of
+    them when named with --trial, all of them with --pareto (the others are written)."""
+    from autocompress.export.compressed_tensors import CompressedTensorsExportError, compressed_tensors_blockers
+
+    blocked = {n: compressed_tensors_blockers(view.candidate(n).plan, view.anatomy) for n in numbers}
+    bad = {n: b for n, b in blocked.items() if b}
+    if bad and (every or len(bad) == len(blocked)):
+        n, why = next(iter(bad.items()))
+        more = f" (and {len(bad) - 1} more trial(s))" if len(bad) > 1 else ""
+        raise CompressedTensorsExportError(
+            f"trial {n} cannot be written as compressed-tensors: {'; '.join(why[:3])}{more}"
+        )
 
 
 @app.command(epilog=_examples("autocompress report --study demo --out report/"))

@@ -62,10 +62,7 @@ def _format_problem(fmt: formats.Format) -> str | None:
     if not isinstance(fmt, IntegerFormat):
         return "not an integer grid (compressed-tensors stores int{2..8} groups / per channel)"
     if not fmt.symmetric:
-        return (
-            "asymmetric (plain transformers cannot load asymmetric pack-quantized layers: "
-            "llm-compressor #1618; pick the -sym format)"
-        )
+        return "asymmetric (plain transformers cannot load it: llm-compressor #1618)"
     return None
 
 
@@ -250,8 +247,9 @@ def write_compressed_tensors(
     cfg.save_pretrained(str(folder))
     config_file = folder / "config.json"
     data = json.loads(config_file.read_text())
-    data["quantization_config"] = quantization_config(groups, ignore)
-    config_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    if groups:  # a plan that quantizes nothing is a plain HF folder
+        data["quantization_config"] = quantization_config(groups, ignore)
+        config_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(str(folder))
@@ -308,3 +306,19 @@ def export_compressed_tensors(
     except OSError as exc:
         raise CompressedTensorsExportError(f"cannot write output folder {out}: {exc.strerror or exc}") from None
     return info
+
+
+SUBFOLDER = "compressed-tensors"  # inside each trial folder of `autocompress export`
+
+
+def trial_record(
+    model: nn.Module, wb: Any, plan: Plan, stored: dict[str, formats.QuantizedTensor] | None, folder: Path
+) -> dict[str, Any]:
+    """Write ``folder/compressed-tensors/`` for one exported trial; give its record, or why it was
+    not written (a plan the format cannot hold, on a ``--pareto`` export)."""
+    blockers = compressed_tensors_blockers(plan, wb.lm.anatomy, wb.lm.model)
+    if blockers or stored is None:
+        return {"written": False, "not_written_because": blockers or ["the plan's stored tensors were not recorded"]}
+    (folder / SUBFOLDER).mkdir()
+    info = write_compressed_tensors(model, wb.lm.anatomy, plan, stored, folder / SUBFOLDER, wb.lm.tokenizer)
+    return {"written": True, "folder": SUBFOLDER, **info}

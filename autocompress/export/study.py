@@ -97,6 +97,7 @@ def export_trials(
     *,
     onnx: bool = True,
     gguf: bool = False,
+    compressed_tensors: bool = False,
     hw: str = "local",
     threads: int | None = None,
     log: Callable[[str], None] | None = None,
@@ -109,8 +110,11 @@ def export_trials(
 
     With ONNX, the uncompressed model is exported and measured too (``out/baseline.json``), so
     every record says whether the point is measured faster than the base model. ``out/exports.json``
-    and ``out/README.md`` index the whole set.
+    and ``out/README.md`` index the whole set. ``compressed_tensors``: also ``trial-<N>/compressed-tensors/``,
+    the packed checkpoint vLLM loads (for the plans that format can hold; the record says why not).
     """
+    from autocompress.export.compressed_tensors import compressed_tensors_blockers, trial_record
+
     say = log or (lambda _m: None)
     out = Path(out)
     cands = [view.candidate(t) for t in trials]
@@ -127,7 +131,8 @@ def export_trials(
         t0 = time.time()
         say(f"trial {c.trial}: rebuilding the plan ({c.description})")
         stored: dict[str, Any] | None = None
-        if gguf and c.plan.recovery is None:  # one application feeds the HF folder and the GGUF file
+        packed = compressed_tensors and not compressed_tensors_blockers(c.plan, view.anatomy)
+        if (gguf or packed) and c.plan.recovery is None:  # one application feeds every file
             stored = {}
             model = wb.apply(c.plan, stored=stored)
         else:
@@ -136,6 +141,8 @@ def export_trials(
             rec = verify.export_point(
                 model, wb, view, c, tmp, pred, onnx=onnx, gguf=gguf, threads=threads, base=base, stored=stored
             )
+            if compressed_tensors:
+                rec["compressed_tensors"] = trial_record(model, wb, c.plan, stored, tmp)
             rec["seconds"] = round(time.time() - t0, 1)
             atomic_write_text(tmp / "export.json", json.dumps(rec, indent=2, default=str) + "\n")
             atomic_write_text(tmp / "README.md", verify.point_readme(rec))

@@ -1,0 +1,193 @@
+"""compressed-tensors export: plain transformers + compressed-tensors load the packed folder and give
+our model's logits; its size is the plan's predicted weight bytes; what it cannot hold is refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from autocompress.export import compressed_tensors as CT
+from autocompress.formats import QuantizedTensor
+from autocompress.hardware import CostModel, load_profile
+from autocompress.plan import BlockChoice, LayerChoice, ModelRef, Plan
+from autocompress.workbench import Workbench
+from tests.conftest import TINY_DATA, as_stored
+from tests.export.study_fixture import STUDY
+from tests.test_cli import run
+
+pytest.importorskip("compressed_tensors")
+transformers = pytest.importorskip("transformers")
+
+# every expressible kind at once: int4 in three group sizes, int8 per channel, GPTQ codes, a dense
+# sparse layer, a dropped block and a uniform MLP width (down_proj's rows shrink to 96)
+MIX = {
+    "q": LayerChoice(format="int4-g32-sym"),
+    "k": LayerChoice(format="int4-g32-sym"),
+    "v": LayerChoice(format="int8-ch-sym"),
+    "o": LayerChoice(sparsity=0.5),
+    "gate": LayerChoice(format="int4-g16-sym", quant_method="gptq"),
+    "up": LayerChoice(format="int4-g64-sym"),
+    "down": LayerChoice(format="int8-ch-sym"),
+}
+
+
+@pytest.fixture(scope="module")
+def wb():
+    return Workbench.open("tiny-llama", TINY_DATA)
+
+
+def _plan(wb, by_role, **kw) -> Plan:
+    a = wb.lm.anatomy
+    layers = {s.name: by_role[s.role] for s in a.linears if s.role in by_role}
+    return Plan(model=ModelRef.of(a), layers=layers, provenance=wb.provenance(), **kw)
+
+
+def _mixed(wb) -> Plan:
+    a = wb.lm.anatomy
+    return _plan(wb, MIX, drop_blocks=(1,), blocks={b.index: BlockChoice(keep_mlp_channels=96) for b in a.blocks})
+
+
+def _applied(wb, plan, dtype: str | None = None):
+    stored: dict = {}
+    model = wb.apply(plan, stored=stored)
+    if dtype:
+        model.config.autocompress_storage_dtype = dtype
+    return model, stored
+
+
+IDS = torch.tensor([[3, 17, 101, 44, 250, 9, 77, 120], [5, 6, 7, 8, 9, 10, 11, 12]])
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS).logits.float()
+
+
+def test_fp32_folder_loads_in_plain_transformers_with_our_logits(wb, tmp_path):
+    plan = _mixed(wb)
+    model, stored = _applied(wb, plan, "float32")
+    rec = CT.export_compressed_tensors(wb, plan, tmp_path / "ct", applied=(model, stored))
+    assert rec["schemes"] == {"int4-g16-sym": 3, "int4-g32-sym": 6, "int4-g64-sym": 3, "int8-ch-sym": 6}
+    with safe_open(tmp_path / "ct" / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+        packed = f.get_tensor("model.layers.0.mlp.gate_proj.weight_packed")
+    assert "model.layers.0.mlp.gate_proj.weight" not in keys and packed.dtype == torch.int32
+    assert packed.shape == (96, 64 * 4 // 32)  # 4-bit codes, 8 to an int32 word, rows shrunk to 96
+    assert "model.layers.0.self_attn.o_proj.weight" in keys  # dense stays dense
+    assert not any(k.startswith("model.layers.3.") for k in keys)  # 4 blocks, one dropped
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
+    assert loaded.config.num_hidden_layers == 3 and loaded.config.intermediate_size == 96
+    torch.testing.assert_close(_logits(loaded), _logits(model), rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_folder_holds_the_plans_codes_with_bf16_scales(wb, tmp_path):
+    """The default storage: dense weights and scales in bf16. Read in fp32, the folder is exactly the
+    plan's codes times bf16-rounded scales (computed here by the format registry, not compressed-tensors)."""
+    plan = _mixed(wb)
+    model, stored = _applied(wb, plan)
+    rec = CT.export_compressed_tensors(wb, plan, tmp_path / "ct", applied=(model, stored))
+    assert rec["dtype"] == "bfloat16"
+    ref = as_stored(model)
+    kept = [b for b in range(4) if b not in plan.drop_blocks]
+    for name, q in stored.items():
+        block = int(name.split(".")[2])
+        rounded = QuantizedTensor(q.format, q.shape, q.codes, {"scale": q.params["scale"].bfloat16().float()})
+        path = name.replace(f".{block}.", f".{kept.index(block)}.", 1)
+        ref.get_parameter(f"{path}.weight").data = plan.choice_for(name).fmt.dequantize(rounded)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32)
+    torch.testing.assert_close(_logits(loaded), _logits(ref), rtol=1e-5, atol=1e-5)
+    # the scale rounding is all that separates it from the plan's model
+    assert not torch.equal(_logits(loaded), _logits(as_stored(model)))
+
+
+def test_folder_bytes_are_the_plans_predicted_weight_bytes(wb, tmp_path):
+    """int4 groups of 128 on the 128-wide down_proj, int8 per channel elsewhere (TensorRT-LLM's L4
+    formats): the folder's tensors are within SIZE_MARGIN of the cost model's weight bytes on that
+    profile, and int4 / int8 layers take about a quarter / half of their bf16 bytes."""
+    fmts = {r: LayerChoice(format="int8-ch-sym") for r in ("q", "k", "v", "o", "gate", "up")}
+    plan = _plan(wb, {**fmts, "down": LayerChoice(format="int4-g128-sym")})
+    rec = CT.export_compressed_tensors(wb, plan, tmp_path / "ct")
+    predicted = CostModel(load_profile("nvidia-l4"), wb.lm.anatomy).predict(plan).weights_mb * 1e6
+    assert abs(rec["tensor_bytes"] / predicted - 1) <= CT.SIZE_MARGIN, (rec["tensor_bytes"], predicted)
+    with safe_open(tmp_path / "ct" / "model.safetensors", "pt") as f:
+        down = f.get_slice("model.layers.0.mlp.down_proj.weight_packed").get_shape()
+        v = f.get_slice("model.layers.0.self_attn.v_proj.weight_packed").get_shape()
+    assert down[1] * 4 == 128 * 2 // 4  # int32 words of a 128-wide row: a quarter of its bf16 bytes
+    assert v[1] * 4 == 64  # int8 on a 64-wide row: one byte per weight, half of bf16
+
+
+def test_unexpressible_plans_are_refused_in_one_line_before_writing(wb, tmp_path):
+    plan = _plan(
+        wb,
+        {
+            "q": LayerChoice(format="Q4_0"),
+            "k": LayerChoice(format="int4-g32-asym"),
+            "v": LayerChoice(rank_ratio=0.5),
+            "gate": LayerChoice(format="int4-g128-sym"),  # 64-wide rows: no whole group
+        },
+    )
+    with pytest.raises(CT.CompressedTensorsExportError) as info:
+        CT.export_compressed_tensors(wb, plan, tmp_path / "ct")
+    msg = str(info.value)
+    assert "\n" not in msg and "low-rank" in msg
+    blockers = CT.compressed_tensors_blockers(plan, wb.lm.anatomy)
+    assert any("Q4_0" in b for b in blockers) and any("int4-g32-asym" in b for b in blockers)
+    assert any("int4-g128-sym on 64-wide rows" in b for b in blockers)
+    assert list(tmp_path.iterdir()) == []  # no folder, no temporary left behind
+    w8a8 = _plan(wb, {"q": LayerChoice(format="int8-ch-sym", act_bits=8)})
+    assert any("activations" in b for b in CT.compressed_tensors_blockers(w8a8, wb.lm.anatomy))
+    emb = {wb.lm.anatomy.embeddings[0].name: LayerChoice(format="int8-ch-sym")}
+    assert CT.compressed_tensors_blockers(
+        Plan(model=plan.model, layers=emb, provenance=plan.provenance), wb.lm.anatomy
+    ) == ["embed table in int8-ch-sym (the exporter keeps embedding and head dense) (1 tensor)"]
+
+
+def test_cli_export_refuses_a_trial_and_writes_the_pareto_points_it_can(tiny_study, tmp_path, capsys):
+    from autocompress.export.study import open_study
+
+    view = open_study(STUDY, tiny_study.parent)
+    blocked = {c.trial: CT.compressed_tensors_blockers(c.plan, view.anatomy) for c in view.front}
+    bad = next(t for t, b in blocked.items() if b)
+    base = ["export", "--study", STUDY, "--studies", str(tiny_study.parent), "--format", "compressed-tensors"]
+    code, _, err = run([*base, "--trial", str(bad), "--out", str(tmp_path / "refused")], capsys)
+    assert code == 2 and err.strip().count("\n") == 0 and "compressed-tensors" in err
+    assert not (tmp_path / "refused").exists()
+    code, _, err = run([*base, "--pareto", "--out", str(tmp_path / "front")], capsys)
+    assert code == 0, err
+    for t, why in blocked.items():
+        rec = json.loads((tmp_path / "front" / f"trial-{t}" / "export.json").read_text())
+        assert "onnx" not in rec  # --format names exactly the files wanted
+        assert rec["compressed_tensors"]["written"] is not bool(why)
+        folder = tmp_path / "front" / f"trial-{t}" / CT.SUBFOLDER
+        assert folder.is_dir() is not bool(why)
+        if not why:
+            loaded = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+            ours = transformers.AutoModelForCausalLM.from_pretrained(folder.parent, dtype=torch.float32)
+            torch.testing.assert_close(_logits(loaded), _logits(ours))
+
+
+@pytest.mark.slow
+def test_default_model_folder_loads_with_our_logits_and_predicted_size(tmp_path):
+    """SmolLM2: int4 groups of 64 on the 576-wide rows, int4 groups of 128 on the 1536-wide down_proj,
+    int8 per channel on v; bf16 like the base. transformers + compressed-tensors give our logits up to
+    the bf16 scale rounding, and the folder is the cost model's weight bytes."""
+    wb = Workbench.open()
+    a = wb.lm.anatomy
+    by_role = {r: LayerChoice(format="int4-g64-sym") for r in ("q", "k", "o", "gate", "up")}
+    plan = _plan(wb, {**by_role, "v": LayerChoice(format="int8-ch-sym"), "down": LayerChoice(format="int4-g128-sym")})
+    model, stored = _applied(wb, plan)
+    rec = CT.export_compressed_tensors(wb, plan, tmp_path / "ct", applied=(model, stored))
+    assert rec["schemes"] == {"int4-g64-sym": 5 * a.num_blocks, "int8-ch-sym": a.num_blocks, "int4-g128-sym": 30}
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32)
+    got, want = _logits(loaded), _logits(model)
+    assert torch.linalg.norm(got - want) / torch.linalg.norm(want) < 0.02
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+    # the format registry prices int4-g64 in MatMulNBits' layout (fp32 scales): 36 B per 64 weights
+    # where compressed-tensors stores 34; hence a wider margin than the tiny test's
+    assert abs(rec["tensor_bytes"] / rec["predicted_weight_bytes"] - 1) < 0.05, rec
+    linears = sum(s.params for s in a.linears)
+    embedding = a.embeddings[0].params
+    assert rec["tensor_bytes"] < 0.35 * (linears + embedding) * 2 + embedding * 2  # int4 ~ a quarter of bf16
