@@ -12,6 +12,8 @@ import time
 import optuna
 from optuna.trial import TrialState
 
+from tests.studyfile import finished_trials
+
 TINY = ["--model", "tiny-llama", "--seq-len", "64", "--calib-tokens", "512", "--proxy-tokens", "128"]
 TINY += ["--eval-tokens", "256"]
 
@@ -32,15 +34,14 @@ def test_keyboard_interrupt_stops_cleanly_and_resumes(tmp_path) -> None:
         text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler),  # as in a terminal
     )
+    db = tmp_path / "studies" / "c" / "study.db"
     deadline = time.time() + 300
-    done: list = []
-    while time.time() < deadline and len(done) < 3:
+    while time.time() < deadline and finished_trials(db) < 3:  # read-only: never races the study's creation
         time.sleep(0.3)
-        assert proc.poll() is None, "the search ended before it could be interrupted"
-        try:
-            done = [t for t in optuna.load_study(study_name="c", storage=storage).trials if t.values]
-        except Exception:  # not created yet
-            continue
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"the search ended (exit {proc.returncode}) before it could be interrupted: {proc.communicate()[1][-2000:]}"
+            )
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -13,6 +11,8 @@ from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
+
+from tests.studyfile import finished_trials
 
 ARGS = [
     "search", "--model", "tiny-llama", "--seq-len", "64", "--calib-tokens", "512", "--proxy-tokens", "128",
@@ -30,18 +30,6 @@ def _load(storage):
     return optuna.load_study(study_name="k", storage=storage)
 
 
-def _finished(db: Path) -> int:
-    """Give the finished trials in the study file, read without writing: opening the storage through Optuna
-    creates its tables, and racing the search that creates them failed it ('table ... already exists')."""
-    if not db.is_file():
-        return 0
-    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
-        try:
-            return con.execute("SELECT count(*) FROM trials WHERE state = 'COMPLETE'").fetchone()[0]
-        except sqlite3.OperationalError:  # no tables yet, or a write in progress
-            return 0
-
-
 def _kill_after(cmd, db, n_complete, env, log=None):
     """Run ``cmd`` and SIGKILL it once the study file ``db`` holds ``n_complete`` finished trials; its stderr goes to ``log``."""
     err = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 (closed below, after the kill)
@@ -53,7 +41,7 @@ def _kill_after(cmd, db, n_complete, env, log=None):
             if proc.poll() is not None:  # say why: an early exit once went unexplained (stderr was discarded)
                 tail = Path(log).read_text()[-2000:] if log else ""
                 raise AssertionError(f"the search ended (exit {proc.returncode}) before it could be killed:\n{tail}")
-            if _finished(db) >= n_complete:
+            if finished_trials(db) >= n_complete:
                 break
     finally:
         proc.send_signal(signal.SIGKILL)
