@@ -784,7 +784,12 @@ def export(
             schemes = ", ".join(f"{k} x{v}" for k, v in ct["schemes"].items()) or "all dense"
             console.print(
                 f"{out}/trial-{r['trial']}/{ct['folder']}/: {ct['file_bytes'] / 1e6:.1f} MB packed ({schemes}); "
-                "loads with transformers + compressed-tensors",
+                + (
+                    "loads with transformers + compressed-tensors"
+                    if ct["loadable_with_plain_transformers"]
+                    else "asymmetric: loads in transformers inside autocompress.export.compressed_tensors."
+                    "asymmetric_loading()"
+                ),
                 markup=False,
                 highlight=False,
             )

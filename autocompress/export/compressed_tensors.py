@@ -11,18 +11,26 @@ dense HF export (``autocompress.export.hf``).
 The codes are the plan's own (the format registry's ``QuantizedTensor`` recorded while the plan was
 applied), packed by compressed-tensors' ``pack_to_int32``: nothing is re-quantized, GPTQ codes stay
 GPTQ codes. The scales are stored in the model's dtype (bf16 for the bundled model), as the runtimes
-compute with them, so every value differs from the plan's by the scale's rounding (at most 2^-9
-relative in bf16; none for an fp32 base). Plans it cannot write as evaluated are refused before
-anything is written (``compressed_tensors_blockers``): formats that are not integer grids (GGUF
-types, MLC), asymmetric grids (plain ``transformers`` cannot load them: the empty model gets the
-zero point's unpacked shape, the file holds it packed; llm-compressor #1618), activation rounding,
-low-rank factors, per-block widths, a quantized embedding or head, recovered plans.
+compute with them, so every value differs from the plan's by the scale's rounding (at most 2^-8
+relative in bf16; none for an fp32 base). Asymmetric grids are written with their zero points
+packed along the rows (``weight_zero_point``, as vLLM reads them); plain ``transformers`` cannot
+load those (compressed-tensors 0.20 builds the empty model with the unpacked zero-point shape:
+llm-compressor #1618), so they load inside ``asymmetric_loading()``, which fixes that shape.
+
+Plans it cannot write as evaluated are refused before anything is written
+(``compressed_tensors_blockers``): formats that are not integer grids (GGUF types, MLC), groups that
+do not divide a row (compressed-tensors' dequantizer needs whole groups: SmolLM2's 576-wide rows take
+no group of 128), activation rounding, low-rank factors, per-block widths, a quantized embedding or
+head, recovered plans.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +69,6 @@ def _shape_after(site: Any, plan: Plan, blocks: dict[int, Any]) -> tuple[int, in
 def _format_problem(fmt: formats.Format) -> str | None:
     if not isinstance(fmt, IntegerFormat):
         return "not an integer grid (compressed-tensors stores int{2..8} groups / per channel)"
-    if not fmt.symmetric:
-        return "asymmetric (plain transformers cannot load it: llm-compressor #1618)"
     return None
 
 
@@ -99,16 +105,10 @@ def compressed_tensors_blockers(plan: Plan, anatomy: ModelAnatomy, model: nn.Mod
 
 
 def _quant_args(fmt: formats.Format) -> dict[str, Any]:
+    args = {"num_bits": fmt.bits, "type": "int", "symmetric": fmt.symmetric, "dynamic": False}
     if fmt.group_size is None:
-        return {"num_bits": fmt.bits, "type": "int", "symmetric": True, "strategy": "channel", "dynamic": False}
-    return {
-        "num_bits": fmt.bits,
-        "type": "int",
-        "symmetric": True,
-        "strategy": "group",
-        "group_size": int(fmt.group_size),
-        "dynamic": False,
-    }
+        return {**args, "strategy": "channel"}
+    return {**args, "strategy": "group", "group_size": int(fmt.group_size)}
 
 
 def quantization_config(groups: dict[str, list[str]], ignore: list[str]) -> dict[str, Any]:
@@ -133,21 +133,52 @@ def quantization_config(groups: dict[str, list[str]], ignore: list[str]) -> dict
     }
 
 
-def _signed_codes(q: formats.QuantizedTensor, fmt: formats.Format) -> torch.Tensor:
-    """Give the codes as compressed-tensors' signed integers (symmetric grids: level index - (2^(b-1) - 1))."""
-    return (q.codes - (2 ** (fmt.bits - 1) - 1)).to(torch.int8)
+def _signed(levels: torch.Tensor, fmt: formats.Format) -> torch.Tensor:
+    """Give level indices as compressed-tensors' signed integers: symmetric grids' level 2^(b-1) - 1 is
+    0; asymmetric codes and zero points are shifted by 2^(b-1), so (code - zero) is unchanged."""
+    shift = 2 ** (fmt.bits - 1) - (1 if fmt.symmetric else 0)
+    return (levels.long() - shift).to(torch.int8)
 
 
 def packed_tensors(q: formats.QuantizedTensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Give one quantized linear's stored tensors (suffixes ``weight_packed``, ``weight_scale``, ``weight_shape``)."""
+    """Give one quantized linear's stored tensors (suffixes ``weight_packed``, ``weight_scale``,
+    ``weight_shape``, and ``weight_zero_point`` packed along the rows for asymmetric grids, as vLLM reads it)."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
     fmt = formats.get(q.format)
-    return {
-        "weight_packed": pack_to_int32(_signed_codes(q, fmt), fmt.bits).contiguous(),
+    out = {
+        "weight_packed": pack_to_int32(_signed(q.codes, fmt), fmt.bits).contiguous(),
         "weight_scale": q.params["scale"].to(dtype).contiguous(),
         "weight_shape": torch.tensor(q.shape, dtype=torch.int64),
     }
+    if not fmt.symmetric:
+        out["weight_zero_point"] = pack_to_int32(_signed(q.params["zero"], fmt), fmt.bits, packed_dim=0).contiguous()
+    return out
+
+
+@contextlib.contextmanager
+def asymmetric_loading() -> Iterator[None]:
+    """Within this block, ``from_pretrained`` loads asymmetric pack-quantized layers (compressed-tensors
+    0.20 gives the empty model an unpacked zero point, [out, groups] int8, where the file holds it
+    packed along the rows, [ceil(out * bits / 32), groups] int32: llm-compressor #1618). Symmetric
+    folders need no patch; vLLM reads the packed zero points itself."""
+    from compressed_tensors.compressors.pack_quantized.base import PACK_ZP_STRATS, PackedQuantizationCompressor
+
+    original = PackedQuantizationCompressor.__dict__["compress"]
+
+    def compress(cls: Any, state_dict: Any, scheme: Any) -> Any:
+        out = original.__func__(cls, state_dict, scheme)
+        w, zp = scheme.weights, out.get("weight_zero_point")
+        if zp is not None and zp.device.type == "meta" and not w.symmetric and w.strategy in PACK_ZP_STRATS:
+            rows = math.ceil(zp.shape[0] * w.num_bits / 32)
+            out["weight_zero_point"] = torch.empty((rows, *zp.shape[1:]), dtype=torch.int32, device="meta")
+        return out
+
+    PackedQuantizationCompressor.compress = classmethod(compress)
+    try:
+        yield
+    finally:
+        PackedQuantizationCompressor.compress = original
 
 
 def _renamed(name: str, block: int, new: int) -> str:
@@ -254,6 +285,10 @@ def write_compressed_tensors(
     if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(str(folder))
     plan.save(folder / "plan.yaml")
+    asym = sorted(name for name in groups if not formats.get(name).symmetric)
+    load = f"transformers.{type(model).__name__}.from_pretrained(dir) with compressed-tensors installed"
+    if asym:
+        load = f"with autocompress.export.compressed_tensors.asymmetric_loading(): {load}"
     tensor_bytes = sum(t.numel() * t.element_size() for t in state.values())
     predicted = predicted_weight_bytes(model, anatomy, plan)
     info = {
@@ -269,8 +304,13 @@ def write_compressed_tensors(
         "predicted_weight_bytes": predicted,
         "scales": f"stored in {str(dtype).removeprefix('torch.')} (the runtime's dtype); the codes are the plan's",
         "vllm_notes": vllm_notes(plan, anatomy),
-        "load_with": f"transformers.{type(model).__name__}.from_pretrained(dir) with compressed-tensors installed",
+        "loadable_with_plain_transformers": not asym,
+        "load_with": load,
     }
+    if asym:
+        info["not_loadable_because"] = [
+            f"asymmetric zero points ({', '.join(asym)}): compressed-tensors builds them unpacked (llm-compressor #1618)"
+        ]
     (folder / "autocompress.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
 

@@ -621,6 +621,30 @@ def point_readme(rec: dict[str, Any]) -> str:
         lines += ["```", ""]
         if not hf.get("loadable_with_plain_transformers"):
             lines += [f"Plain transformers cannot load this folder: {'; '.join(hf['not_loadable_because'])}.", ""]
+    ct = rec.get("compressed_tensors") or {}
+    if ct.get("written"):
+        schemes = ", ".join(f"`{k}` x{v}" for k, v in ct["schemes"].items()) or "none (every linear dense)"
+        lines += [
+            "## compressed-tensors (vLLM / TensorRT-LLM)",
+            "",
+            f"`{ct['folder']}/` ({ct['file_bytes'] / 1e6:.1f} MB): the plan's codes packed (`pack-quantized`), "
+            f"scales in {ct['dtype']}; schemes: {schemes}.",
+            "",
+            "```python",
+            "from transformers import AutoModelForCausalLM  # with compressed-tensors installed",
+        ]
+        if ct["loadable_with_plain_transformers"]:
+            lines += [f'model = AutoModelForCausalLM.from_pretrained("./{ct["folder"]}")']
+        else:
+            lines += [
+                "from autocompress.export.compressed_tensors import asymmetric_loading",
+                "with asymmetric_loading():  # asymmetric zero points: llm-compressor #1618",
+                f'    model = AutoModelForCausalLM.from_pretrained("./{ct["folder"]}")',
+            ]
+        lines += ["```", "", f"`vllm serve ./{ct['folder']}`", ""]
+        lines += [f"vLLM: {n}." for n in ct["vllm_notes"]] + ([""] if ct["vllm_notes"] else [])
+    elif ct:
+        lines += [f"No compressed-tensors folder: {'; '.join(ct['not_written_because'])}.", ""]
     if "gguf" in rec:
         g, chk = rec["gguf"], rec["gguf"]["llamacpp"]
         types = ", ".join(f"{k} x{v}" for k, v in g["tensor_types"].items())

@@ -103,6 +103,35 @@ def test_bf16_folder_holds_the_plans_codes_with_bf16_scales(wb, tmp_path):
     assert not torch.equal(_logits(loaded), _logits(as_stored(model)))
 
 
+def test_asymmetric_folder_loads_inside_the_workaround_with_our_logits(wb, tmp_path):
+    """Asymmetric grids (zero points packed along the rows, as vLLM reads them): plain transformers
+    fails on the zero points' shape (llm-compressor #1618); inside asymmetric_loading() the folder
+    gives our logits, and the patch is gone afterwards."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+
+    by_role = {
+        "q": LayerChoice(format="int4-g32-asym"),
+        "v": LayerChoice(format="int8-ch-asym"),
+        "gate": LayerChoice(format="int4-g64-asym", quant_method="gptq"),
+        "up": LayerChoice(format="int3-g16-asym"),
+        "down": LayerChoice(format="int4-g32-sym"),
+    }
+    plan = _plan(wb, by_role)
+    model, stored = _applied(wb, plan, "float32")
+    rec = CT.export_compressed_tensors(wb, plan, tmp_path / "ct", applied=(model, stored))
+    assert not rec["loadable_with_plain_transformers"] and "asymmetric_loading" in rec["load_with"]
+    with safe_open(tmp_path / "ct" / "model.safetensors", "pt") as f:
+        zp = f.get_tensor("model.layers.0.self_attn.q_proj.weight_zero_point")
+    assert zp.dtype == torch.int32 and zp.shape == (64 * 4 // 32, 2)  # 4-bit zero points, 8 rows to a word
+    original = PackedQuantizationCompressor.__dict__["compress"]
+    with pytest.raises(RuntimeError, match="mismatch"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
+    with CT.asymmetric_loading():
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
+    assert PackedQuantizationCompressor.__dict__["compress"] is original
+    torch.testing.assert_close(_logits(loaded), _logits(model), rtol=1e-5, atol=1e-5)
+
+
 def test_folder_bytes_are_the_plans_predicted_weight_bytes(wb, tmp_path):
     """int4 groups of 128 on the 128-wide down_proj, int8 per channel elsewhere (TensorRT-LLM's L4
     formats): the folder's tensors are within SIZE_MARGIN of the cost model's weight bytes on that
@@ -124,7 +153,7 @@ def test_unexpressible_plans_are_refused_in_one_line_before_writing(wb, tmp_path
         wb,
         {
             "q": LayerChoice(format="Q4_0"),
-            "k": LayerChoice(format="int4-g32-asym"),
+            "k": LayerChoice(format="q4f16_1"),
             "v": LayerChoice(rank_ratio=0.5),
             "gate": LayerChoice(format="int4-g128-sym"),  # 64-wide rows: no whole group
         },
@@ -134,7 +163,7 @@ def test_unexpressible_plans_are_refused_in_one_line_before_writing(wb, tmp_path
     msg = str(info.value)
     assert "\n" not in msg and "low-rank" in msg
     blockers = CT.compressed_tensors_blockers(plan, wb.lm.anatomy)
-    assert any("Q4_0" in b for b in blockers) and any("int4-g32-asym" in b for b in blockers)
+    assert any("Q4_0" in b for b in blockers) and any("q4f16_1" in b for b in blockers)
     assert any("int4-g128-sym on 64-wide rows" in b for b in blockers)
     assert list(tmp_path.iterdir()) == []  # no folder, no temporary left behind
     w8a8 = _plan(wb, {"q": LayerChoice(format="int8-ch-sym", act_bits=8)})
@@ -163,6 +192,8 @@ def test_cli_export_refuses_a_trial_and_writes_the_pareto_points_it_can(tiny_stu
         assert rec["compressed_tensors"]["written"] is not bool(why)
         folder = tmp_path / "front" / f"trial-{t}" / CT.SUBFOLDER
         assert folder.is_dir() is not bool(why)
+        readme = (folder.parent / "README.md").read_text()
+        assert ("## compressed-tensors" in readme) is not bool(why)
         if not why:
             loaded = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
             ours = transformers.AutoModelForCausalLM.from_pretrained(folder.parent, dtype=torch.float32)
