@@ -201,6 +201,37 @@ def test_cost_model_kv_cache_grows_with_the_anatomy_head_dim():
     assert kv_growth(a) == pytest.approx(kv_growth(narrow) * 24 / 16, rel=1e-6)
 
 
+@pytest.mark.parametrize("per_block", [False, True], ids=["uniform", "per-block"])
+def test_hf_export_loads_back(family, tmp_path, per_block):
+    """Widths the same in every kept block go into the config: plain transformers loads them (all but
+    GPT-2 / BERT, whose head size is hidden ÷ heads); per-block widths load with load_compressed.
+    Either way the logits are the compressed model's (as stored in the base dtype)."""
+    import json
+
+    from autocompress.export import export_hf, load_compressed
+
+    from ..conftest import as_stored
+
+    a = family.anatomy
+    b = a.blocks[0]
+    keep_heads = b.heads_per_kv * (b.num_kv_heads - 1) if b.num_kv_heads > 1 else None
+    blocks = {i: BlockChoice(keep_heads=keep_heads, keep_mlp_channels=b.mlp_dim // 2) for i in range(a.num_blocks)}
+    if per_block:
+        blocks[a.num_blocks - 1] = BlockChoice(keep_mlp_channels=b.mlp_dim // 4)
+    plan = Plan(model=ModelRef.of(a), default=LayerChoice(bits=8), blocks=blocks)
+    model = apply_plan_to(family.model, a, plan)
+    export_hf(model, plan, tmp_path / "hf", family.tokenizer)
+    info = json.loads((tmp_path / "hf" / "autocompress.json").read_text())
+    plain = not per_block and a.architecture not in ("gpt2", "bert")
+    assert info["loadable_with_plain_transformers"] == plain, info["not_loadable_because"]
+    if plain:
+        back = type(family.model).from_pretrained(tmp_path / "hf").float().eval()
+    else:
+        back = load_compressed(tmp_path / "hf")
+    ids = _ids(3)
+    torch.testing.assert_close(_out(back, ids), _out(as_stored(model), ids), rtol=0, atol=1e-5)
+
+
 # every knob family, one choice per group for the whole model: a small sensitivity table keeps
 # eight trials on seven families fast
 SPACE = """
