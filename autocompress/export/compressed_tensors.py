@@ -87,7 +87,9 @@ def compressed_tensors_blockers(plan: Plan, anatomy: ModelAnatomy, model: nn.Mod
             continue  # named once above, by plain_transformers_blockers
         if c.act_bits < 16:
             problems[f"{c.act_bits}-bit activations (W8A8 is not written here)"] += 1
-        if c.quantized:
+        if c.quantized and site.transposed:
+            problems["quantized Conv1D (GPT-2) linears (compressed-tensors quantizes nn.Linear only)"] += 1
+        elif c.quantized:
             why = _format_problem(c.fmt)
             in_f = _shape_after(site, plan, blocks)[1]
             if why:

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from autocompress.export import compressed_tensors as CT
 from autocompress.formats import QuantizedTensor
 from autocompress.hardware import CostModel, load_profile
+from autocompress.model import load_model
 from autocompress.plan import BlockChoice, LayerChoice, ModelRef, Plan
 from autocompress.workbench import Workbench
 from tests.conftest import TINY_DATA, as_stored
@@ -168,6 +169,11 @@ def test_unexpressible_plans_are_refused_in_one_line_before_writing(wb, tmp_path
     assert list(tmp_path.iterdir()) == []  # no folder, no temporary left behind
     w8a8 = _plan(wb, {"q": LayerChoice(format="int8-ch-sym", act_bits=8)})
     assert any("activations" in b for b in CT.compressed_tensors_blockers(w8a8, wb.lm.anatomy))
+    gpt2 = load_model("tiny-gpt2").anatomy
+    gpt2_plan = Plan(model=ModelRef.of(gpt2), default=LayerChoice(format="int8-ch-sym"))
+    assert CT.compressed_tensors_blockers(gpt2_plan, gpt2) == [
+        f"quantized Conv1D (GPT-2) linears (compressed-tensors quantizes nn.Linear only) ({len(gpt2.linears)} tensors)"
+    ]
     emb = {wb.lm.anatomy.embeddings[0].name: LayerChoice(format="int8-ch-sym")}
     assert CT.compressed_tensors_blockers(
         Plan(model=plan.model, layers=emb, provenance=plan.provenance), wb.lm.anatomy
