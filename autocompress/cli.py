@@ -730,7 +730,7 @@ def export(
         typer.Option(
             "--format",
             help="Write these files beside each HF folder (repeatable): onnx, gguf, compressed-tensors (the packed "
-            "folder vLLM / TensorRT-LLM load, in trial-<N>/compressed-tensors/) [default: the study runtime's]",
+            "folder llm-compressor writes and vLLM loads, in trial-<N>/compressed-tensors/) [default: the study runtime's]",
         ),
     ] = None,
     hw: Annotated[str, typer.Option(help="Profile whose prediction the measurement is compared with")] = "local",

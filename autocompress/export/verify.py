@@ -625,7 +625,7 @@ def point_readme(rec: dict[str, Any]) -> str:
     if ct.get("written"):
         schemes = ", ".join(f"`{k}` x{v}" for k, v in ct["schemes"].items()) or "none (every linear dense)"
         lines += [
-            "## compressed-tensors (vLLM / TensorRT-LLM)",
+            "## compressed-tensors (vLLM)",
             "",
             f"`{ct['folder']}/` ({ct['file_bytes'] / 1e6:.1f} MB): the plan's codes packed (`pack-quantized`), "
             f"scales in {ct['dtype']}; schemes: {schemes}.",
