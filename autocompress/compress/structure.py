@@ -116,14 +116,19 @@ def shrink_heads(
     of the query heads per KV head.
     """
     prefix, block = _block(model, block_index)
-    cfg = model.config
-    total_heads = cfg.num_attention_heads
+    layout = layout_of(model)
     head_dim = head_dim_of(model)
-    per_kv = total_heads // (getattr(cfg, "num_key_value_heads", None) or total_heads)
-    (o_rel,) = _rels(model, ("o",))
+    (o_rel,) = layout.paths_of("o")
     o = block.get_submodule(o_rel)
     num_heads = weight_of(o)[1] // head_dim
-    num_groups = num_heads // per_kv
+    # KV heads from the projections' shapes (a config may name a count its family ignores)
+    k_rels, (qkv_rel, *_) = layout.paths_of("k"), [*layout.paths_of("qkv"), None]
+    if k_rels:
+        kv_width = weight_of(block.get_submodule(k_rels[0]))[0]
+    else:  # fused [q | k | v]
+        kv_width = (weight_of(block.get_submodule(qkv_rel))[0] - num_heads * head_dim) // 2
+    num_groups = max(1, kv_width // head_dim)
+    per_kv = num_heads // num_groups
     if keep_heads % per_kv or not per_kv <= keep_heads <= num_heads:
         raise PlanError(
             f"block {block_index}: keep_heads must be a multiple of {per_kv} in {per_kv}..{num_heads}, got {keep_heads}"
@@ -134,8 +139,6 @@ def shrink_heads(
     q_dims, kv_dims = _dims(heads, head_dim), _dims(groups, head_dim)
     if heads.numel() == num_heads:
         return q_dims
-    layout = layout_of(model)
-    kv_width = num_groups * head_dim
     width = num_heads * head_dim
     for rel, role in layout.roles.items():
         lin = block.get_submodule(rel)

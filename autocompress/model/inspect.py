@@ -30,20 +30,21 @@ ROLE_HINTS: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"(?:^|\.)(?:k_proj|key)$", "k"),
         (r"(?:^|\.)(?:v_proj|value)$", "v"),
         (r"(?:^|\.)(?:qkv_proj|c_attn)$", "qkv"),
-        (r"(?:^|\.)(?:o_proj|out_proj)$|(?:^|\.)attn\.c_proj$|(?:^|\.)attention\.output\.dense$", "o"),
+        (r"(?:^|\.)(?:o_proj|out_proj)$|(?:^|\.)attn\.c_proj$|(?:^|\.)(?:self_attn|attention\.output)\.dense$", "o"),
         (r"(?:^|\.)gate_up_proj$", "gate_up"),
         (r"(?:^|\.)gate_proj$", "gate"),
         (r"(?:^|\.)up_proj$", "up"),
         (r"(?:^|\.)down_proj$", "down"),
-        (r"(?:^|\.)(?:fc1|c_fc)$|^intermediate\.dense$", "fc1"),
-        (r"(?:^|\.)fc2$|(?:^|\.)mlp\.c_proj$|^output\.dense$", "fc2"),
+        (r"(?:^|\.)(?:fc1|c_fc|fc_in)$|^intermediate\.dense$", "fc1"),
+        (r"(?:^|\.)(?:fc2|fc_out)$|(?:^|\.)mlp\.c_proj$|^output\.dense$", "fc2"),
     )
 )
 # the alternatives a block must offer: attention inputs, attention output, MLP input(s), MLP output
 _REQUIRED = (
     ("attention q/k/v (q_proj, k_proj, v_proj or a fused qkv_proj)", ({"q", "k", "v"}, {"qkv"})),
     ("attention output (o_proj)", ({"o"},)),
-    ("MLP input (gate_proj + up_proj, a fused gate_up_proj, or fc1)", ({"gate", "up"}, {"gate_up"}, {"fc1"})),
+    # up_proj alone: an MLP without a gate (Nemotron, Arcee, Apertus), as fc1
+    ("MLP input (gate_proj + up_proj, a fused gate_up_proj, up_proj or fc1)", ({"up"}, {"gate_up"}, {"fc1"})),
     ("MLP output (down_proj or fc2)", ({"down"}, {"fc2"})),
 )
 _QK_NORM = re.compile(r"(?:^|\.)(q|k|query|key)_?(?:norm|layernorm|ln)$")
@@ -116,14 +117,16 @@ def _roles_in(block: nn.Module, where: str) -> dict[str, str]:
         twin = next((p for p, r in roles.items() if r == role), None)
         if twin is not None:
             raise ModelLoadError(
-                f"block {where}: two linears take the role {role!r} ({twin}, {rel}); "
-                "experts / mixture-of-experts layers are not supported"
+                f"block {where}: two linears take the role {role!r} ({twin}, {rel}); blocks with several "
+                "attention or MLP paths (mixture-of-experts, hybrid attention/state-space) are not supported"
             )
         roles[rel] = role
     have = set(roles.values())
+    experts = next((rel for rel, _ in block.named_modules() if rel.rsplit(".", 1)[-1] == "experts"), None)
     for what, options in _REQUIRED:
         if not any(opt <= have for opt in options):
-            raise ModelLoadError(f"block {where}: no {what} found; linears seen: {', '.join(seen) or 'none'}")
+            moe = f" ({experts}: mixture-of-experts blocks are not supported)" if experts else ""
+            raise ModelLoadError(f"block {where}: no {what} found{moe}; linears seen: {', '.join(seen) or 'none'}")
     return roles
 
 
@@ -263,6 +266,16 @@ def _sliding_window(cfg: Any, index: int) -> int | None:
     return window if getattr(cfg, "use_sliding_window", True) else None
 
 
+def _embedding_scale(model: nn.Module) -> float:
+    """Give the factor the token embeddings are multiplied by: Gemma's scaled embedding module
+    (sqrt(hidden)), Granite's ``embedding_multiplier``, else 1."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    scale = getattr(emb, "scalar_embed_scale", None)
+    if isinstance(scale, (int, float)):
+        return float(scale)
+    return float(getattr(model.config, "embedding_multiplier", None) or 1.0)
+
+
 def anatomy_of(model: nn.Module, name: str, model_hash: str) -> ModelAnatomy:
     """Build the anatomy of an (uncompressed) model from its module tree and config."""
     cfg = model.config
@@ -330,5 +343,5 @@ def anatomy_of(model: nn.Module, name: str, model_hash: str) -> ModelAnatomy:
         blocks=tuple(blocks),
         other_params=total - linear_params,
         tied_embeddings=tied,
-        embedding_scale=float(getattr(cfg, "embedding_multiplier", None) or 1.0),
+        embedding_scale=_embedding_scale(model),
     )
