@@ -42,7 +42,7 @@ from autocompress._io import atomic_dir
 from autocompress.errors import AutocompressError
 from autocompress.export.hf import hf_config, plain_transformers_blockers, shape_mismatches, storage_dtype
 from autocompress.formats.integer import IntegerFormat
-from autocompress.model.anatomy import ModelAnatomy
+from autocompress.model.anatomy import LinearSite, ModelAnatomy
 from autocompress.model.loading import state_dict_hash
 from autocompress.plan import Plan
 
@@ -56,7 +56,7 @@ class CompressedTensorsExportError(AutocompressError):
     """A plan or model cannot be written as a compressed-tensors checkpoint."""
 
 
-def _kept_sites(plan: Plan, anatomy: ModelAnatomy):
+def _kept_sites(plan: Plan, anatomy: ModelAnatomy) -> list[LinearSite]:
     return [s for s in anatomy.linears if s.block not in plan.drop_blocks]
 
 
@@ -120,10 +120,10 @@ def quantization_config(groups: dict[str, list[str]], ignore: list[str]) -> dict
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
     schemes = {
-        f"group_{i}": QuantizationScheme(
+        name: QuantizationScheme(
             targets=targets, weights=QuantizationArgs(**_quant_args(formats.get(name))), format=FORMAT
         )
-        for i, (name, targets) in enumerate(sorted(groups.items()))
+        for name, targets in sorted(groups.items())
     }
     cfg = QuantizationConfig(config_groups=schemes, format=FORMAT, quantization_status="compressed", ignore=ignore)
     return {
@@ -214,12 +214,15 @@ def predicted_weight_bytes(model: nn.Module, anatomy: ModelAnatomy, plan: Plan) 
 
 
 def vllm_notes(plan: Plan, anatomy: ModelAnatomy) -> list[str]:
-    """Give what vLLM's kernels will not run as written (the folder still loads in transformers)."""
+    """Give what vLLM will not run as written, or runs without the saving the plan was priced with (from
+    vLLM's documented kernel limits, not run here; the folder still loads in transformers)."""
     notes: Counter[str] = Counter()
     by_block: dict[int, dict[str, str | None]] = {}
     for site in _kept_sites(plan, anatomy):
         c = plan.choice_for(site.name)
         by_block.setdefault(site.block, {})[site.role] = c.format
+        if c.pruned:
+            notes[f"{c.sparsity_pattern} sparsity: stored as zeros in dense layouts (no sparse kernel, no saving)"] += 1
         if not c.quantized:
             continue
         fmt = c.fmt
