@@ -317,8 +317,8 @@ def load_model(
 ) -> LoadedModel:
     """Load a model by name or path and give it with its tokenizer and anatomy.
 
-    ``spec``: None / "default" for the bundled SmolLM2-135M, "tiny-llama" / "tiny-gpt2" /
-    "tiny-bert" for random-init test models, "minilm-wiki-topics" for the MiniLM Wikipedia-topic
+    ``spec``: None / "default" for the bundled SmolLM2-135M, a name in ``TINY_ARCHS`` ("tiny-llama",
+    "tiny-gpt2", "tiny-bert", "tiny-qwen3", "tiny-phi3"...) for random-init test models, "minilm-wiki-topics" for the MiniLM Wikipedia-topic
     classifier (its head is trained on first use, then cached), or a local HF folder (safetensors only).
     """
     from transformers.utils import logging as hf_logging

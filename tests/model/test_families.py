@@ -91,6 +91,10 @@ def test_unknown_layout_names_the_block_and_what_it_saw():
         anatomy_of(model, "m", "")
     msg = str(err.value)
     assert "\n" not in msg and "model.layers.0" in msg and "MLP output" in msg and "mlp.w_out" in msg
+    mlp.experts = nn.ModuleList([nn.Linear(64, 64)])  # a mixture-of-experts MLP is named as such
+    del mlp.gate_proj, mlp.up_proj
+    with pytest.raises(ModelLoadError, match=r"MLP input .*mlp\.experts: mixture-of-experts"):
+        anatomy_of(model, "m", "")
     model.config.num_hidden_layers = 7  # no block list of that length
     with pytest.raises(ModelLoadError, match="no ModuleList of 7 blocks"):
         anatomy_of(model, "m", "")
@@ -270,6 +274,7 @@ def test_search_of_8_trials_runs_end_to_end(family, tmp_path):
         data=SEARCH_DATA,
         full_eval=0,
     )
-    assert result.pareto
+    assert result.counts["evaluated"] == 8 and result.counts["failed"] == 0, result.counts
+    assert result.pareto and all(c.metrics["kl"] >= 0 for c in result.pareto)
     for cand in result.pareto:
         cand.plan.validate(family.anatomy)
