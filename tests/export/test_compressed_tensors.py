@@ -23,7 +23,7 @@ pytest.importorskip("compressed_tensors")
 transformers = pytest.importorskip("transformers")
 
 # every expressible kind at once: int4 in three group sizes, int8 per channel, GPTQ codes, a dense
-# sparse layer, a dropped block and a uniform MLP width (down_proj's rows shrink to 96)
+# sparse layer, a dropped block, uniform head and MLP widths (down_proj's rows shrink to 96)
 MIX = {
     "q": LayerChoice(format="int4-g32-sym"),
     "k": LayerChoice(format="int4-g32-sym"),
@@ -48,7 +48,8 @@ def _plan(wb, by_role, **kw) -> Plan:
 
 def _mixed(wb) -> Plan:
     a = wb.lm.anatomy
-    return _plan(wb, MIX, drop_blocks=(1,), blocks={b.index: BlockChoice(keep_mlp_channels=96) for b in a.blocks})
+    widths = BlockChoice(keep_heads=2, keep_mlp_channels=96)
+    return _plan(wb, MIX, drop_blocks=(1,), blocks={b.index: widths for b in a.blocks})
 
 
 def _applied(wb, plan, dtype: str | None = None):
@@ -81,6 +82,7 @@ def test_fp32_folder_loads_in_plain_transformers_with_our_logits(wb, tmp_path):
     assert not any(k.startswith("model.layers.3.") for k in keys)  # 4 blocks, one dropped
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
     assert loaded.config.num_hidden_layers == 3 and loaded.config.intermediate_size == 96
+    assert loaded.config.num_attention_heads == 2 and loaded.config.num_key_value_heads == 1
     torch.testing.assert_close(_logits(loaded), _logits(model), rtol=1e-5, atol=1e-5)
 
 
