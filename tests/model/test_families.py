@@ -100,6 +100,23 @@ def test_unknown_layout_names_the_block_and_what_it_saw():
         anatomy_of(model, "m", "")
 
 
+@pytest.mark.parametrize("arch", ["tiny-qwen3", "tiny-phi3"])
+def test_a_saved_folder_of_a_new_family_loads_with_the_same_anatomy(tmp_path, arch):
+    """What a user brings: an HF folder of a family no list names. Its config alone (weights unread)
+    and the loaded model give the anatomy of the model that was saved."""
+    from autocompress.model.loading import anatomy_from_config
+    from autocompress.model.tokenizer import ByteTokenizer
+
+    model = tiny_model(arch)
+    model.save_pretrained(tmp_path / "m", safe_serialization=True)
+    ByteTokenizer().save_pretrained(tmp_path / "m")
+    want = anatomy_of(model, "m", "")
+    loaded = load_model(tmp_path / "m", progress=False)
+    assert dataclasses.replace(loaded.anatomy, model_hash="") == want
+    assert loaded.anatomy.model_hash == state_dict_hash(model)
+    assert anatomy_from_config(tmp_path / "m") == want
+
+
 def _every_knob_plan(loaded) -> Plan:
     a = loaded.anatomy
     b1 = a.blocks[1]
