@@ -259,7 +259,7 @@ def write_compressed_tensors(
         raise CompressedTensorsExportError(f"tensor shapes the config cannot describe ({mismatches[0]})")
     dtype = storage_dtype(model)
     tied = _tied_keys(model)
-    state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items() if k not in tied}
+    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items() if k not in tied}
     kept = [b for b in range(plan.model.num_blocks) if b not in plan.drop_blocks]
     groups: dict[str, list[str]] = {}
     ignore: list[str] = []
