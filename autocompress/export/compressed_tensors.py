@@ -47,8 +47,7 @@ from autocompress.model.loading import state_dict_hash
 from autocompress.plan import Plan
 
 FORMAT = "pack-quantized"
-VLLM_GROUPS = (None, 32, 64, 128)  # group sizes vLLM's int4/int8 weight-only kernels (Marlin, Machete) take
-VLLM_BITS = (4, 8)
+VLLM_BITS = (4, 8)  # what every vLLM's WNA16 scheme takes (recent ones: 2..8 symmetric; zero points 4 / 8 only)
 SIZE_MARGIN = 0.02  # the folder's tensor bytes are within this fraction of the predicted weight bytes
 
 
@@ -226,10 +225,10 @@ def vllm_notes(plan: Plan, anatomy: ModelAnatomy) -> list[str]:
         if not c.quantized:
             continue
         fmt = c.fmt
-        if fmt.bits not in VLLM_BITS or fmt.group_size not in VLLM_GROUPS:
-            notes[
-                f"{fmt.name}: vLLM's weight-only kernels take 4 or 8 bits in groups of 32 / 64 / 128 or per channel"
-            ] += 1
+        if fmt.bits not in VLLM_BITS and not fmt.symmetric:
+            notes[f"{fmt.name}: vLLM's zero-point types are 4- and 8-bit only"] += 1
+        elif fmt.bits not in VLLM_BITS:
+            notes[f"{fmt.name}: {fmt.bits}-bit weights need a recent vLLM (older ones take 4 or 8 bits)"] += 1
     for fused in (("q", "k", "v"), ("gate", "up")):
         mixed = [b for b, roles in by_block.items() if len({roles.get(r) for r in fused if r in roles}) > 1]
         if mixed:
