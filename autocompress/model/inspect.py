@@ -181,9 +181,18 @@ def linear_roles(model: nn.Module) -> dict[str, str]:
 
 def head_dim_of(model: nn.Module) -> int:
     """Give the width of one attention head: the config's ``head_dim`` (which may differ from
-    hidden ÷ heads), else hidden ÷ heads."""
+    hidden ÷ heads), else the one block 0's attention module computes with, else hidden ÷ heads."""
     cfg = model.config
-    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    if isinstance(getattr(cfg, "head_dim", None), int):
+        return cfg.head_dim
+    layout = layout_of(model)
+    block = model.get_submodule(layout.block_path)[0]
+    attn = block.get_submodule(layout.attention) if layout.attention else block
+    for module in attn.modules():  # HF names it head_dim, BERT attention_head_size
+        for attr in ("head_dim", "attention_head_size"):
+            if isinstance(getattr(module, attr, None), int) and getattr(module, attr) > 0:
+                return getattr(module, attr)
+    return cfg.hidden_size // cfg.num_attention_heads
 
 
 def embedding_sites(model: nn.Module, tied: bool) -> tuple[EmbeddingSite, ...]:
