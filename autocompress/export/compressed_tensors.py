@@ -100,7 +100,7 @@ def compressed_tensors_blockers(plan: Plan, anatomy: ModelAnatomy, model: nn.Mod
     for emb in anatomy.embeddings:
         c = plan.embedding_choice(emb.name)
         if c.quantized:
-            problems[f"{emb.role} table in {c.format} (the exporter keeps embedding and head dense)"] += 1
+            problems[f"{emb.role} table in {c.format} (transformers cannot load a packed embedding or tied head)"] += 1
     out += [f"{what} ({n} tensor{'s' if n > 1 else ''})" for what, n in problems.items()]
     return out
 

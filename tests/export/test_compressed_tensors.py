@@ -179,7 +179,7 @@ def test_unexpressible_plans_are_refused_in_one_line_before_writing(wb, tmp_path
     emb = {wb.lm.anatomy.embeddings[0].name: LayerChoice(format="int8-ch-sym")}
     assert CT.compressed_tensors_blockers(
         Plan(model=plan.model, layers=emb, provenance=plan.provenance), wb.lm.anatomy
-    ) == ["embed table in int8-ch-sym (the exporter keeps embedding and head dense) (1 tensor)"]
+    ) == ["embed table in int8-ch-sym (transformers cannot load a packed embedding or tied head) (1 tensor)"]
 
 
 def test_cli_export_refuses_a_trial_and_writes_the_pareto_points_it_can(tiny_study, tmp_path, capsys):
