@@ -82,6 +82,54 @@ def test_anatomy_follows_the_config_and_the_module_tree(family):
         assert dict(qkv.parts) == {"q": heads * head_dim, "k": kv * head_dim, "v": kv * head_dim}
 
 
+def _from_model_type(model_type: str, **extra):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    shape = dict(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**shape, **extra})).eval()
+
+
+@pytest.mark.parametrize(
+    ("model_type", "roles"),
+    [
+        ("gemma3_text", LLAMA_ROLES),
+        ("cohere2", LLAMA_ROLES),
+        ("smollm3", LLAMA_ROLES),
+        ("glm", {"q", "k", "v", "o", "gate_up", "down"}),
+        ("nemotron", {"q", "k", "v", "o", "up", "down"}),  # an MLP without a gate
+        ("starcoder2", {"q", "k", "v", "o", "fc1", "fc2"}),
+        ("phi", {"q", "k", "v", "o", "fc1", "fc2"}),
+    ],
+)
+def test_more_families_are_recognised_and_pruned(model_type, roles):
+    """Families no test above builds: found by structure alone, heads and MLP channels cut, still running."""
+    model = _from_model_type(model_type)
+    a = anatomy_of(model, model_type, "")
+    b = a.blocks[0]
+    assert {s.role for s in b.linears} == roles and (b.num_heads, b.num_kv_heads, b.head_dim) == (4, 2, 16)
+    shrink_heads(model, 0, b.heads_per_kv)
+    shrink_mlp(model, 0, b.mlp_dim // 2)
+    assert torch.isfinite(_out(model, _ids(4, 8))).all()
+
+
+@pytest.mark.parametrize(
+    ("model_type", "said"),
+    [
+        ("qwen3_moe", r"mlp\.experts: mixture-of-experts blocks are not supported"),
+        ("gpt_neox", r"no attention q/k/v .*attention\.query_key_value"),  # fused per head, not [q | k | v]
+    ],
+)
+def test_layouts_not_handled_are_one_line_errors(model_type, said):
+    with pytest.raises(ModelLoadError, match=said) as err:
+        anatomy_of(_from_model_type(model_type), model_type, "")
+    assert "\n" not in str(err.value)
+
+
 def test_unknown_layout_names_the_block_and_what_it_saw():
     model = tiny_model("tiny-mistral")
     mlp = model.model.layers[0].mlp
