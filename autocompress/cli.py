@@ -428,6 +428,7 @@ def _run_recovery(
     epilog=_examples(
         "autocompress apply studies/demo/plans/2.yaml --out my-int4-model",
         "autocompress --json apply plan.yaml --out model/ | jq -r .weight_hash",
+        "autocompress apply plan.yaml --out model-ct/ --format compressed-tensors   # packed, for vLLM",
     )
 )
 def apply(
@@ -437,6 +438,13 @@ def apply(
     force: Annotated[
         bool, typer.Option("--force", help="Accept a plan file edited by hand (its header checksum no longer matches)")
     ] = False,
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="hf: weights in the base dtype; compressed-tensors: quantized linears packed (the folder vLLM loads)",
+        ),
+    ] = "hf",
     device: DeviceOption = "auto",
 ) -> dict[str, Any]:
     """Rebuild a compressed model from its plan, write it as an HF folder and print its weight hash."""
@@ -446,11 +454,21 @@ def apply(
     from autocompress.workbench import Workbench
 
     _device(device)
+    if fmt not in ("hf", "compressed-tensors"):
+        raise AutocompressError(f"unknown --format {fmt!r}; known: hf, compressed-tensors")
     p = Plan.load(plan, force=force)
     if out.is_dir() and any(out.iterdir()) and not (out / "plan.yaml").is_file():
         raise AutocompressError(f"output folder {out} is not empty and was not written by autocompress")
     check_writable(out, AutocompressError)  # before the model is loaded
     wb = Workbench.for_plan(p, model, log=_log, device=device, model_on_cpu=True)  # written as loaded
+    if fmt == "compressed-tensors":
+        from autocompress.export.compressed_tensors import export_compressed_tensors
+
+        rec = export_compressed_tensors(wb, p, out)  # refused in one line before anything is written
+        console.print(f"wrote {out}/ (plan {p.hash()[:16]}; {rec['file_bytes'] / 1e6:.1f} MB, compressed-tensors)")
+        console.print(f"load with: {rec['load_with']}", markup=False, highlight=False)
+        console.print(f"weight hash: {rec['weight_hash']}")
+        return {"out": out, "plan_hash": p.hash(), "weight_hash": rec["weight_hash"], "compressed_tensors": rec}
     compressed = rebuild(wb, p)
     weight_hash = export_hf(compressed, p, out, wb.lm.tokenizer)
     console.print(f"wrote {out}/ (plan {p.hash()[:16]})")

@@ -229,3 +229,28 @@ def test_default_model_folder_loads_with_our_logits_and_predicted_size(tmp_path)
     assert abs(rec["tensor_bytes"] / rec["predicted_weight_bytes"] - 1) < 0.05, rec
     linear_bytes = rec["tensor_bytes"] - 2 * a.embeddings[0].params - 2 * a.hidden_size * (2 * a.num_blocks + 1)
     assert linear_bytes < 0.3 * 2 * sum(s.params for s in a.linears)  # about a quarter of their bf16 bytes
+
+
+def test_cli_apply_writes_the_same_weights_packed_or_refuses(wb, tmp_path, capsys):
+    plan = _plan(wb, {"q": LayerChoice(format="int4-g32-sym"), "down": LayerChoice(format="int8-ch-sym")})
+    plan.save(tmp_path / "plan.yaml")
+    code, hf_out, err = run(["apply", str(tmp_path / "plan.yaml"), "--out", str(tmp_path / "hf")], capsys)
+    assert code == 0, err
+    argv = ["apply", str(tmp_path / "plan.yaml"), "--out", str(tmp_path / "ct"), "--format", "compressed-tensors"]
+    code, ct_out, err = run(argv, capsys)
+    assert code == 0, err
+    weight_hash = [line for line in hf_out.splitlines() if line.startswith("weight hash")]
+    assert weight_hash and weight_hash[0] in ct_out  # the same plan weights, written packed
+    meta = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert sorted(meta["config_groups"]) == ["int4-g32-sym", "int8-ch-sym"]
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32)
+    dense = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    assert (_logits(loaded).argmax(-1) == _logits(dense).argmax(-1)).float().mean() > 0.9
+    bad = _plan(wb, {"q": LayerChoice(format="Q8_0")})
+    bad.save(tmp_path / "bad.yaml")
+    capsys.readouterr()  # the loads' progress bars
+    code, _, err = run(
+        ["apply", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "no"), "--format", "compressed-tensors"], capsys
+    )
+    assert code == 2 and "Q8_0" in err and err.strip().count("\n") == 0
+    assert not (tmp_path / "no").exists()
