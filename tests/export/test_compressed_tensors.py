@@ -16,7 +16,6 @@ from autocompress.model import load_model
 from autocompress.plan import BlockChoice, LayerChoice, ModelRef, Plan
 from autocompress.workbench import Workbench
 from tests.conftest import TINY_DATA, as_stored
-from tests.export.study_fixture import STUDY
 from tests.test_cli import run
 
 pytest.importorskip("compressed_tensors")
@@ -86,6 +85,19 @@ def test_fp32_folder_loads_in_plain_transformers_with_our_logits(wb, tmp_path):
     torch.testing.assert_close(_logits(loaded), _logits(model), rtol=1e-5, atol=1e-5)
 
 
+def _with_bf16_scales(model, stored, plan):
+    """Give ``model`` as a bf16 folder should hold it, read in fp32: dense weights rounded to bf16, each
+    quantized linear its codes times its bf16-rounded scales (dequantized by the format registry)."""
+    ref = as_stored(model)
+    kept = [b for b in range(plan.model.num_blocks) if b not in plan.drop_blocks]
+    for name, q in stored.items():
+        block = int(name.split(".")[2])
+        rounded = QuantizedTensor(q.format, q.shape, q.codes, {"scale": q.params["scale"].bfloat16().float()})
+        path = name.replace(f".{block}.", f".{kept.index(block)}.", 1)
+        ref.get_parameter(f"{path}.weight").data = plan.choice_for(name).fmt.dequantize(rounded)
+    return ref
+
+
 def test_bf16_folder_holds_the_plans_codes_with_bf16_scales(wb, tmp_path):
     """The default storage: dense weights and scales in bf16. Read in fp32, the folder is exactly the
     plan's codes times bf16-rounded scales (computed here by the format registry, not compressed-tensors)."""
@@ -93,15 +105,8 @@ def test_bf16_folder_holds_the_plans_codes_with_bf16_scales(wb, tmp_path):
     model, stored = _applied(wb, plan)
     rec = CT.export_compressed_tensors(wb, plan, tmp_path / "ct", applied=(model, stored))
     assert rec["dtype"] == "bfloat16"
-    ref = as_stored(model)
-    kept = [b for b in range(4) if b not in plan.drop_blocks]
-    for name, q in stored.items():
-        block = int(name.split(".")[2])
-        rounded = QuantizedTensor(q.format, q.shape, q.codes, {"scale": q.params["scale"].bfloat16().float()})
-        path = name.replace(f".{block}.", f".{kept.index(block)}.", 1)
-        ref.get_parameter(f"{path}.weight").data = plan.choice_for(name).fmt.dequantize(rounded)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32)
-    torch.testing.assert_close(_logits(loaded), _logits(ref), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_logits(loaded), _logits(_with_bf16_scales(model, stored, plan)), rtol=1e-5, atol=1e-5)
     # the scale rounding is all that separates it from the plan's model
     assert not torch.equal(_logits(loaded), _logits(as_stored(model)))
 
@@ -182,30 +187,46 @@ def test_unexpressible_plans_are_refused_in_one_line_before_writing(wb, tmp_path
     ) == ["embed table in int8-ch-sym (transformers cannot load a packed embedding or tied head) (1 tensor)"]
 
 
-def test_cli_export_refuses_a_trial_and_writes_the_pareto_points_it_can(tiny_study, tmp_path, capsys):
-    from autocompress.export.study import open_study
+@pytest.fixture(scope="module")
+def l4_study(tmp_path_factory):
+    """Three trials on the L4 (TensorRT-LLM) profile: its baselines uncompressed, uniform int4-g128-sym
+    (tiny-llama's 64-wide rows take no group of 128: refused) and uniform int8-ch-sym."""
+    from autocompress.search import search
 
-    view = open_study(STUDY, tiny_study.parent)
+    root = tmp_path_factory.mktemp("l4")
+    search(model="tiny-llama", hw="nvidia-l4", space="quant-only", trials=3, study="l4", out=root, data=TINY_DATA)
+    return root
+
+
+def test_cli_export_writes_checked_trials_and_refuses_what_it_cannot_hold(l4_study, tmp_path, capsys):
+    from autocompress.export.study import open_study, workbench_for
+
+    view = open_study("l4", l4_study)
     blocked = {c.trial: CT.compressed_tensors_blockers(c.plan, view.anatomy) for c in view.front}
+    int8 = next(c for c in view.front if c.description == "int8-ch-sym 100%")
     bad = next(t for t, b in blocked.items() if b)
-    base = ["export", "--study", STUDY, "--studies", str(tiny_study.parent), "--format", "compressed-tensors"]
+    base = ["export", "--study", "l4", "--studies", str(l4_study), "--format", "compressed-tensors"]
     code, _, err = run([*base, "--trial", str(bad), "--out", str(tmp_path / "refused")], capsys)
-    assert code == 2 and err.strip().count("\n") == 0 and "compressed-tensors" in err
+    assert code == 2 and err.strip().count("\n") == 0 and "int4-g128-sym on 64-wide rows" in err
     assert not (tmp_path / "refused").exists()
+    code, stdout, err = run([*base, "--trial", str(int8.trial), "--out", str(tmp_path / "one")], capsys)
+    assert code == 0, err
+    folder = tmp_path / "one" / f"trial-{int8.trial}" / CT.SUBFOLDER
+    flat = " ".join(stdout.split())  # the console wraps long lines
+    assert "MB packed (int8-ch-sym x28); loads with transformers + compressed-tensors" in flat
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    stored: dict = {}
+    ours = workbench_for(view, int8.plan).apply(int8.plan, stored=stored)  # the plan rebuilt from the base model
+    torch.testing.assert_close(_logits(loaded), _logits(_with_bf16_scales(ours, stored, int8.plan)))
     code, _, err = run([*base, "--pareto", "--out", str(tmp_path / "front")], capsys)
     assert code == 0, err
     for t, why in blocked.items():
         rec = json.loads((tmp_path / "front" / f"trial-{t}" / "export.json").read_text())
         assert "onnx" not in rec  # --format names exactly the files wanted
         assert rec["compressed_tensors"]["written"] is not bool(why)
-        folder = tmp_path / "front" / f"trial-{t}" / CT.SUBFOLDER
-        assert folder.is_dir() is not bool(why)
-        readme = (folder.parent / "README.md").read_text()
+        assert (tmp_path / "front" / f"trial-{t}" / CT.SUBFOLDER).is_dir() is not bool(why)
+        readme = (tmp_path / "front" / f"trial-{t}" / "README.md").read_text()
         assert ("## compressed-tensors" in readme) is not bool(why)
-        if not why:
-            loaded = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-            ours = transformers.AutoModelForCausalLM.from_pretrained(folder.parent, dtype=torch.float32)
-            torch.testing.assert_close(_logits(loaded), _logits(ours))
 
 
 @pytest.mark.slow
