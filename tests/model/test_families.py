@@ -301,6 +301,23 @@ def test_hf_export_loads_back(family, tmp_path, per_block):
     torch.testing.assert_close(_out(back, ids), _out(as_stored(model), ids), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["tiny-qwen3", "tiny-phi3"])
+def test_onnx_export_of_a_pruned_quantized_model_passes_its_check(arch, tmp_path):
+    """head_dim != hidden / heads and fused projections, with fewer heads and MLP channels, as ONNX:
+    onnxruntime's logits (MatMulNBits in fp32) are the compressed model's."""
+    from autocompress.export.onnx import export_onnx
+    from autocompress.export.verify import check_onnx
+
+    lm = load_model(arch)
+    a, b = lm.anatomy, lm.anatomy.blocks[0]
+    blocks = {0: BlockChoice(keep_heads=b.heads_per_kv, keep_mlp_channels=b.mlp_dim // 2)}
+    plan = Plan(model=ModelRef.of(a), default=LayerChoice(bits=4, group_size=32), blocks=blocks)
+    model = apply_plan_to(lm.model, a, plan)
+    exp = export_onnx(model, a, plan, tmp_path / "m.onnx")
+    check = check_onnx(exp.path, model, a, exp.formats)
+    assert check["passed"] and check["compared"] == "stored weights (fp32 compute)", check
+
+
 # every knob family, one choice per group for the whole model: a small sensitivity table keeps
 # eight trials on seven families fast
 SPACE = """
