@@ -286,6 +286,8 @@ def write_compressed_tensors(
         data["quantization_config"] = quantization_config(groups, ignore)
         config_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(str(folder))
     if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(str(folder))
     plan.save(folder / "plan.yaml")
