@@ -1,6 +1,7 @@
 """Load an HF export whose shapes no config can describe (low-rank factors, per-block widths).
 
-``load_compressed(dir)`` builds the model class named in ``config.json``, re-shapes it as the
+``load_compressed(dir)`` reads a compressed-tensors folder with transformers (asymmetric ones too);
+for the others it builds the model class named in ``config.json``, re-shapes it as the
 ``plan.yaml`` beside it says (the same structural functions the compression used, so attention
 attributes follow), turns the plan's low-rank layers into two linears of the stored rank, loads
 the safetensors strictly and re-adds activation fake-quantization hooks. It works for every export,
@@ -53,6 +54,17 @@ def load_compressed(folder: str | Path) -> nn.Module:
     folder = Path(folder)
     if not (folder / "plan.yaml").is_file() or not (folder / "config.json").is_file():
         raise ModelLoadError(f"{folder} is not an autocompress export (needs config.json and plan.yaml)")
+    try:
+        raw = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{folder}/config.json cannot be read: {exc.__class__.__name__}") from None
+    if (raw.get("quantization_config") or {}).get("quant_method") == "compressed-tensors":  # transformers reads it
+        from autocompress.export.compressed_tensors import asymmetric_loading
+
+        named = getattr(transformers, (raw.get("architectures") or [""])[0], None)
+        with asymmetric_loading():
+            model = (named or transformers.AutoModelForCausalLM).from_pretrained(str(folder), dtype=torch.float32)
+        return model.eval()
     plan = Plan.load(folder / "plan.yaml")
     config = transformers.AutoConfig.from_pretrained(str(folder))
     arch = (getattr(config, "architectures", None) or [None])[0]

@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 
 from autocompress.export import compressed_tensors as CT
+from autocompress.export import load_compressed
 from autocompress.formats import QuantizedTensor
 from autocompress.hardware import CostModel, load_profile
 from autocompress.model import load_model
@@ -138,6 +139,7 @@ def test_asymmetric_folder_loads_inside_the_workaround_with_our_logits(wb, tmp_p
         loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
     assert PackedQuantizationCompressor.__dict__["compress"] is original
     torch.testing.assert_close(_logits(loaded), _logits(model), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_logits(load_compressed(tmp_path / "ct")), _logits(model), rtol=1e-5, atol=1e-5)
 
 
 def test_folder_bytes_are_the_plans_predicted_weight_bytes(wb, tmp_path):
