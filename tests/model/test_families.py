@@ -25,7 +25,7 @@ from autocompress.model.loading import load_model, state_dict_hash, tiny_model
 from autocompress.plan import BlockChoice, LayerChoice, ModelRef, Plan, Provenance
 
 DATA = "d" * 16
-SEARCH_DATA = DataConfig(seq_len=32, calib_tokens=256, proxy_tokens=64, eval_tokens=64)
+SEARCH_DATA = DataConfig(seq_len=16, calib_tokens=128, proxy_tokens=32, eval_tokens=32)
 LLAMA_ROLES = {"q", "k", "v", "o", "gate", "up", "down"}
 FAMILIES = {  # tiny model -> the linear roles its blocks must show
     "tiny-qwen3": LLAMA_ROLES,
@@ -272,6 +272,8 @@ def test_cost_model_kv_cache_grows_with_the_anatomy_head_dim():
 
 @pytest.mark.parametrize("per_block", [False, True], ids=["uniform", "per-block"])
 def test_hf_export_loads_back(family, tmp_path, per_block):
+    if per_block and family.anatomy.name not in ("tiny-phi3", "tiny-qwen3"):
+        pytest.skip("per-block widths: load_compressed is tested on the fused and the head_dim family")
     """Widths the same in every kept block go into the config: plain transformers loads them (all but
     GPT-2 / BERT, whose head size is hidden ÷ heads); per-block widths load with load_compressed.
     Either way the logits are the compressed model's (as stored in the base dtype)."""
