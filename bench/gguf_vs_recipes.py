@@ -19,7 +19,9 @@ it exactly too. Run the study with both removed from the space (``search_spaces/
 the Q4_1 recipe is reported apart (``holds_base_grid``) and no conclusion rests on it.
 
 Every measurement is stored in bench/results/gguf.json as it is made (a rerun resumes); the files
-live in ~/.cache/autocompress/bench-gguf/.
+live in ~/.cache/autocompress/bench-gguf/. Speeds need a quiet machine: on a shared one, run with
+``--speed skip`` (perplexity only), then ``--speed redo`` when nothing else runs, which times every
+file again in one pass (``speed_pass`` in each row names it).
 """
 
 from __future__ import annotations
@@ -48,9 +50,23 @@ def bench_speed(path: Path, threads: int, repeats: int = 3) -> dict[str, float]:
     return {"tg_tps": m["decode_tok_s"], "tg_sd_ms": m["decode_ms_stddev"], "pp_tps": m["prefill_tok_s"]}
 
 
-def measure(path: Path, text: Path, args: argparse.Namespace) -> dict[str, Any]:
-    ppl = llamacpp.perplexity(path, text, ctx=args.ctx, chunks=args.chunks, threads=args.threads)
-    return {"bytes": path.stat().st_size, "ppl": ppl, **bench_speed(path, args.threads)}
+def measure(row: dict[str, Any], path: Path, text: Path, args: argparse.Namespace) -> bool:
+    """Fill what ``row`` lacks of a file's bytes, perplexity and (unless ``--speed skip``) speed;
+    ``--speed redo`` measures the speed again. Give whether anything was measured."""
+    did = False
+    if "ppl" not in row:
+        ppl = llamacpp.perplexity(path, text, ctx=args.ctx, chunks=args.chunks, threads=args.threads)
+        row.update(bytes=path.stat().st_size, ppl=ppl)
+        did = True
+    redo = args.speed == "redo" and row.get("speed_pass") != args.speed_pass
+    if redo or (args.speed == "measure" and "tg_tps" not in row):
+        row.update(bench_speed(path, args.threads), speed_pass=args.speed_pass)
+        did = True
+    return did
+
+
+def speed_text(row: dict[str, Any]) -> str:
+    return f"tg {row['tg_tps']:6.1f}  pp {row['pp_tps']:6.1f}" if "tg_tps" in row else "speed not measured yet"
 
 
 def tensor_bytes(path: Path) -> int:
@@ -96,6 +112,16 @@ def main() -> None:
         default="recipes",
         help="front points measured: the least-KL one at each recipe's size (default), or every one",
     )
+    ap.add_argument(
+        "--speed",
+        choices=("measure", "skip", "redo"),
+        default="measure",
+        help="llama-bench speeds: measure where missing (default), skip (perplexity only: for a busy machine; "
+        "a later run fills them), or redo every file's once more in one quiet pass (--speed-pass names it)",
+    )
+    ap.add_argument(
+        "--speed-pass", default="1", help="name of a --speed redo pass (a rerun with the same name resumes it)"
+    )
     args = ap.parse_args()
 
     out = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
@@ -108,21 +134,17 @@ def main() -> None:
     # the base model (F32 GGUF: llama-quantize's input, and the perplexity every loss is measured from)
     made = recipes.recipe_plans(wb, WORK, tuple(args.recipes.split(",")), with_imatrix=True, log=print)
     base = out.setdefault("base", {})
-    if "ppl" not in base:
-        base.update(measure(WORK / "base-f32.gguf", text, args))
+    if measure(base, WORK / "base-f32.gguf", text, args):
         save(out)
-    print(f"base (F32 GGUF): ppl {base['ppl']:.3f}, {base['tg_tps']:.1f} tok/s decode")
+    print(f"base (F32 GGUF): ppl {base['ppl']:.3f}, {speed_text(base)}")
     rows = {r["name"]: r for r in out.get("recipes", [])}
     for label, (plan, path) in made.items():
         r = rows.setdefault(label, {"name": label, "plan_hash": plan.hash()})
         r["holds_base_grid"] = label.split("+")[0] in recipes.HOLDS_BASE_GRID
-        if "ppl" not in r:
-            r.update(measure(path, text, args))
+        if measure(r, path, text, args):
             out["recipes"] = list(rows.values())
             save(out)
-        print(
-            f"{label:16s} {r['bytes'] / 1e6:7.1f} MB  ppl {r['ppl']:8.3f}  tg {r['tg_tps']:6.1f}  pp {r['pp_tps']:6.1f}"
-        )
+        print(f"{label:16s} {r['bytes'] / 1e6:7.1f} MB  ppl {r['ppl']:8.3f}  {speed_text(r)}")
     out["recipes"] = list(rows.values())
     save(out)
 
@@ -142,20 +164,23 @@ def main() -> None:
     for c in chosen:
         f = front.setdefault(c.trial, {"study": args.study, "trial": c.trial, "plan_hash": c.plan.hash()})
         f["description"] = c.description
-        if "ppl" not in f:
-            path = WORK / f"{args.study}-trial-{c.trial}.gguf"
-            if not path.is_file():
-                export_gguf(wb, c.plan, path)
-            f.update(measure(path, text, args))
-            f["predicted_tg_tps"] = 1e3 / cost.predict(c.plan).latency_ms
+        path = WORK / f"{args.study}-trial-{c.trial}.gguf"
+        if not path.is_file():
+            export_gguf(wb, c.plan, path)
+        f["predicted_tg_tps"] = 1e3 / cost.predict(c.plan).latency_ms
+        if measure(f, path, text, args):
             out["front"] = list(front.values())
             save(out)
         print(
-            f"trial {c.trial:4d} {f['bytes'] / 1e6:7.1f} MB  ppl {f['ppl']:8.3f}  tg {f['tg_tps']:6.1f} (pred {f['predicted_tg_tps']:6.1f})"
+            f"trial {c.trial:4d} {f['bytes'] / 1e6:7.1f} MB  ppl {f['ppl']:8.3f}  {speed_text(f)} (pred tg {f['predicted_tg_tps']:6.1f})"
         )
     points = list(front.values())
     out["front"] = points
     out["hw"] = hw
+    save(out)
+    if any("tg_tps" not in r for r in [*points, *out["recipes"], base]):
+        print("speeds not all measured (--speed skip): run again without it to fill them and compare")
+        return
     for label, (plan, _path) in made.items():  # the recipes' plans, read back from their files, priced too
         c = cost.predict(plan)
         rows[label]["predicted_tg_tps"] = 1e3 / c.latency_ms
