@@ -97,10 +97,10 @@ class CompactLogprobs:
     Per position: the ``k`` most likely tokens with their log-probabilities, the probability mass
     outside them (``rest``), and ``m`` tokens drawn (with replacement, fixed seed) from the
     distribution restricted to the rest, with their log-probabilities. ``kl_to_base`` then gives
-    the top-k part of KL(base || compressed) exactly and the rest as ``rest`` times the mean of
-    log p - log q over the drawn tokens: an unbiased estimate of the full KL (its expectation over
-    the draws is the exact KL), exact when the top-k covers the distribution. The top-k KL
-    (k <= ``k`` here) is computed exactly as from the full log-probabilities.
+    the top-k part of KL(base || compressed) exactly and the rest's part by importance sampling
+    (with the control variate q/p, whose mean over the rest is known exactly): an unbiased
+    estimate of the full KL (its expectation over the draws is the exact KL), exact when the top-k
+    covers the distribution. The top-k KL (k <= ``k`` here) is exact, as from the full log-probs.
     """
 
     top_lp: torch.Tensor  # [..., k] float32, descending
@@ -244,11 +244,16 @@ def _kl_terms(logp: torch.Tensor | CompactLogprobs, logq: torch.Tensor, k: int) 
         raise ValueError(f"top-{k} KL asked of base log-probabilities that keep the top {logp.top_lp.shape[-1]}")
     top_lq = logq.gather(-1, logp.top_idx.long())
     head = (logp.top_lp.exp() * (logp.top_lp - top_lq)).sum(-1)
-    tail = logp.rest * (logp.sample_lp - logq.gather(-1, logp.sample_idx.long())).mean(-1)
+    # the rest: sum over it of p (log p - log q) = rest * E[log p/q] under draws from p restricted to
+    # it; estimated with the control variate r = q/p (E[r] = q_rest / rest, known exactly) as
+    # rest * mean(r - 1 - log r) - (q_rest - rest), whose terms are >= 0 and small where q ~ p
+    log_r = (logq.gather(-1, logp.sample_idx.long()) - logp.sample_lp).double()
+    q_rest = (1.0 - top_lq.double().exp().sum(-1)).clamp(min=0.0)
+    tail = logp.rest.double() * (log_r.exp() - 1.0 - log_r).mean(-1) - (q_rest - logp.rest.double())
     k = min(k, logp.top_lp.shape[-1])
     top = _bucket_kl(logp.top_lp[:, :k], top_lq[:, :k])
     agree = int((logp.top_idx[:, 0].long() == logq.argmax(-1)).sum())
-    return float((head + tail).double().sum()), float(top.double().sum()), agree
+    return float((head.double() + tail).sum()), float(top.double().sum()), agree
 
 
 def kl_to_base(
