@@ -27,7 +27,8 @@ class Evaluator:
     a classifier, KL between the base and compressed class distributions on the proxy articles.
     Rung 2 (``full``): perplexity and bits per character on the evaluation split (causal LMs);
     accuracy, macro-F1, ECE and top-1 agreement with the base model on the labelled evaluation
-    articles (classifiers, data with ``eval_labels``). Base outputs are computed once.
+    articles (classifiers, data with ``eval_labels``). Base outputs are computed once (kept whole,
+    or as top-k plus draws from the rest where a large vocabulary makes them large: ``CompactLogprobs``).
     """
 
     def __init__(self, base_model: nn.Module, data: TokenData, task: str) -> None:
