@@ -517,6 +517,7 @@ class TrialRunner:
                     plan = space.suggest(trial, ctx).with_provenance(trial=trial.number)
                     if seed is not None and seed.plan is not None:  # a recipe the space cannot express
                         plan = replace(Plan.from_dict(seed.plan), provenance=plan.provenance)
+                        trial.set_user_attr("fixed_plan", True)  # its parameters are only the nearest setting
                     plan.validate(anatomy)
                     cost = cost_model.predict(plan)
                     phash = plan.hash()
