@@ -389,9 +389,11 @@ def chunked_perplexity(model: nn.Module, ids: torch.Tensor, ctx: int, bos: int |
     nll, count = 0.0, 0
     with torch.no_grad():
         for row in chunks:
-            logp = torch.log_softmax(_logits(model, row[None])[0, first : ctx - 1].double(), dim=-1)
-            _check_finite(logp, "log-probabilities")
+            logits = _logits(model, row[None])[0, first : ctx - 1]
             target = row[first + 1 :]
-            nll -= float(logp.gather(1, target[:, None]).sum())
+            for c in _position_chunks(logits):  # float64 a few positions at a time (large vocabularies)
+                logp = torch.log_softmax(logits[c].double(), dim=-1)
+                _check_finite(logp, "log-probabilities")
+                nll -= float(logp.gather(1, target[c, None]).sum())
             count += target.numel()
     return math.exp(nll / count)

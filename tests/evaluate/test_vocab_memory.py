@@ -121,3 +121,15 @@ def test_proxy_rows_of_a_compact_base_add_up_to_the_whole(llama_pair):
     rest = kl_to_base(other, tokens[1:], compact[1:])
     n = tokens.shape[0]
     assert (first.kl + rest.kl * (n - 1)) / n == pytest.approx(whole.kl, rel=1e-6)
+
+
+def test_chunked_perplexity_in_position_chunks_matches_cross_entropy(tiny_llama, monkeypatch):
+    model, vocab, ctx = tiny_llama.model, tiny_llama.model.config.vocab_size, 32
+    ids = torch.randint(3, vocab, (3 * ctx + 5,), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(M, "POSITION_CHUNK", 5 * vocab)  # 5 positions at a time
+    got = M.chunked_perplexity(model, ids, ctx)
+    chunks = ids[: 3 * ctx].reshape(3, ctx)
+    with torch.no_grad():
+        logits = model(input_ids=chunks).logits[:, ctx // 2 : ctx - 1].double()
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), chunks[:, ctx // 2 + 1 :].reshape(-1))
+    assert got == pytest.approx(float(ce.exp()), rel=1e-6)
