@@ -182,7 +182,7 @@ def output_logprobs(
             if not compact or logits.dim() < 3:
                 for c in _position_chunks(flat):  # in place: no second tensor of the batch's size
                     flat[c] = torch.log_softmax(flat[c], dim=-1)
-                parts.append(logits)
+                parts.append(flat.reshape(logits.shape))  # (``flat`` is a copy where ``logits`` was not contiguous)
                 continue
             chunk = [_compact(torch.log_softmax(flat[c], dim=-1), k, samples, gen) for c in _position_chunks(flat)]
             joined = CompactLogprobs.cat(chunk)

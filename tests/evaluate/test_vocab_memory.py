@@ -133,3 +133,22 @@ def test_chunked_perplexity_in_position_chunks_matches_cross_entropy(tiny_llama,
         logits = model(input_ids=chunks).logits[:, ctx // 2 : ctx - 1].double()
     ce = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), chunks[:, ctx // 2 + 1 :].reshape(-1))
     assert got == pytest.approx(float(ce.exp()), rel=1e-6)
+
+
+class _Transposed(torch.nn.Module):
+    """Gives logits that are a non-contiguous view (as a model computing [vocab, ...] and permuting would)."""
+
+    config = type("Config", (), {"vocab_size": 7})()
+
+    def get_output_embeddings(self):
+        return self
+
+    def forward(self, input_ids):
+        x = torch.randn(7, *input_ids.shape, generator=torch.Generator().manual_seed(0)).permute(1, 2, 0)
+        return type("Out", (), {"logits": x})()
+
+
+def test_base_logprobs_are_normalised_for_non_contiguous_logits():
+    lp = output_logprobs(_Transposed(), torch.zeros(2, 3, dtype=torch.long))
+    assert isinstance(lp, torch.Tensor) and lp.shape == (2, 3, 7)
+    assert torch.allclose(lp.exp().sum(-1), torch.ones(2, 3), atol=1e-6)
