@@ -1,6 +1,6 @@
 """The search against its own seeds and other proposers: same seeds, fresh processes, equal time.
 
-    nohup flock ~/.cache/ac-cpu.lock .venv/bin/python bench/search.py > /tmp/search.log 2>&1 &   # ~2 h
+    nohup flock ~/.cache/ac-cpu.lock .venv/bin/python bench/search.py > /tmp/search.log 2>&1 &   # ~2 h, resumable
     .venv/bin/python bench/search.py --model tiny-llama --minutes 0.2 --trials 40 --seeds 1 \\
         --ppl-tokens 2048 --out /tmp/search-smoke.json                                    # smoke, ~2 min
 
@@ -12,19 +12,26 @@ only what follows differs:
 
 - ``seeds``: the seeds alone;
 - ``nsga2`` / ``tpe`` / ``random`` / ``evo``: ``search(sampler=...)`` (``evo``: the level-switch
-  evolution at fixed cost targets, ``autocompress/search/evo.py``) for ``--minutes`` of trial time
-  or ``--trials`` evaluated trials (seeds included), whichever comes first;
+  evolution at fixed cost targets, ``autocompress/search/evo.py``): the seeds, then ``--minutes`` of
+  trial time or ``--trials`` evaluated trials beyond the seeds, whichever comes first;
 - ``knapsack``: the seeds, then the dense knapsack plans (``Knapsack.spread``, ``DENSE_TARGETS``
   targets) not already among them.
 
-Fairness: each arm × seed runs in its own process (``python bench/search.py --child``) with one
-thread (``AUTOCOMPRESS_THREADS=1``, OMP/MKL 1) and its own cache folder, two at a time on the two
-cores. Set-up is built once (``prebuild``: a one-trial search in a cache of its own) and the
+Fairness: each arm x seed runs in its own process (``python bench/search.py --child``) with one
+thread (``AUTOCOMPRESS_THREADS=1``, OMP/MKL 1, torch 1) and its own cache folder, two at a time on
+the two cores. Set-up is built once (``prebuild``: a one-trial search in a cache of its own) and the
 cache's ``models`` (the converted base, hard-linked), ``stats``, ``hessians``, ``sensitivity`` and
-``recipes`` folders are copied into each arm's cache before it starts; the evaluation cache
-(``evals``) is not, so no arm reuses another's evaluations. Set-up is not charged (the search's
-time budget starts at its first trial). Each finished arm × seed goes into ``--out`` at once; a
-rerun skips those (and restarts unfinished ones from a clean folder).
+``recipes`` folders are copied into each arm's cache before it starts. The seeds arm runs first; its
+evaluation cache (``evals``: the proxy KL of the seed plans, nothing else) is copied into the other
+arms' caches of the same seed, so every arm holds the same seed results and spends its time budget
+(which ``search`` starts at the first trial; set-up is not charged) on its own proposals. No arm sees
+another's proposals. Each finished arm x seed goes into ``--out`` at once; a rerun skips those (and
+restarts unfinished ones from a clean folder); other settings start over. The old Intel Neural
+Compressor arm is gone (its own venv, one pick, no seeds: not comparable under these rules).
+
+Time: ~1 min set-up, then per seed the seeds arm (the ~30 seed plans at one thread, ~10 min), the
+knapsack arm (~20 dense plans, ~10 min) and four 20-min sampler arms, two at a time: ~100 min, plus
+the perplexity re-score (32k tokens, ~1-2 min per distinct plan, 2 threads; ~20 plans).
 
 Indicators, computed from the stored points at the end (``--summarise`` recomputes them):
 hypervolume on (log10 KL, latency, memory) in one fixed box: KL from ``KL_FLOOR_FACTOR`` below
@@ -139,8 +146,8 @@ def child(args: argparse.Namespace) -> int:
     common = dict(model=args.model, hw=args.hw, space=SPACE, out=folder / "studies", seed=seed, full_eval=0, log=print)
     t0 = time.time()
     setup = 0.0
-    if arm in SAMPLER_ARMS:
-        res = search(sampler=arm, trials=args.trials, timeout=args.minutes * 60, **common)
+    if arm in SAMPLER_ARMS:  # the seeds first (their results are in the cache: free), then the search's own
+        res = search(sampler=arm, trials=args.n_seeds + args.trials, timeout=args.minutes * 60, **common)
         setup = res.setup_s
     else:  # the seeds alone: learn how many from the study, then evaluate exactly those (resuming it)
         res = search(sampler="random", trials=1, **common)
@@ -152,7 +159,7 @@ def child(args: argparse.Namespace) -> int:
             extra = _dense_plans(args, folder, seed)
             opt = _study(folder)
             done = len(opt.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-            for name, params in extra.items():
+            for name, params in extra.items():  # numbered after every seed, so the seeds keep theirs
                 opt.enqueue_trial(params, user_attrs={"seed": DENSE_PREFIX + name})
             res = search(sampler="random", trials=done + len(extra), **common)
             setup += res.setup_s
@@ -173,6 +180,8 @@ def child(args: argparse.Namespace) -> int:
         )
         starts.append(t.datetime_start.timestamp())
         ends.append(t.datetime_complete.timestamp())
+    if arm in SAMPLER_ARMS and n_seeds != args.n_seeds:
+        print(f"warning: {n_seeds} seeds in this study, {args.n_seeds} in the seeds run")
     out = {
         "arm": arm,
         "seed": seed,
@@ -235,7 +244,9 @@ def prebuild(args: argparse.Namespace, work: Path) -> Path:
         shutil.copytree(home, cache / "models", copy_function=_link)
     print("prebuild: conversion, statistics, Hessians, sensitivity table (not charged to any arm)")
     t0 = time.time()
-    _run_child(args, "nsga2", 0, work / "prebuild", cache, log=work / "prebuild.log", trials_one=True)
+    one = argparse.Namespace(**{**vars(args), "trials": 1})  # one trial: everything before it is set-up
+    if _run_child(one, "nsga2", 0, work / "prebuild", cache, log=work / "prebuild.log").wait() != 0:
+        raise SystemExit(f"prebuild failed; see {work / 'prebuild.log'}")
     print(f"prebuild: {time.time() - t0:.0f} s")
     return cache
 
@@ -247,25 +258,24 @@ def _link(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def _child_cmd(args: argparse.Namespace, arm: str, seed: int, folder: Path, trials_one: bool = False) -> list[str]:
+def _child_cmd(args: argparse.Namespace, arm: str, seed: int, folder: Path, n_seeds: int) -> list[str]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", arm, "--seed", str(seed), "--folder", str(folder)]
-    cmd += ["--hw", args.hw, "--minutes", str(args.minutes), "--trials", str(1 if trials_one else args.trials)]
+    cmd += ["--hw", args.hw, "--minutes", str(args.minutes), "--trials", str(args.trials), "--n-seeds", str(n_seeds)]
     return cmd + (["--model", args.model] if args.model else [])
 
 
 def _run_child(
-    args: argparse.Namespace, arm: str, seed: int, folder: Path, cache: Path, log: Path, trials_one: bool = False
+    args: argparse.Namespace, arm: str, seed: int, folder: Path, cache: Path, log: Path, n_seeds: int = 0
 ) -> subprocess.Popen:
     env = {**os.environ, **ONE_THREAD, "AUTOCOMPRESS_CACHE": str(cache)}
-    env.pop("AUTOCOMPRESS_EVAL_CACHE", None)  # under the arm's own cache: fresh
+    env.pop("AUTOCOMPRESS_EVAL_CACHE", None)  # under the arm's own cache
     with open(log, "w") as fh:
-        proc = subprocess.Popen(_child_cmd(args, arm, seed, folder, trials_one), env=env, stdout=fh, stderr=fh)
-    if trials_one and proc.wait() != 0:
-        raise SystemExit(f"prebuild failed; see {log}")
-    return proc
+        return subprocess.Popen(_child_cmd(args, arm, seed, folder, n_seeds), env=env, stdout=fh, stderr=fh)
 
 
-def start_arm(args: argparse.Namespace, work: Path, setup_cache: Path, arm: str, seed: int) -> subprocess.Popen:
+def start_arm(args: argparse.Namespace, work: Path, setup_cache: Path, arm: str, seed: int, n_seeds: int):
+    """Start one arm x seed in a clean folder whose cache holds the set-up (and, but for the seeds arm,
+    the seeds arm's evaluations of the seed plans: the same seed results in every arm, at no cost)."""
     folder = work / f"{arm}-{seed}"
     shutil.rmtree(folder, ignore_errors=True)  # an unfinished earlier try starts again from clean
     cache = folder / "cache"
@@ -273,18 +283,26 @@ def start_arm(args: argparse.Namespace, work: Path, setup_cache: Path, arm: str,
     for name in COPIED:
         if (setup_cache / name).is_dir():
             shutil.copytree(setup_cache / name, cache / name, copy_function=_link if name == "models" else shutil.copy2)
-    return _run_child(args, arm, seed, folder, cache, log=work / f"{arm}-{seed}.log")
+    if arm != "seeds":
+        shutil.copytree(work / f"seeds-{seed}" / "cache" / "evals", cache / "evals")
+    return _run_child(args, arm, seed, folder, cache, log=work / f"{arm}-{seed}.log", n_seeds=n_seeds)
 
 
 def run_arms(args: argparse.Namespace, work: Path, result: dict) -> None:
     setup_cache = prebuild(args, work)
-    todo = [(arm, s) for s in range(args.seeds) for arm in args.arms if f"{arm}/{s}" not in result["runs"]]
+    runs = result["runs"]
+    todo = [(arm, s) for arm in args.arms for s in range(args.seeds) if f"{arm}/{s}" not in runs]  # seeds first
     running: dict[tuple[str, int], subprocess.Popen] = {}
     while todo or running:
-        while todo and len(running) < args.parallel:
-            arm, s = todo.pop(0)
+        ready = [(arm, s) for arm, s in todo if arm == "seeds" or f"seeds/{s}" in runs]
+        if not ready and not running:
+            raise SystemExit("the seeds arm failed; the other arms need its evaluations (see its log)")
+        while ready and len(running) < args.parallel:
+            arm, s = ready.pop(0)
+            todo.remove((arm, s))
             print(f"start {arm} seed {s}", flush=True)
-            running[(arm, s)] = start_arm(args, work, setup_cache, arm, s)
+            n = runs[f"seeds/{s}"]["n_seeds"] if arm != "seeds" else 0
+            running[(arm, s)] = start_arm(args, work, setup_cache, arm, s, n)
         time.sleep(2)
         for key, proc in list(running.items()):
             if proc.poll() is None:
@@ -531,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=None, help="model [default: SmolLM2-135M]")
     ap.add_argument("--hw", default="jetson")
     ap.add_argument("--minutes", type=float, default=20.0, help="trial time per arm and seed")
-    ap.add_argument("--trials", type=int, default=150, help="evaluated trials per arm and seed (seeds included)")
+    ap.add_argument("--trials", type=int, default=150, help="evaluated trials per arm and seed beyond the seeds")
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
     ap.add_argument("--parallel", type=int, default=2, help="arms at a time (one thread each)")
@@ -542,6 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--child", choices=ARMS, help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
+    ap.add_argument("--n-seeds", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         return child(args)
@@ -560,7 +579,8 @@ def main(argv: list[str] | None = None) -> int:
         "trials_per_arm": args.trials,
         "threads_per_arm": 1,
         "arms_at_a_time": args.parallel,
-        "copied_into_each_arm_cache": list(COPIED),
+        "copied_into_each_arm_cache": [*COPIED, "evals of the seed plans, from the seeds arm of the same seed"],
+        "time_budget": "per sampler arm: --minutes from its first trial (the seeds, read from the cache, take ~0 s)",
     }
     if result.get("settings") != settings:
         result = {"settings": settings, "runs": {}}  # other settings: start over
