@@ -354,6 +354,19 @@ def picks(result: dict, targets: Sequence[float]) -> dict[str, list[dict | None]
     return out
 
 
+def spread_on_front(trials: list[dict], n: int) -> list[dict]:
+    """Give up to ``n`` front trials spread evenly by latency (the fastest and the slowest among them)."""
+    front_pts = set(front_of([t["values"] for t in trials]))
+    front = sorted(
+        {tuple(t["values"]): t for t in trials if tuple(map(float, t["values"])) in front_pts}.values(),
+        key=lambda t: t["values"][1],
+    )
+    if not front or n <= 0:
+        return []
+    idx = sorted({round(i * (len(front) - 1) / max(n - 1, 1)) for i in range(n)})
+    return [front[i] for i in idx]
+
+
 def score(args: argparse.Namespace, work: Path, result: dict) -> None:
     """Perplexity of each run's plans at the latency targets, base perplexity, KL noise floor (resumable)."""
     os.environ["AUTOCOMPRESS_CACHE"] = str(work / "prebuild" / "cache")
@@ -402,6 +415,17 @@ def score(args: argparse.Namespace, work: Path, result: dict) -> None:
             with wb.evaluating(plan, model) as m:
                 ppl[t["plan_hash"]] = perplexity(m, big.eval, big.eval_chars).ppl
             print(f"perplexity {key} trial {t['trial']}: {ppl[t['plan_hash']]:.3f} ({time.time() - t0:.0f} s)")
+            save(args.out, result)
+    front_ppl = result.setdefault("front_ppl", {})  # run -> [latency_ms, KL, perplexity] along its front
+    for key, r in result["runs"].items():
+        for t in spread_on_front(r["trials"], args.ppl_front):
+            if t["plan_hash"] not in ppl:
+                plan, model = model_of(key, t["trial"])
+                with wb.evaluating(plan, model) as m:
+                    ppl[t["plan_hash"]] = perplexity(m, big.eval, big.eval_chars).ppl
+            row = [t["values"][1], t["values"][0], ppl[t["plan_hash"]]]
+            if row not in front_ppl.setdefault(key, []):
+                front_ppl[key].append(row)
             save(args.out, result)
     if "kl_noise_floor" not in result:  # the seeds run's target plans, KL on disjoint held-out subsets
         rows = wb.data.proxy.shape[0]
@@ -533,15 +557,20 @@ def table(result: dict) -> str:
     lines.append("")
     lines.append(
         f"base perplexity {result.get('base_ppl', math.nan):.3f} on {result.get('ppl_tokens')} held-out tokens; "
-        f"KL noise floor: relative std {nf.get('relative_std_median')} over {nf.get('subsets')} subsets of "
+        f"KL noise floor: relative std {_num(nf.get('relative_std_median'))} over {nf.get('subsets')} subsets of "
         f"{nf.get('tokens_per_subset')} tokens; HV differences under {band if band is None else f'{band:.4f}'} are ties"
     )
     g = result["goals"]
+    ratios = g.get("evo_ppl_loss_over_best_seed") or []
     lines.append(
-        f"goals: evo HV gain / nsga2 HV gain = {g.get('evo_hv_gain_over_nsga2_gain')} (want >= 2); "
-        f"evo ppl loss / best seed's at the targets = {g.get('evo_ppl_loss_over_best_seed')} (want <= 0.7)"
+        f"goals: evo HV gain / nsga2 HV gain = {_num(g.get('evo_hv_gain_over_nsga2_gain'))} (want >= 2); "
+        f"evo ppl loss / best seed's at the targets = {', '.join(map(_num, ratios)) or '-'} (want <= 0.7)"
     )
     return "\n".join(lines)
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3g}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -554,7 +583,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
     ap.add_argument("--parallel", type=int, default=2, help="arms at a time (one thread each)")
     ap.add_argument("--ppl-tokens", type=int, default=32768, help="held-out tokens for the perplexity re-score")
-    ap.add_argument("--work", type=Path, default=None, help="arm folders [default: next to --out]")
+    ap.add_argument(
+        "--ppl-front", type=int, default=0, help="also re-score this many points spread along each run's front"
+    )
+    ap.add_argument(
+        "--work", type=Path, default=None, help="arm folders [default: ~/.cache/autocompress-bench/<--out path>]"
+    )
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--summarise", action="store_true", help="recompute the indicators from --out only")
     ap.add_argument("--child", choices=ARMS, help=argparse.SUPPRESS)
@@ -568,7 +602,8 @@ def main(argv: list[str] | None = None) -> int:
     bad = [a for a in args.arms if a not in ARMS]
     if bad or "seeds" not in args.arms:
         ap.error(f"--arms: choose from {', '.join(ARMS)}, seeds included (the reference); got {bad or args.arms}")
-    work = args.work or args.out.parent / f".{args.out.stem}-work"
+    key = str(args.out.resolve()).strip("/").replace("/", "_")
+    work = args.work or Path.home() / ".cache" / "autocompress-bench" / key  # arm folders, per output file
     work.mkdir(parents=True, exist_ok=True)
     result = json.loads(args.out.read_text()) if args.out.is_file() else {}
     settings = {
