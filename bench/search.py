@@ -1,8 +1,8 @@
 """The search against its own seeds and other proposers: same seeds, fresh processes, equal time.
 
-    nohup flock ~/.cache/ac-cpu.lock .venv/bin/python bench/search.py > /tmp/search.log 2>&1 &   # ~2 h, resumable
-    .venv/bin/python bench/search.py --model tiny-llama --minutes 0.2 --trials 40 --seeds 1 \\
-        --ppl-tokens 2048 --out /tmp/search-smoke.json                                    # smoke, ~2 min
+    nohup flock ~/.cache/ac-cpu.lock .venv/bin/python bench/search.py > /tmp/search.log 2>&1 &   # ~2-2.5 h, resumable
+    .venv/bin/python bench/search.py --model tiny-llama --minutes 0.5 --trials 60 --seeds 1 \\
+        --ppl-tokens 4096 --out /tmp/search-smoke.json                                    # smoke, ~3 min
 
 Default model (SmolLM2-135M), ``--hw jetson`` (llama.cpp), space ``search-bench`` (the default joint
 space with Q4_1 and Q5_1 left out: the base is a dequantized Q4_1 GGUF, which both hold exactly).
@@ -29,9 +29,11 @@ another's proposals. Each finished arm x seed goes into ``--out`` at once; a rer
 restarts unfinished ones from a clean folder); other settings start over. The old Intel Neural
 Compressor arm is gone (its own venv, one pick, no seeds: not comparable under these rules).
 
-Time: ~1 min set-up, then per seed the seeds arm (the ~30 seed plans at one thread, ~10 min), the
-knapsack arm (~20 dense plans, ~10 min) and four 20-min sampler arms, two at a time: ~100 min, plus
-the perplexity re-score (32k tokens, ~1-2 min per distinct plan, 2 threads; ~20 plans).
+Time (estimated, not yet measured on the default model): set-up ~5-10 min once; the two seeds
+arms (~30 seed plans each at one thread) ~10-15 min side by side; then the two knapsack arms (~20
+dense plans each, ~10-15 min) and eight 20-min sampler arms, two at a time, ~95 min; then the
+perplexity re-score on 32k tokens, ~1-1.5 min per distinct plan at 2 threads (~15-25 plans): ~2-2.5 h
+in all. ``--minutes 15`` takes ~20 min off.
 
 Indicators, computed from the stored points at the end (``--summarise`` recomputes them):
 hypervolume on (log10 KL, latency, memory) in one fixed box: KL from ``KL_FLOOR_FACTOR`` below
