@@ -756,8 +756,7 @@ def export(
     storage: Annotated[str | None, typer.Option(help="Optuna storage URL or journal .log path")] = None,
     device: DeviceOption = "auto",
 ) -> dict[str, Any]:
-    """Export trials of a study as HF folders + the target runtime's file (GGUF / ONNX / compressed-tensors),
-    checked and measured here."""
+    """Export study trials as HF folders + the runtime's file (GGUF / ONNX / compressed-tensors), checked here."""
     from autocompress.export.study import export_trials, open_study
     from autocompress.export.verify import latency_table
     from autocompress.hardware.profile import load_profile
