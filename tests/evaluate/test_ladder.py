@@ -134,6 +134,11 @@ def test_ladder_stops_only_trials_an_evaluated_plan_dominates(tmp_path, monkeypa
     monkeypatch.setattr(Ladder, "min_history", 2)
     monkeypatch.setattr(Ladder, "safety", 1.0)
     monkeypatch.setattr(Ladder, "quantile", 0.5)  # an aggressive gate, so that it fires on a tiny study
+    from autocompress.search import engine
+
+    monkeypatch.setattr(
+        engine, "recipe_seeds", lambda *_a, **_k: []
+    )  # seeds are never gated: keep the trials for proposals
     res = search(
         model="tiny-llama", data=TINY_DATA, trials=44, out=tmp_path, study="g", full_eval=0, seed=1
     )  # past the ~25 seeds

