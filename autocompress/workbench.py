@@ -186,6 +186,12 @@ class Workbench:
             return apply_plan_to(into, self.lm.anatomy, plan, self.stats, inplace=True, **common)
         return apply_plan_to(self.lm.model, self.lm.anatomy, plan, self.stats, share_base=share_base, **common)
 
+    def apply_with_codes(self, plan: Plan) -> tuple[nn.Module, dict]:
+        """Give the compressed model and every quantized tensor as its format stores it (codes and
+        scales): what the packed exporters (GGUF, compressed-tensors) write."""
+        stored: dict = {}
+        return self.apply(plan, stored=stored), stored
+
 
 def _data_config_from(plan: Plan) -> DataConfig:
     d = dict(plan.provenance.data)

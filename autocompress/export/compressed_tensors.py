@@ -341,11 +341,7 @@ def export_compressed_tensors(
         )
     if out.exists() and not out.is_dir():
         raise CompressedTensorsExportError(f"output path {out} exists and is not a folder")
-    if applied is None:
-        stored: dict[str, formats.QuantizedTensor] = {}
-        model = wb.apply(plan, stored=stored)
-    else:
-        model, stored = applied
+    model, stored = applied if applied is not None else wb.apply_with_codes(plan)
     try:
         with atomic_dir(out) as tmp:
             info = write_compressed_tensors(model, anatomy, plan, stored, tmp, wb.lm.tokenizer)

@@ -400,11 +400,7 @@ def export_gguf(
     blockers = gguf_blockers(plan, getattr(wb.lm.model.config, "model_type", None))
     if blockers:
         raise GGUFExportError(f"plan {plan.hash()[:12]} cannot be written as GGUF: {'; '.join(blockers[:3])}")
-    if applied is None:
-        stored: dict[str, formats.QuantizedTensor] = {}
-        model = wb.apply(plan, stored=stored)
-    else:
-        model, stored = applied
+    model, stored = applied if applied is not None else wb.apply_with_codes(plan)
     dense = dense or dense_type(wb.lm.model)
     if dense not in _STORAGE.values():
         raise GGUFExportError(f"dense tensors are stored as F32, F16 or BF16, not {dense!r}")

@@ -133,8 +133,7 @@ def export_trials(
         stored: dict[str, Any] | None = None
         packed = compressed_tensors and not compressed_tensors_blockers(c.plan, view.anatomy)
         if (gguf or packed) and c.plan.recovery is None:  # one application feeds every file
-            stored = {}
-            model = wb.apply(c.plan, stored=stored)
+            model, stored = wb.apply_with_codes(c.plan)
         else:
             model = rebuild(wb, c.plan)
         with atomic_dir(out / f"trial-{c.trial}") as tmp:
@@ -270,8 +269,7 @@ def _verify_gguf(view: StudyView, points: list[Candidate], say: Callable[[str], 
         for c in points:
             folder = Path(tmp) / f"trial-{c.trial}"
             folder.mkdir()
-            stored: dict[str, Any] = {}
-            model = wb.apply(c.plan, stored=stored)
+            model, stored = wb.apply_with_codes(c.plan)
             rec = verify.export_point(
                 model,
                 wb,
