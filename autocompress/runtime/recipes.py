@@ -76,6 +76,14 @@ def plan_from_types(types: dict[str, str], wb: Any, *, method: str = "rtn", name
     return Plan(model=ModelRef.of(a), layers=layers, provenance=wb.provenance())
 
 
+def covers(architecture: str) -> bool:
+    """Whether recipes can be read for a model family: they are read by quantizing our GGUF export
+    of the base, which covers the families llama.cpp's llama / deci graphs run unchanged."""
+    from autocompress.export.gguf import MODEL_TYPES
+
+    return architecture in MODEL_TYPES
+
+
 def write_base(wb: Any, path: Path) -> Path:
     """Write the uncompressed model as an F32 GGUF (the input llama-quantize re-quantizes from)."""
     from autocompress.export.gguf import export_gguf

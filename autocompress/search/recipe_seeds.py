@@ -92,7 +92,7 @@ def nearest_params(space: SearchSpace, ctx: SpaceContext, layers: Mapping[str, L
     for site in a.linears:
         c = layers.get(site.name)
         f = DENSE if c is None or c.fmt is None else c.fmt.name
-        weight[f] = weight.get(f, 0) + site.in_features * site.out_features
+        weight[f] = weight.get(f, 0) + site.params
     for f in sorted(weight, key=lambda f: -weight[f]):
         params = space.uniform_params(a, {"format": f})
         if params is not None:
@@ -115,10 +115,8 @@ def recipe_seeds(
     if llamacpp.find() is None:
         say("llama.cpp's recipes not used as baselines: its tools are not built (make setup)")
         return []
-    from autocompress.export.gguf import MODEL_TYPES
-
     family = ctx.anatomy.architecture
-    if family not in MODEL_TYPES:  # the recipes are read by quantizing our GGUF export of the base
+    if not recipes.covers(family):
         say(f"llama.cpp's recipes not used as baselines: GGUF export does not cover model type {family!r}")
         return []
     offered = offered_formats(space, ctx)
