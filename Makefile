@@ -4,6 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_TRIALS ?= 16
+DEMO_SEEDS ?= 8
 
 .PHONY: setup demo test lint bench clean
 
@@ -20,7 +21,7 @@ setup: $(STAMP)
 	$(BIN)/autocompress llamacpp build
 
 demo: setup
-	$(BIN)/autocompress search --hw jetson --trials $(DEMO_TRIALS) --study demo
+	$(BIN)/autocompress search --hw jetson --trials $(DEMO_TRIALS) --seeds $(DEMO_SEEDS) --study demo
 
 test: setup
 	$(BIN)/python -m pytest -q

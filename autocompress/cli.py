@@ -213,6 +213,14 @@ def search(
         ),
     ] = 0,
     device: DeviceOption = "auto",
+    seeds: Annotated[
+        int | None,
+        typer.Option(
+            "--seeds",
+            help="Evaluate at most N seed plans first (uncompressed, recipes, knapsack, uniform, mixed, spread "
+            "along each), so a short run leaves trials to the sampler [default: all]",
+        ),
+    ] = None,
 ) -> dict[str, Any]:
     """Search for Pareto-optimal compressed variants and print the front."""
     from autocompress.search import Budget
@@ -250,6 +258,7 @@ def search(
             log=_log,
             progress=progress,
             device=device,
+            max_seeds=seeds,
         )
     _print_front(result)
     summary = result.to_dict()

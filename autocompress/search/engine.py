@@ -41,7 +41,7 @@ from autocompress.search.recipe_seeds import recipe_seeds
 from autocompress.search.report import describe_plan, write_outputs
 from autocompress.search.result import Candidate, SearchResult
 from autocompress.search.samplers import SAMPLERS, SeededSampler, make_sampler
-from autocompress.search.seeding import build_knapsack, seed_plans
+from autocompress.search.seeding import build_knapsack, prioritise, seed_plans
 from autocompress.space import SearchSpace, SpaceContext
 from autocompress.workbench import Workbench
 
@@ -159,6 +159,7 @@ def search(
     log: Callable[[str], None] | None = None,
     progress: Any = None,
     device: str | None = "auto",
+    max_seeds: int | None = None,
 ) -> SearchResult:
     """Search for Pareto-optimal compression plans of ``model`` on hardware ``hw``.
 
@@ -170,7 +171,8 @@ def search(
     ``autocompress worker``). ``timeout`` (seconds) stops new trials that long after the first
     one: set-up (statistics, the sensitivity table) is not charged to it. ``device``: auto | cpu |
     cuda | cuda:N, where the model is held and plans are applied and scored (bf16 on a GPU); the
-    plans and their hashes do not depend on it.
+    plans and their hashes do not depend on it. ``max_seeds`` keeps a new study to that many seed
+    plans (``seeding.prioritise``), so a short run leaves trials to the sampler.
     """
     t_start = time.time()
     quiet_optuna()
@@ -183,6 +185,8 @@ def search(
         raise StudyError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
     if jobs < 1:
         raise StudyError(f"--jobs must be at least 1, got {jobs}")
+    if max_seeds is not None and max_seeds < 0:
+        raise StudyError(f"--seeds must be 0 or more, got {max_seeds}")
     if jobs > 1 and storage is not None and storage.startswith("sqlite:///:memory:"):
         raise StudyError("--jobs needs a storage that several processes can share (not an in-memory database)")
     resolve_device(device)  # fail fast on a bad device
@@ -218,6 +222,9 @@ def search(
     seeds = seed_plans(space_obj, ctx, most_active, knapsack)
     if profile.runtime == "llama.cpp":  # what llama.cpp users download, improved from there
         seeds += recipe_seeds(space_obj, ctx, wb, log=say)
+    all_seeds = len(seeds)
+    if max_seeds is not None:
+        seeds = prioritise(seeds, max_seeds)
     population = max(8, len(seeds))
     try:
         opt = optuna.create_study(
@@ -241,6 +248,8 @@ def search(
     }
     is_new = _check_resume(opt, settings)
     if is_new:
+        if len(seeds) < all_seeds:
+            say(f"seeds: {len(seeds)} of {all_seeds} ({', '.join(x.name for x in seeds)}); the rest left out (--seeds)")
         opt.sampler.store(opt)  # before the settings: a worker that finds them finds the seeds
         opt.set_user_attr("settings", settings)
         with warnings.catch_warnings():

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from autocompress import formats
 from autocompress.errors import PlanError
 from autocompress.evaluate.sensitivity import SensitivityTable, choice_parts, table_key
 from autocompress.hardware import CostModel
@@ -332,6 +333,54 @@ def seed_plans(
     if knapsack is not None:
         out += [Seed("seed", n, p) for n, p in knapsack.seeds().items()]
     return out
+
+
+def _spread_order(n: int) -> list[int]:
+    """Give 0..n-1 ends first, then ever finer midpoints: 0, n-1, n/2, n/4, 3n/4, ..."""
+    order: list[int] = []
+    for i in [0, n - 1] if n > 1 else [0]:
+        order.append(i)
+    spans = [(0, n - 1)]
+    while spans and len(order) < n:
+        nxt = []
+        for lo, hi in spans:
+            if hi - lo > 1:
+                mid = (lo + hi) // 2
+                order.append(mid)
+                nxt += [(lo, mid), (mid, hi)]
+        spans = nxt
+    return order if n else []
+
+
+def prioritise(seeds: Sequence[Seed], n: int) -> list[Seed]:
+    """Give ``n`` of the seeds for a short run, the rest left out: the uncompressed baseline, then
+    one at a time from each group in turn (llama.cpp recipes, knapsack plans, uniform quantization
+    baselines, mixed-precision seeds, the other baselines), each group's spread along its own order
+    (ends first, then midpoints), so a few seeds still span the front. Order: as given."""
+    if n >= len(seeds):
+        return list(seeds)
+
+    def group(s: Seed) -> int:
+        if s.name == "uncompressed":
+            return 0
+        if s.name.startswith("recipe "):
+            return 1
+        if s.name.startswith("knapsack "):
+            return 2
+        if s.kind == "baseline" and s.name in formats.names():  # one uniform baseline per runtime format
+            return 3
+        return 4 if s.kind == "seed" else 5
+
+    groups: dict[int, list[int]] = {}
+    for i, s in enumerate(seeds):
+        groups.setdefault(group(s), []).append(i)
+    queues = [[g[j] for j in _spread_order(len(g))] for _, g in sorted(groups.items())]
+    picked: list[int] = []
+    while len(picked) < n:
+        for q in queues:
+            if q and len(picked) < n:
+                picked.append(q.pop(0))
+    return [seeds[i] for i in sorted(picked)]
 
 
 def knapsack_seed_params(

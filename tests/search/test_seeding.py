@@ -222,3 +222,43 @@ def test_a_space_without_dense_still_gets_its_knapsack(tiny):
         assert all(plan.choice_for(s.name).format in offered for s in ctx.anatomy.linears)
     lightest, heaviest = (space.plan_from_params(p, ctx) for p in (seeds[min(seeds)], seeds[max(seeds)]))
     assert lightest.hash() != heaviest.hash()
+
+
+def _named_seeds() -> list[seeding.Seed]:
+    names = ["uncompressed", "2:4-50%", "Q8_0", "Q4_0", "Q2_K"]
+    out = [seeding.Seed("baseline", n, {"i": i}) for i, n in enumerate(names)]
+    out += [seeding.Seed("seed", f"mixed {i}", {"i": 10 + i}) for i in range(4)]
+    out += [seeding.Seed("seed", f"knapsack {t}% of max saving", {"i": 20 + t}) for t in (30, 50, 70, 85, 95)]
+    return out + [seeding.Seed("baseline", f"recipe {r}", {"i": r}) for r in ("Q6_K", "Q4_K_M", "Q3_K_M")]
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 8, 17, 40])
+def test_prioritise_keeps_n_seeds_in_order_spanning_every_group(n):
+    seeds = _named_seeds()
+    kept = seeding.prioritise(seeds, n)
+    assert len(kept) == min(n, len(seeds))
+    assert kept == [s for s in seeds if s in kept]  # a subset, in the study's order
+    if n >= 1:
+        assert kept[0].name == "uncompressed"
+    if n >= 6:  # one of every group: recipes, knapsack, uniform formats, mixed, other baselines
+        assert {s.name.split()[0] for s in kept} >= {"uncompressed", "recipe", "knapsack", "mixed", "2:4-50%"}
+        assert any(s.name in ("Q8_0", "Q4_0", "Q2_K") for s in kept)
+    if n >= 11:  # a group given two picks takes both of its ends: the knapsack's cheapest and its dearest target
+        names = {s.name for s in kept}
+        assert {"knapsack 30% of max saving", "knapsack 95% of max saving"} <= names
+
+
+def test_a_short_search_with_few_seeds_leaves_trials_to_the_sampler(tmp_path):
+    import optuna
+
+    from autocompress.search import search
+    from autocompress.search.samplers import SEEDS_KEY
+    from tests.conftest import TINY_DATA
+
+    res = search(model="tiny-llama", data=TINY_DATA, trials=6, out=tmp_path, study="s", full_eval=0, max_seeds=2)
+    opt = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 's' / 'study.db'}")
+    stored = opt.user_attrs[SEEDS_KEY]
+    assert stored[0][1] == "uncompressed" and len(stored) == 2
+    done = opt.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    proposed = [t for t in done if not ({"baseline", "seed"} & set(t.user_attrs))]
+    assert res.counts["evaluated"] == 6 and len(proposed) >= 4
