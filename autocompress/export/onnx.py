@@ -1,9 +1,21 @@
 """Export a compressed torch model to ONNX and quantize it with onnxruntime to match its plan.
 
-The TorchScript exporter (``dynamo=False``, opset 17) writes ``forward(input_ids, attention_mask)
--> logits`` with dynamic batch and sequence axes; causal LMs return the last position's logits
-only (what generation needs, and what the cost model prices). GPT-2 ``Conv1D`` becomes
-``nn.Linear`` first, because ORT's weight-only quantizer handles ``MatMul`` and not ``Gemm``.
+Two graphs, both with dynamic batch and sequence axes; causal LMs return the last position's
+logits only (what generation needs, and what the cost model prices):
+
+- ``kv_cache=True`` (causal LMs; what ``autocompress export`` writes as ``model.onnx``): a decoder
+  with a KV cache in the layout onnxruntime-genai and Optimum use. Inputs ``input_ids`` [batch,
+  seq], ``attention_mask`` [batch, past + seq], ``position_ids`` [batch, seq] and, per kept block
+  ``i``, ``past_key_values.{i}.key`` / ``.value`` [batch, kv_heads_i, past, head_dim]; outputs
+  ``logits`` [batch, 1, vocab] and ``present.{i}.key`` / ``.value`` [batch, kv_heads_i, past + seq,
+  head_dim]. The first call passes an empty cache (past = 0). Blocks whose heads were pruned have
+  fewer ``kv_heads_i`` (``OnnxExport.cache`` lists them); dropped blocks are absent and the rest
+  renumbered. Written by ``torch.onnx.export(dynamo=True)`` (opset 18) around a ``DynamicCache``.
+- ``kv_cache=False``: ``forward(input_ids, attention_mask) -> logits`` without a cache (TorchScript
+  exporter, opset 17): encoders, and the one-forward graphs the profile calibration times.
+
+GPT-2 ``Conv1D`` becomes ``nn.Linear`` first, because ORT's weight-only quantizer handles
+``MatMul`` and not ``Gemm``.
 
 Each linear is then stored as close to its plan choice as onnxruntime CPU allows:
 
@@ -29,12 +41,22 @@ compute here); ``verify.check_onnx`` checks the stored weights apart from that r
 
 Sparsity is stored dense (no sparse kernel in ORT CPU); low-rank layers are two ``MatMul``; width
 pruning and dropped blocks are simply smaller / fewer matmuls. Whatever could not be represented
-exactly is listed in ``OnnxExport.not_represented``. The lm_head is left in fp32, as in the plan.
+exactly is listed in ``OnnxExport.not_represented``.
+
+The token embedding and output head stay fp32 unless the plan gives them a format. Then the head
+is a ``MatMulNBits`` like any linear (the plan's codes), and the embedding lookup a
+``GatherBlockQuantized`` (onnxruntime's contrib op; uint8 cells in MatMulNBits' layout) on the same
+codes: a tied table is stored once, its packed codes shared by both nodes. Where the codes cannot
+be held exactly (a hidden size that is not a whole number of blocks, values off any grid), the
+lookup stays an fp32 ``Gather`` on the dequantized table (the same values, fp32 size) and
+``not_represented`` says so.
 """
 
 from __future__ import annotations
 
+import ast
 import copy
+import inspect
 import logging
 import os
 import tempfile
@@ -55,7 +77,8 @@ from autocompress.formats.integer import matmulnbits_blocks, parse_generic
 from autocompress.model.anatomy import ModelAnatomy
 from autocompress.plan import LayerChoice, Plan
 
-OPSET = 17
+OPSET = 17  # TorchScript exporter (graphs without a cache)
+DECODER_OPSET = 18  # dynamo exporter (the KV-cache decoder)
 
 
 @dataclass(frozen=True)
@@ -63,8 +86,9 @@ class OnnxExport:
     """What was written: the file, each linear's stored format, and what the runtime could not represent."""
 
     path: Path
-    formats: dict[str, str]  # plan linear name -> format stored in the ONNX file
+    formats: dict[str, str]  # plan tensor name (linear, embedding / head) -> format stored in the ONNX file
     not_represented: tuple[str, ...] = field(default_factory=tuple)
+    cache: tuple[tuple[int, int], ...] = ()  # (kv_heads, head_dim) of each kept block's cache; () without one
 
     @property
     def size_mb(self) -> float:
@@ -83,6 +107,117 @@ class _LogitsOnly(nn.Module):
         else:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask)
         return out.logits
+
+
+class _DecoderWithCache(nn.Module):
+    """``forward(input_ids, attention_mask, position_ids, past)`` -> (last-position logits, *present),
+    ``past`` / ``present`` flat as [key_0, value_0, key_1, ...] (what the ONNX graph's inputs become)."""
+
+    def __init__(self, model: nn.Module, blocks: int) -> None:
+        super().__init__()
+        self.model = model
+        self.blocks = blocks
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        past: list[torch.Tensor],
+    ) -> tuple[torch.Tensor, ...]:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.blocks)])
+        kwargs = {_cache_kwarg(self.model): cache}
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            logits_to_keep=1,
+            **kwargs,
+        )
+        present = [t for layer in _cache_of(out).layers for t in (layer.keys, layer.values)]
+        return (out.logits, *present)
+
+
+def _cache_kwarg(model: nn.Module) -> str:
+    """Give the name of the forward's cache argument (``cache`` from transformers 5.25, ``past_key_values`` before)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache_of(out: object) -> object:
+    """Give the cache a forward returned (``cache`` or, before transformers 5.25, ``past_key_values``)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def cache_names(blocks: int) -> tuple[list[str], list[str]]:
+    """Give the (past input, present output) names of a decoder with ``blocks`` blocks, key before value."""
+    past = [f"past_key_values.{i}.{kv}" for i in range(blocks) for kv in ("key", "value")]
+    return past, [name.replace("past_key_values", "present") for name in past]
+
+
+def _cache_shapes(model: nn.Module) -> tuple[tuple[int, int], ...]:
+    """Give (kv_heads, head_dim) of each block's cache, read off one cached forward (pruned heads included)."""
+    with torch.no_grad():
+        out = model(input_ids=torch.ones((1, 2), dtype=torch.long), use_cache=True)
+    return tuple((int(layer.keys.shape[1]), int(layer.keys.shape[3])) for layer in _cache_of(out).layers)
+
+
+def _export_decoder(model: nn.Module, path: Path, opset: int) -> tuple[tuple[int, int], ...]:
+    """Write ``model`` as the KV-cache decoder graph at ``path``; give its cache shapes."""
+    shapes = _cache_shapes(model)
+    wrapper = _DecoderWithCache(model, len(shapes))
+    batch, seq, past_len = 2, 3, 5  # example sizes, all distinct so no axis is specialised
+    ids = torch.ones((batch, seq), dtype=torch.long)
+    mask = torch.ones((batch, past_len + seq), dtype=torch.long)
+    pos = torch.arange(past_len, past_len + seq).expand(batch, seq)
+    past = [torch.zeros(batch, h, past_len, d) for h, d in shapes for _ in ("key", "value")]
+    b, s, p, t = (torch.export.Dim(n) for n in ("batch", "seq", "past", "total"))
+    dynamic = {
+        "input_ids": {0: b, 1: s},
+        "attention_mask": {0: b, 1: t},
+        "position_ids": {0: b, 1: s},
+        "past": [{0: b, 2: p}] * len(past),
+    }
+    past_names, present_names = cache_names(len(shapes))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.disable(logging.WARNING)  # the exporter logs optional packages (torchvision) it skips
+        try:
+            torch.onnx.export(
+                wrapper,
+                (ids, mask, pos, past),
+                str(path),
+                dynamo=True,
+                opset_version=opset,
+                dynamic_shapes=dynamic,
+                input_names=["input_ids", "attention_mask", "position_ids", *past_names],
+                output_names=["logits", *present_names],
+                verbose=False,
+            )
+        finally:
+            logging.disable(logging.NOTSET)
+    return shapes
+
+
+def _export_forward(model: nn.Module, causal: bool, path: Path, opset: int) -> None:
+    """Write ``model`` as ``forward(input_ids, attention_mask) -> logits`` (no cache) at ``path``."""
+    ids = torch.ones((2, 8), dtype=torch.long)
+    axes = {0: "batch", 1: "seq"}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about HF's shape-dependent Python branches
+        torch.onnx.export(
+            _LogitsOnly(model, causal),
+            (ids, torch.ones_like(ids)),
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=["input_ids", "attention_mask"],
+            output_names=["logits"],
+            dynamic_axes={"input_ids": axes, "attention_mask": axes, "logits": {0: "batch"}},
+        )
 
 
 def conv1d_to_linear(model: nn.Module) -> nn.Module:
@@ -155,14 +290,29 @@ def _renamed(anatomy: ModelAnatomy, plan: Plan) -> dict[str, str]:
     return out
 
 
+def _module_path(node: object) -> str | None:
+    """Give the module path (in the exported model) of the torch module an ONNX node comes from, or None.
+
+    The dynamo exporter records each node's module scopes in its metadata; the TorchScript exporter
+    names nodes ``/<module path>/<Op>``. Both graphs wrap the model as the attribute ``model``."""
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            scopes = ast.literal_eval(prop.value)
+            return scopes[-2].removeprefix("model.") if len(scopes) >= 2 else None
+    if node.name.startswith("/") and node.name.count("/") >= 2:
+        return node.name.strip("/").rsplit("/", 1)[0].replace("/", ".").removeprefix("model.")
+    return None
+
+
 def _weight_matmuls(model_proto: object) -> dict[str, str]:
     """Give MatMul node name -> module path for every MatMul whose B input is a stored weight."""
     inits = {i.name for i in model_proto.graph.initializer}
     out = {}
     for node in model_proto.graph.node:
-        if node.op_type == "MatMul" and node.input[1] in inits and node.name.endswith("/MatMul"):
-            path = node.name.strip("/").rsplit("/", 1)[0].replace("/", ".")
-            out[node.name] = path.removeprefix("model.")  # the _LogitsOnly wrapper's attribute
+        if node.op_type == "MatMul" and node.input[1] in inits:
+            path = _module_path(node)
+            if path is not None:
+                out[node.name] = path
     return out
 
 
@@ -173,46 +323,49 @@ def export_onnx(
     path: str | Path,
     *,
     quantize: bool = True,
-    opset: int = OPSET,
+    opset: int | None = None,
     stored: dict[str, QuantizedTensor] | None = None,
+    kv_cache: bool = False,
 ) -> OnnxExport:
     """Write ``model`` (``plan`` already applied to it) as ONNX at ``path``, quantized to match the plan.
 
-    ``stored`` (plan linear name -> the tensor as its format stores it) gives MatMulNBits the codes and
-    scales themselves; linears without one (or whose weights no longer equal it) are read off the weights.
+    ``kv_cache``: the decoder with ``past_key_values`` inputs and ``present`` outputs (causal LMs), else
+    one forward without a cache. ``stored`` (plan tensor name -> the tensor as its format stores it)
+    gives MatMulNBits the codes and scales themselves; tensors without one (or whose weights no longer
+    equal it) are read off the weights.
     """
     import onnx
 
+    causal = anatomy.task != "encoder"
+    if kv_cache and not causal:
+        raise AutocompressError(f"ONNX export: a KV cache needs a causal LM; {anatomy.name} is an encoder")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     work = conv1d_to_linear(copy.deepcopy(model)).eval()
-    wrapper = _LogitsOnly(work, causal=anatomy.task != "encoder")
-    ids = torch.ones((2, 8), dtype=torch.long)
-    axes = {0: "batch", 1: "seq"}
+    head_path = _head_path(work)
+    shapes: tuple[tuple[int, int], ...] = ()
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.stem}.") as tmp:
         raw = Path(tmp) / "model.onnx"
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer warnings about HF's shape-dependent Python branches
-            torch.onnx.export(
-                wrapper,
-                (ids, torch.ones_like(ids)),
-                str(raw),
-                dynamo=False,
-                opset_version=opset,
-                input_names=["input_ids", "attention_mask"],
-                output_names=["logits"],
-                dynamic_axes={"input_ids": axes, "attention_mask": axes, "logits": {0: "batch"}},
-            )
+        if kv_cache:
+            shapes = _export_decoder(work, raw, opset or DECODER_OPSET)
+        else:
+            _export_forward(work, causal, raw, opset or OPSET)
         proto = onnx.load(str(raw))
         formats, lost = _plan_formats(anatomy, plan)
         if quantize:
-            proto = _quantize(proto, anatomy, plan, formats, Path(tmp), stored or {})
+            proto = _quantize(proto, anatomy, plan, formats, Path(tmp), stored or {}, head_path, lost)
         else:
             formats = dict.fromkeys(formats, "fp32")
         tmp_out = Path(tmp) / "out.onnx"
         onnx.save(proto, str(tmp_out))
         os.replace(tmp_out, path)
-    return OnnxExport(path=path, formats=formats, not_represented=tuple(lost))
+    return OnnxExport(path=path, formats=formats, not_represented=tuple(lost), cache=shapes)
+
+
+def _head_path(model: nn.Module) -> str | None:
+    """Give the module path of the output head (``lm_head``), or None (encoders)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return next((name for name, mod in model.named_modules() if head is not None and mod is head), None)
 
 
 def _plan_formats(anatomy: ModelAnatomy, plan: Plan) -> tuple[dict[str, str], list[str]]:
@@ -226,6 +379,13 @@ def _plan_formats(anatomy: ModelAnatomy, plan: Plan) -> tuple[dict[str, str], li
         formats[site.name] = fmt
         for w in why:
             lost[w].append(site.name)
+    for emb in anatomy.embeddings:
+        choice = plan.embedding_choice(emb.name)
+        if choice.quantized:
+            fmt, why = target_format(choice)
+            formats[emb.name] = fmt
+            for w in why:
+                lost[w].append(emb.name)
     notes = [f"{w}: {len(names)} linear(s), e.g. {names[0]}" for w, names in lost.items()]
     return formats, notes
 
@@ -247,24 +407,179 @@ def _quantize(
     formats: dict[str, str],
     tmp: Path,
     stored: dict[str, QuantizedTensor],
+    head_path: str | None,
+    lost: list[str],
 ) -> object:
     path_of = _renamed(anatomy, plan)
-    by_path = {path_of[name]: name for name in formats}
+    by_path = {path_of[name]: name for name in formats if name in path_of}
+    tables = {e.name: e for e in anatomy.embeddings if formats.get(e.name, "fp32") != "fp32"}
+    head_name = next((e.name for e in tables.values() if e.role == "head" or e.tied), None)
+    head_node = _head_matmul(proto, head_path) if head_name is not None and head_path is not None else None
     groups: dict[str, list[str]] = defaultdict(list)  # format -> MatMul node names
     tensors: dict[str, QuantizedTensor] = {}  # MatMul node name -> its stored tensor
     found = set()
     for node, module_path in _weight_matmuls(proto).items():
         name = _owner(module_path, by_path)
-        if name is None:  # the lm_head (not in the plan) stays dense
+        if name is None:  # the lm_head (quantized below when the plan says so), attention constants
             continue
         found.add(name)
         groups[formats[name]].append(node)
         if name in stored and module_path == path_of[name]:  # not a low-rank factor
             tensors[node] = stored[name]
-    missing = [n for n in formats if formats[n] != "fp32" and n not in found]
+    if head_node is not None:
+        found.add(head_name)
+        groups[formats[head_name]].append(head_node)
+        if head_name in stored:
+            tensors[head_node] = stored[head_name]
+    missing = [n for n in formats if formats[n] != "fp32" and n not in found and n not in tables]
     if missing:
         raise AutocompressError(f"ONNX export: found no MatMul for {missing[0]} (exporter naming changed?)")
-    return quantize_groups(proto, groups, tmp, tensors)
+    proto = quantize_groups(proto, groups, tmp, tensors)
+    for emb in tables.values():
+        if emb.role == "embed":
+            note = _quantized_lookup(proto, emb.name, formats[emb.name], stored.get(emb.name), emb.tied)
+            if note:
+                lost.append(f"{emb.name}: {note}")
+    return proto
+
+
+def _head_matmul(proto: object, head_path: str) -> str | None:
+    """Give the output head's MatMul node with its weight made a plain [hidden, vocab] initializer (the
+    exporter may feed it through a Transpose of the tied embedding table), or None if there is none."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in proto.graph.initializer}
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    for node in proto.graph.node:
+        if node.op_type != "MatMul" or _module_path(node) != head_path:
+            continue
+        if node.input[1] in inits:
+            return node.name
+        src = producers.get(node.input[1])
+        if src is None or src.op_type != "Transpose" or src.input[0] not in inits:
+            return None
+        table = numpy_helper.to_array(inits[src.input[0]])
+        weight = numpy_helper.from_array(np.ascontiguousarray(table.T), f"{src.input[0]}.head_t")
+        proto.graph.initializer.append(weight)
+        node.input[1] = weight.name
+        if not any(src.output[0] in n.input for n in proto.graph.node):
+            proto.graph.node.remove(src)
+        return node.name
+    return None
+
+
+def _exact_blocks(
+    fp32weight: np.ndarray, bits: int, block: int, symmetric: bool, q: QuantizedTensor | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Give MatMulNBits' (packed codes [N, k_blocks, block·bits/8], scales [N, k_blocks], packed zero
+    points) holding the weight [K, N] exactly: from its stored tensor ``q`` when it has one, else from the
+    grid its values lie on; None when neither holds them (then only a re-rounding could)."""
+    got = None if q is None else _registry_blocks(q, bits, block, fp32weight)
+    if got is not None:
+        return got
+    rows, cols = fp32weight.shape
+    k_blocks = (rows + block - 1) // block
+    padded = np.pad(fp32weight, ((0, k_blocks * block - rows), (0, 0)))
+    got = grid_codes(padded.T.reshape(cols, k_blocks, block), symmetric, bits)
+    if got is None:
+        return None
+    codes, scales, zero = got
+    if bits == 4:  # two codes (and two zero points) per byte, low nibble first
+        codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
+        zero = np.pad(zero, ((0, 0), (0, k_blocks % 2)))
+        zero = zero[:, 0::2] | (zero[:, 1::2] << 4)
+    return codes.astype(np.uint8), scales.astype(fp32weight.dtype), zero.astype(np.uint8)
+
+
+def _quantized_lookup(proto: object, embed_path: str, fmt: str, q: QuantizedTensor | None, tied: bool) -> str:
+    """Replace the embedding's fp32 ``Gather`` by a ``GatherBlockQuantized`` on the plan's codes (shared
+    with the head's MatMulNBits when tied); give what could not be done ("" when done)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    if fmt == "int8-dynamic":
+        return "lookup kept as an fp32 Gather (W8A8 has no quantized lookup)"
+    bits, block, symmetric = nbits_layout(fmt)
+    inits = {i.name: i for i in proto.graph.initializer}
+    gather = next(
+        (
+            n
+            for n in proto.graph.node
+            if n.op_type == "Gather" and n.input[0] in inits and _module_path(n) == embed_path
+        ),
+        None,
+    )
+    if gather is None:
+        return "no Gather found for the lookup: kept fp32"
+    table = numpy_helper.to_array(inits[gather.input[0]])
+    rows, hidden = table.shape
+    if hidden % block:
+        return f"lookup kept as an fp32 Gather (hidden size {hidden} is not whole blocks of {block})"
+    head = next((n for n in proto.graph.node if n.op_type == "MatMulNBits" and tied and _shares(n, inits, table)), None)
+    new_inits, inputs, views = [], [], []
+    prefix = f"{embed_path}.gbq"
+    if head is not None:  # the head's codes and scales, viewed as [vocab, hidden·bits/8] and [vocab, blocks]
+        shape_of = {"data": [rows, -1], "scales": [rows, -1], "zero": [rows, -1]}
+        srcs = {"data": head.input[1], "scales": head.input[2]}
+        if len(head.input) > 3 and head.input[3]:
+            srcs["zero"] = head.input[3]
+        for key, src in srcs.items():
+            shape = numpy_helper.from_array(np.array(shape_of[key], np.int64), f"{prefix}.{key}_shape")
+            new_inits.append(shape)
+            views.append(helper.make_node("Reshape", [src, shape.name], [f"{prefix}.{key}"]))
+            inputs.append(f"{prefix}.{key}")
+        zero = None if "zero" in srcs else _default_zero(rows, hidden // block, bits)
+    else:
+        got = _exact_blocks(table.T, bits, block, symmetric, q)
+        if got is None:
+            return f"lookup kept as an fp32 Gather (values not on a {bits}-bit grid of blocks of {block})"
+        codes, scales, zero_packed = got
+        new_inits += [
+            numpy_helper.from_array(codes.reshape(rows, -1), f"{prefix}.data"),
+            numpy_helper.from_array(scales.reshape(rows, -1).astype(np.float32), f"{prefix}.scales"),
+        ]
+        inputs = [f"{prefix}.data", f"{prefix}.scales"]
+        zero = _default_zero(rows, hidden // block, bits) if symmetric else zero_packed.reshape(rows, -1)
+    if zero is not None:
+        new_inits.append(numpy_helper.from_array(zero, f"{prefix}.zero"))
+        inputs.append(f"{prefix}.zero")
+    lookup = helper.make_node(
+        "GatherBlockQuantized",
+        [inputs[0], gather.input[1], *inputs[1:]],
+        list(gather.output),
+        name=f"{prefix}.lookup",
+        domain="com.microsoft",
+        gather_axis=0,
+        quantize_axis=1,
+        block_size=block,
+        bits=bits,
+    )
+    nodes = list(proto.graph.node)
+    at = nodes.index(gather)
+    nodes[at : at + 1] = [*views, lookup]
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    proto.graph.initializer.extend(new_inits)
+    if not any(gather.input[0] in n.input for n in proto.graph.node):  # the fp32 table has no user left
+        proto.graph.initializer.remove(inits[gather.input[0]])
+    if not any(d.domain == "com.microsoft" for d in proto.opset_import):
+        proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    return ""
+
+
+def _shares(node: object, inits: dict[str, object], table: np.ndarray) -> bool:
+    """True when a MatMulNBits node holds the [vocab, hidden] table (the tied head)."""
+    attrs = {a.name: a.i for a in node.attribute}
+    return attrs.get("N") == table.shape[0] and attrs.get("K") == table.shape[1]
+
+
+def _default_zero(rows: int, blocks: int, bits: int) -> np.ndarray:
+    """Give the zero points of a symmetric table (2^(bits-1), MatMulNBits' default), packed as GatherBlockQuantized reads them."""
+    zero = np.full((rows, blocks), 2 ** (bits - 1), np.uint8)
+    if bits == 4:
+        zero = np.pad(zero, ((0, 0), (0, blocks % 2)))
+        zero = zero[:, 0::2] | (zero[:, 1::2] << 4)
+    return zero
 
 
 # Per-row grids are stored in blocks (exact: every block holds row-grid values). The block is also
@@ -357,23 +672,8 @@ def _grid_block_quant(node_quantizer: object, stored: Callable[[], QuantizedTens
     cfg = node_quantizer.config
 
     def block_quant(fp32weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        q = stored()
-        got = None if q is None else _registry_blocks(q, cfg.bits, cfg.block_size, fp32weight)
-        if got is not None:
-            return got
-        rows, cols = fp32weight.shape
-        bs = cfg.block_size
-        k_blocks = (rows + bs - 1) // bs
-        padded = np.pad(fp32weight, ((0, k_blocks * bs - rows), (0, 0)))
-        got = grid_codes(padded.T.reshape(cols, k_blocks, bs), cfg.is_symmetric, cfg.bits)
-        if got is None:
-            return fallback(fp32weight)
-        codes, scales, zero = got
-        if cfg.bits == 4:  # two codes (and two zero points) per byte, low nibble first
-            codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
-            zero = np.pad(zero, ((0, 0), (0, k_blocks % 2)))
-            zero = zero[:, 0::2] | (zero[:, 1::2] << 4)
-        return codes.astype(np.uint8), scales.astype(fp32weight.dtype), zero.astype(np.uint8)
+        got = _exact_blocks(fp32weight, cfg.bits, cfg.block_size, cfg.is_symmetric, stored())
+        return fallback(fp32weight) if got is None else got
 
     return block_quant
 

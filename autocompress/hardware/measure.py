@@ -1,7 +1,16 @@
 """Measure real latency on this machine: warm-up, then the median of repeats, on a fixed thread count.
 
 ``measure`` takes an ONNX file (run with onnxruntime CPU), an ``onnxruntime.InferenceSession``
-or a torch module, and feeds it ``input_ids`` (+ ``attention_mask``) of shape (batch, seq_len).
+or a torch module, and feeds it ``input_ids`` (+ ``attention_mask``) of shape (batch, seq_len):
+one forward, without a cache.
+
+A decoder exported with a KV cache (``export_onnx(..., kv_cache=True)``: ``past_key_values.{i}.key``
+/ ``.value`` inputs, ``present.{i}.*`` outputs) is measured as it generates: ``measure_decode``
+times the prefill of ``context`` tokens from an empty cache, and one decode step (one new token)
+with ``context`` tokens already in the cache, each as the median of repeats after warm-up on a
+fixed thread count. ``ort_generate`` is the token-by-token greedy loop itself (the export check
+compares its tokens with PyTorch's). Caches travel between steps as numpy arrays (no I/O binding).
+
 (llama.cpp's ``llama-bench`` on a GGUF file is run by ``autocompress.runtime.llama_bench``.)
 The machines this runs on are shared: report medians, and compare ratios measured in one run.
 """
@@ -119,3 +128,121 @@ def measure(
     finally:
         torch.set_num_threads(before)
     return _summary(times, threads, batch, seq_len, "torch")
+
+
+PAST_PREFIX = "past_key_values."
+
+
+def has_cache(sess: Any) -> bool:
+    """True when an onnxruntime session is a decoder with a KV cache (``past_key_values.*`` inputs)."""
+    return any(i.name.startswith(PAST_PREFIX) for i in sess.get_inputs())
+
+
+def empty_cache(sess: Any, batch: int) -> dict[str, np.ndarray]:
+    """Give every ``past_key_values.*`` input of ``sess`` as an empty cache [batch, kv_heads, 0, head_dim]."""
+    out = {}
+    for i in sess.get_inputs():
+        if i.name.startswith(PAST_PREFIX):
+            heads, dim = i.shape[1], i.shape[3]
+            out[i.name] = np.zeros((batch, heads, 0, dim), dtype=np.float32)
+    return out
+
+
+def _step_feed(ids: np.ndarray, past: dict[str, np.ndarray], past_len: int) -> dict[str, np.ndarray]:
+    batch, seq = ids.shape
+    pos = np.broadcast_to(np.arange(past_len, past_len + seq, dtype=np.int64), (batch, seq))
+    mask = np.ones((batch, past_len + seq), dtype=np.int64)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": np.ascontiguousarray(pos), **past}
+
+
+def _next_cache(sess: Any, outputs: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """Give the ``past_key_values.*`` feed made of a step's ``present.*`` outputs."""
+    names = [o.name for o in sess.get_outputs()]
+    return {
+        n.replace("present.", PAST_PREFIX, 1): v
+        for n, v in zip(names, outputs, strict=True)
+        if n.startswith("present.")
+    }
+
+
+@dataclass(frozen=True)
+class Generation:
+    """Greedy tokens an ONNX decoder generated, the logits each was chosen from, and the wall times."""
+
+    tokens: np.ndarray  # [batch, new_tokens] int64
+    logits: np.ndarray  # [batch, new_tokens, vocab]
+    prefill_ms: float  # the prompt from an empty cache (gives the first token)
+    step_ms: tuple[float, ...]  # each later token (one input token, cache growing by one)
+
+
+def ort_generate(sess: Any, ids: np.ndarray, new_tokens: int) -> Generation:
+    """Give ``new_tokens`` greedy tokens after the prompt ``ids`` [batch, seq], decoded token by token
+    with ``sess``'s KV cache (an empty cache first, then each step's ``present`` as the next ``past``)."""
+    batch, seq = ids.shape
+    start = time.perf_counter()
+    out = sess.run(None, _step_feed(ids.astype(np.int64), empty_cache(sess, batch), 0))
+    prefill_ms = (time.perf_counter() - start) * 1e3
+    tokens, logits, steps = [], [], []
+    for k in range(new_tokens):
+        last = out[0][:, -1]
+        logits.append(last)
+        tokens.append(last.argmax(-1).astype(np.int64))
+        if k == new_tokens - 1:
+            break
+        feed = _step_feed(tokens[-1][:, None], _next_cache(sess, out), seq + k)
+        start = time.perf_counter()
+        out = sess.run(None, feed)
+        steps.append((time.perf_counter() - start) * 1e3)
+    return Generation(np.stack(tokens, 1), np.stack(logits, 1), prefill_ms, tuple(steps))
+
+
+@dataclass(frozen=True)
+class DecodeMeasurement:
+    """Prefill and per-token decode latency of a KV-cache decoder at one context length."""
+
+    decode: Measurement  # one new token with ``context`` tokens in the cache (seq_len 1)
+    prefill: Measurement  # ``context`` tokens from an empty cache (seq_len = context)
+    context: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "decode_ms": self.decode.median_ms,
+            "prefill_ms": self.prefill.median_ms,
+            "context_tokens": self.context,
+            "decode": self.decode.to_dict(),
+            "prefill": self.prefill.to_dict(),
+        }
+
+
+def measure_decode(
+    model: str | Path | bytes | Any,
+    *,
+    context: int = 64,
+    batch: int = 1,
+    threads: int = 1,
+    warmup: int = 3,
+    repeats: int = 20,
+    prefill_repeats: int = 7,
+    min_time_s: float = 0.0,
+    vocab_size: int = 100,
+    seed: int = 0,
+) -> DecodeMeasurement:
+    """Give the measured prefill time of ``context`` tokens and the time of one decode step with
+    ``context`` tokens in the KV cache, for an ONNX decoder with a cache (path, bytes or session).
+
+    Every decode repeat runs the same step (one token after the same ``context``-token cache, made by a
+    real prefill), so the figure is the cost of a token at exactly that context."""
+    sess = model if hasattr(model, "get_inputs") else ort_session(model, threads)
+    if not has_cache(sess):
+        raise ValueError("measure_decode needs an ONNX decoder with a KV cache (past_key_values.* inputs)")
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab_size, size=(batch, context + 1), dtype=np.int64)
+    prompt = _step_feed(ids[:, :context], empty_cache(sess, batch), 0)
+    pre = timed(lambda: sess.run(None, prompt), warmup=max(1, warmup // 2), repeats=prefill_repeats)
+    step = _step_feed(ids[:, context:], _next_cache(sess, sess.run(None, prompt)), context)
+    dec = timed(lambda: sess.run(None, step), warmup=warmup, repeats=repeats, min_time_s=min_time_s)
+    return DecodeMeasurement(
+        decode=_summary(dec, threads, batch, 1, "onnxruntime"),
+        prefill=_summary(pre, threads, batch, context, "onnxruntime"),
+        context=context,
+    )
