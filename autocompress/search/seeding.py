@@ -336,27 +336,27 @@ def seed_plans(
 
 
 def _spread_order(n: int) -> list[int]:
-    """Give 0..n-1 ends first, then ever finer midpoints: 0, n-1, n/2, n/4, 3n/4, ..."""
-    order: list[int] = []
-    for i in [0, n - 1] if n > 1 else [0]:
-        order.append(i)
-    spans = [(0, n - 1)]
-    while spans and len(order) < n:
+    """Give 0..n-1 middle first, then the ends, then ever finer midpoints: n/2, 0, n-1, n/4, 3n/4, ..."""
+    if n < 3:
+        return list(range(n))
+    mid = (n - 1) // 2
+    order = [mid, 0, n - 1]
+    spans = [(0, mid), (mid, n - 1)]
+    while len(order) < n:
         nxt = []
         for lo, hi in spans:
             if hi - lo > 1:
-                mid = (lo + hi) // 2
-                order.append(mid)
-                nxt += [(lo, mid), (mid, hi)]
+                order.append((lo + hi) // 2)
+                nxt += [(lo, (lo + hi) // 2), ((lo + hi) // 2, hi)]
         spans = nxt
-    return order if n else []
+    return order
 
 
 def prioritise(seeds: Sequence[Seed], n: int) -> list[Seed]:
     """Give ``n`` of the seeds for a short run, the rest left out: the uncompressed baseline, then
     one at a time from each group in turn (llama.cpp recipes, knapsack plans, uniform quantization
     baselines, mixed-precision seeds, the other baselines), each group's spread along its own order
-    (ends first, then midpoints), so a few seeds still span the front. Order: as given."""
+    (its middle, its ends, then midpoints), so a few seeds still span the front. Order: as given."""
     if n >= len(seeds):
         return list(seeds)
 

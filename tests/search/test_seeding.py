@@ -243,9 +243,19 @@ def test_prioritise_keeps_n_seeds_in_order_spanning_every_group(n):
     if n >= 6:  # one of every group: recipes, knapsack, uniform formats, mixed, other baselines
         assert {s.name.split()[0] for s in kept} >= {"uncompressed", "recipe", "knapsack", "mixed", "2:4-50%"}
         assert any(s.name in ("Q8_0", "Q4_0", "Q2_K") for s in kept)
-    if n >= 11:  # a group given two picks takes both of its ends: the knapsack's cheapest and its dearest target
-        names = {s.name for s in kept}
+    names = {s.name for s in kept}
+    if n >= 6:  # a group's first pick is its middle: the knapsack's 70 % target, the middle recipe
+        assert {"knapsack 70% of max saving", "recipe Q4_K_M"} <= names
+    if n >= 14:  # three picks: the middle and both ends, the cheapest and the dearest target
         assert {"knapsack 30% of max saving", "knapsack 95% of max saving"} <= names
+
+
+@pytest.mark.parametrize("n", range(12))
+def test_spread_order_is_a_permutation_middle_first(n):
+    order = seeding._spread_order(n)
+    assert sorted(order) == list(range(n))
+    if n >= 3:
+        assert order[:3] == [(n - 1) // 2, 0, n - 1]
 
 
 def test_a_short_search_with_few_seeds_leaves_trials_to_the_sampler(tmp_path):
