@@ -5,9 +5,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from autocompress.errors import BudgetError
+
+if TYPE_CHECKING:
+    from autocompress.hardware import CostModel
+    from autocompress.space import SearchSpace, SpaceContext
 
 BUDGET_KEYS = {
     "latency_ms": "decode latency per token on the target (ms)",
@@ -80,3 +84,20 @@ def check_fits_memory(space: Any, anatomy: Any, cost_model: Any) -> None:
             f"needs {min(c.memory_mb for c in costs):.0f} MB, the target has {profile.usable_memory_GB * 1e3:.0f} MB "
             "usable; pick a smaller model or a larger target"
         )
+
+
+def check_budgets_reachable(
+    space: SearchSpace, ctx: SpaceContext, cost_model: CostModel, budget: Budget, profile_id: str
+) -> None:
+    """Refuse before searching when no plan in the space can meet a cost budget."""
+    items = budget.cost_items()
+    if not items:
+        return
+    costs = [cost_model.predict(p) for p in space.extreme_plans(ctx)]
+    for key, limit in items.items():
+        best = min(getattr(c, key) for c in costs)
+        if best > limit:
+            raise BudgetError(
+                f"no plan in space {space.name!r} can meet {key}={limit:g}: the best in this space is "
+                f"{best:.3g} on {profile_id}"
+            )

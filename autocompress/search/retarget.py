@@ -16,9 +16,10 @@ from autocompress.hardware import CostModel, load_profile
 from autocompress.model.anatomy import ModelAnatomy
 from autocompress.plan import ModelRef, Plan
 from autocompress.search.budget import Budget
-from autocompress.search.engine import candidates_of, front_and_baselines, load_finished_study
+from autocompress.search.front import candidates_of, front_and_baselines
 from autocompress.search.report import write_outputs
 from autocompress.search.result import SearchResult
+from autocompress.search.storage import load_finished_study
 
 
 def retarget(

@@ -2,15 +2,21 @@
 
 Everything it needs is in the study itself (model, data settings, space, profile, budgets, seed);
 it checks that its model and data hash as the study's did, so a worker on a machine with other
-weights or text refuses to join instead of polluting the front.
+weights or text refuses to join instead of polluting the front. ``spawn_workers`` starts such
+workers as local processes for ``search --jobs N``.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import optuna
+import torch
 
 from autocompress.calib import DataConfig
 from autocompress.device import resolve_device
@@ -18,9 +24,11 @@ from autocompress.errors import StudyError
 from autocompress.evaluate import Evaluator
 from autocompress.hardware import CostModel, load_profile
 from autocompress.search.budget import Budget
-from autocompress.search.engine import TrialRunner, _sensitivity, open_storage, quiet_optuna
+from autocompress.search.objective import TrialRunner
 from autocompress.search.samplers import SeededSampler, make_sampler
 from autocompress.search.seeding import build_knapsack
+from autocompress.search.storage import open_storage, quiet_optuna
+from autocompress.search.table import sensitivity_table
 from autocompress.space import SearchSpace, SpaceContext
 from autocompress.workbench import Workbench
 
@@ -61,7 +69,7 @@ def run_worker(
     cost_model = CostModel(profile, anatomy, **settings["scenario"])
     prov = wb.provenance(seed=settings["seed"], profile=profile.id, space=space.name, study=study)
     ctx = SpaceContext(anatomy=anatomy, drop_order=wb.stats.drop_order(), provenance=prov)
-    table = _sensitivity(wb, space, ctx, None, say)
+    table = sensitivity_table(wb, space, ctx, None, say)
     budget = Budget(**settings["budgets"])
     knapsack = None if table is None else build_knapsack(space, ctx, table, cost_model, budget)
     opt = optuna.load_study(study_name=study, storage=st)
@@ -71,3 +79,44 @@ def run_worker(
     runner = TrialRunner(opt, space, ctx, wb, evaluator, cost_model, budget, Path(out) / study, table)
     target = trials if trials is not None else int(run.get("trials", 0)) or 10**9
     return runner.run(target, deadline, progress)
+
+
+def spawn_workers(
+    n: int,
+    study: str,
+    url: str,
+    out: Path,
+    trials: int,
+    deadline: float | None,
+    say: Callable[[str], None],
+    device: str = "cpu",
+) -> list[subprocess.Popen]:
+    """Start ``n`` ``autocompress worker`` processes on the study; threads are split between processes."""
+    if n <= 0:
+        return []
+    threads = max(1, (os.cpu_count() or 1) // (n + 1))
+    torch.set_num_threads(threads)
+    env = {**os.environ, "AUTOCOMPRESS_THREADS": str(threads)}
+    say(f"starting {n} worker process(es) on the study, {threads} thread(s) each")
+    procs = []
+    for i in range(1, n + 1):
+        cmd = [
+            sys.executable,
+            "-m",
+            "autocompress.cli",
+            "worker",
+            "--study",
+            study,
+            "--storage",
+            url,
+            "--out",
+            str(out),
+        ]
+        cmd += ["--trials", str(trials), "--index", str(i), "--device", device]
+        if deadline is not None:
+            cmd += ["--deadline", f"{deadline:.3f}"]
+        log_path = out / study / f"worker-{i}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "w") as fh:  # the child keeps its own handle
+            procs.append(subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT))
+    return procs
