@@ -4,10 +4,13 @@ Every exported point gets (1) an output check: the ONNX model and our PyTorch mo
 fixed inputs, relative L2 error of the logits, with the runtime's activation rounding switched off
 (MatMulNBits in fp32) against ``EXACT`` — the stored weights are the plan's — and as deployed
 (against ``TOLERANCE`` by format where the rounding cannot be switched off), plus top-1 agreement;
-the rounding's cost on held-out text in KL (``runtime_rounding``); (2) a latency measurement with
-onnxruntime CPU on a fixed thread count (warm-up, median of repeats): one-token forward without
-KV cache ("decode", what the cost model's decode term prices at context 1) and a
-``PROMPT``-token prefill, best median of ``ROUNDS`` rounds; (3) the prediction of the ``local``
+for a decoder with a KV cache also ``GREEDY_TOKENS`` greedy tokens generated token by token through
+the cache, whose tokens must equal PyTorch's greedy choices and whose logits must match to the same
+tolerance; the rounding's cost on held-out text in KL (``runtime_rounding``); (2) a latency
+measurement with onnxruntime CPU on a fixed thread count (warm-up, median of repeats): for a KV-cache
+decoder, one decode step with ``PROMPT`` tokens in the cache ("decode") and the ``PROMPT``-token
+prefill from an empty cache (``hardware.measure.measure_decode``); for a graph without a cache, a
+one-token forward and a ``PROMPT``-token forward; best median of ``ROUNDS`` rounds; (3) the prediction of the ``local``
 (calibrated) profile for the same scenario, or of the generic x86 prior when this machine has no
 calibrated profile (the record says which); (4) a flag when the point is
 measured more than ``NOISE`` slower than the uncompressed model exported the same way (fp32 ONNX):
@@ -32,7 +35,7 @@ import torch
 from autocompress.errors import ProfileError
 from autocompress.export.techniques import TECHNIQUES, techniques_used
 from autocompress.hardware import CostModel, load_profile
-from autocompress.hardware.measure import measure, ort_session
+from autocompress.hardware.measure import empty_cache, has_cache, measure, measure_decode, ort_generate, ort_session
 from autocompress.model.anatomy import ModelAnatomy
 from autocompress.plan import ModelRef, Plan
 
@@ -42,6 +45,8 @@ if TYPE_CHECKING:
 
 PROMPT = 64  # prefill tokens measured and predicted
 CHECK_SHAPE = (2, 16)  # fixed inputs of the output check
+GREEDY_TOKENS = 32  # tokens the check generates through a KV cache, compared with PyTorch's greedy choices
+GREEDY_TIE = 1e-4  # a differing token counts as a tie when PyTorch's logits for both are this close
 GENERIC_PROFILE = "x86-avx2-laptop"
 # Relative L2 error of the logits allowed as deployed, by the coarsest format in a file checked as
 # deployed (fp32, or W8A8 alone or mixed). fp32 is exact up to kernel order; MatMulNBits at accuracy
@@ -85,6 +90,13 @@ def check_onnx(
     the pass criterion, so an export bug fails it however small its effect on the logits. The
     runtime's rounding is judged on real text by ``runtime_rounding``. Other files (fp32, W8A8
     dynamic int8) pass when the deployed error is within the coarsest format's ``TOLERANCE``.
+
+    A decoder with a KV cache also generates ``GREEDY_TOKENS`` tokens after the first row of ids,
+    token by token through its cache (``greedy``): run the way the pass criterion is judged (fp32
+    compute where it can be), its tokens must be PyTorch's greedy choices after the same prefix (a
+    differing token passes only as a tie within ``GREEDY_TIE``) and the logits it chose them from
+    must match PyTorch's to the same tolerance. Where only the deployed rounding can be run (W8A8
+    files) the tokens are reported, and the logits alone judged.
     """
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, anatomy.vocab_size, size=CHECK_SHAPE, dtype=np.int64)
@@ -96,7 +108,8 @@ def check_onnx(
     def rel_error(got: np.ndarray) -> float:
         return float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-12))
 
-    got = run(path)
+    deployed = ort_session(path, threads=1)
+    got = _ort_logits(deployed, ids)
     rel = rel_error(got)
     fp32_compute = _fp32_compute(path)
     if fp32_compute is not None:
@@ -105,7 +118,7 @@ def check_onnx(
     else:
         (fam, tol), compared, stored = tolerance_for(formats), "as deployed", None
         err = rel
-    return {
+    rec = {
         "inputs": f"{CHECK_SHAPE[0]}x{CHECK_SHAPE[1]} token ids, numpy seed {seed}",
         "relative_l2_error": rel,
         "max_abs_error": float(np.abs(got - ref).max()),
@@ -116,12 +129,59 @@ def check_onnx(
         "tolerance_format": fam,
         "passed": bool(err <= tol and got.shape == ref.shape),
     }
+    if has_cache(deployed):
+        judged = deployed if fp32_compute is None else ort_session(fp32_compute, threads=1)
+        greedy = greedy_check(judged, model, ids[:1, :8], tol, exact_tokens=tol <= EXACT)
+        greedy["deployed_tokens_equal"] = (
+            greedy["tokens_equal"]
+            if fp32_compute is None
+            else greedy_check(deployed, model, ids[:1, :8], tol)["tokens_equal"]
+        )
+        rec["greedy"] = greedy
+        rec["passed"] = rec["passed"] and greedy["passed"]
+    return rec
+
+
+def greedy_check(
+    sess: Any, model: torch.nn.Module, prompt: np.ndarray, tol: float, *, exact_tokens: bool = True
+) -> dict[str, Any]:
+    """Generate ``GREEDY_TOKENS`` tokens with an ONNX KV-cache decoder and compare them with PyTorch
+    (``passed``: logits within ``tol`` and, with ``exact_tokens``, every token PyTorch's choice or a tie).
+
+    PyTorch scores the generated sequence in one forward without a cache: at each step its argmax is its
+    greedy choice after the same prefix, and its logits are those the ONNX step chose from."""
+    gen = ort_generate(sess, prompt, GREEDY_TOKENS)
+    seq = np.concatenate([prompt, gen.tokens[:, :-1]], 1)
+    with torch.no_grad():
+        ref = model(input_ids=torch.from_numpy(seq), use_cache=False).logits[:, prompt.shape[1] - 1 :].float().numpy()
+    mine = ref.argmax(-1)
+    differ = np.flatnonzero(mine[0] != gen.tokens[0])
+    ties = [int(k) for k in differ if ref[0, k, mine[0, k]] - ref[0, k, gen.tokens[0, k]] <= GREEDY_TIE]
+    err = float(np.linalg.norm(gen.logits - ref) / max(np.linalg.norm(ref), 1e-12))
+    equal = int(differ[0]) if differ.size else GREEDY_TOKENS
+    return {
+        "prompt": f"first {prompt.shape[1]} ids of the check inputs",
+        "tokens": GREEDY_TOKENS,
+        "tokens_equal": equal,  # leading tokens equal to PyTorch's greedy choices
+        "ties": ties,
+        "logits_error": err,
+        "passed": bool((len(ties) == differ.size or not exact_tokens) and err <= tol),
+    }
 
 
 def _ort_logits(sess: Any, ids: np.ndarray) -> np.ndarray:
-    """Give the logits an ONNX session computes for ``ids`` (all-ones attention mask where it has one)."""
+    """Give the logits an ONNX session computes for ``ids`` (all-ones attention mask where it has one;
+    a decoder with a KV cache starts from an empty cache)."""
     names = {i.name for i in sess.get_inputs()}
-    feed = {k: v for k, v in {"input_ids": ids, "attention_mask": np.ones_like(ids)}.items() if k in names}
+    batch, seq = ids.shape
+    feed = {
+        "input_ids": ids,
+        "attention_mask": np.ones_like(ids),
+        "position_ids": np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy(),
+    }
+    feed = {k: v for k, v in feed.items() if k in names}
+    if has_cache(sess):
+        feed.update(empty_cache(sess, batch))
     return sess.run(None, feed)[0]
 
 
@@ -203,7 +263,7 @@ class Predictor:
                 f"no calibrated profile for this machine (hw_profiles/local.yaml): predicted with the generic "
                 f"{GENERIC_PROFILE} prior; run `autocompress hw calibrate --out hw_profiles/local.yaml`"
             )
-        return cls(prof, CostModel(prof, anatomy, prompt_tokens=PROMPT, context_tokens=1), note)
+        return cls(prof, CostModel(prof, anatomy, prompt_tokens=PROMPT, context_tokens=PROMPT), note)
 
     @property
     def threads(self) -> int:
@@ -223,14 +283,31 @@ def slower_than(measured_ms: float, baseline_ms: float) -> bool:
     return measured_ms > baseline_ms * (1 + NOISE)
 
 
-def measure_latency(path: str | Path, threads: int, rounds: int = 1) -> dict[str, float]:
-    """Give the median one-token and ``PROMPT``-token latency (ms) of an ONNX file (best of ``rounds``)."""
+def measure_latency(path: str | Path, threads: int, rounds: int = 1) -> dict[str, Any]:
+    """Give the median decode and ``PROMPT``-token prefill latency (ms) of an ONNX file (best of ``rounds``).
+
+    A decoder with a KV cache: ``decode_ms`` is one new token with ``PROMPT`` tokens in the cache,
+    ``prefill_ms`` the ``PROMPT`` tokens from an empty cache (``kv_cache`` True). A graph without a
+    cache: one forward over 1 and over ``PROMPT`` tokens (``kv_cache`` False)."""
     sess = ort_session(path, threads)
+    kv = has_cache(sess)
     dec, pre = [], []
     for _ in range(rounds):
-        dec.append(measure(sess, seq_len=1, threads=threads, warmup=5, repeats=15, min_time_s=0.3).median_ms)
-        pre.append(measure(sess, seq_len=PROMPT, threads=threads, warmup=2, repeats=7).median_ms)
-    return {"decode_ms": min(dec), "prefill_ms": min(pre), "threads": threads}
+        if kv:
+            m = measure_decode(sess, context=PROMPT, threads=threads, warmup=5, repeats=15, min_time_s=0.3)
+            dec.append(m.decode.median_ms)
+            pre.append(m.prefill.median_ms)
+        else:
+            dec.append(measure(sess, seq_len=1, threads=threads, warmup=5, repeats=15, min_time_s=0.3).median_ms)
+            pre.append(measure(sess, seq_len=PROMPT, threads=threads, warmup=2, repeats=7).median_ms)
+    return {"decode_ms": min(dec), "prefill_ms": min(pre), "threads": threads, "kv_cache": kv}
+
+
+def scenario(kv_cache: bool) -> str:
+    """Give the words for what ``measure_latency`` timed."""
+    if kv_cache:
+        return f"decode = one token with {PROMPT} tokens in the KV cache; prefill = {PROMPT} tokens; batch 1"
+    return f"decode = one token without KV cache; prefill = {PROMPT} tokens; batch 1"
 
 
 def baseline_record(wb: Any, anatomy: ModelAnatomy, pred: Predictor, folder: Path, threads: int) -> dict[str, Any]:
@@ -240,7 +317,9 @@ def baseline_record(wb: Any, anatomy: ModelAnatomy, pred: Predictor, folder: Pat
     base_plan = Plan(model=ModelRef.of(anatomy))
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder, prefix=".baseline.") as tmp:
-        exp = export_onnx(wb.lm.model, anatomy, base_plan, Path(tmp) / "base.onnx", quantize=False)
+        exp = export_onnx(
+            wb.lm.model, anatomy, base_plan, Path(tmp) / "base.onnx", quantize=False, kv_cache=anatomy.task != "encoder"
+        )
         m = measure_latency(exp.path, threads, rounds=ROUNDS)
         size = exp.size_mb
     p_dec, p_pre = pred.predict(base_plan)
@@ -253,6 +332,7 @@ def baseline_record(wb: Any, anatomy: ModelAnatomy, pred: Predictor, folder: Pat
         "predicted_prefill_ms": p_pre,
         "threads": threads,
         "profile": pred.describe(),
+        "scenario": scenario(m["kv_cache"]),
     }
 
 
@@ -321,7 +401,9 @@ def export_point(
         rec["gguf"] = gguf_record(model, wb, plan, folder, stored, hw)
     if not onnx:
         return rec
-    exp = export_onnx(model, view.anatomy, plan, folder / "model.onnx")
+    exp = export_onnx(
+        model, view.anatomy, plan, folder / "model.onnx", stored=stored, kv_cache=view.anatomy.task != "encoder"
+    )
     check = check_onnx(exp.path, model, view.anatomy, exp.formats)
     rounding = runtime_rounding(exp.path, model, wb.lm.model, wb.data.proxy, view.anatomy)
     if view.settings.get("numerics") == "onnxruntime-cpu" and "kl_runtime" in rounding:
@@ -335,6 +417,7 @@ def export_point(
         "formats": dict(Counter(exp.formats.values())),
         "format_per_linear": exp.formats,
         "not_represented": list(exp.not_represented),
+        "kv_cache": [{"kv_heads": h, "head_dim": d} for h, d in exp.cache],
         "check": check,
         "runtime_rounding": rounding,
     }
@@ -348,7 +431,7 @@ def export_point(
         "predicted_prefill_ms": p_pre,
         "prefill_predicted_over_measured": p_pre / m["prefill_ms"],
         "profile": pred.describe(),
-        "scenario": f"decode = one token without KV cache; prefill = {PROMPT} tokens; batch 1",
+        "scenario": scenario(m["kv_cache"]),
     }
     if base:
         lat["speedup_vs_uncompressed"] = base["measured_decode_ms"] / m["decode_ms"]
@@ -453,6 +536,20 @@ def latency_row(rec: dict[str, Any]) -> list[str]:
         _rounding_cell((rec.get("onnx") or {}).get("runtime_rounding") or {}),
         ("yes" if hf.get("loadable_with_plain_transformers") else "load_compressed") if hf else "–",
     ]
+
+
+def _onnx_io(o: dict[str, Any]) -> str:
+    """Give the sentence naming ``model.onnx``'s inputs and outputs."""
+    if not o.get("kv_cache"):
+        return "inputs `input_ids`, `attention_mask`; output: last-position logits (no KV cache)."
+    n = len(o["kv_cache"])
+    g = (o.get("check") or {}).get("greedy") or {}
+    checked = f" {g['tokens_equal']}/{g['tokens']} greedy tokens equal to PyTorch's." if g else ""
+    return (
+        "a decoder with a KV cache: inputs `input_ids`, `attention_mask` (past + new tokens), `position_ids`, "
+        f"`past_key_values.{{0..{n - 1}}}.key/value` [batch, kv_heads, past, head_dim] (empty on the first call); "
+        f"outputs last-position `logits` and `present.{{0..{n - 1}}}.key/value`.{checked}"
+    )
 
 
 def _rounding_cell(r: dict[str, Any]) -> str:
@@ -669,7 +766,7 @@ def point_readme(rec: dict[str, Any]) -> str:
         lines += [
             "## ONNX",
             "",
-            f"`model.onnx` ({o['size_mb']} MB): inputs `input_ids`, `attention_mask`; output: last-position logits.",
+            f"`model.onnx` ({o['size_mb']} MB): {_onnx_io(o)}",
             f"Formats: {', '.join(f'{k} x{v}' for k, v in o['formats'].items())}.",
             f"Check against PyTorch ({o['check'].get('compared', 'as deployed')}): "
             f"{'passed' if o['check']['passed'] else 'FAILED'} (tolerance {o['check']['tolerance']:g}); as deployed: "
