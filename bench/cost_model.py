@@ -2,12 +2,19 @@
 
     flock /tmp/autocompress-cpu.lock python bench/cost_model.py [--plans 30] [--profile cpu]
     python bench/cost_model.py --reuse-measurements   # re-price the measured plans after re-calibrating
+    flock ~/.cache/ac-cpu.lock python bench/cost_model.py --kv-cache --blocks 0   # true decode, full depth
 
 1. 30 random plans from ``search_spaces/default.yaml`` (Optuna RandomSampler, seed 0) on a reduced
-   copy of the default model (its first 6 blocks, weights copied), each applied, exported to ONNX
-   with the matching onnxruntime quantization (``autocompress.export.onnx``) and measured with
-   onnxruntime CPU on a fixed thread count: one-token decode (no KV cache) and a 64-token prefill.
+   copy of the default model (its first ``--blocks`` blocks, weights copied; 0 = all of them), each
+   applied, exported to ONNX with the matching onnxruntime quantization (``autocompress.export.onnx``)
+   and measured with onnxruntime CPU on a fixed thread count. Without ``--kv-cache``: one-token
+   forward without a cache ("decode") and a 64-token forward (prefill), priced at context 1. With
+   ``--kv-cache``: the decoder with a KV cache (``model.onnx`` as ``autocompress export`` writes it),
+   one decode step with ``--context`` tokens in the cache and the prefill of those tokens
+   (``hardware.measure.measure_decode``), priced at that context.
    Measurements are interleaved over rounds and the lowest median per plan is kept (shared machine).
+   Exports and each finished measurement are kept under ``~/.cache/autocompress-bench/cost_model/``
+   (keyed by model, depth, graph and seed): a rerun resumes where a killed run stopped.
 2. The same plans priced by the calibrated local profile and by the uncalibrated x86 prior:
    % within ±10 %, MAPE and Spearman ρ of predicted vs measured decode latency (prefill too).
 3. Cost-model throughput: per-layer and uniform plans per second on the full default model.
@@ -21,7 +28,6 @@ import argparse
 import json
 import random
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -35,7 +41,7 @@ from autocompress.calib import DataConfig, activation_stats, load_token_data
 from autocompress.compress.apply import apply_plan_to
 from autocompress.export.onnx import export_onnx
 from autocompress.hardware import CostModel, load_profile
-from autocompress.hardware.measure import measure, ort_session
+from autocompress.hardware.measure import measure, measure_decode, ort_session
 from autocompress.model import load_model
 from autocompress.model.inspect import anatomy_of
 from autocompress.model.loading import state_dict_hash
@@ -44,19 +50,23 @@ from autocompress.space import SearchSpace, SpaceContext
 
 PROMPT = 64
 RESULTS = Path(__file__).parent / "results" / "cost_model.json"
+WORK = Path.home() / ".cache" / "autocompress-bench" / "cost_model"
 
 
-def reduced_default(blocks: int):
-    """Give (model, anatomy, tokenizer): the default model cut to its first ``blocks`` blocks."""
+def reduced_default(blocks: int, name: str = "default"):
+    """Give (model, anatomy, tokenizer): the model ``name`` cut to its first ``blocks`` blocks (0: all)."""
     from transformers import AutoModelForCausalLM
 
-    lm = load_model()
+    lm = load_model(name)
+    if blocks <= 0 or blocks >= lm.anatomy.num_blocks:
+        return lm.model.float().eval(), lm.anatomy, lm.tokenizer
     cfg = lm.model.config.__class__.from_dict({**lm.model.config.to_dict(), "num_hidden_layers": blocks})
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     missing, _ = model.load_state_dict(lm.model.state_dict(), strict=False)
     assert not missing, missing
     model.eval()
-    anatomy = anatomy_of(model, name=f"smollm2-135m-{blocks}blocks", model_hash=state_dict_hash(model))
+    short = "smollm2-135m" if name == "default" else name
+    anatomy = anatomy_of(model, name=f"{short}-{blocks}blocks", model_hash=state_dict_hash(model))
     return model, anatomy, lm.tokenizer
 
 
@@ -98,8 +108,8 @@ def scores(pred: list[float], meas: list[float]) -> dict[str, float]:
     }
 
 
-def throughput() -> dict[str, float]:
-    a = load_model().anatomy
+def throughput(name: str = "default") -> dict[str, float]:
+    a = load_model(name).anatomy
     ref = ModelRef.of(a)
     rng = random.Random(0)
     levels = [LayerChoice(bits=b, group_size=g) for b in (16, 8, 4, 3) for g in (None, 32, 128)]
@@ -129,26 +139,67 @@ def throughput() -> dict[str, float]:
     return rates
 
 
-def measure_plans(model, anatomy, plans: list[Plan], stats, threads: int, rounds: int):
-    """Export every plan to ONNX (matching quantization) and measure it; give (export s, measure s, rows)."""
+def measure_plans(
+    model, anatomy, plans: list[Plan], stats, threads: int, rounds: int, work: Path, kv: bool, context: int
+):
+    """Export every plan to ONNX (matching quantization) and measure it; give (export s, measure s, rows).
+
+    ``work`` keeps the files and ``state.json`` (per plan hash: size, notes, each round's medians), so a
+    rerun skips what is done."""
+    work.mkdir(parents=True, exist_ok=True)
+    state_path = work / "state.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+
+    def save() -> None:
+        tmp = state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=1))
+        tmp.replace(state_path)
+
     t0 = time.perf_counter()
     rows = []
-    with tempfile.TemporaryDirectory(prefix="autocompress-bench-") as tmp:
-        for i, plan in enumerate(plans):
+    for i, plan in enumerate(plans):
+        key, path = plan.hash(), work / f"plan{i}.onnx"
+        if key not in state or not path.exists():
             compressed = apply_plan_to(model, anatomy, plan, stats)
-            exp = export_onnx(compressed, anatomy, plan, Path(tmp) / f"plan{i}.onnx")
-            row = {"plan": i, "plan_hash": plan.hash(), "path": exp.path, "size_mb": exp.size_mb}
-            rows.append({**row, "not_represented": exp.not_represented})
-            print(f"exported plan {i:2d}: {exp.size_mb:6.1f} MB  {'; '.join(exp.not_represented)[:90]}", flush=True)
-        export_s = time.perf_counter() - t0
-        for r in range(rounds):  # interleaved rounds: contention hits every plan alike
-            for row in rows:
-                sess = ort_session(row["path"], threads)
-                dec = measure(sess, seq_len=1, threads=threads, warmup=5, repeats=15, min_time_s=0.3)
-                pre = measure(sess, seq_len=PROMPT, threads=threads, warmup=2, repeats=7)
-                row["decode_ms"] = min(row.get("decode_ms", 1e9), dec.median_ms)
-                row["prefill_ms"] = min(row.get("prefill_ms", 1e9), pre.median_ms)
-            print(f"measurement round {r + 1}/{rounds} done", flush=True)
+            exp = export_onnx(compressed, anatomy, plan, path, kv_cache=kv)
+            state[key] = {
+                "size_mb": exp.size_mb,
+                "not_represented": list(exp.not_represented),
+                "decode": [],
+                "prefill": [],
+            }
+            save()
+        st = state[key]
+        rows.append(
+            {
+                "plan": i,
+                "plan_hash": key,
+                "path": path,
+                "size_mb": st["size_mb"],
+                "not_represented": st["not_represented"],
+            }
+        )
+        print(f"exported plan {i:2d}: {st['size_mb']:6.1f} MB  {'; '.join(st['not_represented'])[:90]}", flush=True)
+    export_s = time.perf_counter() - t0
+    for r in range(rounds):  # interleaved rounds: contention hits every plan alike
+        for row in rows:
+            st = state[row["plan_hash"]]
+            if len(st["decode"]) > r:
+                continue
+            sess = ort_session(row["path"], threads)
+            if kv:
+                m = measure_decode(sess, context=context, threads=threads, warmup=5, repeats=15, min_time_s=0.3)
+                dec, pre = m.decode.median_ms, m.prefill.median_ms
+            else:
+                dec = measure(sess, seq_len=1, threads=threads, warmup=5, repeats=15, min_time_s=0.3).median_ms
+                pre = measure(sess, seq_len=PROMPT, threads=threads, warmup=2, repeats=7).median_ms
+            st["decode"].append(dec)
+            st["prefill"].append(pre)
+            save()
+        print(f"measurement round {r + 1}/{rounds} done", flush=True)
+    for row in rows:
+        st = state[row["plan_hash"]]
+        row["decode_ms"], row["prefill_ms"] = min(st["decode"]), min(st["prefill"])
     measure_s = time.perf_counter() - t0 - export_s
     return export_s, measure_s, rows
 
@@ -156,7 +207,19 @@ def measure_plans(model, anatomy, plans: list[Plan], stats, threads: int, rounds
 def main() -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--plans", type=int, default=30)
-    ap.add_argument("--blocks", type=int, default=6)
+    ap.add_argument("--blocks", type=int, default=6, help="blocks of the model kept (0: all, the full depth)")
+    ap.add_argument(
+        "--model", default="default", help="model to cut (default: the bundled SmolLM2; tiny-llama for a smoke run)"
+    )
+    ap.add_argument(
+        "--kv-cache", action="store_true", help="measure true decode: the KV-cache decoder, one step at --context"
+    )
+    ap.add_argument("--context", type=int, default=PROMPT, help="tokens in the cache for a --kv-cache decode step")
+    ap.add_argument("--threads", type=int, help="onnxruntime threads (default: the calibrated profile's)")
+    ap.add_argument(
+        "--allow-uncalibrated", action="store_true", help="price with an uncalibrated --profile (smoke runs)"
+    )
+    ap.add_argument("--out", type=Path, default=RESULTS, help="results JSON")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--profile", default="cpu", help="calibrated profile (default: `cpu` -> hw_profiles/local.yaml)")
@@ -168,17 +231,18 @@ def main() -> dict:
     )
     args = ap.parse_args()
     local, prior = load_profile(args.profile), load_profile(args.baseline)
-    if not local.calibrated:
+    if not local.calibrated and not args.allow_uncalibrated:
         sys.exit(
             f"profile {local.id!r} is not calibrated: run `autocompress hw calibrate --out hw_profiles/local.yaml`"
         )
-    threads = local.calibration.threads
+    threads = args.threads or (local.calibration.threads if local.calibrated else 1)
+    context = args.context if args.kv_cache else 1
     torch.manual_seed(0)
-    model, anatomy, tok = reduced_default(args.blocks)
+    model, anatomy, tok = reduced_default(args.blocks, args.model)
     stats = activation_stats(model, anatomy, load_token_data(tok, DataConfig(calib_tokens=1024)))
     plans = random_plans(anatomy, args.plans, args.seed)
     if args.reuse_measurements:
-        before = json.loads(RESULTS.read_text())
+        before = json.loads(args.out.read_text())
         keep = ("plan", "size_mb", "not_represented", "decode_ms", "prefill_ms", "plan_hash")
         rows = [{k: r[k] for k in keep if k in r} for r in before["plans"]]
         hashes = [r.get("plan_hash") for r in rows]
@@ -188,11 +252,15 @@ def main() -> dict:
             r["plan_hash"] = p.hash()
         export_s, measure_s = before["export_s"], before["measure_s"]
     else:
-        export_s, measure_s, rows = measure_plans(model, anatomy, plans, stats, threads, args.rounds)
+        graph = f"kv{args.context}" if args.kv_cache else "nocache"
+        work = WORK / f"{anatomy.name}-{graph}-seed{args.seed}-n{args.plans}-t{threads}"
+        export_s, measure_s, rows = measure_plans(
+            model, anatomy, plans, stats, threads, args.rounds, work, args.kv_cache, args.context
+        )
     out: dict = {"n_plans": len(plans)}
     detail = {}
     for label, prof in (("calibrated", local), ("uncalibrated", prior)):
-        cm = CostModel(prof, anatomy, prompt_tokens=PROMPT, context_tokens=1)
+        cm = CostModel(prof, anatomy, prompt_tokens=args.context if args.kv_cache else PROMPT, context_tokens=context)
         costs = [cm.predict(p) for p in plans]
         for row, c in zip(rows, costs, strict=True):
             row[f"pred_decode_ms_{label}"] = c.latency_ms
@@ -203,12 +271,19 @@ def main() -> dict:
         out[f"mape_{label}"] = dec["mape"]
         out[f"spearman_{label}"] = dec["spearman"]
         detail[label] = {"profile": prof.id, "decode": dec, "prefill": pre}
-    rates = throughput()
+    rates = throughput(args.model)
     out["plans_per_second"] = rates["per_layer"]
     out.update(
         {
             "uniform_plans_per_second": rates["uniform"],
-            "metric": f"decode latency, 1 token, batch 1, onnxruntime CPU, {threads} thread(s)",
+            "metric": (
+                f"decode latency, 1 token with {args.context} tokens in the KV cache (prefill: those {args.context}"
+                f" tokens), batch 1, onnxruntime CPU, {threads} thread(s)"
+                if args.kv_cache
+                else f"decode latency, 1 token without KV cache, batch 1, onnxruntime CPU, {threads} thread(s)"
+            ),
+            "kv_cache": args.kv_cache,
+            "context_tokens": context,
             "model": anatomy.name,
             "detail": detail,
             "export_s": export_s,
@@ -230,8 +305,8 @@ def main() -> dict:
                 f"{s['spearman']:>10.3f}{s['median_ratio']:>11.2f}"
             )
     print(f"cost model: {rates['per_layer']:,.0f} per-layer plans/s, {rates['uniform']:,.0f} uniform plans/s")
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(out, indent=2) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
     return out
 
 
