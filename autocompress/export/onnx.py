@@ -356,6 +356,9 @@ def export_onnx(
             proto = _quantize(proto, anatomy, plan, formats, Path(tmp), stored or {}, head_path, lost)
         else:
             formats = dict.fromkeys(formats, "fp32")
+        for node in proto.graph.node:  # the exporter's provenance: module scopes, stack traces with local paths
+            del node.metadata_props[:]
+            node.doc_string = ""
         tmp_out = Path(tmp) / "out.onnx"
         onnx.save(proto, str(tmp_out))
         os.replace(tmp_out, path)
