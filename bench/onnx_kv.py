@@ -1,6 +1,7 @@
 """The ONNX decoder with a KV cache beside the graph without one: file size, decode and prefill.
 
-    python bench/onnx_kv.py                                   # tiny-llama (seconds)
+    python bench/onnx_kv.py                                   # tiny-llama (a minute)
+    python bench/onnx_kv.py --model default --plan int4-tables --rounds 1 --out /tmp/onnx_kv.json   # one plan
     flock ~/.cache/ac-cpu.lock python bench/onnx_kv.py --model default --out bench/results/onnx_kv_smollm2.json
 
 Three plans of the model, each exported both ways (``export_onnx(kv_cache=False)``: one forward
@@ -46,12 +47,16 @@ def plans(anatomy) -> dict[str, Plan]:
     }
 
 
+KEYS = ("fp32", "int4", "int4-tables")  # --plan names, in the order of plans()
+
+
 def main() -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="tiny-llama")
     ap.add_argument("--context", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--plan", choices=KEYS, action="append", help="only these plans (repeatable; default: all)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -59,7 +64,8 @@ def main() -> dict:
     a = lm.anatomy
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="autocompress-onnx-kv-") as tmp:
-        for label, plan in plans(a).items():
+        chosen = [(k, lp) for k, lp in zip(KEYS, plans(a).items(), strict=True) if not args.plan or k in args.plan]
+        for _, (label, plan) in chosen:
             stored: dict = {}
             model = apply_plan_to(lm.model, a, plan, stored=stored)
             quantize = not plan.is_uncompressed

@@ -565,6 +565,8 @@ def _check_cell(chk: dict[str, Any]) -> str:
     text = f"{'pass' if chk['passed'] else 'FAIL'} ({err:.2g} ≤ {chk['tolerance']:g}"
     if stored is not None:
         text += f"; as deployed {chk['relative_l2_error']:.2g}"
+    if chk.get("greedy"):
+        text += f"; greedy {chk['greedy']['tokens_equal']}/{chk['greedy']['tokens']}"
     return text + ")"
 
 
@@ -597,7 +599,7 @@ def index_markdown(index: dict[str, Any]) -> str:
     if base:
         lines += [
             f"Measured on this machine with onnxruntime CPU, {base['threads']} thread(s); predicted by "
-            f"{index['profile_for_prediction']}.",
+            f"{index['profile_for_prediction']}." + (f" Scenario: {base['scenario']}." if base.get("scenario") else ""),
             "",
             f"Uncompressed (fp32 ONNX): decode {base['measured_decode_ms']:.3g} ms measured vs "
             f"{base['predicted_decode_ms']:.3g} ms predicted; prefill {PROMPT}: {base['measured_prefill_ms']:.3g} ms "
