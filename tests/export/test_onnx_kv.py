@@ -12,7 +12,8 @@ from onnx import numpy_helper
 
 from autocompress.compress import apply_plan_to
 from autocompress.errors import AutocompressError
-from autocompress.export.onnx import cache_names, export_onnx
+from autocompress.export.onnx import export_onnx
+from autocompress.export.onnx_graph import cache_names
 from autocompress.export.verify import EXACT, GREEDY_TOKENS, TOLERANCE, check_onnx
 from autocompress.hardware.measure import empty_cache, measure_decode, ort_generate, ort_session
 from autocompress.model import load_model
