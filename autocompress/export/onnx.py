@@ -46,10 +46,10 @@ exactly is listed in ``OnnxExport.not_represented``.
 The token embedding and output head stay fp32 unless the plan gives them a format. Then the head
 is a ``MatMulNBits`` like any linear (the plan's codes), and the embedding lookup a
 ``GatherBlockQuantized`` (onnxruntime's contrib op; uint8 cells in MatMulNBits' layout) on the same
-codes: a tied table is stored once, its packed codes shared by both nodes. Where the codes cannot
-be held exactly (a hidden size that is not a whole number of blocks, values off any grid), the
-lookup stays an fp32 ``Gather`` on the dequantized table (the same values, fp32 size) and
-``not_represented`` says so.
+codes: a tied table is stored once, its packed codes shared by both nodes (a hidden size that is
+not whole blocks, e.g. 576 in blocks of 128, is looked up padded and sliced back). Where the codes
+cannot be held exactly (values off any grid), the lookup stays an fp32 ``Gather`` on the
+dequantized table (the same values, fp32 size) and ``not_represented`` says so.
 """
 
 from __future__ import annotations
@@ -375,8 +375,7 @@ def _quantized_lookup(proto: object, embed_path: str, fmt: str, q: QuantizedTens
         return "no Gather found for the lookup: kept fp32"
     table = numpy_helper.to_array(inits[gather.input[0]])
     rows, hidden = table.shape
-    if hidden % block:
-        return f"lookup kept as an fp32 Gather (hidden size {hidden} is not whole blocks of {block})"
+    blocks = -(-hidden // block)
     head = next((n for n in proto.graph.node if n.op_type == "MatMulNBits" and tied and _shares(n, inits, table)), None)
     new_inits, inputs, views = [], [], []
     prefix = f"{embed_path}.gbq"
@@ -390,7 +389,7 @@ def _quantized_lookup(proto: object, embed_path: str, fmt: str, q: QuantizedTens
             new_inits.append(shape)
             views.append(helper.make_node("Reshape", [src, shape.name], [f"{prefix}.{key}"]))
             inputs.append(f"{prefix}.{key}")
-        zero = None if "zero" in srcs else _default_zero(rows, hidden // block, bits)
+        zero = None if "zero" in srcs else _default_zero(rows, blocks, bits)
     else:
         got = _exact_blocks(table.T, bits, block, symmetric, q)
         if got is None:
@@ -401,14 +400,16 @@ def _quantized_lookup(proto: object, embed_path: str, fmt: str, q: QuantizedTens
             numpy_helper.from_array(scales.reshape(rows, -1).astype(np.float32), f"{prefix}.scales"),
         ]
         inputs = [f"{prefix}.data", f"{prefix}.scales"]
-        zero = _default_zero(rows, hidden // block, bits) if symmetric else zero_packed.reshape(rows, -1)
+        zero = _default_zero(rows, blocks, bits) if symmetric else zero_packed.reshape(rows, -1)
     if zero is not None:
         new_inits.append(numpy_helper.from_array(zero, f"{prefix}.zero"))
         inputs.append(f"{prefix}.zero")
+    padded = hidden % block != 0  # the codes fill whole blocks: the lookup gives padded rows, cut back after
+    out = f"{prefix}.padded" if padded else gather.output[0]
     lookup = helper.make_node(
         "GatherBlockQuantized",
         [inputs[0], gather.input[1], *inputs[1:]],
-        list(gather.output),
+        [out],
         name=f"{prefix}.lookup",
         domain="com.microsoft",
         gather_axis=0,
@@ -418,6 +419,14 @@ def _quantized_lookup(proto: object, embed_path: str, fmt: str, q: QuantizedTens
     )
     nodes = list(proto.graph.node)
     at = nodes.index(gather)
+    if padded:
+        cut = [
+            numpy_helper.from_array(np.array([v], np.int64), f"{prefix}.{k}")
+            for k, v in (("start", 0), ("end", hidden), ("axis", -1))
+        ]
+        new_inits += cut
+        views.append(lookup)
+        lookup = helper.make_node("Slice", [out, *(c.name for c in cut)], [gather.output[0]], name=f"{prefix}.cut")
     nodes[at : at + 1] = [*views, lookup]
     del proto.graph.node[:]
     proto.graph.node.extend(nodes)

@@ -99,7 +99,8 @@ def measure(
     """Give the measured latency of one forward over (batch, seq_len) tokens on this machine.
 
     ``model_or_onnx``: a path to an ``.onnx`` file, ONNX bytes, an onnxruntime session, or a torch
-    ``nn.Module`` taking ``input_ids``/``attention_mask``. Threads are fixed for the measurement
+    ``nn.Module`` taking ``input_ids``/``attention_mask``. A decoder with a KV cache runs from an empty
+    cache (``measure_decode`` times its decode steps). Threads are fixed for the measurement
     (torch's setting is restored afterwards).
     """
     rng = np.random.default_rng(seed)
@@ -108,8 +109,10 @@ def measure(
     if isinstance(model_or_onnx, (str, Path, bytes)) or hasattr(model_or_onnx, "get_inputs"):
         sess = model_or_onnx if hasattr(model_or_onnx, "get_inputs") else ort_session(model_or_onnx, threads)
         names = {i.name for i in sess.get_inputs()}
-        feed = {"input_ids": ids, "attention_mask": mask}
-        feed = {k: v for k, v in feed.items() if k in names}
+        if has_cache(sess):  # a KV-cache decoder: one forward from an empty cache (a prefill of seq_len tokens)
+            feed = _step_feed(ids, empty_cache(sess, batch), 0)
+        else:
+            feed = {k: v for k, v in {"input_ids": ids, "attention_mask": mask}.items() if k in names}
         times = timed(lambda: sess.run(None, feed), warmup=warmup, repeats=repeats, min_time_s=min_time_s)
         return _summary(times, threads, batch, seq_len, "onnxruntime")
     import torch

@@ -71,12 +71,14 @@ def test_present_grows_the_past_by_the_new_tokens(llama, fp32_decoder) -> None:
 
 
 def test_quantized_plan_with_dropped_blocks_and_uneven_heads(llama, fp32_decoder, tmp_path) -> None:
+    """Block 0 keeps 1 KV head, block 2 is dropped; the tied table is int4 in blocks of 128 (wider than
+    the hidden size 64: the lookup reads padded rows and cuts them back)."""
     a = llama.anatomy
     first = a.blocks[0].linears[0].name
     plan = plan_for(
         a,
         default=LayerChoice(bits=4, group_size=32, symmetric=False),
-        layers={first: LayerChoice(bits=8), "model.embed_tokens": LayerChoice(bits=4, group_size=16)},
+        layers={first: LayerChoice(bits=8), "model.embed_tokens": LayerChoice(bits=4, group_size=128)},
         blocks={0: BlockChoice(keep_heads=2)},  # 4 heads over 2 KV groups -> 1 KV head left
         drop_blocks=(2,),
     )
@@ -99,7 +101,7 @@ def test_quantized_plan_with_dropped_blocks_and_uneven_heads(llama, fp32_decoder
     floats = [i for i in proto.graph.initializer if i.data_type == onnx.TensorProto.FLOAT]
     assert not any(tuple(i.dims) in (table, table[::-1]) for i in floats)  # no fp32 copy of the table left
     packed = [numpy_helper.to_array(i).nbytes for i in proto.graph.initializer if i.data_type == onnx.TensorProto.UINT8]
-    assert sum(n for n in packed if n >= a.vocab_size * a.hidden_size // 2) == a.vocab_size * a.hidden_size // 2
+    assert len([n for n in packed if n >= a.vocab_size * a.hidden_size // 2]) == 1  # the tied codes, stored once
     assert exp.size_mb < fp32_decoder.size_mb / 2  # a block fewer; 4-bit codes and their scales
 
     check = check_onnx(exp.path, model, a, exp.formats)
