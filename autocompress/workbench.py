@@ -156,6 +156,7 @@ class Workbench:
         skip_recovery: bool = False,
         stored: dict | None = None,
         share_base: bool = False,
+        gptq: Any = None,
     ) -> nn.Module:
         """Give a compressed copy of the base model (the base is left untouched), or compress
         ``into`` in place — a copy of the base model whose touched parts are its own.
@@ -170,6 +171,7 @@ class Workbench:
         nothing of the later stages. A plan with recovery is refused unless ``skip_recovery`` says
         the caller wants the compressed model before its recovery. ``stored`` (a dict) receives every
         quantized tensor as its format stores it (codes and scales), for the packed exporters.
+        ``gptq`` (a ``GPTQSettings``) replaces the settings every plan is applied with, for experiments.
         """
         if plan.recovery is not None and not skip_recovery:
             raise PlanError(
@@ -182,6 +184,8 @@ class Workbench:
         # GPTQ / SVD-LLM need X^T X of the calibration data: collected once, then cached on disk.
         hessians = self.hessians() if needs_hessians(plan) else None
         common = {"hessians": hessians, "stored": stored, "cache": self.variants, "device": self.compress_device}
+        if gptq is not None:
+            common["gptq"] = gptq
         if into is not None:
             return apply_plan_to(into, self.lm.anatomy, plan, self.stats, inplace=True, **common)
         return apply_plan_to(self.lm.model, self.lm.anatomy, plan, self.stats, share_base=share_base, **common)

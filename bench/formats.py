@@ -5,6 +5,10 @@ perplexity on held-out text, for each quantizer (rtn, imatrix, gptq).
 
 (``-P``: the script's folder is not put on the path, so no file in bench/ can shadow a package.)
 
+``--methods gptq-wgrid`` adds an experiment beside rtn / imatrix / gptq: GPTQ codes on a grid fitted
+with the calibration inputs' Σx² as importance (as llama.cpp fits an imatrix quantization's scales),
+``GPTQSettings(weighted_grid=True)``; plans do not use it (yet).
+
 Two targets per format:
 
 - ``block linears``: every linear of every block in the format. Where a tensor's rows cannot hold
@@ -51,6 +55,10 @@ GGUF = ("Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "IQ4_NL"
 OTHERS = ("int8-ch-sym", "int4-g128-sym", "int4-g128-asym", "q4f16_1", "q3f16_1")
 DEFAULT_FORMATS = ("F16", *GGUF, *OTHERS)
 METHODS = ("rtn", "imatrix", "gptq")
+# GPTQ on a grid fitted with the inputs' Σx² as importance (GPTQSettings.weighted_grid): an experiment,
+# run only when asked for (--methods gptq-wgrid), reported beside the three methods
+EXPERIMENTS = ("gptq-wgrid",)
+WEIGHTED = gptq.GPTQSettings(weighted_grid=True)
 HOLDS_BASE_GRID = ("Q4_1", "Q5_1")
 GGUF_FIRST = ("F16", *GGUF)
 IGNORES_IMPORTANCE = ("Q8_0",)  # llama.cpp's Q8_0 has no importance-weighted quantizer
@@ -76,7 +84,8 @@ def block_plan(wb: Workbench, name: str, method: str) -> tuple[Plan, float, floa
     layers, nbytes, fell = {}, 0, 0
     for s in a.linears:
         fmt = _fitted(name, s.in_features)
-        method_here = method if fmt is not None and not formats.get(fmt).is_float else "rtn"
+        plan_method = "gptq" if method in EXPERIMENTS else method
+        method_here = plan_method if fmt is not None and not formats.get(fmt).is_float else "rtn"
         layers[s.name] = LayerChoice(format=fmt, quant_method=method_here)
         nbytes += formats.get(fmt).bytes((s.out_features, s.in_features)) if fmt else 2 * s.params
         fell += s.params if fmt != name else 0
@@ -125,7 +134,8 @@ def table_model(wb: Workbench, plan: Plan, method: str, stats: tuple[torch.Tenso
             if method == "imatrix":
                 q = fmt.quantize(w, importance=sq)
             else:
-                q = formats.gptq_quantize(w, hess, fmt, **gptq.PLAN_SETTINGS.kwargs())
+                weighted = sq if method == "gptq-wgrid" else None
+                q = formats.gptq_quantize(w, hess, fmt, importance=weighted, **gptq.PLAN_SETTINGS.kwargs())
             weight.copy_(fmt.dequantize(q))
     return model
 
@@ -186,7 +196,7 @@ def main() -> None:
         t0 = time.perf_counter()
         if target == "block linears":
             plan, bpw, fell = block_plan(wb, name, method)
-            model = wb.apply(plan)
+            model = wb.apply(plan, gptq=WEIGHTED if method == "gptq-wgrid" else None)
         else:
             plan, bpw, fell = table_plan(wb, name)
             if method == "rtn" or formats.get(name).is_float:
@@ -223,14 +233,20 @@ def save(model_name: str, wb: Workbench, base_ppl: float, rows: dict) -> None:
     tmp.replace(RESULTS)  # a run stopped mid-write leaves the previous file whole
 
 
+def _methods(rows) -> tuple[str, ...]:
+    """Give the methods to show: the three, then any experiment some row holds."""
+    return (*METHODS, *(m for m in EXPERIMENTS if any(m in r for r in rows)))
+
+
 def markdown(results: dict) -> str:
     """Give the stored results as a markdown table (one line per target and format, fastest-first methods)."""
-    head = "| target | format | bpw | " + " | ".join(f"{m} KL | {m} ppl" for m in METHODS) + " | note |"
-    lines = [head, "|" + "---|" * (3 + 2 * len(METHODS) + 1)]
+    methods = _methods(results["rows"])
+    head = "| target | format | bpw | " + " | ".join(f"{m} KL | {m} ppl" for m in methods) + " | note |"
+    lines = [head, "|" + "---|" * (3 + 2 * len(methods) + 1)]
     rows = sorted(results["rows"], key=lambda r: (r["target"] != "block linears", -r.get("bpw", 0), r["format"]))
     for r in rows:
         cells = []
-        for m in METHODS:
+        for m in methods:
             v = r.get(m)
             cells += [f"{v['kl']:.4f}", f"{v['ppl']:.2f}"] if v else ["-", "-"]
         notes = []
@@ -247,13 +263,15 @@ def markdown(results: dict) -> str:
 
 def print_table(rows, base_ppl: float) -> None:
     """Print one line per (target, format): bpw, then KL and perplexity per method."""
+    rows = list(rows)
+    methods = _methods(rows)
     print(f"\nbase perplexity {base_ppl:.3f}")
     print(
-        f"{'target':15s} {'format':15s} {'bpw':>6s} " + " ".join(f"{m + ' KL':>11s} {m + ' ppl':>10s}" for m in METHODS)
+        f"{'target':15s} {'format':15s} {'bpw':>6s} " + " ".join(f"{m + ' KL':>11s} {m + ' ppl':>10s}" for m in methods)
     )
     for r in sorted(rows, key=lambda r: (r["target"], -r.get("bpw", 0), r["format"])):
         cells = []
-        for m in METHODS:
+        for m in methods:
             v = r.get(m)
             cells.append(f"{v['kl']:11.4f} {v['ppl']:10.3f}" if v else f"{'-':>11s} {'-':>10s}")
         mark = "  (holds the base's Q4_1 grid)" if r["holds_base_grid"] else ""

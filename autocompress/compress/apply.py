@@ -73,7 +73,7 @@ def _effective(choice: LayerChoice, gptq: GPTQSettings = PLAN_SETTINGS) -> tuple
     """Give only the fields that change the weights (so equivalent choices share cache entries)."""
     q = (choice.format, choice.quant_method) if choice.quantized else None
     if choice.quantized and choice.quant_method == "gptq":
-        q = (*q, tuple(sorted(gptq.kwargs().items())))
+        q = (*q, gptq.key())
     p = (choice.sparsity, choice.sparsity_pattern, choice.prune_method) if choice.pruned else None
     r = (choice.rank_ratio, choice.lowrank_method) if choice.rank_ratio is not None else None
     return q, p, r
@@ -189,7 +189,9 @@ def stored_tensor(
     if choice.quant_method == "gptq":
         if hessian is None:
             raise PlanError("quant_method gptq needs the calibration Hessians")
-        return formats.gptq_quantize(w, hessian.to(w.device), fmt, mask=mask, **gptq.kwargs())
+        h = hessian.to(w.device)
+        importance = h.diagonal().clamp(min=0) if gptq.weighted_grid else None
+        return formats.gptq_quantize(w, h, fmt, mask=mask, importance=importance, **gptq.kwargs())
     if choice.quant_method == "imatrix":
         if input_sq_norm is None:
             raise PlanError("quant_method imatrix needs activation statistics (the input's squared norms)")

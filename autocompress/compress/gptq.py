@@ -13,7 +13,7 @@ too, as in SparseGPT.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -35,10 +35,20 @@ class GPTQSettings:
 
     damp: float = DAMP
     act_order: bool = True
+    # fit the format's grid (block scales and mins) with the calibration inputs' Σx² per column as
+    # importance, as llama.cpp's quantizer does with an imatrix, before GPTQ chooses the codes on it
+    weighted_grid: bool = False
 
     def kwargs(self) -> dict[str, float | bool]:
-        """Give the settings as keywords of ``formats.gptq_quantize``."""
-        return asdict(self)
+        """Give the settings as keywords of ``formats.gptq_quantize`` (the grid's importance is
+        the caller's: the Hessian's diagonal, see ``key``)."""
+        return {"damp": self.damp, "act_order": self.act_order}
+
+    def key(self) -> tuple:
+        """Give what tells apart the weights these settings give (a cache key part; the default
+        grid keeps the key it had before ``weighted_grid`` existed)."""
+        extra = (("weighted_grid", True),) if self.weighted_grid else ()
+        return (*sorted(self.kwargs().items()), *extra)
 
 
 PLAN_SETTINGS = GPTQSettings()
