@@ -132,3 +132,25 @@ def test_refuses_a_cache_for_an_encoder_and_a_graph_without_one(tmp_path) -> Non
     plain = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
     with pytest.raises(ValueError, match="KV cache"):
         measure_decode(plain.SerializeToString(), context=4)
+
+
+def test_untied_embedding_and_head_keep_their_own_formats(tmp_path) -> None:
+    mistral = load_model("tiny-mistral")  # untied table and head, sliding-window attention
+    a = mistral.anatomy
+    tables = {"model.embed_tokens": LayerChoice(bits=8, group_size=32, symmetric=False)}
+    tables["lm_head"] = LayerChoice(bits=4, group_size=16)
+    plan = plan_for(a, default=LayerChoice(bits=4, group_size=32), layers=tables)
+    stored: dict = {}
+    model = apply_plan_to(mistral.model, a, plan, stored=stored)
+    exp = export_onnx(model, a, plan, tmp_path / "m.onnx", kv_cache=True, stored=stored)
+    assert exp.formats["model.embed_tokens"] == "int8-g32-asym" and exp.formats["lm_head"] == "int4-g16-sym"
+    proto = onnx.load(str(exp.path))
+    nodes = {n.op_type: n for n in proto.graph.node}
+    assert [n.op_type for n in proto.graph.node].count("MatMulNBits") == a.num_blocks * 7 + 1
+    lookup = {x.name: x.i for x in nodes["GatherBlockQuantized"].attribute}
+    assert lookup["bits"] == 8 and lookup["block_size"] == 32  # the embedding's own format, not the head's
+    floats = [i for i in proto.graph.initializer if i.data_type == onnx.TensorProto.FLOAT]
+    assert not any(a.vocab_size in i.dims and a.hidden_size in i.dims for i in floats)
+    check = check_onnx(exp.path, model, a, exp.formats)
+    assert check["passed"] and check["stored_weights_error"] <= EXACT, check
+    assert check["greedy"]["tokens_equal"] == GREEDY_TOKENS
