@@ -32,7 +32,7 @@ from autocompress.search.objective import TrialRunner
 from autocompress.search.recipe_seeds import recipe_seeds
 from autocompress.search.result import SearchResult
 from autocompress.search.samplers import SAMPLERS, SeededSampler, make_sampler
-from autocompress.search.seeding import build_knapsack, prioritise, seed_plans
+from autocompress.search.seeding import anchor_savings, build_knapsack, prioritise, seed_plans
 from autocompress.search.storage import (
     check_resume,
     load_finished_study,
@@ -153,6 +153,8 @@ def search(
     seeds = seed_plans(space_obj, ctx, most_active, knapsack)
     if profile.runtime == "llama.cpp":  # what llama.cpp users download, improved from there
         seeds += recipe_seeds(space_obj, ctx, wb, log=say)
+    # the recipes' own predicted costs are cost targets of the evolution (before --seeds drops any)
+    anchors = [] if knapsack is None else anchor_savings(seeds, space_obj, ctx, cost_model, knapsack)
     all_seeds = len(seeds)
     if max_seeds is not None:
         seeds = prioritise(seeds, max_seeds)
@@ -162,7 +164,7 @@ def search(
             study_name=study_name,
             storage=st,
             directions=["minimize"] * 3,
-            sampler=SeededSampler(make_sampler(sampler, seed, population, knapsack), seeds),
+            sampler=SeededSampler(make_sampler(sampler, seed, population, knapsack, anchors), seeds),
             load_if_exists=True,
         )
     except Exception as exc:
@@ -175,6 +177,7 @@ def search(
         "space": str(space),
         "sampler": sampler,
         "population": population,
+        "anchors": anchors,
         "trials": trials,
     }
     is_new = check_resume(opt, settings)

@@ -2,8 +2,9 @@
 
 The knapsack (``seeding.Knapsack``) gives every unit's levels with the KL each costs alone in the
 sensitivity table and the latency / memory it saves alone (the cost model is additive over units).
-The sampler spreads ``targets`` latency savings along the part of the front that costs KL and
-works on them in turn: trial
+The sampler spreads ``targets`` latency savings along the part of the front that costs KL, adds
+the savings of ``anchors`` (the llama.cpp recipes' predicted cost in a llama.cpp study, so each recipe
+is attacked at its own cost), and works on them in turn: trial
 ``n`` serves target ``n % targets``. For its target it takes as parent the evaluated plan with the
 least measured KL that saves at least the target (the knapsack's own plan before any is
 evaluated), draws ``offspring`` mutants, each a few level switches between two units (one unit
@@ -36,7 +37,14 @@ TOL = 1e-9
 class EvoSampler(BaseSampler):
     """Proposes plans by level-switch mutation of the best plan at each cost target; see the module."""
 
-    def __init__(self, knapsack: Knapsack, seed: int = 0, targets: int = TARGETS, offspring: int = OFFSPRING) -> None:
+    def __init__(
+        self,
+        knapsack: Knapsack,
+        seed: int = 0,
+        targets: int = TARGETS,
+        offspring: int = OFFSPRING,
+        anchors: Sequence[float] = (),
+    ) -> None:
         self.ks = knapsack
         self.seed = seed
         self.offspring = offspring
@@ -50,6 +58,8 @@ class EvoSampler(BaseSampler):
         free = max((a.latency_saved_ms for a in knapsack.front if a.kl <= 0.0), default=0.0)
         lo = max(free, knapsack.min_saving_ms)
         goals = [lo + (i + 0.5) / targets * (knapsack.max_saving_ms - lo) for i in range(targets)]
+        # ``anchors``: savings of plans to beat at equal cost (llama.cpp's recipes), targets of their own
+        goals += [a for a in anchors if lo < a <= knapsack.max_saving_ms]
         self.targets = sorted(set(goals))
         self._unit_keys = {k for opts in units for o in opts for k in o.params}
         self._choice_cache: dict[int, tuple[int, ...] | None] = {}

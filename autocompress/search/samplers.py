@@ -25,16 +25,19 @@ HELP = (
 )
 
 
-def make_sampler(name: str, seed: int, population: int, knapsack: Knapsack | None = None) -> BaseSampler:
+def make_sampler(
+    name: str, seed: int, population: int, knapsack: Knapsack | None = None, anchors: Sequence[float] = ()
+) -> BaseSampler:
     """Give the Optuna sampler for ``--sampler``; ``population`` is NSGA-II's generation size and
     the other model-based samplers' number of start-up trials (the seeds fill them); ``evo``
-    evolves the plans of ``knapsack`` (the space's levels and what each costs and saves)."""
+    evolves the plans of ``knapsack`` (the space's levels and what each costs and saves), with cost
+    targets at ``anchors`` (latency savings) besides its own."""
     if name == "evo":
         if knapsack is None:
             raise StudyError("--sampler evo needs a per-block or per-linear space with a sensitivity table")
         from autocompress.search.evo import EvoSampler
 
-        return EvoSampler(knapsack, seed=seed)
+        return EvoSampler(knapsack, seed=seed, anchors=anchors)
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=population)
     if name == "tpe":

@@ -322,6 +322,23 @@ def build_knapsack(
     )
 
 
+def anchor_savings(
+    seeds: Sequence[Seed], space: SearchSpace, ctx: SpaceContext, cost_model: CostModel, knapsack: Knapsack
+) -> list[float]:
+    """Give the predicted latency each llama.cpp recipe seed saves over the knapsack's base plan: cost
+    targets at the recipes' own cost, where the search must beat what users download at equal size."""
+    from autocompress.plan import Plan
+
+    base = cost_model.predict(replace(space.plan_from_params(knapsack.base_params, ctx), layers={}, blocks={}))
+    out = []
+    for s in seeds:
+        if not s.name.startswith("recipe "):
+            continue
+        plan = Plan.from_dict(s.plan) if s.plan is not None else space.plan_from_params(s.params, ctx)
+        out.append(round(base.latency_ms - cost_model.predict(plan).latency_ms, 9))
+    return out
+
+
 def seed_plans(
     space: SearchSpace, ctx: SpaceContext, sensitivity_order: Sequence[int], knapsack: Knapsack | None
 ) -> list[Seed]:

@@ -73,7 +73,9 @@ def run_worker(
     budget = Budget(**settings["budgets"])
     knapsack = None if table is None else build_knapsack(space, ctx, table, cost_model, budget)
     opt = optuna.load_study(study_name=study, storage=st)
-    sampler = make_sampler(run["sampler"], settings["seed"] + 7919 * index, run["population"], knapsack)
+    sampler = make_sampler(
+        run["sampler"], settings["seed"] + 7919 * index, run["population"], knapsack, run.get("anchors", ())
+    )
     opt.sampler = SeededSampler.for_study(opt, sampler)
     evaluator = Evaluator(wb.lm.model, wb.data, anatomy.task)
     runner = TrialRunner(opt, space, ctx, wb, evaluator, cost_model, budget, Path(out) / study, table)

@@ -183,6 +183,11 @@ def test_a_llamacpp_study_evaluates_the_recipes_as_baselines(wb, tmp_path, monke
     search(trials=1, **run)
     opt = optuna.load_study(study_name="r", storage=f"sqlite:///{tmp_path / 'r' / 'study.db'}")
     names = [Seed.from_list(s).name for s in opt.user_attrs["seeds"]]
+    # each recipe's predicted saving is a cost target of the evolution: fewer bits, more saved
+    saved = dict(
+        zip([n for n in names if n.startswith("recipe ")], opt.user_attrs["settings"]["run"]["anchors"], strict=True)
+    )
+    assert 0 < saved["recipe Q6_K"] < saved["recipe Q4_K_M"] < saved["recipe Q3_K_M"], saved
     at = names.index("recipe Q3_K_M")
     search(trials=at + 1, **run)  # resumed: the seeds come back from the study
     trial = opt.trials[at]

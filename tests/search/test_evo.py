@@ -123,3 +123,20 @@ def test_evo_is_selectable_and_needs_a_knapsack():
     assert isinstance(make_sampler("evo", 0, 8, ks), EvoSampler)
     with pytest.raises(StudyError, match="sensitivity table"):
         make_sampler("evo", 0, 8)
+
+
+def test_anchors_become_targets_and_their_proposals_hold_them():
+    """A recipe's cost (an anchor) is a target of its own: proposals made for it save at least it."""
+    ks, true = _problem(2)
+    anchors = [0.37 * ks.max_saving_ms, 0.81 * ks.max_saving_ms, 2 * ks.max_saving_ms, -1.0]
+    evo = EvoSampler(ks, seed=0, anchors=anchors)
+    plain = EvoSampler(ks, seed=0)
+    assert set(evo.targets) == set(plain.targets) | set(anchors[:2])  # the unreachable ones are left out
+    study = _run(evo, ks, true, 3 * len(evo.targets))
+    at = {a: [] for a in anchors[:2]}
+    for t in study.trials:
+        if evo.worked_at.get(t.number) in at:
+            saved = sum(ks.units[u][t.params[f"u{u}"]].latency_saved_ms for u in range(N_UNITS))
+            at[evo.worked_at[t.number]].append(saved)
+    for a, saved in at.items():
+        assert saved and all(s >= a - 1e-9 for s in saved), (a, saved)
