@@ -21,7 +21,7 @@ setup: $(STAMP)
 	$(BIN)/autocompress llamacpp build
 
 demo: setup
-	$(BIN)/autocompress search --hw jetson --trials $(DEMO_TRIALS) --seeds $(DEMO_SEEDS) --study demo
+	$(BIN)/autocompress search --hw jetson --space search-bench --sampler evo --trials $(DEMO_TRIALS) --seeds $(DEMO_SEEDS) --study demo
 
 test: setup
 	$(BIN)/python -m pytest -q
