@@ -45,6 +45,7 @@ from autocompress import formats
 from autocompress.calib import run_with_hooks
 from autocompress.compress import gptq
 from autocompress.evaluate.metrics import kl_to_base, output_logprobs, perplexity
+from autocompress.formats.registry import FALLBACK
 from autocompress.hardware.cost import CostModel
 from autocompress.hardware.profile import load_profile
 from autocompress.plan import LayerChoice, ModelRef, Plan
@@ -256,6 +257,10 @@ def markdown(results: dict) -> str:
             notes.append(f"{100 * r['fallback_share']:.0f} % of weights in llama.cpp's fallback")
         if r["holds_base_grid"]:
             notes.append("holds the base's Q4_1 grid: no conclusion")
+        elif r.get("fallback_share") and FALLBACK.get(r["format"]) in HOLDS_BASE_GRID:
+            notes.append(f"its fallback {FALLBACK[r['format']]} can hold the base's grid: no conclusion")
+        if r.get("imatrix") and r.get("rtn") and r["imatrix"]["kl"] == r["rtn"]["kl"]:
+            notes.append("its quantizer ignores importance (imatrix = rtn)")
         bpw = f"{r['bpw']:.2f}" if "bpw" in r else "-"
         lines.append(f"| {r['target']} | {r['format']} | {bpw} | " + " | ".join(cells) + f" | {'; '.join(notes)} |")
     return f"Base perplexity {results['base_ppl']:.2f}.\n\n" + "\n".join(lines)
