@@ -23,6 +23,7 @@ from autocompress.export import verify
 from autocompress.model.anatomy import ModelAnatomy
 from autocompress.plan import Plan
 from autocompress.recover import rebuild
+from autocompress.search.front import spread
 from autocompress.search.result import Candidate, SearchResult
 
 
@@ -172,13 +173,6 @@ def export_trials(
     return records
 
 
-def _spread(front: list[Any], k: int) -> list[Any]:
-    if len(front) <= k:
-        return list(front)
-    idx = sorted({round(i * (len(front) - 1) / (k - 1)) for i in range(k)}) if k > 1 else [0]
-    return [front[i] for i in idx]
-
-
 def verify_front(
     study_dir_or_result: str | Path | SearchResult, k: int, log: Callable[[str], None] | None = None
 ) -> list[dict[str, Any]]:
@@ -208,9 +202,9 @@ def verify_front(
             c for c in view.front if c.plan.recovery is None and not gguf_blockers(c.plan, view.anatomy.architecture)
         ]
         if writable:
-            return _verify_gguf(view, _spread(writable, k), say)
+            return _verify_gguf(view, spread(writable, k), say)
         say("verify: no front point can be written as GGUF (low-rank, sparsity or recovery); checking ONNX instead")
-    points = _spread(view.front, k)
+    points = spread(view.front, k)
     pred = verify.Predictor.for_hw("local", view.anatomy)
     if pred.note:
         say(pred.note)
