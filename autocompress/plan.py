@@ -27,7 +27,9 @@ if TYPE_CHECKING:
 SCHEMA_VERSION = 1
 SPARSITY_PATTERNS = ("unstructured", "2:4")
 PRUNE_METHODS = ("wanda", "magnitude")
-QUANT_METHODS = ("rtn", "imatrix", "gptq")  # imatrix: scales fitted to importance-weighted error (llama.cpp)
+# imatrix: scales fitted to importance-weighted error (llama.cpp); gptq-imatrix: GPTQ codes on such a grid
+QUANT_METHODS = ("rtn", "imatrix", "gptq", "gptq-imatrix")
+GPTQ_METHODS = ("gptq", "gptq-imatrix")  # the methods that choose codes with the calibration Hessian
 LOWRANK_METHODS = ("svd", "asvd", "svd-llm")
 ACT_BITS = (8, 16)
 
@@ -58,7 +60,9 @@ class LayerChoice:
     scale per output row), which reproduces those plans' weights bit for bit.
     ``quant_method`` rtn (round to nearest, the runtime's reference quantizer), imatrix (scales fitted
     to the importance-weighted error, the input's Σx² per column, as llama.cpp does with an
-    imatrix) or gptq (error-compensated codes on the format's grid, from the calibration Hessian).
+    imatrix), gptq (error-compensated codes on the format's reference grid, from the calibration
+    Hessian) or gptq-imatrix (the grid fitted as imatrix fits it, with the Hessian's diagonal, the
+    input's Σx², as importance; then GPTQ's codes on it).
     ``rank_ratio`` is the kept rank as a fraction of the break-even rank r* = m·n/(m+n), so every
     value in (0, 1] stores fewer numbers than the dense layer; the rank is rounded to a multiple of 8.
     ``lowrank_method`` svd, asvd (activation-scaled) or svd-llm (Hessian-whitened);
@@ -165,6 +169,11 @@ class LayerChoice:
     @property
     def pruned(self) -> bool:
         return self.sparsity > 0.0
+
+    @property
+    def by_gptq(self) -> bool:
+        """True when GPTQ chooses the stored codes (quantized, with a method of ``GPTQ_METHODS``)."""
+        return self.quantized and self.quant_method in GPTQ_METHODS
 
     @property
     def is_identity(self) -> bool:

@@ -5,9 +5,9 @@ perplexity on held-out text, for each quantizer (rtn, imatrix, gptq).
 
 (``-P``: the script's folder is not put on the path, so no file in bench/ can shadow a package.)
 
-``--methods gptq-wgrid`` adds an experiment beside rtn / imatrix / gptq: GPTQ codes on a grid fitted
-with the calibration inputs' Σx² as importance (as llama.cpp fits an imatrix quantization's scales),
-``GPTQSettings(weighted_grid=True)``; plans do not use it (yet).
+``--methods rtn,imatrix,gptq,gptq-imatrix`` adds the fourth plan quantizer, run only when asked for:
+GPTQ codes on a grid fitted with the calibration inputs' Σx² as importance (as llama.cpp fits an
+imatrix quantization's scales), ``quant_method: gptq-imatrix``.
 
 Two targets per format:
 
@@ -56,10 +56,9 @@ GGUF = ("Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "IQ4_NL"
 OTHERS = ("int8-ch-sym", "int4-g128-sym", "int4-g128-asym", "q4f16_1", "q3f16_1")
 DEFAULT_FORMATS = ("F16", *GGUF, *OTHERS)
 METHODS = ("rtn", "imatrix", "gptq")
-# GPTQ on a grid fitted with the inputs' Σx² as importance (GPTQSettings.weighted_grid): an experiment,
-# run only when asked for (--methods gptq-wgrid), reported beside the three methods
-EXPERIMENTS = ("gptq-wgrid",)
-WEIGHTED = gptq.GPTQSettings(weighted_grid=True)
+# GPTQ on a grid fitted with the inputs' Σx² as importance: run only when asked for (--methods ...,gptq-imatrix),
+# reported beside the three methods
+EXTRA_METHODS = ("gptq-imatrix",)
 HOLDS_BASE_GRID = ("Q4_1", "Q5_1")
 GGUF_FIRST = ("F16", *GGUF)
 IGNORES_IMPORTANCE = ("Q8_0",)  # llama.cpp's Q8_0 has no importance-weighted quantizer
@@ -85,8 +84,7 @@ def block_plan(wb: Workbench, name: str, method: str) -> tuple[Plan, float, floa
     layers, nbytes, fell = {}, 0, 0
     for s in a.linears:
         fmt = _fitted(name, s.in_features)
-        plan_method = "gptq" if method in EXPERIMENTS else method
-        method_here = plan_method if fmt is not None and not formats.get(fmt).is_float else "rtn"
+        method_here = method if fmt is not None and not formats.get(fmt).is_float else "rtn"
         layers[s.name] = LayerChoice(format=fmt, quant_method=method_here)
         nbytes += formats.get(fmt).bytes((s.out_features, s.in_features)) if fmt else 2 * s.params
         fell += s.params if fmt != name else 0
@@ -135,7 +133,7 @@ def table_model(wb: Workbench, plan: Plan, method: str, stats: tuple[torch.Tenso
             if method == "imatrix":
                 q = fmt.quantize(w, importance=sq)
             else:
-                weighted = sq if method == "gptq-wgrid" else None
+                weighted = sq if method == "gptq-imatrix" else None
                 q = formats.gptq_quantize(w, hess, fmt, importance=weighted, **gptq.PLAN_SETTINGS.kwargs())
             weight.copy_(fmt.dequantize(q))
     return model
@@ -197,7 +195,7 @@ def main() -> None:
         t0 = time.perf_counter()
         if target == "block linears":
             plan, bpw, fell = block_plan(wb, name, method)
-            model = wb.apply(plan, gptq=WEIGHTED if method == "gptq-wgrid" else None)
+            model = wb.apply(plan)
         else:
             plan, bpw, fell = table_plan(wb, name)
             if method == "rtn" or formats.get(name).is_float:
@@ -235,8 +233,8 @@ def save(model_name: str, wb: Workbench, base_ppl: float, rows: dict) -> None:
 
 
 def _methods(rows) -> tuple[str, ...]:
-    """Give the methods to show: the three, then any experiment some row holds."""
-    return (*METHODS, *(m for m in EXPERIMENTS if any(m in r for r in rows)))
+    """Give the methods to show: the three, then any other some row holds."""
+    return (*METHODS, *(m for m in EXTRA_METHODS if any(m in r for r in rows)))
 
 
 def markdown(results: dict) -> str:

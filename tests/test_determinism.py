@@ -110,7 +110,7 @@ _choices = st.builds(
     symmetric=st.booleans(),
     sparsity=st.sampled_from([0.0, 0.1, 0.3, 0.6]),
     rank_ratio=st.sampled_from([None, 0.25, 0.5, 1.0]),
-    quant_method=st.sampled_from(["rtn", "gptq"]),
+    quant_method=st.sampled_from(["rtn", "imatrix", "gptq", "gptq-imatrix"]),
 )
 
 

@@ -72,7 +72,7 @@ def _digest(t: torch.Tensor | None) -> str | None:
 def _effective(choice: LayerChoice, gptq: GPTQSettings = PLAN_SETTINGS) -> tuple:
     """Give only the fields that change the weights (so equivalent choices share cache entries)."""
     q = (choice.format, choice.quant_method) if choice.quantized else None
-    if choice.quantized and choice.quant_method == "gptq":
+    if choice.by_gptq:
         q = (*q, gptq.key())
     p = (choice.sparsity, choice.sparsity_pattern, choice.prune_method) if choice.pruned else None
     r = (choice.rank_ratio, choice.lowrank_method) if choice.rank_ratio is not None else None
@@ -90,8 +90,7 @@ def _needs_stats(choice: LayerChoice) -> bool:
 
 
 def _needs_hessian(choice: LayerChoice) -> bool:
-    gptq = choice.quantized and choice.quant_method == "gptq"
-    return gptq or (choice.rank_ratio is not None and choice.lowrank_method == "svd-llm")
+    return choice.by_gptq or (choice.rank_ratio is not None and choice.lowrank_method == "svd-llm")
 
 
 def decompose(
@@ -140,8 +139,7 @@ def compress_weight(
     A = _prune_quantize(A, choice, input_sq_norm, hessian, gptq=gptq)
     # the second factor's inputs are A·x: their squared norms, assuming uncorrelated input channels
     mid_norm = (A.double().square() @ input_sq_norm.double()).float() if input_sq_norm is not None else None
-    by_gptq = choice.quantized and choice.quant_method == "gptq"
-    mid_h = (A.double() @ hessian.double() @ A.double().t()).float() if by_gptq and hessian is not None else None
+    mid_h = (A.double() @ hessian.double() @ A.double().t()).float() if choice.by_gptq and hessian is not None else None
     return A, _prune_quantize(B, choice, mid_norm, mid_h, gptq=gptq)
 
 
@@ -186,11 +184,12 @@ def stored_tensor(
     fmt = choice.fmt
     if fmt.is_float:
         return fmt.quantize(w)
-    if choice.quant_method == "gptq":
+    if choice.by_gptq:
         if hessian is None:
-            raise PlanError("quant_method gptq needs the calibration Hessians")
+            raise PlanError(f"quant_method {choice.quant_method} needs the calibration Hessians")
         h = hessian.to(w.device)
-        importance = h.diagonal().clamp(min=0) if gptq.weighted_grid else None
+        # gptq-imatrix: the grid fitted with the input's Σx² per column (the Hessian's diagonal) as importance
+        importance = h.diagonal().clamp(min=0) if choice.quant_method == "gptq-imatrix" else None
         return formats.gptq_quantize(w, h, fmt, mask=mask, importance=importance, **gptq.kwargs())
     if choice.quant_method == "imatrix":
         if input_sq_norm is None:

@@ -26,7 +26,7 @@ BLOCK = 128  # columns per lazy batch update
 
 @dataclass(frozen=True)
 class GPTQSettings:
-    """How plans with quant_method gptq are applied (an argument of ``apply_plan_to``, part of its
+    """How plans with quant_method gptq / gptq-imatrix are applied (an argument of ``apply_plan_to``, part of its
     cache keys; ``kwargs()`` are ``autocompress.formats.gptq_quantize``'s keywords).
 
     The default is what every plan is applied with. act-order measured on SmolLM2-135M, g128: ppl
@@ -35,9 +35,6 @@ class GPTQSettings:
 
     damp: float = DAMP
     act_order: bool = True
-    # fit the format's grid (block scales and mins) with the calibration inputs' Σx² per column as
-    # importance, as llama.cpp's quantizer does with an imatrix, before GPTQ chooses the codes on it
-    weighted_grid: bool = False
 
     def kwargs(self) -> dict[str, float | bool]:
         """Give the settings as keywords of ``formats.gptq_quantize`` (the grid's importance is
@@ -45,10 +42,8 @@ class GPTQSettings:
         return {"damp": self.damp, "act_order": self.act_order}
 
     def key(self) -> tuple:
-        """Give what tells apart the weights these settings give (a cache key part; the default
-        grid keeps the key it had before ``weighted_grid`` existed)."""
-        extra = (("weighted_grid", True),) if self.weighted_grid else ()
-        return (*sorted(self.kwargs().items()), *extra)
+        """Give what tells apart the weights these settings give (a cache key part)."""
+        return tuple(sorted(self.kwargs().items()))
 
 
 PLAN_SETTINGS = GPTQSettings()

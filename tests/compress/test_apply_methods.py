@@ -120,24 +120,20 @@ def test_disk_cache_restores_the_same_weights_without_recomputing(llama, tmp_pat
     assert state_dict_hash(apply_plan_to(llama.model, llama.anatomy, plan, stats, hessians=hess, cache=reader)) == first
 
 
-def test_weighted_grid_gptq_is_cached_apart_and_closer_where_inputs_are_large(llama):
-    """GPTQ on a grid fitted with the inputs' Σx² (GPTQSettings.weighted_grid): a separate cache
-    entry from plain GPTQ (one shared cache, both orders), and on the calibration tokens no farther
+def test_gptq_imatrix_is_cached_apart_and_closer_where_inputs_are_large(llama):
+    """quant_method gptq-imatrix (GPTQ codes on a grid fitted with the inputs' Σx²): a separate cache
+    entry from plain gptq (one shared cache, both orders), and on the calibration tokens no farther
     from the base model than plain GPTQ's grid (the importance is that data's)."""
-    from autocompress.compress.gptq import GPTQSettings
-
     hess = _hessians(llama)
-    plan = plan_for(llama, default=LayerChoice(format="Q4_0", quant_method="gptq"))
     ids = _ids()
     ref = llama.model(ids).logits
     cache = VariantCache()
     out = {}
-    for weighted in (False, True, False):
-        m = apply_plan_to(
-            llama.model, llama.anatomy, plan, hessians=hess, cache=cache, gptq=GPTQSettings(weighted_grid=weighted)
-        )
-        out.setdefault(weighted, []).append((state_dict_hash(m), (m(ids).logits - ref).norm().item()))
-    (plain, plain_err), (again, _) = out[False]
-    (wgrid, wgrid_err) = out[True][0]
+    for method in ("gptq", "gptq-imatrix", "gptq"):
+        plan = plan_for(llama, default=LayerChoice(format="Q4_0", quant_method=method))
+        m = apply_plan_to(llama.model, llama.anatomy, plan, hessians=hess, cache=cache)
+        out.setdefault(method, []).append((state_dict_hash(m), (m(ids).logits - ref).norm().item()))
+    (plain, plain_err), (again, _) = out["gptq"]
+    (wgrid, wgrid_err) = out["gptq-imatrix"][0]
     assert plain == again and wgrid != plain
     assert wgrid_err <= 1.05 * plain_err, (plain_err, wgrid_err)
