@@ -31,7 +31,7 @@ def main() -> None:
 
     def ungated(self) -> None:
         post_init(self)
-        self.gate = False  # measure every proposal: the replay decides what the gate would have stopped
+        self.gate.enabled = False  # measure every proposal: the replay decides what the gate would have stopped
 
     engine.TrialRunner.__post_init__ = ungated
     data = DataConfig(seq_len=64, calib_tokens=512, proxy_tokens=256, eval_tokens=256)

@@ -3,7 +3,7 @@ scored by the KL proxy, with the full metric run on the front at the end.
 
 This module only orchestrates ``search()``; each step lives in its own module: ``storage`` (open,
 resume, settings), ``table`` (the sensitivity table), ``seeding`` and ``recipe_seeds`` (the seed
-plans), ``samplers`` (the proposers), ``objective`` (the trial loop and the fidelity ladder's gate),
+plans), ``samplers`` (the proposers), ``objective`` (the trial loop), ``gate`` (may a proposal reach the front),
 ``worker`` (extra processes on the study), ``front`` (the front, the full metric, the outputs).
 """
 

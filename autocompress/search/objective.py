@@ -1,5 +1,5 @@
 """The objective: one process's trial loop (ask, turn the trial into a plan, screen it by the cost
-model and the fidelity ladder, apply and score it on the KL proxy, tell), for the main search or a worker."""
+model and the gate (``gate.py``), apply and score it on the KL proxy, tell), for the main search or a worker."""
 
 from __future__ import annotations
 
@@ -16,13 +16,13 @@ from optuna.trial import TrialState
 
 from autocompress.errors import AutocompressError, StudyError
 from autocompress.evaluate import Evaluator
-from autocompress.evaluate.ladder import Ladder, merge
-from autocompress.evaluate.predictor import QualityPredictor, plan_features
-from autocompress.evaluate.sensitivity import SensitivityTable, plan_keys
+from autocompress.evaluate.ladder import merge
+from autocompress.evaluate.sensitivity import SensitivityTable
 from autocompress.hardware import CostModel
 from autocompress.plan import Plan
 from autocompress.search import heartbeat, hypervolume
 from autocompress.search.budget import Budget
+from autocompress.search.gate import Estimate, Gate
 from autocompress.search.interrupt import InterruptGate
 from autocompress.search.report import describe_plan
 from autocompress.search.samplers import SeededSampler
@@ -46,16 +46,19 @@ class TrialRunner:
     study_dir: Path
     table: SensitivityTable | None
 
-    gate: bool = True  # let the fidelity ladder stop proposals that cannot reach the front
+    gated: bool = True  # let the gate stop proposals that cannot reach the front
 
     def __post_init__(self) -> None:
         self.cache = self.wb.eval_cache()
         self.interrupts = InterruptGate()
-        self.ladder = Ladder(quality_limit=self.budget.quality_loss)
-        self.predictor = QualityPredictor()
-        self.samples: list[tuple[list[float], float, float]] = []  # (features, rung-0 sum, measured KL)
-        self._fitted_at = 0
-        self._table_spearman = math.nan
+        self.gate = Gate(
+            self.space,
+            self.ctx,
+            self.table,
+            quality_limit=self.budget.quality_loss,
+            enabled=self.gated,
+            publish=lambda figures: self.opt.set_user_attr("predictor", figures),
+        )
         self.known: dict[str, dict[str, float]] = {}  # plan hash -> proxy result, for this study
         for t in self.opt.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             ua = t.user_attrs
@@ -68,66 +71,23 @@ class TrialRunner:
                 "topk_kl": ua.get("topk_kl", math.nan),
                 "partial_kl": ua.get("rung1_partial_kl", math.nan),
             }
-            self.ladder.observe(t.number, kl, lat, mem, rung0=ua.get("rung0_kl"), partial=ua.get("rung1_partial_kl"))
             path = self.study_dir / "plans" / f"{t.number}.yaml"
-            if self.table is not None and path.is_file():
-                est = self._estimate(Plan.load(path))
-                if est is not None:
-                    self.samples.append((est[1], est[0], kl))
-
-    def _estimate(self, plan: Plan) -> tuple[float, list[float]] | None:
-        """Give the rung-0 sum and the predictor features of a plan (None without a complete table)."""
-        if self.table is None:
-            return None
-        entries = [(k, self.table.entries.get(k)) for k in plan_keys(plan, self.space, self.ctx)]
-        if any(v is None for _, v in entries):
-            return None
-        return sum(v for _, v in entries), plan_features(plan, self.ctx.anatomy, entries)
-
-    def _refit(self) -> None:
-        """Refit the learned predictor every 8 new samples; it screens only while it ranks better than the table."""
-        from scipy.stats import spearmanr
-
-        if len(self.samples) - self._fitted_at < 8:
-            return
-        self._fitted_at = len(self.samples)
-        feats, rung0, kl = zip(*self.samples, strict=True)
-        self.predictor.fit(feats, kl)
-        if not self.predictor.ready:
-            return
-        self._table_spearman = float(spearmanr(rung0, kl)[0])
-        self.opt.set_user_attr(
-            "predictor",
-            {
-                "n": self.predictor.n_samples,
-                "cv_spearman": self.predictor.cv_spearman,
-                "table_spearman": self._table_spearman,
-                "screens": self._predictor_screens,
-            },
-        )
-
-    @property
-    def _predictor_screens(self) -> bool:
-        return self.predictor.ready and self.predictor.cv_spearman > self._table_spearman
+            est = self.gate.estimate(Plan.load(path)) if self.table is not None and path.is_file() else None
+            self.gate.observe(t.number, kl, lat, mem, est, ua.get("rung1_partial_kl"))
 
     def _stop(self, trial: optuna.Trial, rung: int, why: str) -> None:
         trial.set_user_attr("rung", rung)
         trial.set_user_attr("ladder", f"stopped at rung {rung}: {why}")
         self.opt.tell(trial, state=TrialState.PRUNED)
 
-    def _climb(self, trial: optuna.Trial, plan: Plan, cost: Any, est: tuple[float, list[float]] | None) -> dict | None:
+    def _climb(self, trial: optuna.Trial, plan: Plan, cost: Any, est: Estimate | None) -> dict | None:
         """Measure the KL proxy in two stages, stopping when the plan cannot reach the front; give the result."""
         lat, mem = cost.latency_ms, cost.memory_mb
-        gate = self.gate and not ({"baseline", "seed"} & set(trial.user_attrs))  # seeds are always measured
-        if gate and est is not None:
-            if self._predictor_screens:
-                bound, source = self.predictor.lower_bound(est[1]), "learned predictor"
-            else:
-                bound, source = self.ladder.lower_bound("rung0", est[0]), "sensitivity table"
-            why = self.ladder.blocker(bound, lat, mem)
-            if why:
-                self._stop(trial, 0, f"{source}: {why}")
-                return None
+        gated = not ({"baseline", "seed"} & set(trial.user_attrs))  # seeds are always measured
+        why = self.gate.before_measuring(est, lat, mem) if gated else None
+        if why:
+            self._stop(trial, 0, why)
+            return None
         with self.interrupts.open():  # the time goes here: Ctrl-C stops it at once
             # evaluation only: the copy shares every tensor the plan leaves unchanged with the base
             compressed = self.wb.apply(plan, share_base=True)
@@ -140,7 +100,7 @@ class TrialRunner:
             with self.interrupts.open():
                 first = self.evaluator.proxy(model, slice(0, 1))
             trial.set_user_attr("rung1_partial_kl", first.kl)
-            why = self.ladder.blocker(self.ladder.lower_bound("partial", first.kl), lat, mem) if gate else None
+            why = self.gate.after_partial(first.kl, lat, mem) if gated else None
             if why:
                 self._stop(trial, 1, f"first of {rows} proxy sequences: {why}")
                 return None
@@ -191,9 +151,9 @@ class TrialRunner:
                     trial.set_user_attr("plan_hash", phash)
                     trial.set_user_attr("plan", describe_plan(plan, anatomy))  # readable in optuna-dashboard
                     trial.set_user_attr("pid", os.getpid())
-                    est = self._estimate(plan)
+                    est = self.gate.estimate(plan)
                     if est is not None:
-                        trial.set_user_attr("rung0_kl", est[0])
+                        trial.set_user_attr("rung0_kl", est.table_kl)
                     trial.set_user_attr("cost", cost.to_dict())
                     violations = {k: getattr(cost, k) - v for k, v in budget.cost_items().items()}
                     for k, v in violations.items():
@@ -225,17 +185,8 @@ class TrialRunner:
                     plan.save(study_dir / "plans" / f"{trial.number}.yaml")
                     hypervolume.record(opt, trial, [kl, cost.latency_ms, cost.memory_mb], cost_model, space, ctx)
                     opt.tell(trial, [kl, cost.latency_ms, cost.memory_mb])
-                    self.ladder.observe(
-                        trial.number,
-                        kl,
-                        cost.latency_ms,
-                        cost.memory_mb,
-                        rung0=est[0] if est else None,
-                        partial=res.get("partial_kl"),
-                    )
-                    if est is not None:
-                        self.samples.append((est[1], est[0], kl))
-                        self._refit()
+                    self.gate.observe(trial.number, kl, cost.latency_ms, cost.memory_mb, est, res.get("partial_kl"))
+                    self.gate.refit()
                     mine += 1
                     fails_in_a_row = 0
                     if progress:
