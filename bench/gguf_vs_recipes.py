@@ -21,13 +21,17 @@ the Q4_1 recipe is reported apart (``holds_base_grid``) and no conclusion rests 
 Every measurement is stored in bench/results/gguf.json as it is made (a rerun resumes); the files
 live in ~/.cache/autocompress/bench-gguf/. Speeds need a quiet machine: on a shared one, run with
 ``--speed skip`` (perplexity only), then ``--speed redo`` when nothing else runs, which times every
-file again in one pass (``speed_pass`` in each row names it).
+file again in one pass (``speed_pass`` in each row names it). A speed pass times the files in
+``--rounds`` interleaved rounds (every file once per round, in a seeded shuffled order), so a slow
+spell of the machine spreads over all files instead of landing on the few timed during it; a file's
+speed is the median of its rounds, ``tg_round_spread`` the rounds' (max - min) / median.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 from pathlib import Path
 from typing import Any
@@ -51,18 +55,50 @@ def bench_speed(path: Path, threads: int, repeats: int = 3) -> dict[str, float]:
 
 
 def measure(row: dict[str, Any], path: Path, text: Path, args: argparse.Namespace) -> bool:
-    """Fill what ``row`` lacks of a file's bytes, perplexity and (unless ``--speed skip``) speed;
-    ``--speed redo`` measures the speed again. Give whether anything was measured."""
-    did = False
-    if "ppl" not in row:
-        ppl = llamacpp.perplexity(path, text, ctx=args.ctx, chunks=args.chunks, threads=args.threads)
-        row.update(bytes=path.stat().st_size, ppl=ppl)
-        did = True
-    redo = args.speed == "redo" and row.get("speed_pass") != args.speed_pass
-    if redo or (args.speed == "measure" and "tg_tps" not in row):
-        row.update(bench_speed(path, args.threads), speed_pass=args.speed_pass)
-        did = True
-    return did
+    """Fill what ``row`` lacks of a file's bytes and perplexity; give whether anything was measured
+    (speeds come after, from ``speed_pass``)."""
+    if "ppl" in row:
+        return False
+    ppl = llamacpp.perplexity(path, text, ctx=args.ctx, chunks=args.chunks, threads=args.threads)
+    row.update(bytes=path.stat().st_size, ppl=ppl)
+    return True
+
+
+def speed_pass(items: list[tuple[dict[str, Any], Path]], args: argparse.Namespace, out: dict[str, Any]) -> None:
+    """Time the files that need it (``--speed measure``: those never timed; ``redo``: those not timed
+    in the pass ``--speed-pass``) in ``--rounds`` interleaved rounds, saving after each timing (a
+    rerun with the same pass name resumes); set each file's speeds to the median of its rounds."""
+    if args.speed == "skip":
+        return
+    todo = [
+        (row, path)
+        for row, path in items
+        if (args.speed == "redo" and row.get("speed_pass") != args.speed_pass)
+        or (args.speed == "measure" and "tg_tps" not in row)
+    ]
+    for row, _ in todo:
+        if (row.get("speed_rounds") or {}).get("pass") != args.speed_pass:
+            row["speed_rounds"] = {"pass": args.speed_pass, "tg_tps": [], "pp_tps": []}
+    for rnd in range(args.rounds):
+        order = list(todo)
+        random.Random(f"{args.speed_pass}/{rnd}").shuffle(order)
+        left = [(row, path) for row, path in order if len(row["speed_rounds"]["tg_tps"]) <= rnd]
+        if left:
+            print(f"speed pass {args.speed_pass!r}, round {rnd + 1} of {args.rounds}: {len(left)} file(s)")
+        for row, path in left:
+            m = bench_speed(path, args.threads)
+            row["speed_rounds"]["tg_tps"].append(m["tg_tps"])
+            row["speed_rounds"]["pp_tps"].append(m["pp_tps"])
+            save(out)
+    for row, _ in todo:
+        tg, pp = row["speed_rounds"]["tg_tps"], row["speed_rounds"]["pp_tps"]
+        row.update(
+            tg_tps=statistics.median(tg),
+            pp_tps=statistics.median(pp),
+            tg_round_spread=(max(tg) - min(tg)) / statistics.median(tg),
+            speed_pass=args.speed_pass,
+        )
+    save(out)
 
 
 def speed_text(row: dict[str, Any]) -> str:
@@ -122,6 +158,7 @@ def main() -> None:
     ap.add_argument(
         "--speed-pass", default="1", help="name of a --speed redo pass (a rerun with the same name resumes it)"
     )
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds per speed pass")
     ap.add_argument(
         "--summarise", action="store_true", help="judge and print from the stored JSON only (measures nothing)"
     )
@@ -144,6 +181,7 @@ def main() -> None:
     base = out.setdefault("base", {})
     if measure(base, WORK / "base-f32.gguf", text, args):
         save(out)
+    timed = [(base, WORK / "base-f32.gguf")]  # every file the speed pass times
     print(f"base (F32 GGUF): ppl {base['ppl']:.3f}, {speed_text(base)}")
     rows = {r["name"]: r for r in out.get("recipes", [])}
     for label, (plan, path) in made.items():
@@ -152,11 +190,13 @@ def main() -> None:
         if measure(r, path, text, args):
             out["recipes"] = list(rows.values())
             save(out)
+        timed.append((r, path))
         print(f"{label:16s} {r['bytes'] / 1e6:7.1f} MB  ppl {r['ppl']:8.3f}  {speed_text(r)}")
     out["recipes"] = list(rows.values())
     save(out)
 
     if not args.study:
+        speed_pass(timed, args, out)
         return
     from autocompress.export.study import open_study
     from autocompress.hardware.cost import CostModel
@@ -179,6 +219,7 @@ def main() -> None:
         if measure(f, path, text, args):
             out["front"] = list(front.values())
             save(out)
+        timed.append((f, path))
         print(
             f"trial {c.trial:4d} {f['bytes'] / 1e6:7.1f} MB  ppl {f['ppl']:8.3f}  {speed_text(f)} (pred tg {f['predicted_tg_tps']:6.1f})"
         )
@@ -186,6 +227,7 @@ def main() -> None:
     out["front"] = points
     out["hw"] = hw
     save(out)
+    speed_pass(timed, args, out)
     if any("tg_tps" not in r for r in [*points, *out["recipes"], base]):
         print("speeds not all measured (--speed skip): run again without it to fill them and compare")
         return
@@ -213,6 +255,8 @@ def summarise(out: dict[str, Any]) -> None:
     noise = statistics.median(diffs) if diffs else 0.0
     out["speed_noise"] = noise
     out["speed_noise_max"] = max(diffs, default=0.0)
+    spreads = [r["tg_round_spread"] for r in [out["base"], *out["recipes"], *points] if "tg_round_spread" in r]
+    out["tg_round_spread_median"] = statistics.median(spreads) if spreads else None
     for r in out["recipes"]:
         fits = [f for f in points if f["bytes"] <= r["bytes"]]
         best = min(fits, key=lambda f: f["ppl"], default=None)
