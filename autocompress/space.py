@@ -132,6 +132,7 @@ class SearchSpace:
     # set by ``for_profile``: the formats the target runs, the format its recipes give the output head,
     # and what was taken out of the space for that target (and why)
     runtime_formats: tuple[str, ...] | None = None
+    runtime: str = "llama.cpp"  # whose fallback a row that cannot hold a format takes (``formats.fallback``)
     head_format: str | None = None
     removed: tuple[str, ...] = ()
 
@@ -247,9 +248,11 @@ class SearchSpace:
                     raise fail(f"structure.{k} level {v!r} is out of range")
         for bname, setting in self.baselines.items():
             for k, v in setting.items():
-                if k not in LINEAR_KNOBS and k not in STRUCTURE_KNOBS:
+                if k == "embedding_format":  # the token embedding / output head table(s)
+                    _check_level(fail, f"baselines.{bname}.{k}", "format", v)
+                elif k not in LINEAR_KNOBS and k not in STRUCTURE_KNOBS:
                     raise fail(f"baselines.{bname}.{k} is not a knob")
-                if k in LINEAR_KNOBS:
+                elif k in LINEAR_KNOBS:
                     _check_level(fail, f"baselines.{bname}.{k}", k, v)
                 elif not _structure_ok(k, v):
                     raise fail(f"baselines.{bname}.{k} level {v!r} is out of range")
@@ -338,6 +341,7 @@ class SearchSpace:
             embedding_format=emb,
             baselines=baselines,
             runtime_formats=runs,
+            runtime=profile.runtime,
             head_format=profile.head_format,
             removed=tuple(notes),
         )
@@ -505,7 +509,7 @@ class SearchSpace:
             return choice
         bc = blocks.get(site.block, BlockChoice())
         _, in_f = site.shape_after(*anatomy.blocks[site.block].fractions(bc.keep_heads, bc.keep_mlp_channels))
-        name: str | None = formats.fallback(fmt.name, in_f) or fmt.name  # the type llama.cpp stores there
+        name: str | None = formats.fallback(fmt.name, in_f, self.runtime) or fmt.name  # what the runtime stores there
         if name == fmt.name:
             return choice
         if name is not None and self.runtime_formats is not None and name not in self.runtime_formats:
@@ -544,7 +548,7 @@ class SearchSpace:
                 if knob == "group_size" and s.get("bits", 16) > 4:
                     continue
                 if knob == "format":  # as the runtime's quantizer does where a row cannot hold it
-                    want = _fall_back(want, vals, anatomy.find_linear(u.linears[0]).in_features)
+                    want = _fall_back(want, vals, anatomy.find_linear(u.linears[0]).in_features, self.runtime)
                 if want not in vals:
                     return None
                 if len(vals) > 1:
@@ -554,7 +558,7 @@ class SearchSpace:
             # the embedding / head as the runtime's own recipes store it next to a uniform format
             quantized = setting.get("format", DENSE) != DENSE
             want = setting.get("embedding_format", (self.head_format or DENSE) if quantized else DENSE)
-            want = _fall_back(want, emb, anatomy.embeddings[0].cols)
+            want = _fall_back(want, emb, anatomy.embeddings[0].cols, self.runtime)
             if want not in emb:
                 return None
             params[EMBEDDING_PARAM] = want
@@ -612,7 +616,7 @@ class SearchSpace:
                 for k, vals in self.unit_levels(u.group, u.linears, ctx.anatomy).items():
                     want = setting[k]
                     if k == "format":
-                        want = _fall_back(want, vals, ctx.anatomy.find_linear(u.linears[0]).in_features)
+                        want = _fall_back(want, vals, ctx.anatomy.find_linear(u.linears[0]).in_features, self.runtime)
                     params[u.param(k)] = want if want in vals else vals[0]
             for knob, val in struct.items():
                 params[knob] = val
@@ -630,12 +634,12 @@ def _storable(levels: Sequence[str], widths: set[int]) -> tuple[str, ...]:
     return ok or (DENSE,)
 
 
-def _fall_back(want: str, levels: Sequence[str], width: int) -> str:
-    """Give ``want``, or the first format of llama.cpp's fallback chain for this row width that the
+def _fall_back(want: str, levels: Sequence[str], width: int, runtime: str) -> str:
+    """Give ``want``, or the first format of the runtime's fallback chain for this row width that the
     levels offer (``want`` unchanged when none is: the caller then finds it missing)."""
     name: str | None = want
     while name is not None and name != DENSE and name not in levels:
-        name = formats.fallback(name, width)
+        name = formats.fallback(name, width, runtime)
     return name if name is not None else want
 
 

@@ -97,6 +97,27 @@ def test_runtime_baselines_follow_llama_cpp_fallbacks(smollm_space):
     cut.validate(a)
 
 
+@pytest.mark.parametrize("hw", ["nvidia-l4", "nvidia-a100-80gb"])
+def test_gpu_spaces_give_plans_the_compressed_tensors_exporter_takes(hw):
+    """On a TensorRT-LLM / torchao target the 576-wide rows cannot hold int4 groups of 128 in the
+    packed checkpoint those runtimes load: baselines and proposals store them per channel instead."""
+    from autocompress.export.compressed_tensors import compressed_tensors_blockers
+
+    a = anchor_anatomy("smollm2-135m")
+    space = SearchSpace.load("default").for_profile(load_profile(hw))
+    ctx = SpaceContext(a, drop_order=list(range(a.num_blocks)), provenance=Provenance())
+    params = space.baseline_params(a)
+    assert "int4-g128-sym" in params
+    plan = space.plan_from_params(params["int4-g128-sym"], ctx)
+    by_role = {s.role: plan.choice_for(s.name).format for s in a.blocks[0].linears}
+    assert by_role == {r: "int8-ch-sym" for r in ("q", "k", "v", "o", "gate", "up")} | {"down": "int4-g128-sym"}
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=5))
+    plans = [plan, *(space.suggest(study.ask(), ctx) for _ in range(20))]
+    for p in plans:
+        p.validate(a)
+        assert not [b for b in compressed_tensors_blockers(p, a) if "multiple of the group size" in b]
+
+
 def test_a_bits_space_is_refused_for_a_runtime_without_those_grids():
     legacy = SearchSpace.from_dict({"name": "old", "linear": {"bits": [16, 4], "group_size": [128]}})
     with pytest.raises(Exception, match=r"int4-g128-sym.*llama\.cpp"):

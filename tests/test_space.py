@@ -56,6 +56,15 @@ def test_baselines_are_uniform(tiny_llama):
     assert all(b.keep_mlp_channels == 96 for b in mlp.blocks.values()) and len(mlp.blocks) == 4
 
 
+def test_a_baseline_may_set_the_token_table_format(tiny_llama):
+    spec = {"name": "t", "linear": {"format": ["dense", "Q8_0"]}, "embedding_format": ["dense", "Q8_0", "Q4_0"]}
+    sp = SearchSpace.from_dict({**spec, "baselines": {"q8": {"format": "Q8_0", "embedding_format": "Q4_0"}}})
+    plan = sp.plan_from_params(sp.baseline_params(tiny_llama.anatomy)["q8"], _ctx(tiny_llama))
+    assert plan.embedding_choice(tiny_llama.anatomy.embeddings[0].name).format == "Q4_0"
+    with pytest.raises(SpaceError, match="baselines.q8.embedding_format"):
+        SearchSpace.from_dict({**spec, "baselines": {"q8": {"embedding_format": "Q9_9"}}})
+
+
 def test_mlp_width_is_aligned(tiny_llama):
     sp = SearchSpace.from_dict({"name": "t", "structure": {"keep_mlp_ratio": [0.5, 0.7]}, "alignment": 16})
     plan = sp.plan_from_params({"b0.keep_mlp_ratio": 0.7}, _ctx(tiny_llama))

@@ -10,16 +10,17 @@ evaluation (fake-quant), exporters and calibration.
 - ``integer``: the generic integer grids ``int{b}-g{gs}-{sym|asym}`` / ``int{b}-ch-...`` (the project's
   RTN grid; onnxruntime MatMulNBits, compressed-tensors and int8 weight-only storage).
 - ``mlc``: MLC-LLM ``q4f16_1`` / ``q3f16_1``.
-- ``registry``: name -> format, formats per runtime, llama.cpp's shape fallback.
+- ``registry``: name -> format, formats per runtime, each runtime's shape fallback.
 - ``gptq``: GPTQ on any format's own grid.
 """
 
 from autocompress.formats.base import Format, FormatError, Grid, QuantizedTensor
 from autocompress.formats.gptq import gptq_quantize
-from autocompress.formats.registry import RUNTIMES, fallback, for_runtime, generic, get, names
+from autocompress.formats.registry import RUNTIMES, WHOLE_GROUP_RUNTIMES, fallback, for_runtime, generic, get, names
 
 __all__ = [
     "RUNTIMES",
+    "WHOLE_GROUP_RUNTIMES",
     "Format",
     "FormatError",
     "Grid",

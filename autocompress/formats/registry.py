@@ -80,20 +80,50 @@ def _gguf_block(name: str) -> int | None:
         return None
 
 
-def fallback(name: str, in_features: int) -> str | None:
-    """Give the type llama.cpp stores instead for this row width, or None if ``name`` fits as it is.
+# Runtimes whose checkpoints hold integer grids in whole groups only: they take compressed-tensors
+# folders (README, "Which exporter for which runtime"), whose pack-quantized layout refuses a row
+# width that is not a multiple of the group size (export/compressed_tensors.py). onnxruntime's
+# MatMulNBits and our own kernels pad the last group.
+WHOLE_GROUP_RUNTIMES = ("tensorrt-llm", "torchao", "vllm")
 
-    Non-GGUF formats always fit (partial groups are allowed). A GGUF type outside llama.cpp's
-    fallback switch (llama.cpp gives up there) goes to F16 here.
+
+def fallback(name: str, in_features: int, runtime: str = "llama.cpp") -> str | None:
+    """Give the format ``runtime`` stores instead for this row width, or None if ``name`` fits as it is.
+
+    GGUF types take llama.cpp's fallback (a type outside its fallback switch, where llama.cpp gives
+    up, goes to F16 here). Other formats fit, except an integer grid whose groups do not divide the
+    row on a ``WHOLE_GROUP_RUNTIMES`` runtime: it takes the format of that runtime with the fewest bits
+    (at least as many) and then the fewest bytes that stores the row in whole groups (F16 if none).
     """
     block = _gguf_block(name)
     if block is None:
-        get(name)  # raises for unknown names
-        return None
+        fmt = get(name)  # raises for unknown names
+        group = fmt.block_size
+        if runtime not in WHOLE_GROUP_RUNTIMES or not isinstance(fmt, IntegerFormat) or not group:
+            return None
+        if in_features % group == 0:
+            return None
+        fits = [
+            f
+            for f in for_runtime(runtime)
+            if isinstance(f, IntegerFormat) and f.bits >= fmt.bits and in_features % (f.block_size or in_features) == 0
+        ]
+        best = min(fits, key=lambda f: (f.bits, f.bytes((1, in_features))), default=None)
+        return best.name if best is not None else "F16"
     if in_features % block == 0:
         return None
     new = FALLBACK.get(name, "F16")
     return new if in_features % _gguf_block(new) == 0 else "F16"
 
 
-__all__ = ["FALLBACK", "FORMATS", "RUNTIMES", "fallback", "for_runtime", "generic", "get", "names"]
+__all__ = [
+    "FALLBACK",
+    "FORMATS",
+    "RUNTIMES",
+    "WHOLE_GROUP_RUNTIMES",
+    "fallback",
+    "for_runtime",
+    "generic",
+    "get",
+    "names",
+]

@@ -191,12 +191,19 @@ def test_unexpressible_plans_are_refused_in_one_line_before_writing(wb, tmp_path
 
 @pytest.fixture(scope="module")
 def l4_study(tmp_path_factory):
-    """Three trials on the L4 (TensorRT-LLM) profile: its baselines uncompressed, uniform int4-g128-sym
-    (tiny-llama's 64-wide rows take no group of 128: refused) and uniform int8-ch-sym."""
+    """Three trials on the L4 (TensorRT-LLM) profile: its baselines uncompressed, uniform int8-ch-sym,
+    and the same with the token table in int8 too (less memory, so on the front; refused: transformers
+    cannot load a packed embedding)."""
     from autocompress.search import search
 
     root = tmp_path_factory.mktemp("l4")
-    search(model="tiny-llama", hw="nvidia-l4", space="quant-only", trials=3, study="l4", out=root, data=TINY_DATA)
+    space = root / "w8.yaml"
+    space.write_text(
+        "name: w8\ngranularity: model\nlinear:\n  format: [dense, int8-ch-sym]\n"
+        "embedding_format: [dense, int8-ch-sym]\nbaselines:\n  uncompressed: {}\n  int8: {format: int8-ch-sym}\n"
+        "  int8-table: {format: int8-ch-sym, embedding_format: int8-ch-sym}\n"
+    )
+    search(model="tiny-llama", hw="nvidia-l4", space=str(space), trials=3, study="l4", out=root, data=TINY_DATA)
     return root
 
 
@@ -209,7 +216,7 @@ def test_cli_export_writes_checked_trials_and_refuses_what_it_cannot_hold(l4_stu
     bad = next(t for t, b in blocked.items() if b)
     base = ["export", "--study", "l4", "--studies", str(l4_study), "--format", "compressed-tensors"]
     code, _, err = run([*base, "--trial", str(bad), "--out", str(tmp_path / "refused")], capsys)
-    assert code == 2 and err.strip().count("\n") == 0 and "int4-g128-sym on 64-wide rows" in err
+    assert code == 2 and err.strip().count("\n") == 0 and "transformers cannot load a packed embedding" in err
     assert not (tmp_path / "refused").exists()
     code, stdout, err = run([*base, "--trial", str(int8.trial), "--out", str(tmp_path / "one")], capsys)
     assert code == 0, err

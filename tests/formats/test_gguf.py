@@ -126,6 +126,19 @@ def test_fallback_follows_llama_cpp():
         formats.fallback("Q9_9", 576)
 
 
+def test_whole_group_runtimes_move_rows_their_groups_do_not_divide():
+    """compressed-tensors (vLLM, TensorRT-LLM, torchao) packs whole groups only: a 576-wide row cannot
+    hold int4 groups of 128 there, and takes the runtime's per-channel int8; other runtimes pad."""
+    for rt in formats.WHOLE_GROUP_RUNTIMES:
+        assert formats.fallback("int4-g128-sym", 576, rt) == "int8-ch-sym"
+        assert formats.fallback("int4-g128-sym", 1536, rt) is None  # 12 whole groups
+        assert formats.fallback("int8-ch-sym", 576, rt) is None  # one scale per row always fits
+        got = formats.get(formats.fallback("int4-g128-sym", 576, rt))
+        assert rt in got.runtimes and got.bits >= 4
+    assert formats.fallback("int4-g128-sym", 576, "onnxruntime") is None  # MatMulNBits pads the last block
+    assert formats.fallback("Q4_K", 576, "vllm") == "Q5_0"  # GGUF types keep llama.cpp's switch
+
+
 def test_gguf_types_are_gguf_enum_members():
     for name in GGUF:
         assert formats.get(name).gguf_type == T[name]
