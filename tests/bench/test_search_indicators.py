@@ -43,3 +43,26 @@ def test_box_hypervolume_in_log_kl():
     # reference; a factor sqrt(10) better takes its KL coordinate from 0.5 to 0.25
     assert box.hypervolume([a], kl_shift=1.0) == 0.0
     assert box.hypervolume([a], kl_shift=-0.5) == pytest.approx(0.75 * 0.5 * 0.5)
+
+
+def _trial(n: int, kl: float, lat: float, name: str = "", kind: str = "proposed") -> dict:
+    return {"trial": n, "kind": kind, "name": name, "values": [kl, lat, 100.0], "plan_hash": f"h{n}"}
+
+
+def test_perplexity_at_targets_takes_the_least_kl_plan_at_or_below_each_and_ratios_need_a_seed_loss():
+    seeds = [_trial(0, 0.0, 10.0, "uncompressed", "seed"), _trial(1, 0.2, 4.0, "recipe Q4_K_M", "seed")]
+    seeds.append(_trial(2, 0.5, 3.0, "recipe Q2_K", "seed"))
+    result = {
+        "runs": {
+            "seeds/0": {"trials": seeds},
+            "evo/0": {"trials": [*seeds, _trial(3, 0.1, 3.9), _trial(4, 0.05, 4.1)]},
+        },
+        "ppl_by_plan": {"h0": 10.0, "h1": 12.0, "h2": 14.0, "h3": 11.0, "h4": 10.5},
+    }
+    assert bench.recipe_targets(result) == [("Q2_K", 3.0), ("Q4_K_M", 4.0)]
+    at = bench.ppl_at(result, [3.0, 4.0, 10.0], ["seeds", "evo"], 1)
+    # at 4.0 ms evo's trial 3 (3.9 ms, KL 0.1) beats the recipe; trial 4 is over the target
+    assert at == {"seeds": [[14.0, 12.0, 10.0]], "evo": [[14.0, 11.0, 10.0]]}
+    # loss ratios: 4 / 4 at 3 ms, 1 / 2 at 4 ms, none at 10 ms (the seed there loses nothing)
+    assert bench.loss_ratios(at, 10.0, 3) == [1.0, 0.5, None]
+    assert bench.loss_ratios(at, None, 3) == [None, None, None]
