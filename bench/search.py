@@ -75,6 +75,7 @@ COPIED = ("models", "stats", "hessians", "sensitivity", "recipes")  # set-up eve
 KL_FLOOR_FACTOR = 10.0  # the box's KL floor: the least seed KL / this
 KL_REF_FACTOR = 2.0  # the box's reference KL: the worst seed KL x this
 TARGET_FRACTIONS = (0.25, 0.5, 0.75)  # latency targets, from the fastest seed (0) to the base (1)
+NO_LOSS = 0.001  # a perplexity loss under this fraction of the base's counts as none (no ratio formed)
 RECIPE_PREFIX = "recipe "  # seed names of the llama.cpp recipes: their latencies are the second target set
 NOISE_SUBSETS = 8
 DENSE_PREFIX = "dense "  # user attr name prefix of the knapsack arm's extra plans
@@ -383,14 +384,15 @@ def ppl_at(result: dict, targets: Sequence[float], arms: Sequence[str], n_seeds:
 
 def loss_ratios(at: dict[str, list[list]], base: float | None, n: int) -> list[float | None]:
     """Give per target evo's perplexity loss over the base (mean over seeds) / the best seed plan's
-    (None where either is missing or the best seed plan loses nothing: no ratio is defined there)."""
+    (None where either is missing or the best seed plan loses less than ``NO_LOSS`` of the base
+    perplexity: a ratio of two such differences is noise, and no plan can do much better there)."""
     if not base or not at.get("evo") or not at.get("seeds"):
         return [None] * n
     ratios = []
     for i in range(n):
         evo = [row[i] for row in at["evo"] if row[i] is not None]
         seed = [row[i] for row in at["seeds"] if row[i] is not None]
-        if evo and seed and min(seed) > base:
+        if evo and seed and min(seed) > base * (1 + NO_LOSS):
             ratios.append((statistics.mean(evo) - base) / (min(seed) - base))
         else:
             ratios.append(None)
@@ -601,7 +603,7 @@ def table(result: dict) -> str:
         f"goals: evo HV gain / nsga2 HV gain = {_num(g.get('evo_hv_gain_over_nsga2_gain'))} (want >= 2); "
         f"evo ppl loss / best seed's at the targets = {', '.join(map(_num, ratios)) or '-'}, at the recipes' "
         f"latencies = {', '.join(map(_num, at_recipes)) or '-'} (want <= 0.7; '-': the best seed plan there "
-        "loses no perplexity, so no ratio is defined)"
+        f"loses under {NO_LOSS:.1%} of the base perplexity, so no ratio is formed)"
     )
     return "\n".join(lines)
 

@@ -66,3 +66,6 @@ def test_perplexity_at_targets_takes_the_least_kl_plan_at_or_below_each_and_rati
     # loss ratios: 4 / 4 at 3 ms, 1 / 2 at 4 ms, none at 10 ms (the seed there loses nothing)
     assert bench.loss_ratios(at, 10.0, 3) == [1.0, 0.5, None]
     assert bench.loss_ratios(at, None, 3) == [None, None, None]
+    # a best-seed loss under NO_LOSS of the base forms no ratio (0.005 over 10 is 0.05 %)
+    tiny = {"seeds": [[10.005]], "evo": [[10.001]]}
+    assert bench.loss_ratios(tiny, 10.0, 1) == [None]
