@@ -45,8 +45,9 @@ search's proxy and perplexity use, rows after the proxy) of each arm's least-KL 
 fixed latency targets (a quarter, half and three quarters of the way from the fastest seed to the
 base) and at the latencies of the llama.cpp recipe seeds (``recipe_targets_ms``: on the default model
 the upper two fixed targets fall where the seeds already lose no perplexity, so no ratio is defined
-there, while every recipe sits in the part of the front that costs quality); the KL noise floor: the spread of a plan's KL over ``NOISE_SUBSETS`` disjoint held-out
-subsets of the proxy's size, turned into a hypervolume band (differences inside it are ties).
+there, while every recipe sits in the part of the front that costs quality); the KL noise floor:
+the spread of a plan's KL over ``NOISE_SUBSETS`` disjoint held-out subsets of the proxy's size,
+turned into a hypervolume band (differences inside it are ties).
 Writes ``bench/results/search.json``.
 """
 

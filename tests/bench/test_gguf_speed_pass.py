@@ -31,7 +31,7 @@ class Clock:
             raise KeyboardInterrupt
         self.calls.append(path.name)
         rate = 10.0 * (int(path.stem) + 1) * (0.8 if len(self.calls) - 1 in self.slow else 1.0)
-        return {"tg_tps": rate, "tg_sd_ms": 0.0, "pp_tps": 5 * rate}
+        return {"tg_tps": rate, "pp_tps": 5 * rate}
 
 
 @pytest.fixture
