@@ -26,9 +26,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import random
 import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import replace
 from pathlib import Path
 
@@ -38,9 +41,11 @@ import torch
 from scipy.stats import spearmanr
 
 from autocompress.calib import DataConfig, activation_stats, load_token_data
+from autocompress.calibration.onnx import _chain_model, _time_cold
 from autocompress.compress.apply import apply_plan_to
 from autocompress.export.onnx import export_onnx
-from autocompress.hardware import CostModel, load_profile
+from autocompress.hardware import CostModel, HardwareProfile, load_profile, profiles_dir
+from autocompress.hardware.machine import Flusher
 from autocompress.hardware.measure import measure, measure_decode, ort_session
 from autocompress.model import load_model
 from autocompress.model.inspect import anatomy_of
@@ -70,8 +75,11 @@ def reduced_default(blocks: int, name: str = "default"):
     return model, anatomy, lm.tokenizer
 
 
-def random_plans(anatomy, n: int, seed: int) -> list[Plan]:
-    space = SearchSpace.load("default")
+def random_plans(anatomy, n: int, seed: int, profile: HardwareProfile) -> list[Plan]:
+    """Give ``n`` random plans of the default space as ``profile``'s runtime runs it (its formats, and
+    no sparsity or low-rank level it has no kernel for): the space's ``runtime`` format level means
+    nothing until settled, and an unsettled space draws only dense linears."""
+    space = SearchSpace.load("default").for_profile(profile)
     mid = anatomy.num_blocks // 2
     order = sorted(range(1, anatomy.num_blocks), key=lambda i: abs(i - mid))  # middle blocks first, never block 0
     ctx = SpaceContext(anatomy=anatomy, drop_order=order, provenance=Provenance(seed=seed, space=space.name))
@@ -139,13 +147,59 @@ def throughput(name: str = "default") -> dict[str, float]:
     return rates
 
 
+_FORKED: dict = {}  # what the export workers read (set before the fork, shared copy-on-write)
+PROBE = (1536, 4096, 6)  # the calibration's largest fp32 GEMV chain (151 MB): this run's bandwidth probe
+
+
+def _export_one(i: int) -> tuple[int, float, list[str]]:
+    """Apply and export plan ``i`` (in a forked worker: one torch thread, the parent's model and stats)."""
+    model, anatomy, plans, stats, work, kv = _FORKED["args"]
+    torch.set_num_threads(1)
+    compressed = apply_plan_to(model, anatomy, plans[i], stats)
+    exp = export_onnx(compressed, anatomy, plans[i], work / f"plan{i}.onnx", kv_cache=kv)
+    return i, exp.size_mb, list(exp.not_represented)
+
+
+def _probe_ms(threads: int) -> Callable[[], float]:
+    """Give a timer of the calibration's 151 MB fp32 GEMV chain, cold (what ``hw calibrate`` fitted
+    its bandwidth on): timed beside the plans in every round, it shows how far this VM's memory
+    bandwidth has moved since the profile was calibrated."""
+    k, n, layers = PROBE
+    sess = ort_session(_chain_model(k, n, layers).SerializeToString(), threads)
+    x, flush = np.ones((1, k), np.float32), Flusher()
+    return lambda: _time_cold(lambda: sess.run(None, {"x": x}), flush, 9)
+
+
+def calibrated_probe_ms(profile: HardwareProfile) -> float | None:
+    """Give the probe chain's time in ``profile``'s calibration (its raw measurements file), if recorded."""
+    name = profile.calibration.measurements if profile.calibration else ""
+    path = profiles_dir() / name if name else None
+    if path is None or not path.is_file():
+        return None
+    k, n, layers = PROBE
+    for s in json.loads(path.read_text())["samples"]:
+        if s["fmt"] == "fp32" and s["tokens"] == 1 and s["linears"] == layers and s["flops"] == 2.0 * k * n * layers:
+            return float(s["median_ms"])
+    return None
+
+
 def measure_plans(
-    model, anatomy, plans: list[Plan], stats, threads: int, rounds: int, work: Path, kv: bool, context: int
+    model,
+    anatomy,
+    plans: list[Plan],
+    stats,
+    threads: int,
+    rounds: int,
+    work: Path,
+    kv: bool,
+    context: int,
+    jobs: int = 1,
 ):
     """Export every plan to ONNX (matching quantization) and measure it; give (export s, measure s, rows).
 
-    ``work`` keeps the files and ``state.json`` (per plan hash: size, notes, each round's medians), so a
-    rerun skips what is done."""
+    ``jobs`` > 1 exports in that many forked processes (the dynamo export is mostly single-threaded
+    Python). ``work`` keeps the files and ``state.json`` (per plan hash: size, notes, each round's
+    medians; ``_probe``: the bandwidth probe's time per round), so a rerun skips what is done."""
     work.mkdir(parents=True, exist_ok=True)
     state_path = work / "state.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
@@ -155,33 +209,39 @@ def measure_plans(
         tmp.write_text(json.dumps(state, indent=1))
         tmp.replace(state_path)
 
+    def done(i: int, size_mb: float, notes: list[str]) -> None:
+        state[plans[i].hash()] = {"size_mb": size_mb, "not_represented": notes, "decode": [], "prefill": []}
+        save()
+        print(f"exported plan {i:2d}: {size_mb:6.1f} MB  {'; '.join(notes)[:90]}", flush=True)
+
     t0 = time.perf_counter()
-    rows = []
-    for i, plan in enumerate(plans):
-        key, path = plan.hash(), work / f"plan{i}.onnx"
-        if key not in state or not path.exists():
-            compressed = apply_plan_to(model, anatomy, plan, stats)
-            exp = export_onnx(compressed, anatomy, plan, path, kv_cache=kv)
-            state[key] = {
-                "size_mb": exp.size_mb,
-                "not_represented": list(exp.not_represented),
-                "decode": [],
-                "prefill": [],
-            }
-            save()
-        st = state[key]
-        rows.append(
-            {
-                "plan": i,
-                "plan_hash": key,
-                "path": path,
-                "size_mb": st["size_mb"],
-                "not_represented": st["not_represented"],
-            }
-        )
-        print(f"exported plan {i:2d}: {st['size_mb']:6.1f} MB  {'; '.join(st['not_represented'])[:90]}", flush=True)
+    todo = [i for i, p in enumerate(plans) if p.hash() not in state or not (work / f"plan{i}.onnx").exists()]
+    if jobs > 1 and len(todo) > 1:
+        _FORKED["args"] = (model, anatomy, plans, stats, work, kv)
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+            for fut in as_completed([pool.submit(_export_one, i) for i in todo]):
+                done(*fut.result())
+    else:
+        for i in todo:
+            compressed = apply_plan_to(model, anatomy, plans[i], stats)
+            exp = export_onnx(compressed, anatomy, plans[i], work / f"plan{i}.onnx", kv_cache=kv)
+            done(i, exp.size_mb, list(exp.not_represented))
+    rows = [
+        {
+            "plan": i,
+            "plan_hash": p.hash(),
+            "path": work / f"plan{i}.onnx",
+            "size_mb": state[p.hash()]["size_mb"],
+            "not_represented": state[p.hash()]["not_represented"],
+        }
+        for i, p in enumerate(plans)
+    ]
     export_s = time.perf_counter() - t0
+    probe = _probe_ms(threads)
+    state.setdefault("_probe", [])
     for r in range(rounds):  # interleaved rounds: contention hits every plan alike
+        if len(state["_probe"]) <= r:
+            state["_probe"].append(probe())
         for row in rows:
             st = state[row["plan_hash"]]
             if len(st["decode"]) > r:
@@ -196,12 +256,12 @@ def measure_plans(
             st["decode"].append(dec)
             st["prefill"].append(pre)
             save()
-        print(f"measurement round {r + 1}/{rounds} done", flush=True)
+        print(f"measurement round {r + 1}/{rounds} done (bandwidth probe {state['_probe'][r]:.2f} ms)", flush=True)
     for row in rows:
         st = state[row["plan_hash"]]
         row["decode_ms"], row["prefill_ms"] = min(st["decode"]), min(st["prefill"])
     measure_s = time.perf_counter() - t0 - export_s
-    return export_s, measure_s, rows
+    return export_s, measure_s, rows, min(state["_probe"])
 
 
 def main() -> dict:
@@ -221,6 +281,9 @@ def main() -> dict:
     )
     ap.add_argument("--out", type=Path, default=RESULTS, help="results JSON")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument(
+        "--jobs", type=int, default=1, help="export in this many forked processes (the measuring is serial)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--profile", default="cpu", help="calibrated profile (default: `cpu` -> hw_profiles/local.yaml)")
     ap.add_argument("--baseline", default="x86-avx2-laptop")
@@ -240,7 +303,7 @@ def main() -> dict:
     torch.manual_seed(0)
     model, anatomy, tok = reduced_default(args.blocks, args.model)
     stats = activation_stats(model, anatomy, load_token_data(tok, DataConfig(calib_tokens=1024)))
-    plans = random_plans(anatomy, args.plans, args.seed)
+    plans = random_plans(anatomy, args.plans, args.seed, local)
     if args.reuse_measurements:
         before = json.loads(args.out.read_text())
         keep = ("plan", "size_mb", "not_represented", "decode_ms", "prefill_ms", "plan_hash")
@@ -251,15 +314,23 @@ def main() -> dict:
         for r, p in zip(rows, plans, strict=True):
             r["plan_hash"] = p.hash()
         export_s, measure_s = before["export_s"], before["measure_s"]
+        probe_ms = before.get("bandwidth_probe_ms")
     else:
         graph = f"kv{args.context}" if args.kv_cache else "nocache"
         work = WORK / f"{anatomy.name}-{graph}-seed{args.seed}-n{args.plans}-t{threads}"
-        export_s, measure_s, rows = measure_plans(
-            model, anatomy, plans, stats, threads, args.rounds, work, args.kv_cache, args.context
+        export_s, measure_s, rows, probe_ms = measure_plans(
+            model, anatomy, plans, stats, threads, args.rounds, work, args.kv_cache, args.context, args.jobs
         )
     out: dict = {"n_plans": len(plans)}
     detail = {}
-    for label, prof in (("calibrated", local), ("uncalibrated", prior)):
+    profiles = [("calibrated", local), ("uncalibrated", prior)]
+    calib_probe = calibrated_probe_ms(local)
+    if probe_ms and calib_probe:
+        # the same chain timed at calibration and in this run: the VM's bandwidth moved by this factor
+        drift = calib_probe / probe_ms
+        out.update(bandwidth_probe_ms=probe_ms, bandwidth_probe_calibrated_ms=calib_probe, bandwidth_drift=drift)
+        profiles.insert(1, ("reprobed", local.model_copy(update={"peak_bw_GBps": local.peak_bw_GBps * drift})))
+    for label, prof in profiles:
         cm = CostModel(prof, anatomy, prompt_tokens=args.context if args.kv_cache else PROMPT, context_tokens=context)
         costs = [cm.predict(p) for p in plans]
         for row, c in zip(rows, costs, strict=True):
