@@ -1,25 +1,32 @@
 """Validate the cost model against real latency on this machine, and measure its speed.
 
-    flock /tmp/autocompress-cpu.lock python bench/cost_model.py [--plans 30] [--profile cpu]
+    flock ~/.cache/ac-cpu.lock python bench/cost_model.py --kv-cache --blocks 0 --jobs 2   # true decode, full depth
     python bench/cost_model.py --reuse-measurements   # re-price the measured plans after re-calibrating
-    flock ~/.cache/ac-cpu.lock python bench/cost_model.py --kv-cache --blocks 0   # true decode, full depth
+    flock ~/.cache/ac-cpu.lock python bench/cost_model.py --blocks 6 --out X.json   # the older 6-block, no-cache check
 
-1. 30 random plans from ``search_spaces/default.yaml`` (Optuna RandomSampler, seed 0) on a reduced
-   copy of the default model (its first ``--blocks`` blocks, weights copied; 0 = all of them), each
-   applied, exported to ONNX with the matching onnxruntime quantization (``autocompress.export.onnx``)
-   and measured with onnxruntime CPU on a fixed thread count. Without ``--kv-cache``: one-token
-   forward without a cache ("decode") and a 64-token forward (prefill), priced at context 1. With
-   ``--kv-cache``: the decoder with a KV cache (``model.onnx`` as ``autocompress export`` writes it),
-   one decode step with ``--context`` tokens in the cache and the prefill of those tokens
-   (``hardware.measure.measure_decode``), priced at that context.
+1. 30 random plans from ``search_spaces/default.yaml`` settled for the calibrated profile (its
+   runtime's formats; no sparsity or low-rank level it has no kernel for), Optuna RandomSampler,
+   seed 0, on the default model or a copy cut to its first ``--blocks`` blocks (0 = all of them),
+   each applied, exported to ONNX with the matching onnxruntime quantization
+   (``autocompress.export.onnx``; ``--jobs`` exports in forked processes) and measured with
+   onnxruntime CPU on a fixed thread count. With ``--kv-cache``: the decoder with a KV cache
+   (``model.onnx`` as ``autocompress export`` writes it), one decode step with ``--context`` tokens
+   in the cache and the prefill of those tokens (``hardware.measure.measure_decode``), priced at that
+   context. Without it: a one-token forward without a cache ("decode") and a 64-token forward
+   (prefill), priced at context 1.
    Measurements are interleaved over rounds and the lowest median per plan is kept (shared machine).
+   Every round also times the calibration's largest fp32 GEMV chain (151 MB, cold): this VM's memory
+   bandwidth moves with its neighbours' load, and that probe against the same chain's time in the
+   profile's calibration says by how much since the profile was written.
    Exports and each finished measurement are kept under ``~/.cache/autocompress-bench/cost_model/``
    (keyed by model, depth, graph and seed): a rerun resumes where a killed run stopped.
-2. The same plans priced by the calibrated local profile and by the uncalibrated x86 prior:
-   % within ±10 %, MAPE and Spearman ρ of predicted vs measured decode latency (prefill too).
+2. The same plans priced by the calibrated local profile, by that profile with its bandwidth scaled
+   by the probe (``reprobed``: calibration time / this run's time), and by the uncalibrated x86
+   prior: % within ±10 %, MAPE and Spearman ρ of predicted vs measured decode latency (prefill too).
 3. Cost-model throughput: per-layer and uniform plans per second on the full default model.
 
-Writes bench/results/cost_model.json (fractions in [0, 1]).
+Writes bench/results/cost_model.json (fractions in [0, 1]); bench/results/cost_model_6blocks_nocache.json
+is the earlier 6-block check without a cache (plans drawn before formats were settled per runtime).
 """
 
 from __future__ import annotations
