@@ -158,13 +158,17 @@ _FORKED: dict = {}  # what the export workers read (set before the fork, shared 
 PROBE = (1536, 4096, 6)  # the calibration's largest fp32 GEMV chain (151 MB): this run's bandwidth probe
 
 
-def _export_one(i: int) -> tuple[int, float, list[str]]:
-    """Apply and export plan ``i`` (in a forked worker: one torch thread, the parent's model and stats)."""
-    model, anatomy, plans, stats, work, kv = _FORKED["args"]
-    torch.set_num_threads(1)
+def _apply_and_export(model, anatomy, plans: list[Plan], stats, work: Path, kv: bool, i: int):
+    """Apply plan ``i`` and export it to ``work``; give (i, size MB, what could not be represented)."""
     compressed = apply_plan_to(model, anatomy, plans[i], stats)
     exp = export_onnx(compressed, anatomy, plans[i], work / f"plan{i}.onnx", kv_cache=kv)
     return i, exp.size_mb, list(exp.not_represented)
+
+
+def _export_one(i: int) -> tuple[int, float, list[str]]:
+    """``_apply_and_export`` in a forked worker: one torch thread, the parent's model and stats."""
+    torch.set_num_threads(1)
+    return _apply_and_export(*_FORKED["args"], i)
 
 
 def _probe_ms(threads: int) -> Callable[[], float]:
@@ -216,32 +220,33 @@ def measure_plans(
         tmp.write_text(json.dumps(state, indent=1))
         tmp.replace(state_path)
 
+    keys = [p.hash() for p in plans]
+
     def done(i: int, size_mb: float, notes: list[str]) -> None:
-        state[plans[i].hash()] = {"size_mb": size_mb, "not_represented": notes, "decode": [], "prefill": []}
+        state[keys[i]] = {"size_mb": size_mb, "not_represented": notes, "decode": [], "prefill": []}
         save()
         print(f"exported plan {i:2d}: {size_mb:6.1f} MB  {'; '.join(notes)[:90]}", flush=True)
 
     t0 = time.perf_counter()
-    todo = [i for i, p in enumerate(plans) if p.hash() not in state or not (work / f"plan{i}.onnx").exists()]
+    todo = [i for i, key in enumerate(keys) if key not in state or not (work / f"plan{i}.onnx").exists()]
+    args = (model, anatomy, plans, stats, work, kv)
     if jobs > 1 and len(todo) > 1:
-        _FORKED["args"] = (model, anatomy, plans, stats, work, kv)
+        _FORKED["args"] = args
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
             for fut in as_completed([pool.submit(_export_one, i) for i in todo]):
                 done(*fut.result())
     else:
         for i in todo:
-            compressed = apply_plan_to(model, anatomy, plans[i], stats)
-            exp = export_onnx(compressed, anatomy, plans[i], work / f"plan{i}.onnx", kv_cache=kv)
-            done(i, exp.size_mb, list(exp.not_represented))
+            done(*_apply_and_export(*args, i))
     rows = [
         {
             "plan": i,
-            "plan_hash": p.hash(),
+            "plan_hash": key,
             "path": work / f"plan{i}.onnx",
-            "size_mb": state[p.hash()]["size_mb"],
-            "not_represented": state[p.hash()]["not_represented"],
+            "size_mb": state[key]["size_mb"],
+            "not_represented": state[key]["not_represented"],
         }
-        for i, p in enumerate(plans)
+        for i, key in enumerate(keys)
     ]
     export_s = time.perf_counter() - t0
     probe = _probe_ms(threads)

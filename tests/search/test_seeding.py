@@ -150,9 +150,9 @@ def test_dense_targets_give_distinct_allocations(tiny):
 def real():
     """The default model, the default space on the Jetson, and its sensitivity table, with rtn codes
     in place of the space's GPTQ: which levels the knapsack reaches depends on the costs and on the
-    table's shape (real KL from every format, sparsity and width level of every unit), not on which
-    quantizer made the codes, and rtn builds the table in minutes where GPTQ took ~9 min on CI's
-    clean cache (cached on disk either way: seconds warm)."""
+    table's shape (real KL from every format and width level of every unit), not on which quantizer
+    made the codes, and rtn skips GPTQ's per-probe solves (the GPTQ table took ~9 min on CI's clean
+    cache; cached on disk either way: seconds warm)."""
     from autocompress.search.engine import _sensitivity
 
     wb = Workbench.open(None, DataConfig())
