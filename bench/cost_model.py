@@ -1,6 +1,7 @@
 """Validate the cost model against real latency on this machine, and measure its speed.
 
     flock ~/.cache/ac-cpu.lock python bench/cost_model.py --kv-cache --blocks 0 --jobs 2   # true decode, full depth
+    nice -n 19 python bench/cost_model.py --kv-cache --blocks 0 --export-only   # the exports alone, on a busy machine
     python bench/cost_model.py --reuse-measurements   # re-price the measured plans after re-calibrating
     flock ~/.cache/ac-cpu.lock python bench/cost_model.py --blocks 6 --out X.json   # the older 6-block, no-cache check
 
@@ -205,12 +206,14 @@ def measure_plans(
     kv: bool,
     context: int,
     jobs: int = 1,
+    measure_rounds: bool = True,
 ):
     """Export every plan to ONNX (matching quantization) and measure it; give (export s, measure s, rows).
 
     ``jobs`` > 1 exports in that many forked processes (the dynamo export is mostly single-threaded
     Python). ``work`` keeps the files and ``state.json`` (per plan hash: size, notes, each round's
-    medians; ``_probe``: the bandwidth probe's time per round), so a rerun skips what is done."""
+    medians; ``_probe``: the bandwidth probe's time per round), so a rerun skips what is done.
+    ``measure_rounds`` False stops after the exports (rows without timings, no probe)."""
     work.mkdir(parents=True, exist_ok=True)
     state_path = work / "state.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
@@ -249,6 +252,8 @@ def measure_plans(
         for i, key in enumerate(keys)
     ]
     export_s = time.perf_counter() - t0
+    if not measure_rounds:
+        return export_s, 0.0, rows, None
     probe = _probe_ms(threads)
     state.setdefault("_probe", [])
     for r in range(rounds):  # interleaved rounds: contention hits every plan alike
@@ -296,6 +301,11 @@ def main() -> dict:
     ap.add_argument(
         "--jobs", type=int, default=1, help="export in this many forked processes (the measuring is serial)"
     )
+    ap.add_argument(
+        "--export-only",
+        action="store_true",
+        help="export the plans and stop (e.g. niced on a busy machine); a later run measures them",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--profile", default="cpu", help="calibrated profile (default: `cpu` -> hw_profiles/local.yaml)")
     ap.add_argument("--baseline", default="x86-avx2-laptop")
@@ -331,8 +341,23 @@ def main() -> dict:
         graph = f"kv{args.context}" if args.kv_cache else "nocache"
         work = WORK / f"{anatomy.name}-{graph}-seed{args.seed}-n{args.plans}-t{threads}"
         export_s, measure_s, rows, probe_ms = measure_plans(
-            model, anatomy, plans, stats, threads, args.rounds, work, args.kv_cache, args.context, args.jobs
+            model,
+            anatomy,
+            plans,
+            stats,
+            threads,
+            args.rounds,
+            work,
+            args.kv_cache,
+            args.context,
+            args.jobs,
+            measure_rounds=not args.export_only,
         )
+        if args.export_only:
+            print(
+                f"{len(plans)} plans exported to {work} in {export_s:.0f} s; run again without --export-only to measure"
+            )
+            return {}
     out: dict = {"n_plans": len(plans)}
     detail = {}
     profiles = [("calibrated", local), ("uncalibrated", prior)]

@@ -55,9 +55,11 @@ GEMM_TOKENS = (16, 64, 128)
 TINY_CHAINS = (4, 32)  # 64 x 64 linears: fixed costs only
 
 
-def _chain_model(k: int, n: int, layers: int, seed: int = 0) -> Any:
-    """Give an fp32 ONNX model X[M, k] -> chain of ``layers`` MatMuls alternating k->n and n->k."""
+def _chain_model(k: int, n: int, layers: int, seed: int = 0, batched: bool = False) -> Any:
+    """Give an fp32 ONNX model X[M, k] -> chain of ``layers`` MatMuls alternating k->n and n->k
+    (``batched``: X[B, M, k], the 3-D activations a decoder's linears see)."""
     rng = np.random.default_rng(seed)
+    lead = ["b", "m"] if batched else ["m"]
     nodes, inits = [], []
     prev, width = "x", k
     for i in range(layers):
@@ -69,8 +71,8 @@ def _chain_model(k: int, n: int, layers: int, seed: int = 0) -> Any:
     graph = helper.make_graph(
         nodes,
         "chain",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k])],
-        [helper.make_tensor_value_info(prev, TensorProto.FLOAT, ["m", width])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [*lead, k])],
+        [helper.make_tensor_value_info(prev, TensorProto.FLOAT, [*lead, width])],
         inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
