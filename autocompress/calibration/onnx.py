@@ -8,9 +8,11 @@
 2. **compute rate per format** — chains of a small and a large shape at M = 16..128 tokens;
 3. **per-linear overhead per format** — the intercept of the cold GEMV fit (a cold linear pays a
    prefetch/first-touch ramp); chains of tiny warm linears are kept as a reference;
-4. **per-kernel overhead and the block's fusion check** — a tiny Llama exported to ONNX with 1 and
-   4 blocks: onnxruntime's optimised graph gives the kernels per block (after fusion), the
-   1-vs-4-block slope the fixed cost per block, the intercept the per-token cost.
+4. **per-kernel overhead and the block's fusion check** — the KV-cache decoder (as ``autocompress
+   export`` writes it) of a random Llama of the bundled model's widths with 1 and 4 blocks, 4-bit
+   linears, one decode step at 64 tokens of context, cold: onnxruntime's optimised graph gives the
+   kernels per block (after fusion), the 1-vs-4-block slope less the block's linears (as the 4-bit
+   GEMV fit prices them) the fixed cost per block, the intercept the per-token cost.
 
 and hands the timings to ``hardware.calibrate.fit_local``, which fits the profile's fields.
 """
@@ -35,9 +37,8 @@ from autocompress.compress.apply import apply_plan_to
 from autocompress.export.onnx import export_onnx, quantize_groups
 from autocompress.hardware.calibrate import FORMATS, Sample, fit_local
 from autocompress.hardware.machine import Flusher, read_bandwidth_GBps
-from autocompress.hardware.measure import ort_session, timed
-from autocompress.model import load_model
-from autocompress.plan import ModelRef, Plan
+from autocompress.hardware.measure import decode_feed, ort_session, timed
+from autocompress.plan import LayerChoice, ModelRef, Plan
 
 # what our ONNX export writes (export/onnx.py): fp32 MatMul, weight-only 8-bit MatMulNBits (per row,
 # symmetric, in ROW_BLOCK[8]-blocks), 4-bit MatMulNBits g128, and W8A8 as dynamic int8 (MatMulInteger)
@@ -126,17 +127,41 @@ def _time_cold(run: Callable[[], object], flush: Flusher, repeats: int) -> float
     return statistics.median(times)
 
 
-def _block_costs(threads: int, tmp: Path, log: Callable[[str], None]) -> dict[str, Any]:
-    """Give the tiny-Llama block measurements: ONNX node counts before/after ORT fusion, and timings."""
-    lm = load_model("tiny-llama")
-    a = lm.anatomy
-    out: dict[str, Any] = {"timings_ms": {}}
-    for keep in (1, len(a.blocks)):
-        plan = Plan(model=ModelRef.of(a))
-        if keep < a.num_blocks:
-            plan = Plan(model=plan.model, drop_blocks=tuple(range(keep, a.num_blocks)))
-        model = apply_plan_to(lm.model, a, plan)
-        exp = export_onnx(model, a, plan, tmp / f"block{keep}.onnx", quantize=False)
+# the block the fixed costs are measured on: SmolLM2-135M's widths (the bundled model), a 256-token
+# vocabulary (the head is negligible), random weights
+BLOCK_SHAPE = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3}
+BLOCK_CONTEXT = 64  # tokens in the KV cache of the timed decode step
+# the block's linears in 4-bit: what is left of the block once they are taken out is the least
+# sensitive to their fitted rate (fp32 linears are 4x the bytes, and their error lands on the rest)
+BLOCK_FORMAT = "int4"
+
+
+def _block_model(blocks: int) -> tuple[Any, Any]:
+    """Give (model, anatomy): a random Llama of ``BLOCK_SHAPE`` with ``blocks`` blocks."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from autocompress.model import state_dict_hash
+    from autocompress.model.inspect import anatomy_of
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, num_hidden_layers=blocks, head_dim=64, tie_word_embeddings=True, **BLOCK_SHAPE)
+    model = LlamaForCausalLM(cfg).eval()
+    return model, anatomy_of(model, name=f"block-check-{blocks}", model_hash=state_dict_hash(model))
+
+
+def _block_costs(threads: int, tmp: Path, flush: Flusher, repeats: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """Give the fixed costs of a block as deployed: the KV-cache decoder (what ``autocompress export``
+    writes) of a model-width Llama with 1 and 4 blocks, linears in ``BLOCK_FORMAT``, one decode step
+    at ``BLOCK_CONTEXT`` tokens timed cold; ONNX node counts before / after ORT fusion; the block's
+    linears (their count, format and bytes, which ``fit_local`` takes out of the per-block time with
+    that format's GEMV fit)."""
+    out: dict[str, Any] = {"timings_ms": {}, "graph": f"KV-cache decoder, context {BLOCK_CONTEXT}, cold"}
+    anatomy = None
+    for keep in (1, 4):
+        model, anatomy = _block_model(keep)
+        plan = Plan(model=ModelRef.of(anatomy), default=LayerChoice(format=_REGISTRY_FMT[BLOCK_FORMAT]))
+        model = apply_plan_to(model, anatomy, plan)
+        exp = export_onnx(model, anatomy, plan, tmp / f"block{keep}.onnx", kv_cache=True)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.optimized_model_filepath = str(tmp / f"block{keep}.opt.onnx")
@@ -146,27 +171,29 @@ def _block_costs(threads: int, tmp: Path, log: Callable[[str], None]) -> dict[st
         raw_ops = [n.op_type for n in onnx.load(str(exp.path)).graph.node if n.op_type != "Constant"]
         opt_ops = [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
         sess = ort_session(exp.path, threads)
-        feed = {"input_ids": np.ones((1, 1), np.int64), "attention_mask": np.ones((1, 1), np.int64)}
-        times = timed(lambda s=sess, f=feed: s.run(None, f), warmup=20, repeats=200, min_time_s=0.5)
-        out["timings_ms"][keep] = statistics.median(times)
+        feed = decode_feed(sess, BLOCK_CONTEXT)
+        out["timings_ms"][keep] = _time_cold(lambda s=sess, f=feed: s.run(None, f), flush, repeats)
         out[f"ops_raw_{keep}"] = len(raw_ops)
         out[f"ops_fused_{keep}"] = len(opt_ops)
         out[f"op_types_fused_{keep}"] = sorted(set(opt_ops))
-    n_hi = len(a.blocks)
-    per_block = (out["timings_ms"][n_hi] - out["timings_ms"][1]) / (n_hi - 1)
-    kernels_fused = (out[f"ops_fused_{n_hi}"] - out["ops_fused_1"]) / (n_hi - 1)
-    kernels_raw = (out[f"ops_raw_{n_hi}"] - out["ops_raw_1"]) / (n_hi - 1)
-    linears = len(a.blocks[0].linears)
+    per_block = (out["timings_ms"][4] - out["timings_ms"][1]) / 3
+    kernels_fused = (out["ops_fused_4"] - out["ops_fused_1"]) / 3
+    kernels_raw = (out["ops_raw_4"] - out["ops_raw_1"]) / 3
+    linears = anatomy.blocks[0].linears
     out.update(
         per_block_ms=per_block,
         kernels_per_block_fused=kernels_fused,
         kernels_per_block_unfused=kernels_raw,
-        linears_per_block=linears,
+        linears_per_block=len(linears),
+        linear_format=BLOCK_FORMAT,
+        linear_bytes_per_block=float(
+            sum(formats.get(_REGISTRY_FMT[BLOCK_FORMAT]).bytes((s.out_features, s.in_features)) for s in linears)
+        ),
         intercept_ms=out["timings_ms"][1] - per_block,
     )
     log(
-        f"fusion check: a Llama block is {kernels_raw:.0f} ONNX ops, {kernels_fused:.0f} kernels after ORT fusion; "
-        f"{per_block * 1e3:.0f} µs fixed per block"
+        f"fusion check: a decoder block is {kernels_raw:.0f} ONNX ops, {kernels_fused:.0f} kernels after ORT fusion; "
+        f"{per_block * 1e3:.0f} µs per block, cold (its linears included)"
     )
     return out
 
@@ -213,8 +240,10 @@ def calibrate_local(
             ew[ops] = statistics.median(
                 timed(lambda s=sess, x=x: s.run(None, {"x": x}), warmup=20, repeats=200, min_time_s=0.3)
             )
-        say("fusion check and fixed costs: tiny Llama with 1 and 4 blocks")
-        block = _block_costs(threads, tmp, say)
+        say(
+            f"fusion check and fixed costs: the KV-cache decoder of a {BLOCK_SHAPE['hidden_size']}-wide Llama, 1 and 4 blocks"
+        )
+        block = _block_costs(threads, tmp, flush, repeats, say)
         say("torch reference (fp32 GEMV/GEMM)")
         torch_ref = _torch_reference(threads, flush, repeats)
     return fit_local(

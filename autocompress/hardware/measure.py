@@ -168,6 +168,14 @@ def _next_cache(sess: Any, outputs: list[np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
+def decode_feed(sess: Any, context: int, batch: int = 1, vocab_size: int = 100, seed: int = 0) -> dict[str, np.ndarray]:
+    """Give the feed of one decode step with ``context`` tokens in the KV cache (made by a real prefill
+    of random tokens below ``vocab_size``): running it again and again times the same step."""
+    ids = np.random.default_rng(seed).integers(0, vocab_size, size=(batch, context + 1), dtype=np.int64)
+    prompt = _step_feed(ids[:, :context], empty_cache(sess, batch), 0)
+    return _step_feed(ids[:, context:], _next_cache(sess, sess.run(None, prompt)), context)
+
+
 @dataclass(frozen=True)
 class Generation:
     """Greedy tokens an ONNX decoder generated, the logits each was chosen from, and the wall times."""
