@@ -1,7 +1,7 @@
 """Fit an onnxruntime profile for this machine from its micro-benchmark timings, and write profiles.
 
 ``autocompress.calibration.onnx`` measures (GEMV / GEMM chains per weight format, elementwise
-chains, a tiny Llama at 1 and 4 blocks, torch for reference); ``fit_local`` turns those timings into
+chains, a KV-cache decoder at 1 and 4 blocks, torch for reference); ``fit_local`` turns those timings into
 profile fields. A least-squares fit per format of
 ``t = L * overhead + max(flops / (peak * eta_c), bytes / (bw * eta_bw))``
 gives the profile's efficiency and overhead fields (hardware.md §4.3, steps 2, 3, 5, 6). The
@@ -74,8 +74,8 @@ def fit_local(
     """Give (profile dict, raw measurements dict) fitted to the micro-benchmarks' timings.
 
     ``samples``: the timed chains; ``elementwise_chain_ms``: warm chains of 8 and 64 elementwise ops;
-    ``block``: the tiny Llama's fused kernels per block, fixed cost per block (``per_block_ms``), its
-    intercept and linears per block; ``torch_ref``: torch's fp32 GEMV / GEMM figures; ``tool`` and
+    ``block``: the KV-cache decoder's fused kernels per block, time per block (``per_block_ms``, its
+    linears included), its intercept, and its linears (count, ``linear_format``, bytes); ``torch_ref``: torch's fp32 GEMV / GEMM figures; ``tool`` and
     ``runtime_version`` name what measured (onnxruntime's version)."""
     read_bw, ew = read_bw_GBps, elementwise_chain_ms
     per_kernel_us = max(0.05, (ew[64] - ew[8]) / 56 * 1e3)
