@@ -42,7 +42,7 @@ from autocompress.compress.apply import apply_plan_to
 from autocompress.export.onnx import export_onnx, quantize_groups, target_format
 from autocompress.hardware import CostModel, load_profile
 from autocompress.hardware.machine import Flusher
-from autocompress.hardware.measure import _next_cache, _step_feed, empty_cache, measure_decode, ort_session
+from autocompress.hardware.measure import decode_feed, measure_decode, ort_session
 from autocompress.model import load_model
 from autocompress.plan import BlockChoice, LayerChoice, ModelRef, Plan
 
@@ -114,10 +114,7 @@ def node_profile(path: Path, steps: int = 20) -> dict[str, float | dict[str, flo
     opts.profile_file_prefix = str(path.parent / f"profile-{path.stem}")
     opts.log_severity_level = 3
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(0)
-    ids = rng.integers(0, 100, size=(1, CONTEXT + 1), dtype=np.int64)
-    prompt = _step_feed(ids[:, :CONTEXT], empty_cache(sess, 1), 0)
-    step = _step_feed(ids[:, CONTEXT:], _next_cache(sess, sess.run(None, prompt)), CONTEXT)
+    step = decode_feed(sess, CONTEXT)  # runs the prefill once
     for _ in range(5):
         sess.run(None, step)
     runs_before = 6

@@ -75,8 +75,9 @@ def fit_local(
 
     ``samples``: the timed chains; ``elementwise_chain_ms``: warm chains of 8 and 64 elementwise ops;
     ``block``: the KV-cache decoder's fused kernels per block, time per block (``per_block_ms``, its
-    linears included), its intercept, and its linears (count, ``linear_format``, bytes); ``torch_ref``: torch's fp32 GEMV / GEMM figures; ``tool`` and
-    ``runtime_version`` name what measured (onnxruntime's version)."""
+    linears included), its intercept, and its linears (count, ``linear_format``, bytes);
+    ``torch_ref``: torch's fp32 GEMV / GEMM figures; ``tool`` and ``runtime_version`` name what
+    measured (onnxruntime's version)."""
     read_bw, ew = read_bw_GBps, elementwise_chain_ms
     per_kernel_us = max(0.05, (ew[64] - ew[8]) / 56 * 1e3)
     # ---- fit ------------------------------------------------------------------------

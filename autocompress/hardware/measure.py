@@ -168,12 +168,20 @@ def _next_cache(sess: Any, outputs: list[np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
+def _decode_feeds(
+    sess: Any, context: int, batch: int, vocab_size: int, seed: int
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Give (prefill feed of ``context`` random tokens below ``vocab_size``, the feed of the decode
+    step after it, its KV cache made by running that prefill)."""
+    ids = np.random.default_rng(seed).integers(0, vocab_size, size=(batch, context + 1), dtype=np.int64)
+    prompt = _step_feed(ids[:, :context], empty_cache(sess, batch), 0)
+    return prompt, _step_feed(ids[:, context:], _next_cache(sess, sess.run(None, prompt)), context)
+
+
 def decode_feed(sess: Any, context: int, batch: int = 1, vocab_size: int = 100, seed: int = 0) -> dict[str, np.ndarray]:
     """Give the feed of one decode step with ``context`` tokens in the KV cache (made by a real prefill
     of random tokens below ``vocab_size``): running it again and again times the same step."""
-    ids = np.random.default_rng(seed).integers(0, vocab_size, size=(batch, context + 1), dtype=np.int64)
-    prompt = _step_feed(ids[:, :context], empty_cache(sess, batch), 0)
-    return _step_feed(ids[:, context:], _next_cache(sess, sess.run(None, prompt)), context)
+    return _decode_feeds(sess, context, batch, vocab_size, seed)[1]
 
 
 @dataclass(frozen=True)
@@ -246,11 +254,8 @@ def measure_decode(
     sess = model if hasattr(model, "get_inputs") else ort_session(model, threads)
     if not has_cache(sess):
         raise ValueError("measure_decode needs an ONNX decoder with a KV cache (past_key_values.* inputs)")
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(0, vocab_size, size=(batch, context + 1), dtype=np.int64)
-    prompt = _step_feed(ids[:, :context], empty_cache(sess, batch), 0)
+    prompt, step = _decode_feeds(sess, context, batch, vocab_size, seed)
     pre = timed(lambda: sess.run(None, prompt), warmup=max(1, warmup // 2), repeats=prefill_repeats)
-    step = _step_feed(ids[:, context:], _next_cache(sess, sess.run(None, prompt)), context)
     dec = timed(lambda: sess.run(None, step), warmup=warmup, repeats=repeats, min_time_s=min_time_s)
     return DecodeMeasurement(
         decode=_summary(dec, threads, batch, 1, "onnxruntime"),
