@@ -27,6 +27,7 @@ from rich.table import Table
 
 from autocompress._io import check_writable
 from autocompress.errors import AutocompressError, ProfileError
+from autocompress.progress import LineProgress
 
 app = typer.Typer(
     add_completion=False,
@@ -108,8 +109,11 @@ def _log(msg: str) -> None:
     _notes().print(f"[dim]{stamp}· {escape(msg)}[/dim]", highlight=False)
 
 
-def _progress() -> Progress:
-    """A progress display with elapsed time and ETA (hidden with --quiet)."""
+def _progress() -> Progress | LineProgress:
+    """A progress display with elapsed time and ETA (hidden with --quiet); a line every 30 s of a
+    long task where the output is not a terminal (rich draws nothing live there)."""
+    if not _notes().is_terminal:
+        return LineProgress(say=_log)
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),

@@ -49,7 +49,7 @@ import torch
 from scipy.stats import spearmanr
 
 from autocompress.calib import DataConfig, activation_stats, load_token_data
-from autocompress.calibration.onnx import _chain_model, _time_cold
+from autocompress.calibration.onnx import chain_model, time_cold
 from autocompress.compress.apply import apply_plan_to
 from autocompress.export.onnx import export_onnx
 from autocompress.hardware import CostModel, HardwareProfile, load_profile, profiles_dir
@@ -177,9 +177,9 @@ def _probe_ms(threads: int) -> Callable[[], float]:
     its bandwidth on): timed beside the plans in every round, it shows how far this VM's memory
     bandwidth has moved since the profile was calibrated."""
     k, n, layers = PROBE
-    sess = ort_session(_chain_model(k, n, layers).SerializeToString(), threads)
+    sess = ort_session(chain_model(k, n, layers).SerializeToString(), threads)
     x, flush = np.ones((1, k), np.float32), Flusher()
-    return lambda: _time_cold(lambda: sess.run(None, {"x": x}), flush, 9)
+    return lambda: time_cold(lambda: sess.run(None, {"x": x}), flush, 9)
 
 
 def calibrated_probe_ms(profile: HardwareProfile) -> float | None:

@@ -40,7 +40,7 @@ from autocompress.hardware import CostModel, load_profile
 from autocompress.model.loading import anatomy_from_config
 from autocompress.plan import Provenance
 from autocompress.search import seeding
-from autocompress.search.engine import _sensitivity
+from autocompress.search.table import sensitivity_table
 from autocompress.space import EMBEDDING_PARAM, SearchSpace, SpaceContext
 from autocompress.workbench import Workbench
 
@@ -87,7 +87,7 @@ def main() -> None:
         wb.numerics = prof.numerics
         anatomy = wb.lm.anatomy
         ctx = SpaceContext(anatomy, wb.stats.drop_order(), wb.provenance(profile=prof.id, space=space.name))
-        table = _sensitivity(wb, space, ctx, None, lambda _m: None)
+        table = sensitivity_table(wb, space, ctx, None, lambda _m: None)
     cm = CostModel(prof, anatomy)
 
     all_units = seeding.unit_options(space, ctx, table, cm)

@@ -38,7 +38,7 @@ import torch
 
 from autocompress.calib import held_out_text
 from autocompress.compress.numerics import attach_llamacpp, llamacpp_logprobs
-from autocompress.evaluate.metrics import _logits, chunked_perplexity, kl_to_base, output_logprobs
+from autocompress.evaluate.metrics import chunked_perplexity, kl_to_base, model_logits, output_logprobs
 from autocompress.export.gguf import export_gguf
 from autocompress.plan import LayerChoice, ModelRef, Plan
 from autocompress.runtime import llamacpp
@@ -115,7 +115,9 @@ def measure(wb: Workbench, plan: Plan, text: str, chunks: int) -> dict:
         target_sum = all_sum = 0.0
         with torch.no_grad():
             for c in range(lp_chunks.shape[0]):
-                ours_lp = torch.log_softmax(_logits(model, lp_chunks[c : c + 1])[0, CTX // 2 : CTX - 1].double(), -1)
+                ours_lp = torch.log_softmax(
+                    model_logits(model, lp_chunks[c : c + 1])[0, CTX // 2 : CTX - 1].double(), -1
+                )
                 gap = ours_lp - torch.from_numpy(theirs[c]).double()
                 target_sum += float(gap.gather(1, targets[c][:, None]).abs().mean())
                 all_sum += float(gap.abs().mean())

@@ -37,7 +37,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from autocompress.calibration.onnx import _chain_model, _time_cold
+from autocompress.calibration.onnx import chain_model, time_cold
 from autocompress.compress.apply import apply_plan_to
 from autocompress.export.onnx import export_onnx, quantize_groups, target_format
 from autocompress.hardware import CostModel, load_profile
@@ -192,7 +192,7 @@ def predicted(fmt: str, model: str) -> dict[str, float]:
 
 def _chain(fmt: str, shape: tuple[int, int, int], batched: bool, tmp: Path) -> tuple[ort.InferenceSession, int]:
     k, n, layers = shape
-    proto = _chain_model(k, n, layers, batched=batched)
+    proto = chain_model(k, n, layers, batched=batched)
     if fmt != "fp32":
         layout, _ = target_format(_choice(fmt))
         proto = quantize_groups(proto, {layout: [x.name for x in proto.graph.node]}, tmp)
@@ -293,7 +293,7 @@ def main() -> dict:
                 if cf != f:
                     continue
                 x = np.ones((1, 1, shape[0]) if batched else (1, shape[0]), np.float32)
-                chain_ms[(f, shape, batched)].append(_time_cold(lambda s=sess, x=x: s.run(None, {"x": x}), flush, 9))
+                chain_ms[(f, shape, batched)].append(time_cold(lambda s=sess, x=x: s.run(None, {"x": x}), flush, 9))
         print(f"round {r + 1}/{args.rounds} done", flush=True)
     rows = []
     for f in fmts:

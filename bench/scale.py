@@ -238,7 +238,7 @@ def run_model(
     from autocompress.model.inspect import anatomy_of
     from autocompress.model.loading import LoadedModel
     from autocompress.model.tokenizer import ByteTokenizer
-    from autocompress.search.engine import _sensitivity
+    from autocompress.search.table import sensitivity_table
     from autocompress.space import SearchSpace, SpaceContext
     from autocompress.workbench import Workbench
 
@@ -301,7 +301,7 @@ def run_model(
     _variant_folder(wb, apply_mod, Path(os.environ["AUTOCOMPRESS_CACHE"]) / "variants")
     guard.phase = "table"
     t = time.perf_counter()
-    table = _sensitivity(wb, space, ctx, None, lambda _m: None)
+    table = sensitivity_table(wb, space, ctx, None, lambda _m: None)
     row["table_s"] = round(time.perf_counter() - t, 1)
     row["table_entries"] = len(table.entries)
     phase("table")

@@ -208,9 +208,9 @@ def child(args: argparse.Namespace) -> int:
 def _dense_plans(args: argparse.Namespace, folder: Path, seed: int) -> dict:
     """Give the dense knapsack plans' trial parameters (those not already a seed's), named."""
     from autocompress.hardware import CostModel, load_profile
-    from autocompress.search.engine import _sensitivity
     from autocompress.search.samplers import SEEDS_KEY
     from autocompress.search.seeding import Seed, build_knapsack
+    from autocompress.search.table import sensitivity_table
     from autocompress.space import SearchSpace, SpaceContext
     from autocompress.workbench import Workbench
 
@@ -220,7 +220,7 @@ def _dense_plans(args: argparse.Namespace, folder: Path, seed: int) -> dict:
     a = wb.lm.anatomy
     space = SearchSpace.load(SPACE).for_profile(profile)
     ctx = SpaceContext(anatomy=a, drop_order=wb.stats.drop_order(), provenance=wb.provenance(seed=seed))
-    table = _sensitivity(wb, space, ctx, None, print)
+    table = sensitivity_table(wb, space, ctx, None, print)
     ks = None if table is None else build_knapsack(space, ctx, table, CostModel(profile, a))
     if ks is None:
         return {}

@@ -40,26 +40,26 @@ PATHS = ("old", "new")
 def old_output_logprobs(model, tokens, batch_size=4):
     import torch
 
-    from autocompress.evaluate.metrics import _logits
+    from autocompress.evaluate.metrics import model_logits
 
     parts = []
     with torch.inference_mode():
         for start in range(0, tokens.shape[0], batch_size):
-            parts.append(torch.log_softmax(_logits(model, tokens[start : start + batch_size]), dim=-1))
+            parts.append(torch.log_softmax(model_logits(model, tokens[start : start + batch_size]), dim=-1))
     return torch.cat(parts)
 
 
 def old_kl_to_base(model, tokens, base_logprobs, batch_size=4, k=32):
     import torch
 
-    from autocompress.evaluate.metrics import _check_finite, _logits, topk_kl
+    from autocompress.evaluate.metrics import check_finite, model_logits, topk_kl
 
     kl_sum = topk_sum = 0.0
     agree = n = 0
     with torch.inference_mode():
         for start in range(0, tokens.shape[0], batch_size):
-            logq = torch.log_softmax(_logits(model, tokens[start : start + batch_size]), dim=-1)
-            _check_finite(logq, "logits")
+            logq = torch.log_softmax(model_logits(model, tokens[start : start + batch_size]), dim=-1)
+            check_finite(logq, "logits")
             logp = base_logprobs[start : start + batch_size]
             kl = (logp.exp() * (logp - logq)).sum(-1)
             kl_sum += float(kl.double().sum())
@@ -72,15 +72,15 @@ def old_kl_to_base(model, tokens, base_logprobs, batch_size=4, k=32):
 def old_perplexity(model, tokens, batch_size=4):
     import torch
 
-    from autocompress.evaluate.metrics import _check_finite, _logits
+    from autocompress.evaluate.metrics import check_finite, model_logits
 
     total, count = 0.0, 0
     with torch.inference_mode():
         for start in range(0, tokens.shape[0], batch_size):
             ids = tokens[start : start + batch_size]
-            logp = torch.log_softmax(_logits(model, ids)[:, :-1], dim=-1)
+            logp = torch.log_softmax(model_logits(model, ids)[:, :-1], dim=-1)
             nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
-            _check_finite(nll, "log-likelihoods")
+            check_finite(nll, "log-likelihoods")
             total += float(nll.double().sum())
             count += nll.numel()
     return math.exp(min(total / count, 700.0))

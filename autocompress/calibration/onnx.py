@@ -56,7 +56,7 @@ GEMM_TOKENS = (16, 64, 128)
 TINY_CHAINS = (4, 32)  # 64 x 64 linears: fixed costs only
 
 
-def _chain_model(k: int, n: int, layers: int, seed: int = 0, batched: bool = False) -> Any:
+def chain_model(k: int, n: int, layers: int, seed: int = 0, batched: bool = False) -> Any:
     """Give an fp32 ONNX model X[M, k] -> chain of ``layers`` MatMuls alternating k->n and n->k
     (``batched``: X[B, M, k], the 3-D activations a decoder's linears see)."""
     rng = np.random.default_rng(seed)
@@ -109,14 +109,14 @@ def _quantized(proto: Any, fmt: str, tmp: Path) -> Any:
 
 def _stored_bytes(fmt: str, k: int, n: int, layers: int) -> float:
     """Give the bytes the micro-benchmark's chain stores in ``fmt``: ``layers`` linears, out x in
-    alternating n x k and k x n (``_chain_model``), each priced by the format registry."""
+    alternating n x k and k x n (``chain_model``), each priced by the format registry."""
     shapes = [(n, k) if i % 2 == 0 else (k, n) for i in range(layers)]
     if fmt == "w8a8":  # int8 codes, an fp32 scale and an int8 zero point per output channel
         return float(sum(out * (inp + 5) for out, inp in shapes))
     return float(sum(formats.get(_REGISTRY_FMT[fmt]).bytes(shape) for shape in shapes))
 
 
-def _time_cold(run: Callable[[], object], flush: Flusher, repeats: int) -> float:
+def time_cold(run: Callable[[], object], flush: Flusher, repeats: int) -> float:
     run()
     times = []
     for _ in range(repeats):
@@ -172,7 +172,7 @@ def _block_costs(threads: int, tmp: Path, flush: Flusher, repeats: int, log: Cal
         opt_ops = [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
         sess = ort_session(exp.path, threads)
         feed = decode_feed(sess, BLOCK_CONTEXT)
-        out["timings_ms"][keep] = _time_cold(lambda s=sess, f=feed: s.run(None, f), flush, repeats)
+        out["timings_ms"][keep] = time_cold(lambda s=sess, f=feed: s.run(None, f), flush, repeats)
         out[f"ops_raw_{keep}"] = len(raw_ops)
         out[f"ops_fused_{keep}"] = len(opt_ops)
         out[f"op_types_fused_{keep}"] = sorted(set(opt_ops))
@@ -215,7 +215,7 @@ def calibrate_local(
         benches: list[tuple[Sample, Callable[[], object], bool]] = []
         for fmt in FORMATS:
             for k, n, layers in (*GEMV_SHAPES, *GEMM_SHAPES, *((64, 64, t) for t in TINY_CHAINS)):
-                sess = ort_session(_quantized(_chain_model(k, n, layers), fmt, tmp).SerializeToString(), threads)
+                sess = ort_session(_quantized(chain_model(k, n, layers), fmt, tmp).SerializeToString(), threads)
                 tiny = k == 64
                 sizes = (1,) + (GEMM_TOKENS if (k, n, layers) in GEMM_SHAPES else ())
                 for m in sizes:
@@ -228,7 +228,7 @@ def calibrate_local(
                 if tiny:  # fixed costs only: warm, many short repeats
                     ms = statistics.median(timed(run, warmup=20, repeats=200, min_time_s=0.2))
                 else:
-                    ms = _time_cold(run, flush, repeats)
+                    ms = time_cold(run, flush, repeats)
                 best[i] = min(best[i], ms)
             say(f"  round {r + 1}/{rounds}: {len(benches)} timings")
         samples = [Sample(**{**b[0].__dict__, "median_ms": ms}) for b, ms in zip(benches, best, strict=True)]
@@ -273,8 +273,8 @@ def _torch_reference(threads: int, flush: Flusher, repeats: int) -> dict[str, fl
             return x
 
         with torch.inference_mode():
-            gemv = _time_cold(lambda: chain(torch.ones(1, k)), flush, repeats)
-            gemm = _time_cold(lambda: chain(torch.ones(128, k)), flush, repeats)
+            gemv = time_cold(lambda: chain(torch.ones(1, k)), flush, repeats)
+            gemm = time_cold(lambda: chain(torch.ones(128, k)), flush, repeats)
     finally:
         torch.set_num_threads(before)
     return {

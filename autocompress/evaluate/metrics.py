@@ -17,13 +17,13 @@ class EvaluationError(AutocompressError):
     """A model produced non-finite outputs (the trial is failed with this reason)."""
 
 
-def _logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+def model_logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """Give the model's logits for ``input_ids`` as float32 on the CPU (the model may compute on a GPU)."""
     out = model(input_ids=input_ids.to(model_device(model)))
     return out.logits.float().cpu()
 
 
-def _check_finite(t: torch.Tensor, what: str) -> None:
+def check_finite(t: torch.Tensor, what: str) -> None:
     if not torch.isfinite(t).all():
         raise EvaluationError(f"the compressed model produced NaN/inf {what}")
 
@@ -76,12 +76,12 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, chars: int, batch_size: i
     with torch.inference_mode():
         for start in range(0, tokens.shape[0], rows):
             ids = tokens[start : start + rows]
-            logits = _logits(model, ids)[:, :-1]
+            logits = model_logits(model, ids)[:, :-1]
             logits = logits.reshape(-1, logits.shape[-1])
             target = ids[:, 1:].reshape(-1)
             for c in _position_chunks(logits):
                 nll = -torch.log_softmax(logits[c], dim=-1).gather(-1, target[c, None]).squeeze(-1)
-                _check_finite(nll, "log-likelihoods")
+                check_finite(nll, "log-likelihoods")
                 total += float(nll.double().sum())
                 count += nll.numel()
     mean = total / count
@@ -177,7 +177,7 @@ def output_logprobs(
     parts: list = []
     with torch.inference_mode():
         for start in range(0, tokens.shape[0], rows):
-            logits = _logits(model, tokens[start : start + rows])
+            logits = model_logits(model, tokens[start : start + rows])
             flat = logits.reshape(-1, logits.shape[-1])
             if not compact or logits.dim() < 3:
                 for c in _position_chunks(flat):  # in place: no second tensor of the batch's size
@@ -276,14 +276,14 @@ def kl_to_base(
     rows = _batch_rows(model, tokens, batch_size)
     with torch.inference_mode():
         for start in range(0, tokens.shape[0], rows):
-            logits = _logits(model, tokens[start : start + rows])
+            logits = model_logits(model, tokens[start : start + rows])
             base = base_logprobs[start : start + rows]
             if logits.dim() > 2:
                 logits = logits.reshape(-1, logits.shape[-1])
                 base = _flat(base)
             for c in _position_chunks(logits):
                 logq = torch.log_softmax(logits[c], dim=-1)
-                _check_finite(logq, "logits")
+                check_finite(logq, "logits")
                 s_kl, s_top, s_agree = _kl_terms(base[c], logq, k)
                 kl_sum += s_kl
                 topk_sum += s_top
@@ -335,9 +335,9 @@ def class_logits(model: nn.Module, tokens: torch.Tensor, batch_size: int = 16) -
     parts = []
     with torch.inference_mode():
         for start in range(0, tokens.shape[0], batch_size):
-            parts.append(_logits(model, tokens[start : start + batch_size]))
+            parts.append(model_logits(model, tokens[start : start + batch_size]))
     out = torch.cat(parts)
-    _check_finite(out, "logits")
+    check_finite(out, "logits")
     return out
 
 
@@ -390,11 +390,11 @@ def chunked_perplexity(model: nn.Module, ids: torch.Tensor, ctx: int, bos: int |
     nll, count = 0.0, 0
     with torch.no_grad():
         for row in chunks:
-            logits = _logits(model, row[None])[0, first : ctx - 1]
+            logits = model_logits(model, row[None])[0, first : ctx - 1]
             target = row[first + 1 :]
             for c in _position_chunks(logits):  # float64 a few positions at a time (large vocabularies)
                 logp = torch.log_softmax(logits[c].double(), dim=-1)
-                _check_finite(logp, "log-probabilities")
+                check_finite(logp, "log-probabilities")
                 nll -= float(logp.gather(1, target[c, None]).sum())
             count += target.numel()
     return math.exp(nll / count)

@@ -67,7 +67,6 @@ __all__ = [
 
 DEFAULT_TRIALS = 60
 DEFAULT_TIMEOUT_S = 540.0
-_sensitivity = sensitivity_table  # its former name here, which bench/ scripts and tests import
 
 
 def search(

@@ -260,7 +260,7 @@ def test_emulation_brings_our_logprobs_closer_to_llamacpps_on_a_gguf_export(tmp_
     mean difference well below the unemulated one. The tiny model's weights are made bf16-exact first,
     so the file's BF16 tensors (embedding / head) hold exactly our weights and only arithmetic differs."""
     from autocompress.calib import held_out_text
-    from autocompress.evaluate.metrics import _logits
+    from autocompress.evaluate.metrics import model_logits
     from autocompress.export.gguf import export_gguf
     from autocompress.plan import ModelRef, Plan
     from autocompress.workbench import Workbench
@@ -286,7 +286,7 @@ def test_emulation_brings_our_logprobs_closer_to_llamacpps_on_a_gguf_export(tmp_
 
     def diff() -> float:
         with torch.no_grad():
-            logits = _logits(model, torch.from_numpy(tokens.copy()))[:, ctx // 2 : ctx - 1]
+            logits = model_logits(model, torch.from_numpy(tokens.copy()))[:, ctx // 2 : ctx - 1]
         return float(np.abs(torch.log_softmax(logits.double(), -1).numpy() - theirs).mean())
 
     plain = diff()

@@ -98,8 +98,8 @@ def test_logits_are_computed_within_the_budget_and_give_the_same_results(tiny_ll
     monkeypatch.setattr(M, "LOGIT_BUDGET", budget)
     monkeypatch.setattr(M, "POSITION_CHUNK", chunk)
     seen, steps = [], []
-    logits, log_softmax = M._logits, torch.log_softmax
-    monkeypatch.setattr(M, "_logits", lambda m, ids: seen.append(logits(m, ids).numel()) or logits(m, ids))
+    logits, log_softmax = M.model_logits, torch.log_softmax
+    monkeypatch.setattr(M, "model_logits", lambda m, ids: seen.append(logits(m, ids).numel()) or logits(m, ids))
     monkeypatch.setattr(torch, "log_softmax", lambda x, dim: steps.append(x.numel()) or log_softmax(x, dim=dim))
     ev2 = Evaluator(tiny_llama.model, data, "causal-lm")
     got = ev2.proxy(other), ev2.full(other)

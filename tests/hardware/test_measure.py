@@ -7,7 +7,7 @@ import onnx
 import pytest
 import torch
 
-from autocompress.calibration.onnx import _chain_model, _quantized
+from autocompress.calibration.onnx import _quantized, chain_model
 from autocompress.compress.apply import apply_plan_to
 from autocompress.export.onnx import export_onnx, target_format
 from autocompress.hardware import measure
@@ -123,7 +123,7 @@ def test_bandwidth_fit_recovers_overhead_and_slope() -> None:
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_calibration_chains_run_in_every_format(fmt: str, tmp_path) -> None:
-    proto = _quantized(_chain_model(128, 256, 2), fmt, tmp_path)
+    proto = _quantized(chain_model(128, 256, 2), fmt, tmp_path)
     sess = ort_session(proto.SerializeToString())
     (y,) = sess.run(None, {"x": np.ones((3, 128), np.float32)})
     assert y.shape == (3, 128) and np.isfinite(y).all()

@@ -153,7 +153,7 @@ def real():
     table's shape (real KL from every format and width level of every unit), not on which quantizer
     made the codes, and rtn skips GPTQ's per-probe solves (the GPTQ table took ~9 min on CI's clean
     cache; cached on disk either way: seconds warm)."""
-    from autocompress.search.engine import _sensitivity
+    from autocompress.search.table import sensitivity_table
 
     wb = Workbench.open(None, DataConfig())
     prof = load_profile("jetson")
@@ -163,7 +163,7 @@ def real():
     wb.numerics = prof.numerics
     prov = wb.provenance(profile=prof.id, space=space.name)
     ctx = SpaceContext(wb.lm.anatomy, wb.stats.drop_order(), prov)
-    table = _sensitivity(wb, space, ctx, None, lambda _m: None)
+    table = sensitivity_table(wb, space, ctx, None, lambda _m: None)
     return space, ctx, table, CostModel(prof, wb.lm.anatomy)
 
 
