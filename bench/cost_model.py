@@ -18,7 +18,9 @@
    Measurements are interleaved over rounds and the lowest median per plan is kept (shared machine).
    Every round also times the calibration's largest fp32 GEMV chain (151 MB, cold): this VM's memory
    bandwidth moves with its neighbours' load, and that probe against the same chain's time in the
-   profile's calibration says by how much since the profile was written.
+   profile's calibration says by how much since the profile was written. The rounds are also
+   compared with each other (``decode_round_agreement``): how well the measurement ranks the plans
+   against itself, the ceiling a prediction's Spearman ρ can reach on this machine.
    Exports and each finished measurement are kept under ``~/.cache/autocompress-bench/cost_model/``
    (keyed by model, depth, graph and seed): a rerun resumes where a killed run stopped.
 2. The same plans priced by the calibrated local profile, by that profile with its bandwidth scaled
@@ -121,6 +123,24 @@ def scores(pred: list[float], meas: list[float]) -> dict[str, float]:
         "mape": float(np.mean(err)),
         "spearman": float(spearmanr(p, m).statistic),
         "median_ratio": float(np.median(p / m)),
+    }
+
+
+def round_agreement(rounds: list[list[float]]) -> dict[str, float] | None:
+    """How far the measurement agrees with itself: the ceiling a prediction's rank correlation can
+    reach. ``rounds``: each plan's time per interleaved round. Gives the median Spearman between two
+    rounds, the Spearman between the best of the even rounds and the best of the odd ones (what a
+    best-of-N figure is, on half the rounds each) and the median spread of a plan's rounds."""
+    n = min((len(r) for r in rounds), default=0)
+    if n < 2:
+        return None
+    r = np.array([x[:n] for x in rounds])
+    pairs = [spearmanr(r[:, i], r[:, j]).statistic for i in range(n) for j in range(i + 1, n)]
+    return {
+        "rounds": n,
+        "spearman_between_rounds": float(np.median(pairs)),
+        "spearman_best_even_vs_odd": float(spearmanr(r[:, 0::2].min(1), r[:, 1::2].min(1)).statistic),
+        "spread_median": float(np.median(r.max(1) / r.min(1) - 1.0)),
     }
 
 
@@ -277,6 +297,7 @@ def measure_plans(
     for row in rows:
         st = state[row["plan_hash"]]
         row["decode_ms"], row["prefill_ms"] = min(st["decode"]), min(st["prefill"])
+        row["decode_rounds_ms"] = list(st["decode"])
     measure_s = time.perf_counter() - t0 - export_s
     return export_s, measure_s, rows, min(state["_probe"])
 
@@ -328,7 +349,7 @@ def main() -> dict:
     plans = random_plans(anatomy, args.plans, args.seed, local)
     if args.reuse_measurements:
         before = json.loads(args.out.read_text())
-        keep = ("plan", "size_mb", "not_represented", "decode_ms", "prefill_ms", "plan_hash")
+        keep = ("plan", "size_mb", "not_represented", "decode_ms", "prefill_ms", "plan_hash", "decode_rounds_ms")
         rows = [{k: r[k] for k in keep if k in r} for r in before["plans"]]
         hashes = [r.get("plan_hash") for r in rows]
         if len(rows) != len(plans) or (all(hashes) and hashes != [p.hash() for p in plans]):
@@ -379,6 +400,15 @@ def main() -> dict:
         out[f"mape_{label}"] = dec["mape"]
         out[f"spearman_{label}"] = dec["spearman"]
         detail[label] = {"profile": prof.id, "decode": dec, "prefill": pre}
+    noise = round_agreement([r["decode_rounds_ms"] for r in rows if "decode_rounds_ms" in r])
+    if noise is not None and len(rows) == sum("decode_rounds_ms" in r for r in rows):
+        out["decode_round_agreement"] = noise
+        # the calibrated profile against the best of the first k rounds: the figures move with how
+        # many rounds a plan's time is the best of (the calibration takes the best of 3)
+        pred = [r["pred_decode_ms_calibrated"] for r in rows]
+        out["decode_calibrated_by_rounds"] = {
+            k: scores(pred, [min(r["decode_rounds_ms"][:k]) for r in rows]) for k in sorted({1, 3, noise["rounds"]})
+        }
     rates = throughput(args.model)
     out["plans_per_second"] = rates["per_layer"]
     out.update(
@@ -411,6 +441,18 @@ def main() -> dict:
             print(
                 f"{name:<34}{metric:<9}{s['within_10pct']:>12.0%}{s['mape']:>8.1%}"
                 f"{s['spearman']:>10.3f}{s['median_ratio']:>11.2f}"
+            )
+    if "decode_round_agreement" in out:
+        n = out["decode_round_agreement"]
+        print(
+            f"the measurement against itself (decode, {n['rounds']} rounds): Spearman between two rounds"
+            f" {n['spearman_between_rounds']:.3f} (median), best of the even rounds against best of the odd ones"
+            f" {n['spearman_best_even_vs_odd']:.3f}; a plan's rounds spread by {n['spread_median']:.0%} (median)"
+        )
+        for k, sc in out["decode_calibrated_by_rounds"].items():
+            print(
+                f"  local (calibrated) against the best of {k} round(s): within ±10 % {sc['within_10pct']:.0%},"
+                f" MAPE {sc['mape']:.1%}, Spearman {sc['spearman']:.3f}, pred/meas {sc['median_ratio']:.2f}"
             )
     print(f"cost model: {rates['per_layer']:,.0f} per-layer plans/s, {rates['uniform']:,.0f} uniform plans/s")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -54,3 +54,25 @@ def test_the_probe_is_the_calibrations_own_sample(tmp_path: Path, monkeypatch) -
         update={"calibrated": True, "calibration": info.model_copy(update={"measurements": "x.json"})}
     )
     assert bench.calibrated_probe_ms(missing) is None
+
+
+def test_round_agreement_tells_a_repeatable_measurement_from_noise() -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    true = np.linspace(10.0, 15.0, 30)
+    steady = [list(t * (1 + 0.001 * rng.random(6))) for t in true]  # rounds agree: ranks kept
+    noisy = [list(t * (1 + 0.5 * rng.random(6))) for t in true]  # contention of up to 50 %
+    s, n = bench.round_agreement(steady), bench.round_agreement(noisy)
+    assert s["rounds"] == n["rounds"] == 6
+    assert s["spearman_between_rounds"] > 0.99 and s["spread_median"] < 0.002
+    assert n["spearman_between_rounds"] < 0.8 and n["spread_median"] > 0.1
+    # contention that spares one even and one odd round of each plan: the best of each half is clean
+    spiky = []
+    for i, t in enumerate(true):
+        rounds = list(t * (1 + 0.5 * rng.random(6)))
+        rounds[2 * (i % 3)], rounds[2 * (i % 3) + 1] = t, t * 1.0001
+        spiky.append(rounds)
+    k = bench.round_agreement(spiky)
+    assert k["spearman_best_even_vs_odd"] > 0.99 and k["spearman_between_rounds"] < 0.9
+    assert bench.round_agreement([[1.0], [2.0]]) is None  # one round: nothing to compare
