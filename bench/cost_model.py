@@ -1,6 +1,6 @@
 """Validate the cost model against real latency on this machine, and measure its speed.
 
-    flock ~/.cache/ac-cpu.lock python bench/cost_model.py --kv-cache --blocks 0 --jobs 2   # true decode, full depth
+    flock ~/.cache/ac-cpu.lock python bench/cost_model.py --kv-cache --blocks 0 --jobs 2 --rounds 9   # true decode, full depth
     nice -n 19 python bench/cost_model.py --kv-cache --blocks 0 --export-only   # the exports alone, on a busy machine
     python bench/cost_model.py --reuse-measurements   # re-price the measured plans after re-calibrating
     flock ~/.cache/ac-cpu.lock python bench/cost_model.py --blocks 6 --out X.json   # the older 6-block, no-cache check
