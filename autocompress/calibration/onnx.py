@@ -37,7 +37,7 @@ from autocompress.compress.apply import apply_plan_to
 from autocompress.export.onnx import export_onnx, quantize_groups
 from autocompress.hardware.calibrate import FORMATS, Sample, fit_local
 from autocompress.hardware.machine import Flusher, read_bandwidth_GBps
-from autocompress.hardware.measure import decode_feed, ort_session, timed
+from autocompress.hardware.measure import decode_feed, ort_session, prefill_feed, timed
 from autocompress.plan import LayerChoice, ModelRef, Plan
 
 # what our ONNX export writes (export/onnx.py): fp32 MatMul, weight-only 8-bit MatMulNBits (per row,
@@ -152,10 +152,14 @@ def _block_model(blocks: int) -> tuple[Any, Any]:
 def _block_costs(threads: int, tmp: Path, flush: Flusher, repeats: int, log: Callable[[str], None]) -> dict[str, Any]:
     """Give the fixed costs of a block as deployed: the KV-cache decoder (what ``autocompress export``
     writes) of a model-width Llama with 1 and 4 blocks, linears in ``BLOCK_FORMAT``, one decode step
-    at ``BLOCK_CONTEXT`` tokens timed cold; ONNX node counts before / after ORT fusion; the block's
-    linears (their count, format and bytes, which ``fit_local`` takes out of the per-block time with
-    that format's GEMV fit)."""
-    out: dict[str, Any] = {"timings_ms": {}, "graph": f"KV-cache decoder, context {BLOCK_CONTEXT}, cold"}
+    at ``BLOCK_CONTEXT`` tokens and the prefill of that many tokens, timed cold; ONNX node counts
+    before / after ORT fusion; the block's linears (their count, format and bytes, which
+    ``fit_local`` takes out of the per-block time with that format's GEMV fit)."""
+    out: dict[str, Any] = {
+        "timings_ms": {},
+        "prefill_timings_ms": {},
+        "graph": f"KV-cache decoder, context {BLOCK_CONTEXT} (decode) / prefill of {BLOCK_CONTEXT} tokens, cold",
+    }
     anatomy = None
     for keep in (1, 4):
         model, anatomy = _block_model(keep)
@@ -173,6 +177,8 @@ def _block_costs(threads: int, tmp: Path, flush: Flusher, repeats: int, log: Cal
         sess = ort_session(exp.path, threads)
         feed = decode_feed(sess, BLOCK_CONTEXT)
         out["timings_ms"][keep] = time_cold(lambda s=sess, f=feed: s.run(None, f), flush, repeats)
+        prompt = prefill_feed(sess, BLOCK_CONTEXT)
+        out["prefill_timings_ms"][keep] = time_cold(lambda s=sess, f=prompt: s.run(None, f), flush, repeats)
         out[f"ops_raw_{keep}"] = len(raw_ops)
         out[f"ops_fused_{keep}"] = len(opt_ops)
         out[f"op_types_fused_{keep}"] = sorted(set(opt_ops))
@@ -246,7 +252,7 @@ def calibrate_local(
         block = _block_costs(threads, tmp, flush, repeats, say)
         say("torch reference (fp32 GEMV/GEMM)")
         torch_ref = _torch_reference(threads, flush, repeats)
-    return fit_local(
+    profile, raw = fit_local(
         samples,
         read_bw_GBps=read_bw,
         elementwise_chain_ms=ew,
@@ -257,6 +263,29 @@ def calibrate_local(
         tool=f"onnxruntime {ort.__version__}; torch {torch.__version__}",
         runtime_version=ort.__version__,
     )
+    profile["prefill_block_us_per_token"] = prefill_block_cost(profile, block)
+    say(f"prefill: {profile['prefill_block_us_per_token']:.2f} µs per block and prompt token beyond its matmuls")
+    return profile, raw
+
+
+def prefill_block_cost(profile: dict[str, Any], block: dict[str, Any]) -> float:
+    """Give a block's prefill cost per prompt token that the fitted profile leaves out (µs): the
+    block check's prefill per block (4 blocks less 1, over 3) against the cost model's price of the
+    same two decoders with that cost at zero. The cost model prices the matmuls (the GEMM fits) and
+    the kernel launches; what is left scales with the tokens (norms, RoPE, softmax, the cache writes)."""
+    from autocompress.hardware.cost import CostModel
+    from autocompress.hardware.profile import HardwareProfile
+
+    prof = HardwareProfile.model_validate({**profile, "prefill_block_us_per_token": 0.0})
+    pred = {}
+    for keep in (1, 4):
+        _, anatomy = _block_model(keep)
+        plan = Plan(model=ModelRef.of(anatomy), default=LayerChoice(format=_REGISTRY_FMT[BLOCK_FORMAT]))
+        cm = CostModel(prof, anatomy, prompt_tokens=BLOCK_CONTEXT, context_tokens=BLOCK_CONTEXT)
+        pred[keep] = cm.predict(plan).prefill_ms
+    meas = block["prefill_timings_ms"]
+    per_block_ms = ((meas[4] - meas[1]) - (pred[4] - pred[1])) / 3
+    return round(max(0.0, per_block_ms * 1e3 / BLOCK_CONTEXT), 4)
 
 
 def _torch_reference(threads: int, flush: Flusher, repeats: int) -> dict[str, float]:

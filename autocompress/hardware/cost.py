@@ -266,7 +266,8 @@ class CostModel:
             dec_floor = max(dec_flops / peak_raw, kv_bytes / bw_raw) * 1e3
         else:
             kv_bytes = dec_ms = dec_floor = dec_flops = 0.0
-        parts = (dec_ms, over_ms, pre_ms, over_ms, 0.0, kv_bytes, dec_floor, pre_floor, dec_flops, pre_flops)
+        pre_over_ms = over_ms + n * bs * p.prefill_block_us_per_token * 1e-3
+        parts = (dec_ms, over_ms, pre_ms, pre_over_ms, 0.0, kv_bytes, dec_floor, pre_floor, dec_flops, pre_flops)
         block = (tuple(shapes), parts)
         self._shape_cache[skey] = block
         return block

@@ -184,6 +184,14 @@ def decode_feed(sess: Any, context: int, batch: int = 1, vocab_size: int = 100, 
     return _decode_feeds(sess, context, batch, vocab_size, seed)[1]
 
 
+def prefill_feed(
+    sess: Any, context: int, batch: int = 1, vocab_size: int = 100, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Give the feed of the prefill of ``context`` random tokens below ``vocab_size`` (from an empty cache)."""
+    ids = np.random.default_rng(seed).integers(0, vocab_size, size=(batch, context), dtype=np.int64)
+    return _step_feed(ids, empty_cache(sess, batch), 0)
+
+
 @dataclass(frozen=True)
 class Generation:
     """Greedy tokens an ONNX decoder generated, the logits each was chosen from, and the wall times."""

@@ -178,6 +178,9 @@ class HardwareProfile(_Strict):
     # MatMulInteger + rescale); overrides kernels_per_linear x per_kernel_overhead_us
     linear_overhead_us_by_format: dict[FormatKey, NonNegative] = Field(default_factory=dict)
     kernels_per_block: int = Field(ge=0)  # non-linear kernels per block after fusion (norms, rotary, attention...)
+    # a block's prefill work per prompt token beyond its matmuls' roofline and kernel launches (norms,
+    # RoPE, softmax and the KV cache's writes over every token); measured by the local calibration
+    prefill_block_us_per_token: NonNegative = 0.0
     alignment: int = Field(ge=1)
     misaligned_penalty: Efficiency  # throughput factor for a matmul whose dims are not multiples of alignment
 

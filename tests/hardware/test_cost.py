@@ -379,3 +379,17 @@ def test_lowering_one_layer_bits_never_costs_more(data: st.DataObject, tiny: dic
         # narrower format may run a less efficient kernel (A100 int4: bw efficiency 0.5)
         assert after.latency_ms <= before.latency_ms + 1e-12
     assert before.latency_ms > 0 and before.energy_mj > 0 and before.memory_mb >= before.weights_mb
+
+
+def test_a_blocks_prefill_cost_per_token_is_paid_by_prefill_alone_for_each_kept_block() -> None:
+    a = llama_anatomy(n_blocks=8, hidden=512, heads=8, kv=2, mlp=1024, vocab=1000)
+    base = PROFILES["x86-avx2-laptop"]
+    extra = base.model_copy(update={"prefill_block_us_per_token": 5.0})
+    full, dropped = plan_for(a), plan_for(a, drop_blocks=(2, 5))
+    for prompt in (16, 128):
+        before = CostModel(base, a, prompt_tokens=prompt, context_tokens=64)
+        after = CostModel(extra, a, prompt_tokens=prompt, context_tokens=64)
+        for plan, kept in ((full, 8), (dropped, 6)):
+            b, c = before.predict(plan), after.predict(plan)
+            assert c.latency_ms == pytest.approx(b.latency_ms)  # a decode step is one token: unchanged
+            assert c.prefill_ms - b.prefill_ms == pytest.approx(kept * prompt * 5.0e-3)
