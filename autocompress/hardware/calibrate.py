@@ -1,7 +1,7 @@
 """Fit an onnxruntime profile for this machine from its micro-benchmark timings, and write profiles.
 
 ``autocompress.calibration.onnx`` measures (GEMV / GEMM chains per weight format, elementwise
-chains, a KV-cache decoder at 1 and 4 blocks, torch for reference); ``fit_local`` turns those timings into
+chains, a KV-cache decoder at 1 and 8 blocks, torch for reference); ``fit_local`` turns those timings into
 profile fields. A least-squares fit per format of
 ``t = L * overhead + max(flops / (peak * eta_c), bytes / (bw * eta_bw))``
 gives the profile's efficiency and overhead fields (hardware.md §4.3, steps 2, 3, 5, 6). The
@@ -142,7 +142,7 @@ def fit_local(
         "sources": [
             f"measured on this machine by `autocompress hw calibrate` on {today} (raw measurements beside this file)",
             "procedure: research/hardware.md §4.3 steps 2, 3, 5, 6 (GEMV/GEMM sweeps per format, tiny-kernel overhead, "
-            "fusion check and fixed costs on the KV-cache decoder of a 576-wide Llama, 1 and 4 blocks, cold)",
+            "fusion check and fixed costs on the KV-cache decoder of a 576-wide Llama, 1 and 8 blocks, cold)",
             f"peaks [D]: fp32 = max({flop_per_clk:.0f} FLOP/clk x {mhz:.0f} MHz x {threads} thread(s), best measured sgemm); "
             f"int8 = {int8_mult:g} x fp32 ({'VNNI' if int8_mult == 4 else 'no VNNI'})",
         ],

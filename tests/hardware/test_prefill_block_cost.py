@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from autocompress.calibration.onnx import _REGISTRY_FMT, BLOCK_CONTEXT, BLOCK_FORMAT, _block_model, prefill_block_cost
+from autocompress.calibration.onnx import (
+    _REGISTRY_FMT,
+    BLOCK_CONTEXT,
+    BLOCK_COUNTS,
+    BLOCK_FORMAT,
+    _block_model,
+    prefill_block_cost,
+)
 from autocompress.hardware import CostModel, HardwareProfile, load_profile
 from autocompress.plan import LayerChoice, ModelRef, Plan
 
@@ -16,19 +23,21 @@ def _profile() -> dict:
 
 
 def _block(one_ms: float, per_block_ms: float) -> dict:
-    return {"prefill_timings_ms": {1: one_ms, 4: one_ms + 3 * per_block_ms}}
+    lo, hi = BLOCK_COUNTS
+    return {"prefill_timings_ms": {lo: one_ms, hi: one_ms + (hi - lo) * per_block_ms}}
 
 
 def _prefill_per_block(profile: dict) -> float:
     prof = HardwareProfile.model_validate(profile)
     ms = {}
-    for keep in (1, 4):
+    for keep in BLOCK_COUNTS:
         _, a = _block_model(keep)
         plan = Plan(model=ModelRef.of(a), default=LayerChoice(format=_REGISTRY_FMT[BLOCK_FORMAT]))
         ms[keep] = (
             CostModel(prof, a, prompt_tokens=BLOCK_CONTEXT, context_tokens=BLOCK_CONTEXT).predict(plan).prefill_ms
         )
-    return (ms[4] - ms[1]) / 3
+    lo, hi = BLOCK_COUNTS
+    return (ms[hi] - ms[lo]) / (hi - lo)
 
 
 def test_the_fitted_profile_reproduces_the_block_checks_prefill_per_block() -> None:
