@@ -8,8 +8,9 @@ rich's live display draws nothing there, so a 20-minute sensitivity table looked
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,7 @@ class LineProgress:
     every_s: float = EVERY_S
     clock: Callable[[], float] = time.monotonic
     tasks: dict[int, _Task] = field(default_factory=dict)
+    _ids: Iterator[int] = field(default_factory=itertools.count, repr=False)  # ids stay unique after a removal
 
     def __enter__(self) -> LineProgress:
         return self
@@ -42,7 +44,7 @@ class LineProgress:
         return None
 
     def add_task(self, description: str, total: float | None = None, completed: float = 0, **_: Any) -> int:
-        tid = len(self.tasks)
+        tid = next(self._ids)
         self.tasks[tid] = _Task(description, total, completed, self.clock())
         return tid
 

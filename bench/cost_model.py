@@ -400,8 +400,10 @@ def main() -> dict:
         out[f"mape_{label}"] = dec["mape"]
         out[f"spearman_{label}"] = dec["spearman"]
         detail[label] = {"profile": prof.id, "decode": dec, "prefill": pre}
-    noise = round_agreement([r["decode_rounds_ms"] for r in rows if "decode_rounds_ms" in r])
-    if noise is not None and len(rows) == sum("decode_rounds_ms" in r for r in rows):
+    noise = (
+        round_agreement([r["decode_rounds_ms"] for r in rows]) if all("decode_rounds_ms" in r for r in rows) else None
+    )
+    if noise is not None:
         out["decode_round_agreement"] = noise
         # the calibrated profile against the best of the first k rounds: the figures move with how
         # many rounds a plan's time is the best of (the calibration takes the best of 3)

@@ -63,3 +63,15 @@ def test_tasks_are_rate_limited_separately() -> None:
     p.update(a, completed=1)
     p.update(b, completed=1)
     assert [line.split(":")[0] for line in lines] == ["a"]
+
+
+def test_a_task_added_after_a_removal_does_not_take_a_live_tasks_place() -> None:
+    p, lines, clock = _progress()
+    a = p.add_task("a", total=10)
+    b = p.add_task("b", total=10)
+    p.remove_task(a)
+    c = p.add_task("c", total=10)
+    assert c != b
+    clock.t += 31.0
+    p.update(b, completed=1)
+    assert lines[-1].startswith("b: 1/10")

@@ -133,6 +133,7 @@ def time_cold(run: Callable[[], object], flush: Flusher, repeats: int) -> float:
 # vocabulary (the head is negligible), random weights
 BLOCK_SHAPE = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3}
 BLOCK_CONTEXT = 64  # tokens in the KV cache of the timed decode step
+BLOCK_VOCAB = 256
 # the block's linears in 4-bit: what is left of the block once they are taken out is the least
 # sensitive to their fitted rate (fp32 linears are 4x the bytes, and their error lands on the rest)
 BLOCK_FORMAT = "int4"
@@ -149,7 +150,9 @@ def _block_model(blocks: int) -> tuple[Any, Any]:
     from autocompress.model.inspect import anatomy_of
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=256, num_hidden_layers=blocks, head_dim=64, tie_word_embeddings=True, **BLOCK_SHAPE)
+    cfg = LlamaConfig(
+        vocab_size=BLOCK_VOCAB, num_hidden_layers=blocks, head_dim=64, tie_word_embeddings=True, **BLOCK_SHAPE
+    )
     model = LlamaForCausalLM(cfg).eval()
     return model, anatomy_of(model, name=f"block-check-{blocks}", model_hash=state_dict_hash(model))
 
@@ -282,19 +285,36 @@ def calibrate_local(
     return profile, raw
 
 
+def block_anatomy(blocks: int) -> Any:
+    """Give the anatomy of ``_block_model(blocks)`` as pure data (no weights built), for pricing it."""
+    from autocompress.hardware.anchors import llama_like_anatomy
+
+    s = BLOCK_SHAPE
+    return llama_like_anatomy(
+        f"block-check-{blocks}",
+        blocks,
+        s["hidden_size"],
+        s["num_attention_heads"],
+        s["num_key_value_heads"],
+        s["intermediate_size"],
+        BLOCK_VOCAB,
+        tied=True,
+    )
+
+
 def prefill_block_cost(profile: dict[str, Any], block: dict[str, Any]) -> float:
     """Give a block's prefill cost per prompt token that the fitted profile leaves out (µs): the
     block check's prefill per block (the larger decoder less the smaller, over their difference in
-    blocks) against the cost model's price of the
-    same two decoders with that cost at zero. The cost model prices the matmuls (the GEMM fits) and
-    the kernel launches; what is left scales with the tokens (norms, RoPE, softmax, the cache writes)."""
+    blocks) against the cost model's price of the same two decoders with that cost at zero. The cost
+    model prices the matmuls (the GEMM fits) and the kernel launches; what is left scales with the
+    tokens (norms, RoPE, softmax, the cache writes)."""
     from autocompress.hardware.cost import CostModel
     from autocompress.hardware.profile import HardwareProfile
 
     prof = HardwareProfile.model_validate({**profile, "prefill_block_us_per_token": 0.0})
     pred = {}
     for keep in BLOCK_COUNTS:
-        _, anatomy = _block_model(keep)
+        anatomy = block_anatomy(keep)
         plan = Plan(model=ModelRef.of(anatomy), default=LayerChoice(format=_REGISTRY_FMT[BLOCK_FORMAT]))
         cm = CostModel(prof, anatomy, prompt_tokens=BLOCK_CONTEXT, context_tokens=BLOCK_CONTEXT)
         pred[keep] = cm.predict(plan).prefill_ms

@@ -168,28 +168,32 @@ def _next_cache(sess: Any, outputs: list[np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
-def _decode_feeds(
-    sess: Any, context: int, batch: int, vocab_size: int, seed: int
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Give (prefill feed of ``context`` random tokens below ``vocab_size``, the feed of the decode
-    step after it, its KV cache made by running that prefill)."""
-    ids = np.random.default_rng(seed).integers(0, vocab_size, size=(batch, context + 1), dtype=np.int64)
-    prompt = _step_feed(ids[:, :context], empty_cache(sess, batch), 0)
-    return prompt, _step_feed(ids[:, context:], _next_cache(sess, sess.run(None, prompt)), context)
-
-
-def decode_feed(sess: Any, context: int, batch: int = 1, vocab_size: int = 100, seed: int = 0) -> dict[str, np.ndarray]:
-    """Give the feed of one decode step with ``context`` tokens in the KV cache (made by a real prefill
-    of random tokens below ``vocab_size``): running it again and again times the same step."""
-    return _decode_feeds(sess, context, batch, vocab_size, seed)[1]
+def _random_ids(context: int, batch: int, vocab_size: int, seed: int) -> np.ndarray:
+    """Give [batch, context + 1] random token ids below ``vocab_size``: a prompt and the token after it."""
+    return np.random.default_rng(seed).integers(0, vocab_size, size=(batch, context + 1), dtype=np.int64)
 
 
 def prefill_feed(
     sess: Any, context: int, batch: int = 1, vocab_size: int = 100, seed: int = 0
 ) -> dict[str, np.ndarray]:
     """Give the feed of the prefill of ``context`` random tokens below ``vocab_size`` (from an empty cache)."""
-    ids = np.random.default_rng(seed).integers(0, vocab_size, size=(batch, context), dtype=np.int64)
-    return _step_feed(ids, empty_cache(sess, batch), 0)
+    return _step_feed(_random_ids(context, batch, vocab_size, seed)[:, :context], empty_cache(sess, batch), 0)
+
+
+def _decode_feeds(
+    sess: Any, context: int, batch: int, vocab_size: int, seed: int
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Give (``prefill_feed``, the feed of the decode step after it, its KV cache made by running
+    that prefill)."""
+    prompt = prefill_feed(sess, context, batch, vocab_size, seed)
+    last = _random_ids(context, batch, vocab_size, seed)[:, context:]
+    return prompt, _step_feed(last, _next_cache(sess, sess.run(None, prompt)), context)
+
+
+def decode_feed(sess: Any, context: int, batch: int = 1, vocab_size: int = 100, seed: int = 0) -> dict[str, np.ndarray]:
+    """Give the feed of one decode step with ``context`` tokens in the KV cache (made by a real prefill
+    of random tokens below ``vocab_size``): running it again and again times the same step."""
+    return _decode_feeds(sess, context, batch, vocab_size, seed)[1]
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ def _prefill_per_block(profile: dict) -> float:
     prof = HardwareProfile.model_validate(profile)
     ms = {}
     for keep in BLOCK_COUNTS:
-        _, a = _block_model(keep)
+        _, a = _block_model(keep)  # the real decoder's anatomy, not the pure-data one the fit prices
         plan = Plan(model=ModelRef.of(a), default=LayerChoice(format=_REGISTRY_FMT[BLOCK_FORMAT]))
         ms[keep] = (
             CostModel(prof, a, prompt_tokens=BLOCK_CONTEXT, context_tokens=BLOCK_CONTEXT).predict(plan).prefill_ms
